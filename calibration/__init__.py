@@ -1,0 +1,1 @@
+"""Named optimization presets (TOML files beside this one), shipped as package data."""

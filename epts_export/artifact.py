@@ -1,0 +1,114 @@
+"""The elastic artifact: a folder that holds everything needed to serve any trained level.
+
+    <artifact>/
+      manifest.json          schema version, model source, levels, groups, settings, calibration,
+                             library versions, per-block metrics, sha256 of every other file
+      model/                 a plain Hugging Face folder: the frozen dense model (EPTS) or the
+                             pruned model (one-level baselines), with its tokenizer
+      elastic.safetensors    EPTS only, per prunable linear "blocks.<i>.<name>.<field>":
+                               order   (out, in) int16/int32   importance rank, 0 = most important
+                               lora_A  (G*r, in) float32       stacked group adapters
+                               lora_B  (out, G*r) float32
+                             and "low_group_lora" (num_blocks,) bool
+
+Opening an artifact checks its schema version and the sha256 of every file.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .fsutil import verify_hashes
+from .levels import Group, Level, active_groups, parse_level
+
+FORMAT = "epts-elastic"
+SCHEMA_VERSION = 1
+ELASTIC_FILE = "elastic.safetensors"
+MODEL_DIR = "model"
+
+
+def library_versions() -> dict[str, str]:
+    import safetensors
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"epts_export": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__, "python": platform.python_version()}
+
+
+def tensor_key(block: int, name: str, field: str) -> str:
+    return f"blocks.{block}.{name}.{field}"
+
+
+@dataclass
+class Artifact:
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = True) -> "Artifact":
+        """Read and (by default) hash-check an artifact folder; UserError on anything wrong."""
+        p = Path(path)
+        mf = p / "manifest.json"
+        if not p.exists():
+            raise UserError(f"artifact not found: {p}")
+        if not mf.is_file():
+            raise UserError(f"{p} is not an epts-export artifact (no manifest.json); create one with `epts-export optimize`")
+        try:
+            manifest = json.loads(mf.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{mf} is not valid JSON ({e.msg}); the artifact is corrupted") from None
+        if manifest.get("format") != FORMAT:
+            raise UserError(f"{p} is not an elastic artifact (format {manifest.get('format')!r})")
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise UserError(
+                f"artifact {p} has schema version {manifest.get('schema_version')}, this epts-export reads version "
+                f"{SCHEMA_VERSION}; re-run optimize with this version or install the epts-export that wrote it"
+            )
+        if verify:
+            verify_hashes(p, manifest.get("files", {}), "artifact")
+        return cls(p, manifest)
+
+    @property
+    def method(self) -> str:
+        return self.manifest["method"]
+
+    @property
+    def is_elastic(self) -> bool:
+        return self.method == "epts"
+
+    @property
+    def levels(self) -> list[Level]:
+        return [parse_level(s) for s in self.manifest["levels"]]
+
+    @property
+    def groups(self) -> list[Group]:
+        return [Group.from_dict(d) for d in self.manifest.get("groups", [])]
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / MODEL_DIR
+
+    def check_level(self, level: Level) -> None:
+        """UserError unless this artifact can serve ``level``."""
+        if self.is_elastic:
+            active_groups(self.groups, level)
+            return
+        if level not in self.levels:
+            raise UserError(
+                f"this {self.method} artifact serves only level {self.manifest['levels'][0]}; "
+                f"{level.name} needs its own run (only EPTS artifacts are elastic)"
+            )
+
+    def describe_range(self) -> str:
+        if not self.is_elastic:
+            return ", ".join(self.manifest["levels"])
+        top = max((g.hi for g in self.groups if not g.is_nm), default=0.0)
+        nm = [g.name for g in self.groups if g.is_nm]
+        return f"any sparsity in [0, {top:g}]" + (f" and {', '.join(nm)}" if nm else "")

@@ -1,0 +1,69 @@
+"""One-level baselines through the same block loop: magnitude, Wanda, SparseGPT.
+
+Reference behaviour (locuslab/wanda, IST-DASLab/sparsegpt): statistics of every prunable layer
+of a block are gathered in one pass over the block's (already pruned-upstream) inputs, the
+block is pruned, then re-run to produce the next block's inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .blockloop import block_output
+from .levels import Level
+from .masks import level_mask, magnitude_mask, rank_order, wanda_scores
+from .sparsegpt import HessianAccumulator, sparsegpt_prune
+
+METHODS = ("epts", "magnitude", "wanda", "sparsegpt")
+SPARSEGPT_BLOCKSIZE = 128
+SPARSEGPT_PERCDAMP = 0.01
+
+
+@torch.no_grad()
+def prune_magnitude(linears: dict[str, nn.Linear], level: Level) -> None:
+    for lin in linears.values():
+        lin.weight.mul_(magnitude_mask(lin.weight, level).to(lin.weight.dtype))
+
+
+@torch.no_grad()
+def prune_block_calibrated(method: str, block: nn.Module, linears: dict[str, nn.Linear], inputs: list[torch.Tensor],
+                           kwargs: dict, level: Level, device, advance=lambda n: None) -> list[torch.Tensor]:
+    """Prune one block (on ``device``) with Wanda or SparseGPT; return the next block's inputs (CPU)."""
+    if method == "wanda":
+        stats = {n: [torch.zeros(l.in_features, dtype=torch.float64, device=device), 0] for n, l in linears.items()}
+
+        def hook(name):
+            def fn(_m, inp, _o):
+                x = inp[0].reshape(-1, inp[0].shape[-1]).float()  # (tokens, in)
+                stats[name][0] += x.pow(2).sum(0).double()
+                stats[name][1] += x.shape[0]
+            return fn
+    else:
+        stats = {n: HessianAccumulator(l.in_features, device) for n, l in linears.items()}
+
+        def hook(name):
+            def fn(_m, inp, _o):
+                stats[name].add_batch(inp[0])
+            return fn
+
+    handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
+    for x in inputs:
+        block(x.to(device), **kwargs)
+        advance(1)
+    for h in handles:
+        h.remove()
+    for n, lin in linears.items():
+        if method == "wanda":
+            ssum, count = stats[n]
+            mask = level_mask(rank_order(wanda_scores(lin.weight, (ssum / max(count, 1)).float())), level)
+            lin.weight.mul_(mask.to(lin.weight.dtype))
+        else:
+            nm = (level.n, level.m) if level.is_nm else None
+            lin.weight.copy_(sparsegpt_prune(lin.weight, stats[n].H, sparsity=level.sparsity, nm=nm,
+                                             blocksize=SPARSEGPT_BLOCKSIZE, percdamp=SPARSEGPT_PERCDAMP))
+    outs = []
+    for x in inputs:
+        outs.append(block_output(block(x.to(device), **kwargs)).float().cpu())
+        advance(1)
+    return outs

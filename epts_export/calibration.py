@@ -1,0 +1,171 @@
+"""Calibration data: token windows from a text file or folder, a dataset, or the model itself.
+
+Sources (``--calib``):
+  path/to/file.txt | path/to/folder   plain text (folder: every *.txt / *.md inside, sorted)
+  hf:NAME[:CONFIG[:SPLIT]]            a `datasets` dataset; `hf:c4` and `hf:wikitext2` are the papers' sets
+  self                                sequences sampled from the dense model itself (no data needed)
+  random                              uniformly random token ids (no data needed; a baseline for `self`)
+
+``nsamples`` windows of ``seqlen`` tokens are drawn with ``seed``. A text source is cut into
+non-overlapping windows at a random offset and ``nsamples`` of them are picked without
+replacement, so no token is seen twice; a source with fewer than nsamples*seqlen tokens is an
+error rather than a silent shortfall.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .fsutil import sha256_bytes
+
+# Short names for the datasets the Wanda/SparseGPT papers calibrate and evaluate on.
+DATASET_ALIASES = {
+    "c4": ("allenai/c4", None, "train", {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}}),
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", {}),
+}
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    source: str = "self"
+    nsamples: int = 32
+    seqlen: int = 256
+    seed: int = 0
+
+
+@dataclass
+class Calibration:
+    samples: torch.Tensor  # (nsamples, seqlen) int64 token ids
+    record: dict  # what the artifact stores: source, kind, sha256, tokens, nsamples, seqlen, seed
+
+
+def read_text_source(source: str) -> tuple[str, str]:
+    """(text, kind) of a file, a folder or an hf: dataset; UserError when it cannot be read."""
+    if source.startswith("hf:"):
+        return _dataset_text(source[3:]), "hf"
+    p = Path(source).expanduser()
+    if p.is_file():
+        return p.read_text(encoding="utf-8", errors="replace"), "file"
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+        if not files:
+            raise UserError(f"calibration folder {p} has no text files ({', '.join(TEXT_SUFFIXES)})")
+        return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files), "folder"
+    raise UserError(f"calibration source not found: {source} (a text file, a folder, hf:NAME[:CONFIG[:SPLIT]] or 'self')")
+
+
+def _dataset_text(spec: str) -> str:
+    parts = spec.split(":")
+    name = parts[0]
+    try:
+        import datasets  # optional: only this source needs it
+    except ImportError:
+        raise UserError("calibration source hf:... needs the `datasets` package: pip install datasets") from None
+    if name in DATASET_ALIASES:
+        path, config, split, extra = DATASET_ALIASES[name]
+    else:
+        path, config, split, extra = name, None, "train", {}
+    if len(parts) > 1 and parts[1]:
+        config = parts[1]
+    if len(parts) > 2 and parts[2]:
+        split = parts[2]
+    try:
+        ds = datasets.load_dataset(path, config, split=split, **extra)
+    except Exception as e:  # offline, unknown name, bad split: all user-fixable
+        raise UserError(f"could not load dataset hf:{spec}: {str(e).splitlines()[0]}; use a local text file or --calib self") from None
+    column = "text" if "text" in ds.column_names else ds.column_names[0]
+    return "\n\n".join(t for t in ds[column] if t)
+
+
+def window_samples(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, what: str) -> torch.Tensor:
+    """Pick ``nsamples`` distinct non-overlapping ``seqlen`` windows of a 1-D token tensor.
+
+    The cut starts at a random offset, then windows are chosen without replacement. Returns
+    (nsamples, seqlen) int64.
+    """
+    total = ids.numel()
+    need = nsamples * seqlen
+    if total < need:
+        raise UserError(
+            f"{what} has {total} tokens, too short for --nsamples {nsamples} x --seqlen {seqlen} = {need} tokens; "
+            "lower --nsamples/--seqlen or give more text"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    n_windows = total // seqlen
+    offset = int(torch.randint(0, total - n_windows * seqlen + 1, (1,), generator=gen))
+    pick = torch.randperm(n_windows, generator=gen)[:nsamples].sort().values
+    windows = ids[offset: offset + n_windows * seqlen].view(n_windows, seqlen)
+    return windows[pick].clone()
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    """Tokenize a whole text once, without special tokens: (tokens,) int64."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def self_samples(model, tokenizer, nsamples: int, seqlen: int, seed: int, batch: int = 16) -> torch.Tensor:
+    """Sequences sampled from the model (temperature 1, from its BOS token), seeded; (N, T) int64.
+
+    Data-free calibration as in LLM-QAT: the dense model's own distribution stands in for text.
+    EOS tokens are allowed; sampling simply continues past them.
+    """
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else (tokenizer.eos_token_id or 0)
+    gen_cfg = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
+                   pad_token_id=tokenizer.eos_token_id, eos_token_id=None)
+    rows = []
+    torch.manual_seed(seed)  # generate() samples from the global generator
+    for i in range(0, nsamples, batch):
+        b = min(batch, nsamples - i)
+        prompt = torch.full((b, 1), start, dtype=torch.long)
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **gen_cfg)
+        rows.append(out[:, :seqlen])
+    return torch.cat(rows)
+
+
+def _cached_self_samples(model, tokenizer, spec: CalibSpec, model_key: str | None) -> torch.Tensor:
+    """``self_samples``, cached per (model, nsamples, seqlen, seed): sampling is the slow part on CPU."""
+    if not model_key:
+        return self_samples(model, tokenizer, spec.nsamples, spec.seqlen, spec.seed)
+    from safetensors.torch import load_file, save_file
+
+    from .models import cache_dir
+
+    path = cache_dir() / "calib" / f"self-{model_key[:16]}-{spec.nsamples}x{spec.seqlen}-seed{spec.seed}.safetensors"
+    if path.is_file():
+        return load_file(path)["samples"]
+    samples = self_samples(model, tokenizer, spec.nsamples, spec.seqlen, spec.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"samples": samples.contiguous()}, str(tmp))
+    tmp.replace(path)
+    return samples
+
+
+def build_calibration(spec: CalibSpec, tokenizer, model=None, model_key: str | None = None) -> Calibration:
+    """Calibration windows and their record. ``model`` is needed only for the ``self`` source;
+    ``model_key`` (the model's sha256) lets self-generated sets be cached and reused."""
+    if spec.nsamples < 1 or spec.seqlen < 2:
+        raise UserError("--nsamples must be >= 1 and --seqlen >= 2")
+    if spec.source in ("self", "random"):
+        assert model is not None, f"the {spec.source} source needs the model"
+        if spec.source == "self":
+            samples = _cached_self_samples(model, tokenizer, spec, model_key)
+        else:
+            gen = torch.Generator().manual_seed(spec.seed)
+            samples = torch.randint(0, model.config.vocab_size, (spec.nsamples, spec.seqlen), generator=gen)
+        sha = sha256_bytes(samples.numpy().tobytes())
+        return Calibration(samples, {"source": spec.source, "kind": spec.source, "sha256": sha, "tokens": int(samples.numel()),
+                                     "nsamples": spec.nsamples, "seqlen": spec.seqlen, "seed": spec.seed})
+    text, kind = read_text_source(spec.source)
+    ids = tokenize_text(tokenizer, text)
+    samples = window_samples(ids, spec.nsamples, spec.seqlen, spec.seed, f"calibration source {spec.source}")
+    record = {"source": spec.source, "kind": kind, "sha256": sha256_bytes(text.encode("utf-8")), "tokens": int(ids.numel()),
+              "nsamples": spec.nsamples, "seqlen": spec.seqlen, "seed": spec.seed}
+    return Calibration(samples, record)

@@ -1,0 +1,186 @@
+"""The `epts-export` command line. Commands build a spec and call one library function.
+
+Errors: a UserError prints one line `error: ...` and exits with its code (1 for bad input);
+set EPTS_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .errors import UserError
+from .progress import Progress, console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Optimize a causal LM once with EPTS and serve every sparsity level from it.")
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _boundary(fn):
+    """Turn a UserError into one styled line and its exit code (the traceback with EPTS_DEBUG=1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            if os.environ.get("EPTS_DEBUG"):
+                raise
+            console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper
+
+
+@app.callback()
+def _setup() -> None:
+    """Our own progress bars replace transformers' per-file ones."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _levels(text: str):
+    from .levels import parse_levels
+    return parse_levels(text)
+
+
+@app.command()
+@_boundary
+def optimize(
+    model: str = typer.Argument(DEFAULT_MODEL, help="HF folder, hub id, .gguf file, or the built-in 'smollm2-135m'."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact folder to create."),
+    levels: str = typer.Option("0.3,0.4,0.5,0.6,0.7,2:4", help="Levels: sparsities and N:M patterns, e.g. 0.5,0.7,2:4. "
+                               "EPTS serves every sparsity up to the highest one."),
+    method: str = typer.Option("epts", help="epts | magnitude | wanda | sparsegpt (the baselines prune one level)."),
+    preset: str = typer.Option("default", help="Settings preset from calibration/*.toml (default, quick, paper)."),
+    calib: Optional[str] = typer.Option(None, help="Calibration: text file, folder, hf:NAME[:CONFIG[:SPLIT]], or 'self'."),
+    nsamples: Optional[int] = typer.Option(None, help="Calibration windows."),
+    seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window."),
+    epochs: Optional[int] = typer.Option(None, help="Passes over the calibration set per block."),
+    rank: Optional[int] = typer.Option(None, help="LoRA rank per sparsity group."),
+    lr: Optional[float] = typer.Option(None, help="Adam learning rate (cosine-decayed to 0)."),
+    seed: int = typer.Option(0, help="Seed for calibration sampling and every random draw."),
+    device: str = typer.Option("cpu", help="cpu or cuda[:N]; one block at a time moves to the device."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run from its last finished block."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+):
+    """Optimize MODEL with EPTS (or a baseline) into an elastic artifact."""
+    from .calibration import CalibSpec
+    from .epts import TrainConfig
+    from .optimize import OptimizeSpec, optimize as run
+    from .presets import load_preset
+
+    p = load_preset(preset)
+    pick = lambda v, k: v if v is not None else p[k]  # noqa: E731 - flag beats preset
+    spec = OptimizeSpec(
+        model=model, out=out, levels=_levels(levels), method=method,
+        calib=CalibSpec(source=pick(calib, "calib"), nsamples=pick(nsamples, "nsamples"), seqlen=pick(seqlen, "seqlen"), seed=seed),
+        train=TrainConfig(rank=pick(rank, "rank"), epochs=pick(epochs, "epochs"), lr=pick(lr, "lr")),
+        device=device, resume=resume, overwrite=overwrite, threads=threads,
+    )
+    path = run(spec, progress=Progress(enabled=not quiet))
+    _summary_artifact(path)
+
+
+def _summary_artifact(path: Path) -> None:
+    from .artifact import Artifact
+
+    art = Artifact.open(path, verify=False)
+    m = art.manifest
+    t = Table(title=f"artifact {path}", show_header=False)
+    t.add_row("method", m["method"])
+    t.add_row("model", f"{m['model'].get('spec')} ({m['model']['architecture']}, {m['model']['num_blocks']} blocks)")
+    t.add_row("serves", art.describe_range())
+    if m.get("calibration"):
+        c = m["calibration"]
+        t.add_row("calibration", f"{c['source']}: {c['nsamples']} x {c['seqlen']} tokens (seed {c['seed']})")
+    if m.get("block_metrics"):
+        off = [b["block"] for b in m["block_metrics"] if not b["low_group_lora"]]
+        t.add_row("low group without LoRA", ", ".join(map(str, off)) or "none")
+    t.add_row("time", f"{m['elapsed_s']:.0f} s")
+    console.print(t)
+    console.print(f"wrote {path}")
+
+
+@app.command("eval")
+@_boundary
+def eval_cmd(
+    target: Path = typer.Argument(..., help="An artifact folder, or a plain model (folder, .gguf, built-in name)."),
+    data: str = typer.Option(..., help="Evaluation text: file, folder or hf:NAME[:CONFIG[:SPLIT]]."),
+    seqlen: int = typer.Option(512, help="Window length in tokens."),
+    levels: Optional[str] = typer.Option(None, help="Levels to evaluate (default: every trained level)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+    max_windows: Optional[int] = typer.Option(None, help="Use at most this many windows (quick checks)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Perplexity at each level, with the dense model as the reference row."""
+    from .evaluate import evaluate
+    from .fsutil import write_json
+
+    if seqlen < 2:
+        raise UserError("--seqlen must be >= 2")
+    report = evaluate(target, data, seqlen, _levels(levels) if levels else None, Progress(enabled=not quiet), max_windows)
+    t = Table(title=f"perplexity, {report['data']['windows']} x {seqlen} tokens of {data}")
+    for col in ("level", "sparsity", "ppl"):
+        t.add_column(col, justify="right")
+    for r in report["results"]:
+        t.add_row(r["level"], f"{r['sparsity']:.3f}", f"{r['ppl']:.3f}")
+    console.print(t)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(json_out, report)
+        console.print(f"wrote {json_out}")
+
+
+@app.command()
+@_boundary
+def materialize(
+    artifact: Path = typer.Argument(..., help="Artifact folder."),
+    level: str = typer.Option(..., help="Level to materialize, e.g. 0.6 or 2:4."),
+    out: Path = typer.Option(..., "--out", "-o", help="Hugging Face folder to create."),
+    overwrite: bool = typer.Option(False),
+):
+    """Write one level as a plain Hugging Face model folder."""
+    from .materialize import materialize_to_folder
+
+    path = materialize_to_folder(artifact, _levels(level)[0], out, overwrite=overwrite)
+    console.print(f"wrote {path}")
+
+
+@app.command()
+@_boundary
+def info(artifact: Path = typer.Argument(..., help="Artifact folder.")):
+    """Verify an artifact's hashes and summarize it."""
+    from .artifact import Artifact
+
+    Artifact.open(artifact)
+    _summary_artifact(artifact)
+
+
+@app.command()
+def version():
+    """Print the versions of epts-export and its main libraries."""
+    from .artifact import library_versions
+
+    console.print_json(json.dumps(library_versions()))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

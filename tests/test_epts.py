@@ -1,0 +1,101 @@
+"""EPTS pieces on one tiny block: sampling, the mixer, the hierarchy in training, the low-group flag."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from conftest import tiny_llama, tiny_opt
+from epts_export.blockloop import block_output, capture_block_inputs
+from epts_export.epts import TrainConfig, _active, _Merger, mix_weights, msfm_mix, optimize_block, stratified_draws
+from epts_export.families import family_for, get_blocks, prunable_linears
+from epts_export.levels import Level, build_groups, parse_level, parse_levels
+
+
+def test_stratified_draws_cover_every_stratum_once():
+    g = torch.Generator().manual_seed(0)
+    s = stratified_draws(0.4, 0.45, 50, g)
+    assert s.min() >= 0.4 and s.max() <= 0.45
+    strata = ((s - 0.4) / 0.05 * 50).floor().long().clamp(max=49)
+    assert sorted(strata.tolist()) == list(range(50))
+
+
+def test_reference_mix_weights():
+    groups = build_groups(parse_levels("0.7"))
+    w = mix_weights(groups)
+    assert w == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.2, 0.2, 0.2])  # the reference weights sum to 1 already
+
+
+def test_msfm_mix_by_hand():
+    a, b = torch.ones(1, 2, 3), torch.full((1, 2, 3), 3.0)
+    assert torch.equal(msfm_mix([a, b], [0.25, 0.75]), torch.full((1, 2, 3), 2.5))
+
+
+def test_training_groups_follow_the_hierarchy():
+    groups = build_groups(parse_levels("0.5,2:4"))  # [0,.4] [.4,.45] [.45,.5] + 2:4
+    assert [_active(g, groups) for g in groups] == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3]]
+
+
+def _block_setup(builder, n=3, t=16):
+    model = builder()
+    fam = family_for(model)
+    torch.manual_seed(0)
+    samples = torch.randint(4, 200, (n, t))
+    inps = capture_block_inputs(model, fam, samples)
+    block = get_blocks(model, fam)[0]
+    return block, prunable_linears(block, fam), inps
+
+
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_opt])
+def test_mixer_output_is_the_block_at_the_weighted_levels(builder):
+    """With all MSFM weight on the 2:4 group (no random draw there), the next sparse input must be
+    exactly the block's output at 2:4 with groups 0..k + its own."""
+    block, lins, inps = _block_setup(builder)
+    groups = build_groups(parse_levels("0.5,2:4"))
+    onehot = tuple(1.0 if g.is_nm else 0.0 for g in groups)
+    res = optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, groups,
+                         TrainConfig(rank=2, epochs=1, mix_weights=onehot), seed=0)
+    weights = {n: lin.weight.detach().float() for n, lin in lins.items()}
+    merge = _Merger(weights, res.ranks, res.lora_B, res.lora_A, 2, 1.0)
+    params = merge(parse_level("2:4"), [0, 1, 2, 3])
+    for x, mixed in zip(inps.hidden, res.sparse_out):
+        y = block_output(functional_call(block, params, (x,), inps.kwargs))
+        assert torch.allclose(mixed, y, atol=1e-6)
+    for x, d in zip(inps.hidden, res.dense_out):  # the dense stream advances with the dense block
+        assert torch.allclose(d, block_output(block(x, **inps.kwargs)), atol=1e-6)
+
+
+def test_training_reduces_reconstruction_error():
+    block, lins, inps = _block_setup(tiny_llama, n=4, t=32)
+    groups = build_groups(parse_levels("0.7"))
+    res = optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, groups, TrainConfig(rank=4, epochs=8, lr=1e-2), seed=0)
+    weights = {n: lin.weight.detach().float() for n, lin in lins.items()}
+    merge = _Merger(weights, res.ranks, res.lora_B, res.lora_A, 4, 1.0)
+    lv = Level(0.7)
+
+    def err(active):
+        p = merge(lv, active)
+        return sum(F.mse_loss(block_output(functional_call(block, p, (x,), inps.kwargs)), t).item()
+                   for x, t in zip(inps.hidden, res.dense_out))
+
+    assert err(list(range(7))) < 0.8 * err([])  # adapters must cut the 70% error noticeably
+
+
+def test_low_group_check_is_recorded():
+    block, lins, inps = _block_setup(tiny_llama)
+    res = optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, build_groups(parse_levels("0.5")),
+                         TrainConfig(rank=2, epochs=1), seed=0)
+    lc = res.metrics["low_check"]
+    assert lc["sparsity"] == 0.3
+    assert res.low_group_lora == (lc["with_lora"] <= lc["without_lora"])
+
+
+def test_same_seed_same_block_result():
+    block, lins, inps = _block_setup(tiny_opt)
+    groups = build_groups(parse_levels("0.5,2:4"))
+    a = optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, groups, TrainConfig(rank=2, epochs=1), seed=7)
+    b = optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, groups, TrainConfig(rank=2, epochs=1), seed=7)
+    assert all(torch.equal(a.lora_A[n], b.lora_A[n]) and torch.equal(a.lora_B[n], b.lora_B[n]) for n in a.lora_A)
+    assert all(torch.equal(x, y) for x, y in zip(a.sparse_out, b.sparse_out))

