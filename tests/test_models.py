@@ -17,6 +17,7 @@ import torch
 
 from epts_export import models
 from epts_export.errors import UserError
+from epts_export.fsutil import sha256_file
 from epts_export.models import (BUILTIN_MODELS, SOURCE_FILE, BuiltinModel, ResolvedModel, cache_dir,
                                 load_model, resolve_model)
 
@@ -317,7 +318,7 @@ def test_builtin_flow_offline_and_cached(tmp_path, cache, monkeypatch):
     assert resolved.path == cache / "models" / "tiny-test"
     src = resolved.source
     assert src["kind"] == "builtin" and src["spec"] == "Tiny-Test" and src["wheel"] == "tiny-wheel==1.0"
-    assert src["sha256"] == models._file_sha256(gguf_path) and src["gguf_file"] == fake.member
+    assert src["sha256"] == sha256_file(gguf_path) and src["gguf_file"] == fake.member
     assert sorted(p.name for p in (cache / "models").iterdir()) == ["tiny-test"]
     assert json.loads((resolved.path / SOURCE_FILE).read_text())["wheel_sha256"] == src["wheel_sha256"]
 
@@ -414,7 +415,7 @@ def test_gguf_file_is_converted_and_cached(tmp_path, cache):
     resolved = resolve_model(str(gguf_path), progress=False)
     src = resolved.source
     assert src["kind"] == "gguf" and src["spec"] == str(gguf_path)
-    assert src["sha256"] == models._file_sha256(gguf_path)
+    assert src["sha256"] == sha256_file(gguf_path)
     assert resolved.path == cache / "models" / src["sha256"][:16]
     assert (resolved.path / SOURCE_FILE).is_file()
     json.dumps(src)
@@ -443,7 +444,7 @@ def test_gguf_file_is_converted_and_cached(tmp_path, cache):
 def test_stale_temp_folder_does_not_break_the_next_run(tmp_path, cache):
     original = _tiny_model(vocab_size=VOCAB_BYTES + len(MERGES) + len(SPECIALS))
     gguf_path = _write_tiny_gguf(original, tmp_path / "tiny.gguf")
-    digest = models._file_sha256(gguf_path)
+    digest = sha256_file(gguf_path)
     models_dir = cache / "models"
     # a run killed mid-way: a temp folder from a dead process, with a half-written model
     stale = models_dir / f".tmp-{digest[:16]}-999999999-abc"

@@ -1,0 +1,53 @@
+"""Checks on the real default model (SmolLM2-135M). Slow: run with `pytest -m slow`."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from epts_export.artifact import Artifact
+from epts_export.calibration import CalibSpec
+from epts_export.epts import TrainConfig
+from epts_export.evaluate import evaluate
+from epts_export.families import iter_prunable
+from epts_export.levels import parse_level, parse_levels
+from epts_export.masks import is_nm_sparse
+from epts_export.materialize import ElasticModel
+from epts_export.optimize import OptimizeSpec, optimize
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def real_artifact(tmp_path_factory):
+    import os
+
+    os.environ.pop("EPTS_CACHE", None)  # share the user's model cache; the run itself goes to tmp
+    out = tmp_path_factory.mktemp("real") / "smol"
+    return optimize(OptimizeSpec(model="smollm2-135m", out=out, levels=parse_levels("0.5,0.7,2:4"),
+                                 calib=CalibSpec("self", nsamples=8, seqlen=128), train=TrainConfig(rank=4, epochs=1)))
+
+
+def test_real_model_levels_are_exact_and_usable(real_artifact, tmp_path):
+    em = ElasticModel(Artifact.open(real_artifact))
+    assert em.artifact.manifest["model"]["num_blocks"] == 30
+    model = em.at(parse_level("2:4"))
+    assert all(is_nm_sparse(lin.weight, 2, 4) for _, _, lin in iter_prunable(model, em.family))
+    text = ("The quick brown fox jumps over the lazy dog. " * 40)
+    data = tmp_path / "t.txt"
+    data.write_text(text)
+    report = evaluate(real_artifact, str(data), seqlen=128, levels=parse_levels("0.5,2:4"))
+    ppl = {r["level"]: r["ppl"] for r in report["results"]}
+    assert all(math.isfinite(v) for v in ppl.values())
+    assert ppl["dense"] < ppl["0.5"] < 50 * ppl["dense"]
+
+
+def test_real_model_generates_at_a_level(real_artifact):
+    em = ElasticModel(Artifact.open(real_artifact))
+    model = em.at(parse_level("0.5"))
+    ids = em.tokenizer("The capital of France is", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 8
+    assert torch.isfinite(model(**ids).logits).all()
