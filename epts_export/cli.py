@@ -64,7 +64,7 @@ def optimize(
                                "EPTS serves every sparsity up to the highest one."),
     method: str = typer.Option("epts", help="epts | magnitude | wanda | sparsegpt (the baselines prune one level)."),
     preset: str = typer.Option("default", help="Settings preset from calibration/*.toml (default, quick, paper)."),
-    calib: Optional[str] = typer.Option(None, help="Calibration: text file, folder, hf:NAME[:CONFIG[:SPLIT]], or 'self'."),
+    calib: Optional[str] = typer.Option(None, help="Calibration: text file, folder, hf:NAME[:CONFIG[:SPLIT]], 'self' (sampled from the model) or 'random'."),
     nsamples: Optional[int] = typer.Option(None, help="Calibration windows."),
     seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window."),
     epochs: Optional[int] = typer.Option(None, help="Passes over the calibration set per block."),
