@@ -91,3 +91,15 @@ def test_debug_variable_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("EPTS_DEBUG", "1")
     r = run("materialize", tmp_path / "nothing", "--level", "0.5", "--out", tmp_path / "m")
     assert isinstance(r.exception, UserError)
+
+
+def test_version_lists_libraries():
+    r = run("version")
+    assert r.exit_code == 0 and '"epts_export"' in r.output and '"torch"' in r.output
+
+
+def test_help_lists_every_command():
+    r = run("--help")
+    assert r.exit_code == 0
+    for cmd in ("optimize", "eval", "materialize", "info", "version"):
+        assert cmd in r.output
