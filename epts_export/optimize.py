@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .artifact import ELASTIC_FILE, FORMAT, MODEL_DIR, SCHEMA_VERSION, library_versions, tensor_key
 from .baselines import METHODS, prune_block_calibrated, prune_magnitude
-from .blockloop import capture_block_inputs
+from .blockloop import capture_block_inputs, to_device
 from .calibration import CalibSpec, build_calibration
 from .epts import TrainConfig, cost_per_block, optimize_block
 from .errors import UserError
@@ -161,19 +161,14 @@ def optimize(spec: OptimizeSpec, progress: Progress | None = None, on_block_done
 def _run_baseline(model, fam, samples, spec: OptimizeSpec, progress: Progress) -> None:
     blocks = get_blocks(model, fam)
     inps = capture_block_inputs(model, fam, samples)
-    kwargs_dev = _kwargs_to(inps.kwargs, spec.device)
+    kwargs_dev = to_device(inps.kwargs, spec.device)
     hidden = inps.hidden
     with progress.task(f"{spec.method} {spec.levels[0].name}", total=2 * len(samples) * len(blocks)) as advance:
-        for i, block in enumerate(blocks):
+        for block in blocks:
             block.to(spec.device)
             hidden = prune_block_calibrated(spec.method, block, prunable_linears(block, fam), hidden, kwargs_dev,
                                             spec.levels[0], spec.device, advance)
             block.to("cpu")
-
-
-def _kwargs_to(kwargs, device):
-    from .blockloop import to_device
-    return to_device(kwargs, device)
 
 
 def _run_epts(model, fam, samples, groups, spec: OptimizeSpec, ckpt: Path, fingerprint: str,
@@ -198,7 +193,7 @@ def _run_epts(model, fam, samples, groups, spec: OptimizeSpec, ckpt: Path, finge
         kwargs = inps.kwargs
         dense = inps.hidden
         sparse = [h.clone() for h in inps.hidden]
-    kwargs_dev = _kwargs_to(kwargs, spec.device)
+    kwargs_dev = to_device(kwargs, spec.device)
 
     per_block = cost_per_block(len(samples), spec.train.epochs, len(groups))
     with progress.task("EPTS", total=per_block * nblocks, completed=per_block * start) as advance:
