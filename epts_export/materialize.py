@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from .artifact import ELASTIC_FILE, Artifact, tensor_key
 from .errors import UserError
-from .fsutil import file_hashes, staged_dir, write_json
+from .fsutil import file_hashes, sha256_file, staged_dir, write_json
 from .families import family_for, iter_prunable
 from .hilora import merged_weight
 from .levels import Level, active_groups, unstructured_group
@@ -107,12 +107,7 @@ def materialize_to_folder(artifact: str | Path, level: Level, out: str | Path, o
         write_json(tmp / "manifest.json", {
             "format": "epts-materialized", "schema_version": 1, "level": level.name,
             "measured_sparsity": round(measured_sparsity(model), 6),
-            "source_artifact": {"path": str(art.path), "manifest_sha256": _sha(art.path / "manifest.json"), "method": art.method},
+            "source_artifact": {"path": str(art.path), "manifest_sha256": sha256_file(art.path / "manifest.json"), "method": art.method},
             "files": file_hashes(tmp),
         })
     return out
-
-
-def _sha(p: Path) -> str:
-    from .fsutil import sha256_file
-    return sha256_file(p)
