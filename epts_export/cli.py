@@ -170,6 +170,83 @@ def info(artifact: Path = typer.Argument(..., help="Artifact folder.")):
     _summary_artifact(artifact)
 
 
+@app.command("export")
+@_boundary
+def export_cmd(
+    artifact: Path = typer.Argument(..., help="Artifact folder (from optimize)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Export folder to create."),
+    mode: str = typer.Option("baked", help="baked: one graph per level (weights as initializers, what TensorRT needs "
+                             "for sparse tactics); dynamic: one graph with a `sparsity_level` input."),
+    levels: Optional[str] = typer.Option(None, help="Levels to export (default: every trained level)."),
+    dtype: str = typer.Option("fp32", help="fp32, or fp16 (norms, softmax and logits stay fp32)."),
+    opset: int = typer.Option(17, help="ONNX opset (17 parses on TensorRT 8.5 and later)."),
+    external_data: str = typer.Option("auto", help="Weights in model.onnx_data: auto (above 2 GB), always, never."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+):
+    """Export an artifact to ONNX with KV cache (optimum's text-generation-with-past interface)."""
+    from .onnx_export import ExportSpec, export
+
+    spec = ExportSpec(artifact=artifact, out=out, mode=mode, levels=_levels(levels) if levels else None, dtype=dtype,
+                      opset=opset, overwrite=overwrite, external_data=external_data)
+    path = export(spec, Progress(enabled=not quiet))
+    m = json.loads((path / "manifest.json").read_text())
+    t = Table(title=f"ONNX export {path} ({m['mode']}, {m['dtype']}, opset {m['opset']})")
+    for col in ("level", "graph", "measured sparsity", "MB"):
+        t.add_column(col, justify="right")
+    for r in m["levels"]:
+        rel = f"{r['dir']}/model.onnx" if "dir" in r else f"model.onnx [sparsity_level={r['index']}]"
+        size = sum((path / f).stat().st_size for f in m["files"] if f.startswith(rel.split("/")[0] + "/model.onnx") or
+                   ("dir" not in r and f.startswith("model.onnx")))
+        sp = f"{r['measured_sparsity']:.3f}" if "measured_sparsity" in r else "at run time"
+        t.add_row(r["name"], rel, sp, f"{size / 1e6:.1f}")
+    console.print(t)
+    console.print(f"wrote {path}")
+
+
+@app.command()
+@_boundary
+def validate(
+    export_dir: Path = typer.Argument(..., help="Export folder (from export)."),
+    levels: Optional[str] = typer.Option(None, help="Levels to check (default: every exported level)."),
+    artifact: Optional[Path] = typer.Option(None, help="Source artifact, if it moved since export."),
+    report: Optional[Path] = typer.Option(None, help="Write the full report as JSON here."),
+    junit: Optional[Path] = typer.Option(None, help="Write JUnit XML here (one test case per level and check)."),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """ONNX Runtime vs PyTorch parity for every level; exit 3 if any check fails."""
+    from .parity import validate as run, write_junit, write_report
+
+    rep = run(export_dir, _levels(levels) if levels else None, artifact, Progress(enabled=not quiet), threads)
+    t = Table(title=f"parity {export_dir} ({rep['mode']}, {rep['dtype']})")
+    for col in ("level", "check", "worst output", "max abs err", "atol needed", "top-1", "result"):
+        t.add_column(col, justify="right")
+    for e in rep["levels"]:
+        for name, c in e["checks"].items():
+            worst = c.get("outputs", {}).get(c.get("worst_output"), {})
+            t.add_row(e["level"], name, c.get("worst_output", ""),
+                      f"{worst['max_abs']:.2e}" if worst.get("max_abs") is not None else "",
+                      f"{worst['required_atol']:.2e}" if worst.get("required_atol") is not None else "",
+                      f"{c['top1_agreement']:.3f}" if "top1_agreement" in c else ("tokens match" if c.get("match") else ""),
+                      "[green]pass[/]" if c.get("passed") else "[red]FAIL[/]")
+    if "out_of_range" in rep:
+        t.add_row("-", "out_of_range", "", "", "", "all NaN" if rep["out_of_range"]["passed"] else "",
+                  "[green]pass[/]" if rep["out_of_range"]["passed"] else "[red]FAIL[/]")
+    console.print(t)
+    for path, writer in ((report, write_report), (junit, write_junit)):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            writer(rep, path)
+            console.print(f"wrote {path}")
+    if not rep["passed"]:
+        for f in rep["failures"]:
+            console.print(f"[red]FAIL[/] {f}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] parity failed: {len(rep['failures'])} check(s) failed", highlight=False)
+        raise typer.Exit(3)
+    console.print(f"parity passed for {len(rep['levels'])} level(s)")
+
+
 @app.command()
 def version():
     """Print the versions of epts-export and its main libraries."""

@@ -20,6 +20,7 @@ from .families import family_for, iter_prunable
 from .hilora import merged_weight
 from .levels import Level, active_groups, unstructured_group
 from .masks import level_mask
+from .models import save_tokenizer
 
 
 def load_hf_model(path: Path, dtype: torch.dtype = torch.float32):
@@ -103,7 +104,7 @@ def materialize_to_folder(artifact: str | Path, level: Level, out: str | Path, o
     with staged_dir(out, overwrite=overwrite) as tmp:
         model, tok = materialize(art, level)
         model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        save_tokenizer(tok, tmp)
         write_json(tmp / "manifest.json", {
             "format": "epts-materialized", "schema_version": 1, "level": level.name,
             "measured_sparsity": round(measured_sparsity(model), 6),

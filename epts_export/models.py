@@ -388,7 +388,7 @@ def _save_plain(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", 
 
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dest)
-    tokenizer.save_pretrained(dest)
+    save_tokenizer(tokenizer, dest)
     if not any(p.suffix == ".safetensors" for p in dest.iterdir()):
         raise RuntimeError(f"save_pretrained wrote no safetensors file in {dest}")
     config = json.loads((dest / "config.json").read_text())
@@ -718,3 +718,22 @@ def _status(progress: bool, message: str) -> Iterator[Callable[[str], None]]:
         return
     with console.status(message, spinner="dots") as status:
         yield lambda msg: status.update(msg)
+
+
+def save_tokenizer(tokenizer, folder: Path, input_names: list[str] | None = None) -> None:
+    """``tokenizer.save_pretrained`` that both transformers 4.57 and 5.x can read back.
+
+    transformers 5 writes its new class name ``TokenizersBackend``, unknown to 4.57 (the line
+    optimum-onnx needs); ``PreTrainedTokenizerFast`` names the same fast tokenizer in both.
+    ``input_names`` overrides ``model_input_names`` (an exported graph takes no token_type_ids).
+    """
+    tokenizer.save_pretrained(folder)
+    tc = Path(folder) / "tokenizer_config.json"
+    if not tc.is_file():
+        return
+    conf = json.loads(tc.read_text())
+    if conf.get("tokenizer_class") == "TokenizersBackend":
+        conf["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if input_names is not None:
+        conf["model_input_names"] = input_names
+    tc.write_text(json.dumps(conf, indent=2) + "\n")

@@ -44,6 +44,7 @@ from .errors import UserError
 from .families import Family, family_for, iter_prunable, get_blocks
 from .fsutil import file_hashes, sha256_file, staged_dir, verify_hashes, write_json
 from .levels import Level, parse_level
+from .models import save_tokenizer
 from .progress import Progress
 
 FORMAT = "epts-onnx"
@@ -184,14 +185,23 @@ def export_view(model: nn.Module, fam: Family, fp16: bool):
             parent_name, _, leaf = dotted.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block
             swap(parent, leaf, MatMulLinear(getattr(parent, leaf)))
+    softmax = nn.functional.softmax
     if fp16:
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.LayerNorm):
                     swap(parent, name, Fp32LayerNorm(child))
+
+        def softmax_upcast(x, dim=None, _stacklevel=3, dtype=None):
+            # HF calls softmax(x, dtype=float32), which the exporter writes as Softmax(fp16) -> Cast:
+            # cast first, so that the Softmax itself runs in float32
+            return softmax(x.to(dtype) if dtype is not None else x, dim=dim)
+
+        nn.functional.softmax = softmax_upcast
     try:
         yield
     finally:
+        nn.functional.softmax = softmax
         for parent, name, old in reversed(swapped):
             setattr(parent, name, old)
 
@@ -216,6 +226,35 @@ def dummy_inputs(config, dtype: torch.dtype, batch: int, seq: int, past: int, vo
     return (ids, mask, pos, *kv)
 
 
+def _traceable_sdpa_mask(batch_size, cache_position, kv_length, kv_offset=0, mask_function=None, attention_mask=None,
+                         **kwargs):
+    """Causal + padding mask without vmap, for transformers 4.x, whose mask code uses torch.vmap,
+    which the TorchScript tracer cannot follow. (batch, 1, q, kv) bool, True = attend.
+    transformers 5 traces its own mask code; sliding windows are not reproduced here."""
+    from transformers.masking_utils import prepare_padding_mask
+
+    kv_idx = torch.arange(kv_length, device=cache_position.device) + kv_offset  # (kv,)
+    mask = (kv_idx[None, :] <= cache_position[:, None])[None, None].expand(batch_size, 1, -1, -1)
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)  # (batch, kv) bool or None
+    return mask if padding is None else mask & padding[:, None, None, :]
+
+
+@contextlib.contextmanager
+def _traceable_masks():
+    import transformers
+    from transformers import masking_utils as mu
+
+    if int(transformers.__version__.split(".")[0]) >= 5 or not hasattr(mu, "sdpa_mask"):
+        yield
+        return
+    original = mu.sdpa_mask
+    mu.sdpa_mask = _traceable_sdpa_mask
+    try:
+        yield
+    finally:
+        mu.sdpa_mask = original
+
+
 def trace_to_onnx(model: nn.Module, fam: Family, path: Path, opset: int, fp16: bool) -> None:
     """Trace ``model`` (already at its level, in its export dtype) into ``path`` (+ external data)."""
     layers = model.config.num_hidden_layers
@@ -223,7 +262,7 @@ def trace_to_onnx(model: nn.Module, fam: Family, path: Path, opset: int, fp16: b
     dtype = torch.float16 if fp16 else torch.float32
     args = dummy_inputs(model.config, dtype, **DUMMY)
     wrapper = DecoderWithPast(model).eval()
-    with export_view(model, fam, fp16), torch.no_grad(), warnings.catch_warnings():
+    with export_view(model, fam, fp16), _traceable_masks(), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapper, args, str(path), input_names=names_in, output_names=names_out,
                           dynamic_axes=dynamic_axes(layers), opset_version=opset, do_constant_folding=True,
@@ -255,7 +294,7 @@ def _write_hf_side_files(model, tokenizer, folder: Path) -> None:
     cfg.save_pretrained(folder)
     gen = model.generation_config if getattr(model, "generation_config", None) is not None else GenerationConfig.from_model_config(cfg)
     gen.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder, input_names=["input_ids", "attention_mask"])  # the graph takes no token_type_ids
 
 
 def export(spec: ExportSpec, progress: Progress | None = None) -> Path:
@@ -394,7 +433,8 @@ class OnnxExport:
         except json.JSONDecodeError as e:
             raise UserError(f"{mf} is not valid JSON ({e.msg}); the export is corrupted") from None
         if manifest.get("format") != FORMAT:
-            raise UserError(f"{p} is not an ONNX export (format {manifest.get('format')!r})")
+            hint = "; export it first with `epts-export export`" if manifest.get("format") == "epts-elastic" else ""
+            raise UserError(f"{p} is not an ONNX export (its manifest is format {manifest.get('format')!r}){hint}")
         if manifest.get("schema_version") != SCHEMA_VERSION:
             raise UserError(f"export {p} has schema version {manifest.get('schema_version')}, this epts-export reads {SCHEMA_VERSION}")
         exp = cls(p, manifest)

@@ -28,6 +28,7 @@ from .errors import UserError
 from .families import family_for, get_blocks, iter_prunable, measured_sparsity, prunable_linears
 from .fsutil import file_hashes, partial_path, sha256_bytes, write_json
 from .levels import Level, build_groups
+from .models import save_tokenizer
 from .progress import Progress
 
 
@@ -120,7 +121,7 @@ def optimize(spec: OptimizeSpec, progress: Progress | None = None, on_block_done
             if model_dir.exists():
                 shutil.rmtree(model_dir)
             model.save_pretrained(model_dir)
-            tok.save_pretrained(model_dir)
+            save_tokenizer(tok, model_dir)
             if spec.method == "epts":
                 _merge_block_files(ckpt, tmp / ELASTIC_FILE, len(get_blocks(model, fam)))
             shutil.rmtree(ckpt, ignore_errors=True)

@@ -1,0 +1,310 @@
+"""`validate`: ONNX Runtime against the PyTorch model materialized at the same level.
+
+For every level of an export (baked folders or the dynamic graph) the checks are:
+
+    integrity  every file matches its sha256 in the manifest
+    sparsity   (baked) each prunable initializer feeds MatMul directly and has exactly the
+               zeros of the materialized weight, N:M along axis 0
+    prefill    batch 2 x 11 tokens, empty past, one row left-padded by 3
+    decode     batch 3 x 1 token after a 9-token past computed by the reference
+    generate   32 greedy tokens from a fixed prompt, with the KV cache
+    out_of_range  (dynamic) sparsity_level = -1 and = len(levels) give all-NaN outputs
+
+Shapes differ from the export's dummy shapes on purpose. Element-wise outputs pass when
+|onnx - ref| <= atol + rtol * |ref| (numpy.allclose); the report also gives the smallest atol
+that would have passed at that rtol, as Polygraphy does. Positions of padding tokens are not
+compared (their outputs are undefined). A top-1 disagreement fails only where the reference's
+own margin between the two tokens exceeds the logits atol (else it is a tie the dtype cannot
+resolve). fp32 graphs must generate exactly the reference's tokens; fp16 graphs are compared
+against the float32 reference and may diverge only at such a near-tie.
+"""
+
+from __future__ import annotations
+
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .fsutil import write_json
+from .levels import Level
+from .onnx_export import OnnxExport
+from .onnx_runtime import OrtDecoder, TorchDecoder, greedy, positions
+from .progress import Progress
+
+PROMPT = "Once upon a time, in a quiet town by the sea,"
+NEW_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class Tol:
+    atol: float
+    rtol: float
+
+    def to_dict(self) -> dict:
+        return {"atol": self.atol, "rtol": self.rtol}
+
+
+# fp32: accumulated float32 rounding over a few dozen layers. fp16: float16 weights and
+# activations against the float32 reference (ORT's CPU provider computes fp16 graphs through
+# inserted casts, TensorRT in fp16 tensor cores; both round the same weights).
+TOLERANCES = {
+    "fp32": {"logits": Tol(1e-3, 1e-3), "present": Tol(1e-4, 1e-3)},
+    "fp16": {"logits": Tol(0.5, 0.02), "present": Tol(0.05, 0.02)},
+}
+
+
+def _compare(name: str, got: np.ndarray, ref: np.ndarray, tol: Tol, valid: np.ndarray | None) -> dict:
+    """Element-wise comparison over the valid positions. valid: bool (batch, seq) for logits, or
+    (batch, seq) over the key positions for presents."""
+    g, r = got.astype(np.float64), ref.astype(np.float64)
+    if valid is not None:  # logits (B, S, V): mask (B, S); present (B, H, T, D): mask (B, T)
+        sel = valid[:, :, None] if g.ndim == 3 else valid[:, None, :, None]
+        sel = np.broadcast_to(sel, g.shape)
+        g, r = g[sel], r[sel]
+    if g.shape != r.shape:
+        return {"max_abs": None, "max_rel": None, "required_atol": None, **tol.to_dict(), "passed": False,
+                "error": f"shape {got.shape} vs reference {ref.shape}"}
+    if g.size == 0:
+        return {"max_abs": 0.0, "max_rel": 0.0, "required_atol": 0.0, **tol.to_dict(), "passed": True}
+    diff = np.abs(g - r)
+    finite = bool(np.isfinite(g).all())
+    max_abs = float(diff.max()) if finite else float("inf")
+    max_rel = float((diff / np.maximum(np.abs(r), 1e-12)).max()) if finite else float("inf")
+    required = float(max(0.0, (diff - tol.rtol * np.abs(r)).max())) if finite else float("inf")
+    return {"max_abs": max_abs, "max_rel": max_rel, "required_atol": required, **tol.to_dict(),
+            "passed": finite and required <= tol.atol}
+
+
+def _top1(got_logits: np.ndarray, ref_logits: np.ndarray, valid: np.ndarray, atol: float) -> dict:
+    g, r = got_logits[valid], ref_logits[valid]  # (N, V)
+    ga, ra = g.argmax(-1), r.argmax(-1)
+    agree = ga == ra
+    rows = np.arange(len(r))
+    margin = r[rows, ra] - r[rows, ga]  # how much the reference prefers its token
+    hard = int((~agree & (margin > atol)).sum())
+    return {"top1_agreement": float(agree.mean()) if len(agree) else 1.0, "positions": int(len(agree)),
+            "top1_failures": hard}
+
+
+def _step_check(name: str, ref_out, got_out, tols, valid_q: np.ndarray, valid_k: np.ndarray, output_names) -> dict:
+    outputs = {}
+    (rl, rp), (gl, gp) = ref_out, got_out
+    outputs[output_names[0]] = _compare("logits", gl, rl, tols["logits"], valid_q)
+    for n, g, r in zip(output_names[1:], gp, rp):
+        outputs[n] = _compare(n, g, r, tols["present"], valid_k)
+    top = _top1(gl, rl, valid_q, tols["logits"].atol)
+    passed = all(o["passed"] for o in outputs.values()) and top["top1_failures"] == 0
+    worst = max(outputs.items(), key=lambda kv: (kv[1]["required_atol"] if kv[1]["required_atol"] is not None else np.inf)
+                / max(kv[1]["atol"], 1e-12))
+    return {"passed": passed, **top, "worst_output": worst[0], "outputs": outputs}
+
+
+def _cases(vocab: int, rng: np.random.Generator):
+    """(prefill ids, mask), (decode past ids, past mask, step ids). Shapes differ from export's dummy."""
+    hi = max(vocab - 1, 5)
+    ids = rng.integers(4, hi, (2, 11))
+    mask = np.ones((2, 11), np.int64)
+    mask[1, :3] = 0
+    past_ids = rng.integers(4, hi, (3, 9))
+    past_mask = np.ones((3, 9), np.int64)
+    past_mask[2, :2] = 0
+    step_ids = rng.integers(4, hi, (3, 1))
+    return (ids, mask), (past_ids, past_mask, step_ids)
+
+
+def _generation(ref: TorchDecoder, got: OrtDecoder, prompt: list[int], dtype: str, atol: float) -> dict:
+    ref_logits: list[np.ndarray] = []
+    got_logits: list[np.ndarray] = []
+
+    def tap(step, sink):
+        def run(*a):
+            logits, past = step(*a)
+            sink.append(logits[0, -1])
+            return logits, past
+        return run
+
+    r = greedy(tap(ref.step, ref_logits), ref.empty_past(1), prompt, NEW_TOKENS)
+    g = greedy(tap(got.step, got_logits), got.empty_past(1), prompt, NEW_TOKENS)
+    first = next((i for i, (a, b) in enumerate(zip(r, g)) if a != b), None)
+    match = first is None
+    if match:
+        passed, why = True, None
+    elif dtype == "fp32":
+        passed, why = False, f"token {first} differs ({g[first]} vs reference {r[first]})"
+    else:  # fp16 may only diverge at a near-tie of the reference
+        lg = ref_logits[first]
+        margin = float(lg[r[first]] - lg[g[first]])
+        passed = margin <= atol
+        why = None if passed else f"token {first} differs ({g[first]} vs {r[first]}) where the reference prefers its token by {margin:.3f} > {atol}"
+    return {"passed": passed, "prompt_tokens": len(prompt), "new_tokens": NEW_TOKENS, "reference": r, "onnx": g,
+            "match": match, "first_divergence": first, **({"reason": why} if why else {})}
+
+
+def _expected_zeros(model, weights: dict[str, str]) -> dict[str, np.ndarray]:
+    out = {}
+    for name, module in weights.items():
+        w = model.get_submodule(module).weight.detach()
+        out[name] = (w == 0).t().numpy()
+    return out
+
+
+def validate(export_dir: str | Path, levels: list[Level] | None = None, artifact: str | Path | None = None,
+             progress: Progress | None = None, threads: int | None = None) -> dict:
+    """Check every level (or ``levels``) of an export; returns the report (module docstring).
+    UserError only for bad input (not an export, missing source artifact); a failed check is
+    recorded in the report, never raised."""
+    from . import onnx_graph
+    from .materialize import ElasticModel
+
+    progress = progress or Progress(enabled=False)
+    t0 = time.time()
+    exp = OnnxExport.open(export_dir, verify="collect")
+    have = exp.levels
+    if levels:
+        unknown = [lv.name for lv in levels if lv not in have]
+        if unknown:
+            raise UserError(f"level {', '.join(unknown)} is not in export {exp.path} (it has {', '.join(lv.name for lv in have)})")
+    todo = levels or have
+    art = exp.source_artifact(artifact)
+    tols = TOLERANCES[exp.dtype]
+    out_names = exp.manifest["io"]["outputs"]
+    weights = exp.manifest["weights"]
+    with progress.status(f"loading the reference model from {art.path}"):
+        em = ElasticModel(art)
+        tok = em.tokenizer
+    prompt = tok(PROMPT)["input_ids"] or [tok.bos_token_id or 0]
+    report_levels = []
+    failures = [f"integrity: {e}" for e in exp.integrity_errors]
+    with progress.count("validating levels", len(todo)) as advance:
+        for lv in todo:
+            graph_path = exp.graph_path(lv)
+            rel = graph_path.relative_to(exp.path).as_posix()
+            entry = {"level": lv.name, "graph": rel, "checks": {}}
+            bad_files = [e for e in exp.integrity_errors if e.split()[1].startswith(rel.rsplit("/", 1)[0] + "/") or
+                         (exp.mode == "dynamic" and "/" not in e.split()[1])]
+            entry["checks"]["integrity"] = {"passed": not bad_files, "errors": bad_files}
+            model = em.at(lv)
+            ref = TorchDecoder(model)
+            try:
+                got = OrtDecoder(graph_path, level=exp.level_index(lv), threads=threads)
+            except UserError as e:
+                entry["checks"]["load"] = {"passed": False, "error": str(e)}
+                got = None
+            if got is not None:
+                if exp.mode == "baked":
+                    try:
+                        graph = onnx_graph.load(graph_path)
+                        entry["checks"]["sparsity"] = {"passed": None, **onnx_graph.check_sparsity(graph, weights, lv, _expected_zeros(model, weights))}
+                        entry["checks"]["sparsity"]["passed"] = entry["checks"]["sparsity"].pop("ok")
+                        del graph
+                    except UserError as e:
+                        entry["checks"]["sparsity"] = {"passed": False, "failures": [str(e)]}
+                rng = np.random.default_rng(0)
+                (ids, mask), (pids, pmask, sids) = _cases(model.config.vocab_size, rng)
+                pos = positions(mask, 0)
+                c = _step_check("prefill", ref.step(ids, mask, pos, ref.empty_past(2)), got.step(ids, mask, pos, got.empty_past(2)),
+                                tols, mask.astype(bool), mask.astype(bool), out_names)
+                entry["checks"]["prefill"] = {"shape": {"batch": 2, "seq": 11, "past": 0}, **c}
+                _, past = ref.step(pids, pmask, positions(pmask, 0), ref.empty_past(3))
+                dmask = np.concatenate([pmask, np.ones((3, 1), np.int64)], axis=1)
+                dpos = positions(dmask, 9)
+                c = _step_check("decode", ref.step(sids, dmask, dpos, past), got.step(sids, dmask, dpos, past),
+                                tols, np.ones((3, 1), bool), dmask.astype(bool), out_names)
+                entry["checks"]["decode"] = {"shape": {"batch": 3, "seq": 1, "past": 9}, **c}
+                entry["checks"]["generate"] = _generation(ref, got, prompt, exp.dtype, tols["logits"].atol)
+            entry["passed"] = all(c.get("passed") for c in entry["checks"].values())
+            for name, c in entry["checks"].items():
+                if not c.get("passed"):
+                    failures.append(f"level {lv.name} / {name}: {_why(c)}")
+            report_levels.append(entry)
+            advance()
+    if exp.mode == "dynamic":
+        oor = _out_of_range(exp, threads)
+        if not oor["passed"]:
+            failures.append(f"out_of_range: {_why(oor)}")
+    else:
+        oor = None
+    report = {"export": str(exp.path), "mode": exp.mode, "dtype": exp.dtype,
+              "source_artifact": str(art.path), "passed": not failures,
+              "tolerances": {k: v.to_dict() for k, v in tols.items()},
+              "integrity": {"passed": not exp.integrity_errors, "errors": exp.integrity_errors},
+              "levels": report_levels, **({"out_of_range": oor} if oor else {}),
+              "failures": failures, "elapsed_s": round(time.time() - t0, 2)}
+    exp.record_parity({"passed": report["passed"], "failures": failures, "levels": [e["level"] for e in report_levels],
+                       "validated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return report
+
+
+def _out_of_range(exp: OnnxExport, threads: int | None) -> dict:
+    """The defined behaviour for a bad sparsity_level: every output is NaN."""
+    n = len(exp.levels)
+    results = {}
+    for bad in (-1, n):
+        try:
+            sess = OrtDecoder(exp.path / "model.onnx", level=bad, threads=threads)
+            ids = np.array([[5, 6, 7]], np.int64)
+            mask = np.ones_like(ids)
+            logits, presents = sess.step(ids, mask, positions(mask, 0), sess.empty_past(1))
+            results[str(bad)] = bool(np.isnan(logits).all() and all(np.isnan(p).all() for p in presents))
+        except Exception as e:  # noqa: BLE001 - any failure to produce the NaN contract is a failed check
+            results[str(bad)] = False
+            results[f"{bad}_error"] = str(e).splitlines()[0][:200]
+    ok = all(v for k, v in results.items() if not k.endswith("_error"))
+    return {"passed": ok, "levels_tried": [-1, n], "all_nan": results,
+            **({} if ok else {"reason": "an out-of-range sparsity_level did not give all-NaN outputs"})}
+
+
+def _why(check: dict) -> str:
+    if "error" in check:
+        return check["error"]
+    if "errors" in check and check["errors"]:
+        return "; ".join(check["errors"][:3])
+    if "failures" in check and check["failures"]:
+        more = f" (+{len(check['failures']) - 3} more)" if len(check["failures"]) > 3 else ""
+        return "; ".join(check["failures"][:3]) + more
+    if "reason" in check:
+        return check["reason"]
+    if "outputs" in check:
+        bad = [(n, o) for n, o in check["outputs"].items() if not o["passed"]]
+        parts = [f"{n} max abs err {o['max_abs']:.3g} needs atol {o['required_atol']:.3g} > {o['atol']:g} (rtol {o['rtol']:g})"
+                 for n, o in bad[:3]]
+        if len(bad) > 3:
+            parts.append(f"+{len(bad) - 3} more outputs")
+        if check.get("top1_failures"):
+            parts.append(f"{check['top1_failures']} top-1 disagreements beyond a tie")
+        return "; ".join(parts)
+    return "failed"
+
+
+def write_junit(report: dict, path: Path) -> None:
+    """One <testcase> per level and check, a <failure> with the reason for each failed one."""
+    suite = ET.Element("testsuite", name=f"epts-export validate {report['export']}")
+    cases = []
+    for entry in report["levels"]:
+        for name, c in entry["checks"].items():
+            cases.append((f"level-{entry['level']}", name, c))
+    if "out_of_range" in report:
+        cases.append(("graph", "out_of_range", report["out_of_range"]))
+    fails = 0
+    for cls, name, c in cases:
+        tc = ET.SubElement(suite, "testcase", classname=cls, name=name)
+        if not c.get("passed"):
+            fails += 1
+            ET.SubElement(tc, "failure", message=_why(c)[:500]).text = _why(c)
+    suite.set("tests", str(len(cases)))
+    suite.set("failures", str(fails))
+    suite.set("errors", "0")
+    suite.set("time", str(report["elapsed_s"]))
+    root = ET.Element("testsuites")
+    root.append(suite)
+    tmp = path.with_name(path.name + ".tmp")
+    ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
+    tmp.replace(path)
+
+
+def write_report(report: dict, path: Path) -> None:
+    write_json(path, report)

@@ -1,0 +1,371 @@
+"""ONNX export and validate on tiny LLaMA and OPT artifacts: both modes, KV-cache parity,
+sparsity in the initializers, fp16, the NaN contract, tampering, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from epts_export import onnx_graph
+from epts_export.cli import app
+from epts_export.errors import UserError
+from epts_export.fsutil import sha256_file
+from epts_export.levels import parse_level, parse_levels
+from epts_export.materialize import ElasticModel
+from epts_export.onnx_export import ExportSpec, OnnxExport, export, io_names, level_dirname
+from epts_export.onnx_runtime import OrtDecoder, TorchDecoder, greedy, positions
+from epts_export.optimize import optimize
+from epts_export.parity import validate, write_junit
+from test_pipeline import spec_for
+
+LEVELS = "0.3,0.5,0.7,2:4"
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def arts(tiny_dirs, text_file, tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx-art")
+    return {fam: optimize(spec_for(d, root / fam, text_file)) for fam, d in tiny_dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def exports(arts, tmp_path_factory):
+    """(family, mode, dtype) -> export folder, built lazily and shared by the module's tests."""
+    root = tmp_path_factory.mktemp("onnx-exp")
+    cache = {}
+
+    def get(fam, mode="baked", dtype="fp32"):
+        key = (fam, mode, dtype)
+        if key not in cache:
+            cache[key] = export(ExportSpec(artifact=arts[fam], out=root / f"{fam}-{mode}-{dtype}", mode=mode,
+                                           levels=parse_levels(LEVELS), dtype=dtype))
+        return cache[key]
+
+    return get
+
+
+def _step_outputs(dec, ids, mask, past_len=0, past=None):
+    return dec.step(ids, mask, positions(mask, past_len), past if past is not None else dec.empty_past(len(ids)))
+
+
+# ------------------------------------------------------------------------------- baked
+
+
+@pytest.mark.parametrize("fam", ["llama", "opt"])
+def test_baked_layout_names_and_manifest(exports, arts, fam):
+    out = exports(fam)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["mode"] == "baked" and m["dtype"] == "fp32" and m["opset"] == 17
+    assert [r["name"] for r in m["levels"]] == ["0.3", "0.5", "0.7", "2:4"]
+    assert m["source_artifact"]["manifest_sha256"] == sha256_file(arts[fam] / "manifest.json")
+    assert m["parity"] is None
+    for r in m["levels"]:
+        folder = out / r["dir"]
+        for f in ("model.onnx", "config.json", "generation_config.json", "tokenizer.json"):
+            assert (folder / f).is_file(), f
+            assert m["files"][f"{r['dir']}/{f}"] == sha256_file(folder / f)
+    assert (out / "level-2of4").is_dir()  # no ':' in paths
+    g = onnx.load(str(out / "level-0.5" / "model.onnx"))
+    layers = 2
+    names_in, names_out = io_names(layers, dynamic=False)
+    assert [i.name for i in g.graph.input] == names_in
+    assert [o.name for o in g.graph.output] == names_out
+    assert g.opset_import[0].version == 17
+    assert not [n for n in g.graph.node if n.op_type in ("If", "Loop")], "one plain graph, no If-merged decoder"
+    meta = onnx_graph.metadata(g)
+    assert json.loads(meta["epts.levels"]) == ["0.5"] and meta["epts.mode"] == "baked"
+    assert not list(out.parent.glob("*.partial"))
+
+
+@pytest.mark.parametrize("fam", ["llama", "opt"])
+def test_ort_matches_torch_with_kv_cache(exports, arts, fam):
+    out = exports(fam)
+    exp = OnnxExport.open(out)
+    em = ElasticModel(exp.source_artifact())
+    lv = parse_level("0.5")
+    ref, got = TorchDecoder(em.at(lv)), OrtDecoder(exp.graph_path(lv))
+    rng = np.random.default_rng(1)
+    ids, mask = rng.integers(4, 200, (1, 7)), np.ones((1, 7), np.int64)  # not the export's dummy shape
+    (rl, rp), (gl, gp) = _step_outputs(ref, ids, mask), _step_outputs(got, ids, mask)
+    assert np.abs(rl - gl).max() < 1e-4
+    step, mask2 = rng.integers(4, 200, (1, 1)), np.ones((1, 8), np.int64)  # decode with a non-empty past
+    (rl2, rp2), (gl2, gp2) = _step_outputs(ref, step, mask2, 7, rp), _step_outputs(got, step, mask2, 7, rp)
+    assert np.abs(rl2 - gl2).max() < 1e-4
+    assert all(np.abs(a - b).max() < 1e-4 for a, b in zip(rp2, gp2))
+    assert rp2[0].shape[2] == 8
+    assert greedy(ref.step, ref.empty_past(1), [5, 6, 7], 12) == greedy(got.step, got.empty_past(1), [5, 6, 7], 12)
+
+
+@pytest.mark.parametrize("fam", ["llama", "opt"])
+def test_sparsity_survives_in_initializers(exports, arts, fam):
+    out = exports(fam)
+    exp = OnnxExport.open(out)
+    em = ElasticModel(exp.source_artifact())
+    weights = exp.manifest["weights"]
+    assert len(weights) == 2 * (7 if fam == "llama" else 6)
+    for lv in exp.levels:
+        model = em.at(lv)
+        g = onnx.load(str(exp.graph_path(lv)))
+        inits = {t.name: numpy_helper.to_array(t) for t in g.graph.initializer}
+        zeros = total = 0
+        for name, module in weights.items():
+            w_t = inits[name]
+            torch_w = model.get_submodule(module).weight.detach().numpy()
+            assert w_t.shape == torch_w.T.shape  # (in, out): the reduction axis is axis 0
+            np.testing.assert_array_equal(w_t == 0, torch_w.T == 0)
+            zeros, total = zeros + (w_t == 0).sum(), total + w_t.size
+            if lv.is_nm:
+                k, n = w_t.shape
+                assert ((w_t != 0).reshape(k // 4, 4, n).sum(axis=1) <= 2).all(), name
+        rec = next(r for r in exp.manifest["levels"] if r["name"] == lv.name)
+        assert rec["measured_sparsity"] == pytest.approx(zeros / total, abs=1e-6)
+        assert rec["measured_sparsity"] >= lv.sparsity - 0.01
+        assert onnx_graph.check_sparsity(g, weights, lv)["ok"]
+
+
+def _graph_with_weight(w_t: np.ndarray, through: str | None = None) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, w_t.shape[0]])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w_t.shape[1]])
+    nodes, wname = [], "w.weight_t"
+    if through == "Mul":
+        nodes.append(helper.make_node("Mul", [wname, "one"], ["w_scaled"]))
+        nodes.append(helper.make_node("MatMul", ["x", "w_scaled"], ["y"]))
+    else:
+        nodes.append(helper.make_node("MatMul", ["x", wname], ["y"]))
+    inits = [numpy_helper.from_array(w_t.astype(np.float32), wname), numpy_helper.from_array(np.array(1, np.float32), "one")]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits))
+
+
+def test_check_sparsity_catches_wrong_axis_and_hidden_weights():
+    rng = np.random.default_rng(0)
+    lv = parse_level("2:4")
+    w = rng.standard_normal((8, 6))  # (in, out)
+    along_k = w.copy()
+    along_k.reshape(2, 4, 6)[:, 2:, :] = 0  # 2 of every 4 along axis 0: right
+    along_n = w.copy()
+    along_n[:, [1, 2, 4, 5]] = 0  # zeros along axis 1 only: wrong axis for TensorRT
+    weights = {"w.weight_t": "w"}
+    assert onnx_graph.check_sparsity(_graph_with_weight(along_k), weights, lv)["ok"]
+    bad = onnx_graph.check_sparsity(_graph_with_weight(along_n), weights, lv)
+    assert not bad["ok"] and "along axis 0" in bad["failures"][0]
+    hidden = onnx_graph.check_sparsity(_graph_with_weight(along_k, through="Mul"), weights, lv)
+    assert not hidden["ok"] and "Mul[0]" in hidden["failures"][0]
+    expected = {"w.weight_t": np.zeros((8, 6), bool)}
+    assert "differ from the materialized zero pattern" in onnx_graph.check_sparsity(
+        _graph_with_weight(along_k), weights, lv, expected)["failures"][0]
+
+
+# ------------------------------------------------------------------------------- dynamic
+
+
+@pytest.mark.parametrize("fam", ["llama", "opt"])
+def test_dynamic_graph_switches_levels_like_baked(exports, fam):
+    dyn, baked = OnnxExport.open(exports(fam, "dynamic")), OnnxExport.open(exports(fam))
+    g = onnx.load(str(dyn.path / "model.onnx"))
+    assert [i.name for i in g.graph.input] == io_names(2, dynamic=True)[0]
+    assert json.loads(onnx_graph.metadata(g)["epts.levels"]) == [r["name"] for r in dyn.manifest["levels"]]
+    rng = np.random.default_rng(2)
+    ids, mask = rng.integers(4, 200, (2, 5)), np.ones((2, 5), np.int64)
+    logits = {}
+    for i, lv in enumerate(dyn.levels):
+        assert dyn.level_index(lv) == i
+        d = _step_outputs(OrtDecoder(dyn.graph_path(lv), level=i), ids, mask)
+        b = _step_outputs(OrtDecoder(baked.graph_path(lv)), ids, mask)
+        assert np.abs(d[0] - b[0]).max() < 1e-4, lv
+        assert all(np.abs(x - y).max() < 1e-4 for x, y in zip(d[1], b[1]))
+        logits[lv.name] = d[0]
+    assert np.abs(logits["0.3"] - logits["0.7"]).max() > 1e-3  # the input really switches weights
+
+
+def test_dynamic_out_of_range_level_gives_nan(exports):
+    path = exports("llama", "dynamic") / "model.onnx"
+    ids = np.array([[5, 6, 7]])
+    mask = np.ones_like(ids)
+    for bad in (-1, 4, 99):
+        logits, presents = _step_outputs(OrtDecoder(path, level=bad), ids, mask)
+        assert np.isnan(logits).all() and all(np.isnan(p).all() for p in presents), bad
+
+
+def test_dynamic_stores_dense_weights_once(exports, arts, tmp_path):
+    """File size does not grow with the number of levels (the level codes share one 4-bit field)."""
+    few = export(ExportSpec(artifact=arts["llama"], out=tmp_path / "few", mode="dynamic", levels=parse_levels("0.7,2:4")))
+    many = export(ExportSpec(artifact=arts["llama"], out=tmp_path / "many", mode="dynamic",
+                             levels=parse_levels("0.1,0.3,0.5,0.6,0.65,0.7,2:4")))
+    size = lambda p: (p / "model.onnx").stat().st_size  # noqa: E731
+    assert abs(size(many) - size(few)) < 0.02 * size(few)
+    m = json.loads((few / "manifest.json").read_text())
+    dense = m["dense_initializer_bytes"]
+    g = onnx.load(str(few / "model.onnx"))
+    floats = sum(numpy_helper.to_array(t).nbytes for t in g.graph.initializer if t.data_type == TensorProto.FLOAT)
+    lora = sum(numpy_helper.to_array(t).nbytes for t in g.graph.initializer if ".lora_" in t.name)
+    assert floats - lora <= dense + 64  # the dense weights once, plus scalars
+    assert validate(few)["passed"]
+
+
+def test_dynamic_needs_an_elastic_artifact(tiny_dirs, text_file, tmp_path):
+    art = optimize(spec_for(tiny_dirs["llama"], tmp_path / "wanda", text_file, method="wanda", levels="0.5"))
+    with pytest.raises(UserError, match="dynamic mode needs an EPTS artifact"):
+        export(ExportSpec(artifact=art, out=tmp_path / "x", mode="dynamic"))
+    out = export(ExportSpec(artifact=art, out=tmp_path / "baked"))  # a baseline's one level exports baked
+    assert validate(out)["passed"]
+
+
+# ------------------------------------------------------------------------------- fp16
+
+
+@pytest.mark.parametrize("fam", ["llama", "opt"])
+def test_fp16_weights_with_fp32_norms_softmax_logits(exports, fam):
+    out = exports(fam, "baked", "fp16")
+    g = onnx.load(str(out / "level-2of4" / "model.onnx"))
+    inits = {t.name: t for t in g.graph.initializer}
+    weights = json.loads((out / "manifest.json").read_text())["weights"]
+    assert all(inits[w].data_type == TensorProto.FLOAT16 for w in weights)
+    assert g.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT  # logits
+    assert g.graph.input[3].type.tensor_type.elem_type == TensorProto.FLOAT16  # past key
+    inferred = onnx.shape_inference.infer_shapes(g)
+    types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    types.update({t.name: t.data_type for t in g.graph.initializer})
+    sensitive = [n for n in g.graph.node if n.op_type in ("Softmax", "LayerNormalization", "ReduceMean", "Sqrt")]
+    assert sensitive
+    for n in sensitive:
+        assert types.get(n.input[0]) == TensorProto.FLOAT, f"{n.op_type} {n.name} runs in {types.get(n.input[0])}"
+    report = validate(out)
+    assert report["passed"], report["failures"]
+    assert report["tolerances"]["logits"]["atol"] > 1e-3  # compared to the fp32 reference with fp16 tolerances
+
+
+def test_fp16_dynamic_validates(exports):
+    report = validate(exports("opt", "dynamic", "fp16"))
+    assert report["passed"], report["failures"]
+
+
+# ------------------------------------------------------------------------------- validate
+
+
+def test_validate_passes_and_records_parity(exports, tmp_path):
+    out = exports("llama", "dynamic")
+    r = cli("validate", out, "--report", tmp_path / "p.json", "--junit", tmp_path / "p.xml", "--quiet")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "p.json").read_text())
+    assert rep["passed"] and rep["out_of_range"]["passed"]
+    lv = rep["levels"][0]
+    assert set(lv["checks"]) == {"integrity", "prefill", "decode", "generate"}
+    assert lv["checks"]["decode"]["shape"] == {"batch": 3, "seq": 1, "past": 9}
+    assert lv["checks"]["generate"]["match"] and len(lv["checks"]["generate"]["onnx"]) == 32
+    logits = lv["checks"]["prefill"]["outputs"]["logits"]
+    assert {"max_abs", "max_rel", "required_atol", "atol", "rtol", "passed"} <= set(logits)
+    suite = ET.parse(tmp_path / "p.xml").getroot().find("testsuite")
+    assert int(suite.get("tests")) == 4 * 4 + 1 and suite.get("failures") == "0"
+    assert json.loads((out / "manifest.json").read_text())["parity"]["passed"] is True
+
+
+def _perturb_one_weight(folder, name):
+    path = folder / "model.onnx"
+    g = onnx.load(str(path))
+    t = next(t for t in g.graph.initializer if t.name == name)
+    arr = numpy_helper.to_array(t).copy()
+    i = np.flatnonzero(arr)[0]
+    arr.flat[i] += 5.0 * max(1.0, abs(arr.flat[i]))
+    t.CopyFrom(numpy_helper.from_array(arr, name))
+    onnx.save(g, str(path))
+
+
+def test_validate_catches_a_perturbed_weight_by_hash_and_by_parity(exports, tmp_path):
+    src = exports("llama")
+    out = tmp_path / "tampered"
+    shutil.copytree(src, out)
+    _perturb_one_weight(out / "level-0.5", "model.layers.1.mlp.down_proj.weight_t")
+    r = cli("validate", out, "--junit", tmp_path / "j.xml", "--quiet")
+    assert r.exit_code == 3, r.output
+    assert "level-0.5/model.onnx does not match its sha256" in r.output.replace("\n", "")
+    rep = validate(out)
+    bad = {e["level"]: e for e in rep["levels"] if not e["passed"]}
+    assert set(bad) == {"0.5"}  # every level checked, only the tampered one fails
+    assert not bad["0.5"]["checks"]["integrity"]["passed"] and not bad["0.5"]["checks"]["prefill"]["passed"]
+    # now also forge the manifest hash: parity alone must catch it
+    m = json.loads((out / "manifest.json").read_text())
+    m["files"]["level-0.5/model.onnx"] = sha256_file(out / "level-0.5" / "model.onnx")
+    (out / "manifest.json").write_text(json.dumps(m))
+    rep = validate(out)
+    assert not rep["passed"] and rep["integrity"]["passed"]
+    checks = next(e for e in rep["levels"] if e["level"] == "0.5")["checks"]
+    assert not checks["prefill"]["passed"] and not checks["decode"]["passed"]
+    assert checks["prefill"]["outputs"]["logits"]["required_atol"] > 1e-3
+    write_junit(rep, tmp_path / "j2.xml")
+    suite = ET.parse(tmp_path / "j2.xml").getroot().find("testsuite")
+    failed = [tc.get("name") for tc in suite.iter("testcase") if tc.find("failure") is not None]
+    assert "prefill" in failed and int(suite.get("failures")) == len(failed)
+
+
+def test_validate_reports_a_truncated_graph(exports, tmp_path):
+    out = tmp_path / "trunc"
+    shutil.copytree(exports("opt"), out)
+    p = out / "level-2of4" / "model.onnx"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    r = cli("validate", out, "--quiet")
+    assert r.exit_code == 3, r.output
+    text = r.output.replace("\n", "")
+    assert "level-2of4/model.onnx does not match its sha256" in text and "cannot load" in text
+
+
+def test_external_data_above_the_limit(arts, tmp_path):
+    out = export(ExportSpec(artifact=arts["opt"], out=tmp_path / "ext", levels=parse_levels("2:4"), external_data="always"))
+    folder = out / level_dirname(parse_level("2:4"))
+    assert (folder / "model.onnx_data").stat().st_size > (folder / "model.onnx").stat().st_size
+    assert "level-2of4/model.onnx_data" in json.loads((out / "manifest.json").read_text())["files"]
+    assert validate(out)["passed"]
+
+
+# ------------------------------------------------------------------------------- CLI and bad input
+
+
+def test_cli_export_and_bad_input(arts, tmp_path):
+    out = tmp_path / "cli"
+    r = cli("export", arts["llama"], "--out", out, "--mode", "baked", "--levels", "0.5,2:4", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert f"wrote {out}" in r.output.replace("\n", "")
+    assert sorted(p.name for p in out.iterdir()) == ["level-0.5", "level-2of4", "manifest.json"]
+    r = cli("export", arts["llama"], "--out", out, "--quiet")
+    assert r.exit_code == 1 and "already exists" in r.output
+    for args, msg in [(["--levels", "0.8"], "above the trained range"),
+                      (["--levels", "4:8"], "was not trained"),
+                      (["--mode", "merged"], "unknown --mode"),
+                      (["--dtype", "int8"], "unknown --dtype")]:
+        bad = tmp_path / "bad"
+        r = cli("export", arts["llama"], "--out", bad, *args, "--quiet")
+        assert r.exit_code == 1, (args, r.output)
+        assert msg in r.output.replace("\n", " "), (args, r.output)
+        assert r.output.count("error:") == 1
+        assert not bad.exists() and not (tmp_path / "bad.partial").exists()
+    r = cli("validate", arts["llama"], "--quiet")  # an artifact, not an export
+    assert r.exit_code == 1 and "is not an ONNX export" in r.output and "epts-export export" in r.output
+    r = cli("validate", tmp_path / "nope", "--quiet")
+    assert r.exit_code == 1 and "export not found" in r.output
+    r = cli("validate", out, "--levels", "0.7", "--quiet")
+    assert r.exit_code == 1 and "not in export" in r.output
+
+
+def test_ort_model_for_causal_lm_loads_a_baked_level(exports):
+    """optimum's ORTModelForCausalLM loads a level folder with no extra code and generates the
+    same tokens as our greedy loop (optimum-onnx needs transformers 4.57: CI's second leg)."""
+    ortm = pytest.importorskip("optimum.onnxruntime")
+    from transformers import AutoTokenizer
+
+    folder = exports("llama") / "level-2of4"
+    model = ortm.ORTModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    enc = tok("w1 w2 w3 w4", return_tensors="pt")
+    gen = model.generate(**enc, max_new_tokens=10, do_sample=False)[0, enc["input_ids"].shape[1]:].tolist()
+    dec = OrtDecoder(folder / "model.onnx")
+    assert gen == greedy(dec.step, dec.empty_past(1), enc["input_ids"][0].tolist(), 10)
