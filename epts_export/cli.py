@@ -195,7 +195,7 @@ def export_cmd(
     for col in ("level", "graph", "measured sparsity", "MB"):
         t.add_column(col, justify="right")
     for r in m["levels"]:
-        rel = f"{r['dir']}/model.onnx" if "dir" in r else f"model.onnx [sparsity_level={r['index']}]"
+        rel = f"{r['dir']}/model.onnx" if "dir" in r else f"model.onnx (sparsity_level={r['index']})"
         size = sum((path / f).stat().st_size for f in m["files"] if f.startswith(rel.split("/")[0] + "/model.onnx") or
                    ("dir" not in r and f.startswith("model.onnx")))
         sp = f"{r['measured_sparsity']:.3f}" if "measured_sparsity" in r else "at run time"

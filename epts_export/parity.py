@@ -48,13 +48,19 @@ class Tol:
         return {"atol": self.atol, "rtol": self.rtol}
 
 
-# fp32: accumulated float32 rounding over a few dozen layers. fp16: float16 weights and
-# activations against the float32 reference (ORT's CPU provider computes fp16 graphs through
-# inserted casts, TensorRT in fp16 tensor cores; both round the same weights).
+# fp32: set from a float64 reference. On SmolLM2-135M at 0.7, one prefill position carries
+# massive activations: PyTorch fp32 is 6.2e-3 off float64 there and ONNX Runtime 3.5e-3, so
+# fp32 implementations legitimately differ by ~1e-2 on such logits (~1e-4 elsewhere).
+# fp16: float16 weights and activations against the float32 reference (ORT's CPU provider runs
+# fp16 graphs through inserted casts, TensorRT in fp16 tensor cores; both round the same weights).
 TOLERANCES = {
-    "fp32": {"logits": Tol(1e-3, 1e-3), "present": Tol(1e-4, 1e-3)},
-    "fp16": {"logits": Tol(0.5, 0.02), "present": Tol(0.05, 0.02)},
+    "fp32": {"logits": Tol(2e-2, 1e-3), "present": Tol(1e-3, 1e-3)},
+    "fp16": {"logits": Tol(5.0, 0.02), "present": Tol(0.5, 0.02)},
 }
+# fp16 element-wise bounds are loose because the residual stream at a massive-activation
+# position runs in the thousands, where float16's spacing is 1-2: on SmolLM2-135M the worst
+# prefill logit is 2.5 off the float32 reference (typical: 0.03) and the worst present 0.28.
+# The gate that matters there is top-1 (no disagreement beyond a tie) and the generated tokens.
 
 
 def _compare(name: str, got: np.ndarray, ref: np.ndarray, tol: Tol, valid: np.ndarray | None) -> dict:
@@ -75,7 +81,8 @@ def _compare(name: str, got: np.ndarray, ref: np.ndarray, tol: Tol, valid: np.nd
     max_abs = float(diff.max()) if finite else float("inf")
     max_rel = float((diff / np.maximum(np.abs(r), 1e-12)).max()) if finite else float("inf")
     required = float(max(0.0, (diff - tol.rtol * np.abs(r)).max())) if finite else float("inf")
-    return {"max_abs": max_abs, "max_rel": max_rel, "required_atol": required, **tol.to_dict(),
+    mean_abs = float(diff.mean()) if finite else float("inf")
+    return {"max_abs": max_abs, "max_rel": max_rel, "mean_abs": mean_abs, "required_atol": required, **tol.to_dict(),
             "passed": finite and required <= tol.atol}
 
 
@@ -144,10 +151,15 @@ def _generation(ref: TorchDecoder, got: OrtDecoder, prompt: list[int], dtype: st
             "match": match, "first_divergence": first, **({"reason": why} if why else {})}
 
 
-def _expected_zeros(model, weights: dict[str, str]) -> dict[str, np.ndarray]:
+def _expected_zeros(model, weights: dict[str, str], dtype: str) -> dict[str, np.ndarray]:
+    """Zeros of the materialized weights in the export's dtype (a kept weight below float16's
+    smallest subnormal is a zero of the fp16 weight too)."""
+    import torch
+
+    cast = torch.float16 if dtype == "fp16" else torch.float32
     out = {}
     for name, module in weights.items():
-        w = model.get_submodule(module).weight.detach()
+        w = model.get_submodule(module).weight.detach().to(cast)
         out[name] = (w == 0).t().numpy()
     return out
 
@@ -198,7 +210,7 @@ def validate(export_dir: str | Path, levels: list[Level] | None = None, artifact
                 if exp.mode == "baked":
                     try:
                         graph = onnx_graph.load(graph_path)
-                        entry["checks"]["sparsity"] = {"passed": None, **onnx_graph.check_sparsity(graph, weights, lv, _expected_zeros(model, weights))}
+                        entry["checks"]["sparsity"] = {"passed": None, **onnx_graph.check_sparsity(graph, weights, lv, _expected_zeros(model, weights, exp.dtype))}
                         entry["checks"]["sparsity"]["passed"] = entry["checks"]["sparsity"].pop("ok")
                         del graph
                     except UserError as e:

@@ -354,6 +354,17 @@ def test_cli_export_and_bad_input(arts, tmp_path):
     assert r.exit_code == 1 and "export not found" in r.output
     r = cli("validate", out, "--levels", "0.7", "--quiet")
     assert r.exit_code == 1 and "not in export" in r.output
+    moved = tmp_path / "moved-export"
+    shutil.copytree(out, moved)
+    m = json.loads((moved / "manifest.json").read_text())
+    m["source_artifact"]["path"] = str(tmp_path / "gone")
+    (moved / "manifest.json").write_text(json.dumps(m))
+    r = cli("validate", moved, "--quiet")
+    assert r.exit_code == 1 and "pass --artifact" in r.output.replace("\n", " ")
+    r = cli("validate", moved, "--artifact", arts["opt"], "--quiet")
+    assert r.exit_code == 1 and "is not the one export" in r.output.replace("\n", " ")
+    r = cli("validate", moved, "--artifact", arts["llama"], "--levels", "2:4", "--quiet")
+    assert r.exit_code == 0, r.output
 
 
 def test_ort_model_for_causal_lm_loads_a_baked_level(exports):
