@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -122,7 +121,7 @@ def markdown(result: dict) -> str:
     lines = ["| method | time | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
     dense = result["rows"].get("dense", {}).get("ppl", {}).get("dense")
     if dense is not None:
-        lines.append(f"| dense | - | " + " | ".join(f"{dense:.2f}" for _ in names) + " |")
+        lines.append("| dense | - | " + " | ".join(f"{dense:.2f}" for _ in names) + " |")
     for label, row in result["rows"].items():
         if label == "dense":
             continue

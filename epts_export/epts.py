@@ -173,7 +173,6 @@ def optimize_block(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
     draws = [stratified_draws(g.lo, g.hi, steps, gen) for g in groups]
     actives = [_active(g, groups) for g in groups]
-    sums = torch.zeros(G, dtype=torch.float64)
     last_epoch = torch.zeros(G, dtype=torch.float64)
     step = 0
     for epoch in range(cfg.epochs):

@@ -16,7 +16,7 @@ from .errors import UserError
 from .families import measured_sparsity
 from .fsutil import sha256_bytes
 from .levels import Level
-from .materialize import ElasticModel, load_hf_model
+from .materialize import ElasticModel
 from .progress import Progress
 
 

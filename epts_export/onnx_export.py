@@ -215,11 +215,11 @@ def prunable_weight_names(model: nn.Module, fam: Family) -> dict[str, str]:
     return out
 
 
-def dummy_inputs(config, dtype: torch.dtype, batch: int, seq: int, past: int, vocab_limit: int | None = None) -> tuple:
+def dummy_inputs(config, dtype: torch.dtype, batch: int, seq: int, past: int) -> tuple:
+    """Tracing inputs: random ids, a full mask, positions after ``past`` random cached tokens."""
     geo = kv_geometry(config)
     g = torch.Generator().manual_seed(0)
-    vocab = min(config.vocab_size, vocab_limit or config.vocab_size)
-    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
     mask = torch.ones(batch, past + seq, dtype=torch.long)
     pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
     kv = [torch.randn(batch, geo.kv_heads, past, geo.head_dim, generator=g).to(dtype) for _ in range(2 * geo.layers)]

@@ -3,17 +3,19 @@
 Dynamic mode (``make_elastic``) replaces each prunable initializer ``W_t`` (in, out) by a
 subgraph that builds the selected level's weight on every run:
 
-    code  = per-weight uint8 code (two 4-bit codes per byte when they fit)
-    keep  = ((code << shl[level]) >> shr[level]) >= thr[level]      the level's mask
-    delta = A_t[:, ranks(level)] @ B_t[ranks(level), :]             the level's adapters (scale folded into B_t)
-    W_t   = Where(keep, W_dense_t + delta, 0)
+    keep = AND over code fields of  (packed << shl[level]) >= thr[level]      (uint8)
+    W_t  = Gemm(A[ranks(level)]^T, B_t[ranks(level)], W_dense_t) * Cast(keep)
 
-A code packs the mask of every exported level: its low bits count the unstructured levels that
-keep the weight (masks are nested, so "kept at the j-th least sparse level" is "count >= j"),
-and one bit per N:M level follows. ``shl``/``shr``/``thr`` select one level's field, so one
-code path serves every level. ``ranks(level)`` lists the adapter ranks of the level's groups
-per block (none for a low-group level in a block whose low-group check failed), padded with a
-zero rank and cut by ``Slice`` to its length.
+The codes hold every exported level's mask in a few bits per weight, in two fields: "bucket"
+counts the unstructured levels that keep the weight (masks are nested, so "kept at the j-th
+least sparse level" is "bucket >= j"; 2 bits for 3 levels, 4 bits for up to 15), and "nm" has
+one bit per N:M level. Each field is packed ``8 // width`` slots per byte along axis 0, so one
+shift (a uint8 Mul by 2**shl) over a broadcast (k, K/k, N) view, one compare and a free Reshape unpack it. ``shl`` and
+``thr`` select one level's bits (thr 0: the field does not constrain that level). The adapters
+are the stacked A/B_t of the groups some exported level uses (scale folded into B_t);
+``ranks(level)`` lists a block's ranks for the level (none for a low-group level in a block
+whose low-group check failed), padded with a zero rank and cut by ``Slice``. Gemm adds A B to W
+in one pass; the mask is applied with Mul (ONNX Runtime's Where is several times slower).
 """
 
 from __future__ import annotations
@@ -83,10 +85,43 @@ def _rename(graph: onnx.ModelProto, mapping: dict[str, str]) -> None:
                 node.input[i] = mapping[name]
 
 
+def share_transposed(graph: onnx.ModelProto, min_elements: int = 1024) -> int:
+    """Store a weight once when the graph holds it twice, as W and W^T: the tracer's constant
+    folding turns a tied lm_head into a second, transposed copy of the embedding. The copy
+    becomes ``Transpose(W)`` (folded again by ONNX Runtime and TensorRT at load time), as in
+    optimum's exports. Returns the bytes saved."""
+    by_shape: dict[tuple, list] = {}
+    for t in graph.graph.initializer:
+        if len(t.dims) == 2 and math.prod(t.dims) >= min_elements:
+            by_shape.setdefault(tuple(t.dims), []).append(t)
+    drop, nodes, saved = set(), [], 0
+    for (a, b), tensors in by_shape.items():
+        if a >= b:
+            continue
+        for copy in tensors:
+            for orig in by_shape.get((b, a), []):
+                if orig.name in drop or copy.name in drop:
+                    continue
+                if orig.data_type == copy.data_type and np.array_equal(numpy_helper.to_array(orig).T, numpy_helper.to_array(copy)):
+                    nodes.append(helper.make_node("Transpose", [orig.name], [copy.name], name=f"{copy.name}/shared", perm=[1, 0]))
+                    drop.add(copy.name)
+                    saved += _nbytes(copy)
+    if drop:
+        kept = [t for t in graph.graph.initializer if t.name not in drop]
+        del graph.graph.initializer[:]
+        graph.graph.initializer.extend(kept)
+        rest = list(graph.graph.node)
+        del graph.graph.node[:]
+        graph.graph.node.extend(nodes + rest)
+    return saved
+
+
 def finalize(graph: onnx.ModelProto, weights: dict[str, str], metadata: dict[str, str]) -> None:
     """Strip the tracing wrapper's prefix from initializer names, check that every prunable
-    weight is an initializer feeding MatMul directly, and set producer and metadata."""
+    weight is an initializer feeding MatMul directly, store tied weights once, and set producer
+    and metadata."""
     _rename(graph, {t.name: t.name[2:] for t in graph.graph.initializer if t.name.startswith("m.")})
+    share_transposed(graph)
     names = {t.name for t in graph.graph.initializer}
     missing = [w for w in weights if w not in names]
     if missing:  # e.g. deduplicated by value during export: identical weights cannot keep their own names
@@ -170,18 +205,53 @@ def check_sparsity(graph: onnx.ModelProto, weights: dict[str, str], level: Level
 # dynamic mode
 
 
+def _slot_width(bits: int, rows: set[int]) -> int:
+    """Bits per packed slot: the next power of two >= ``bits`` whose slots-per-byte divides every
+    weight's row count (the packing axis), else 8."""
+    for w in (1, 2, 4, 8):
+        if w >= bits and all(r % (8 // w) == 0 for r in rows):
+            return w
+    return 8
+
+
+@dataclass
+class CodeField:
+    """One packed array per weight: ``8 // width`` slots per byte along axis 0 (input rows
+    j * in/k + c live in byte row c, slot j), and per level the shift and threshold that turn
+    a slot into that level's keep bit: keep = (p << shl[level, j]) >= thr[level].
+
+    The shift moves the level's bits to the top of the byte; whatever lower slots land below
+    them is smaller than one unit of the field, so comparing the whole byte against the
+    threshold placed in the top bits compares the field (one shift instead of two)."""
+
+    name: str  # "bucket" (unstructured levels) or "nm" (one bit per N:M level)
+    width: int
+    shl: np.ndarray  # (levels, k, 1, 1) uint8
+    thr: np.ndarray  # (levels,) uint8, already shifted to the top bits; 0 = no constraint
+
+    @property
+    def slots(self) -> int:
+        return 8 // self.width
+
+
+def _pack(code: torch.Tensor, width: int) -> np.ndarray:
+    """(K, N) uint8 codes < 2**width -> (K/k, N) bytes, slot j of byte row c = code row j*K/k + c."""
+    k = 8 // width
+    rows = code.shape[0] // k
+    packed = torch.zeros((rows, code.shape[1]), dtype=torch.uint8)
+    for j in range(k):
+        packed |= code[j * rows:(j + 1) * rows] << (j * width)
+    return packed.numpy()
+
+
 @dataclass
 class ElasticTables:
     """Everything ``make_elastic`` adds, as numpy arrays (see the module docstring)."""
 
     levels: list[Level]
-    packed: bool  # two 4-bit codes per byte (columns j and j + out/2)
-    shl_lo: np.ndarray  # (levels,) uint8
-    shl_hi: np.ndarray  # (levels,) uint8, packed only
-    shr: np.ndarray  # (levels,) uint8
-    thr: np.ndarray  # (levels,) uint8
-    codes: dict[str, np.ndarray]  # weight name -> (in, out) or (in, out/2) uint8
-    lora_a_t: dict[str, np.ndarray]  # weight name -> (in, R+1), last column zero
+    fields: list[CodeField]
+    codes: dict[str, dict[str, np.ndarray]]  # weight name -> field name -> packed (K/k, N) uint8
+    lora_a: dict[str, np.ndarray]  # weight name -> (R+1, in), last row zero
     lora_b_t: dict[str, np.ndarray]  # weight name -> (R+1, out), scale folded, last row zero
     block_of: dict[str, int]  # weight name -> block
     rank_idx: list[np.ndarray]  # per block (levels, max_r) int64, padded with R (the zero rank)
@@ -196,22 +266,28 @@ class ElasticTables:
         groups = art.groups
         unstructured = sorted((lv for lv in levels if not lv.is_nm), key=lambda lv: lv.sparsity)
         nm_levels = [lv for lv in levels if lv.is_nm]
-        ub = len(unstructured).bit_length()  # bits for "kept at how many unstructured levels" (0..u)
-        bits = ub + len(nm_levels)
-        if bits > 8:
-            raise UserError(f"dynamic mode packs every level's mask into 8 bits per weight; {len(unstructured)} unstructured "
-                            f"and {len(nm_levels)} N:M levels need {bits}: export fewer levels or use --mode baked")
-        outs = {em.dense[(i, n)].shape[0] for i, n in em.dense}
-        packed = bits <= 4 and all(o % 2 == 0 for o in outs)
+        if len(nm_levels) > 8 or len(unstructured) > 255:
+            raise UserError("dynamic mode serves at most 255 unstructured and 8 N:M levels in one graph")
+        rows = {em.dense[key].shape[1] for key in em.dense}  # in_features = rows of W_t
         L = len(levels)
-        shl_lo, shl_hi, shr, thr = (np.zeros(L, np.uint8) for _ in range(4))
-        for idx, lv in enumerate(levels):
-            if lv.is_nm:
-                q, w, t = ub + nm_levels.index(lv), 1, 1
-            else:
-                q, w, t = 0, ub, unstructured.index(lv) + 1
-            span = 4 if packed else 8
-            shl_lo[idx], shl_hi[idx], shr[idx], thr[idx] = 8 - q - w, span - q - w if packed else 0, 8 - w, t
+        fields = []
+        if unstructured:
+            ub = len(unstructured).bit_length()  # "kept at how many unstructured levels": 0..u
+            w = _slot_width(ub, rows)
+            k = 8 // w
+            shl = np.zeros((L, k, 1, 1), np.uint8)
+            shl[:, :, 0, 0] = [8 - j * w - ub for j in range(k)]
+            thr = np.array([0 if lv.is_nm else (unstructured.index(lv) + 1) << (8 - ub) for lv in levels], np.uint8)
+            fields.append(CodeField("bucket", w, shl, thr))
+        if nm_levels:
+            w = _slot_width(len(nm_levels), rows)
+            k = 8 // w
+            shl = np.zeros((L, k, 1, 1), np.uint8)
+            for idx, lv in enumerate(levels):
+                t = nm_levels.index(lv) if lv.is_nm else 0
+                shl[idx, :, 0, 0] = [8 - j * w - t - 1 for j in range(k)]
+            thr = np.array([128 if lv.is_nm else 0 for lv in levels], np.uint8)
+            fields.append(CodeField("nm", w, shl, thr))
 
         # adapters: keep only the groups some exported level uses, in a compact rank layout
         rank = em.rank
@@ -221,38 +297,39 @@ class ElasticTables:
         in_low = [not lv.is_nm and unstructured_group(groups, lv.sparsity) == 0 for lv in levels]
         rank_idx, rank_cnt = [], []
         for b in range(len(em.low_flags)):
-            rows = []
+            per_level = []
             for idx, lv in enumerate(levels):
                 gs = [] if (in_low[idx] and not em.low_flags[b]) else active_groups(groups, lv)
-                rows.append([pos[g] * rank + j for g in gs for j in range(rank)] or [R])
-            width = max(len(r) for r in rows)
-            rank_idx.append(np.array([r + [R] * (width - len(r)) for r in rows], dtype=np.int64))
-            rank_cnt.append(np.array([len(r) for r in rows], dtype=np.int64))
+                per_level.append([pos[g] * rank + j for g in gs for j in range(rank)] or [R])
+            width = max(len(r) for r in per_level)
+            rank_idx.append(np.array([r + [R] * (width - len(r)) for r in per_level], dtype=np.int64))
+            rank_cnt.append(np.array([len(r) for r in per_level], dtype=np.int64))
 
         np_dtype = np.float16 if dtype == torch.float16 else np.float32
         sel = torch.tensor([g * rank + j for g in used for j in range(rank)], dtype=torch.long)
-        codes, lora_a_t, lora_b_t, block_of = {}, {}, {}, {}
+        codes, lora_a, lora_b_t, block_of = {}, {}, {}, {}
         by_module = {module: name for name, module in weights.items()}
-        for (i, n), dense in em.dense.items():
+        for (i, n) in em.dense:
             name = by_module[f"{fam.blocks}.{i}.{n}"]
             order = em.tensors[tensor_key(i, n, "order")]  # (out, in)
-            code = torch.zeros(order.shape, dtype=torch.uint8)
-            for lv in unstructured:
-                code += (order < keep_count(order.shape[1], lv.sparsity)).to(torch.uint8)
-            for t, lv in enumerate(nm_levels):
-                code |= nm_mask(order, lv.n, lv.m).to(torch.uint8) << (ub + t)
-            code = code.t().contiguous()  # (in, out), like W_t
-            if packed:
-                half = code.shape[1] // 2
-                code = code[:, :half] | (code[:, half:] << 4)
-            codes[name] = code.numpy()
+            codes[name] = {}
+            if unstructured:
+                bucket = torch.zeros(order.shape, dtype=torch.uint8)
+                for lv in unstructured:
+                    bucket += (order < keep_count(order.shape[1], lv.sparsity)).to(torch.uint8)
+                codes[name]["bucket"] = _pack(bucket.t().contiguous(), fields[0].width)
+            if nm_levels:
+                bits = torch.zeros(order.shape, dtype=torch.uint8)
+                for t, lv in enumerate(nm_levels):
+                    bits |= nm_mask(order, lv.n, lv.m).to(torch.uint8) << t
+                codes[name]["nm"] = _pack(bits.t().contiguous(), fields[-1].width)
             A = em.tensors[tensor_key(i, n, "lora_A")][sel]  # (R, in)
             B = em.tensors[tensor_key(i, n, "lora_B")][:, sel] * em.scale  # (out, R)
-            a_t = torch.cat([A.t(), torch.zeros(A.shape[1], 1)], dim=1)  # (in, R+1)
+            a = torch.cat([A, torch.zeros(1, A.shape[1])], dim=0)  # (R+1, in)
             b_t = torch.cat([B.t(), torch.zeros(1, B.shape[0])], dim=0)  # (R+1, out)
-            lora_a_t[name], lora_b_t[name] = a_t.numpy().astype(np_dtype), b_t.numpy().astype(np_dtype)
+            lora_a[name], lora_b_t[name] = a.numpy().astype(np_dtype), b_t.numpy().astype(np_dtype)
             block_of[name] = i
-        return cls(levels, packed, shl_lo, shl_hi, shr, thr, codes, lora_a_t, lora_b_t, block_of, rank_idx, rank_cnt)
+        return cls(levels, fields, codes, lora_a, lora_b_t, block_of, rank_idx, rank_cnt)
 
 
 def make_elastic(graph: onnx.ModelProto, tables: ElasticTables) -> None:
@@ -280,36 +357,39 @@ def make_elastic(graph: onnx.ModelProto, tables: ElasticTables) -> None:
     lt = node("Less", [lvl, const(p + "n_levels", np.array(L, np.int64))], p + "lt_n")
     valid = node("And", [ge, lt], p + "valid")
     idx = node("Where", [valid, lvl, p + "zero_i64"], p + "idx")
-    shl_lo = node("Gather", [const(p + "shl_lo_table", tables.shl_lo), idx], p + "shl_lo")
-    shl_hi = node("Gather", [const(p + "shl_hi_table", tables.shl_hi), idx], p + "shl_hi") if tables.packed else None
-    shr = node("Gather", [const(p + "shr_table", tables.shr), idx], p + "shr")
-    thr = node("Gather", [const(p + "thr_table", tables.thr), idx], p + "thr")
+    sel = {}
+    for f in tables.fields:
+        pow2 = (np.uint16(1) << f.shl.astype(np.uint16)).astype(np.uint8)  # 2**shl; shl <= 7
+        sel[f.name] = (node("Gather", [const(f"{p}{f.name}/mul_table", pow2), idx], f"{p}{f.name}/mul"),
+                       node("Gather", [const(f"{p}{f.name}/thr_table", f.thr), idx], f"{p}{f.name}/thr"))
     const(p + "starts", np.array([0], np.int64))
+    const(p + "axis0", np.array([0], np.int64))
     ranks = {}
     for b, (ri, rc) in enumerate(zip(tables.rank_idx, tables.rank_cnt)):
         row = node("Gather", [const(f"{p}block{b}/rank_idx_table", ri), idx], f"{p}block{b}/rank_idx_row")
         cnt = node("Gather", [const(f"{p}block{b}/rank_cnt_table", rc), idx], f"{p}block{b}/rank_cnt")
-        cnt1 = node("Unsqueeze", [cnt, const(f"{p}block{b}/axes0", np.array([0], np.int64))], f"{p}block{b}/rank_cnt_1d")
+        cnt1 = node("Unsqueeze", [cnt, p + "axis0"], f"{p}block{b}/rank_cnt_1d")
         ranks[b] = node("Slice", [row, p + "starts", cnt1], f"{p}block{b}/ranks")
 
-    for name, code in tables.codes.items():
+    for name, packed in tables.codes.items():
         dense = inits[name]
-        elem = dense.data_type
         dense.name = name + ".dense"  # same data, new name: the dense W_t (in, out)
-        zero = const(name + ".zero", np.zeros((), helper.tensor_dtype_to_np_dtype(elem)))
-        c = const(name + ".codes", code)
-        lo = node("BitShift", [node("BitShift", [c, shl_lo], name + "/lo_l", direction="LEFT"), shr], name + "/lo", direction="RIGHT")
-        if tables.packed:
-            hi = node("BitShift", [node("BitShift", [c, shl_hi], name + "/hi_l", direction="LEFT"), shr], name + "/hi", direction="RIGHT")
-            field = node("Concat", [lo, hi], name + "/field", axis=1)
-        else:
-            field = lo
-        keep = node("GreaterOrEqual", [field, thr], name + "/keep")
-        a = node("Gather", [const(name + ".lora_a_t", tables.lora_a_t[name]), ranks[tables.block_of[name]]], name + "/a", axis=1)
+        shape = const(name + ".shape", np.array(list(dense.dims), np.int64))
+        keeps = []
+        for f in tables.fields:
+            shl, thr = sel[f.name]
+            c = node("Unsqueeze", [const(f"{name}.{f.name}", packed[f.name]), p + "axis0"], f"{name}/{f.name}_1")  # (1, K/k, N)
+            # p << shl as p * 2**shl: uint8 Mul wraps like a shift and runs vectorized (BitShift does not)
+            top = node("Mul", [c, shl], f"{name}/{f.name}_top")  # (k, K/k, N): slot j in the top bits
+            keep = node("GreaterOrEqual", [top, thr], f"{name}/{f.name}_keep")
+            keeps.append(node("Reshape", [keep, shape], f"{name}/{f.name}_keep2d"))  # (K, N): row j*K/k + c
+        keep = keeps[0] if len(keeps) == 1 else node("And", keeps, name + "/keep")
+        mask = node("Cast", [keep], name + "/mask", to=dense.data_type)
+        # rows of A (R+1, in) and of B_t (R+1, out): contiguous gathers; Gemm(transA) = A_sel^T B_sel + W_t
+        a = node("Gather", [const(name + ".lora_a", tables.lora_a[name]), ranks[tables.block_of[name]]], name + "/a", axis=0)
         bt = node("Gather", [const(name + ".lora_b_t", tables.lora_b_t[name]), ranks[tables.block_of[name]]], name + "/b", axis=0)
-        delta = node("MatMul", [a, bt], name + "/delta")
-        merged = node("Add", [dense.name, delta], name + "/merged")
-        node("Where", [keep, merged, zero], name)  # the tensor the MatMul consumed as an initializer before
+        merged = node("Gemm", [a, bt, dense.name], name + "/merged", transA=1)  # W + A B in one pass over W
+        node("Mul", [merged, mask], name)  # the tensor the MatMul consumed as an initializer before
 
     # NaN guard on every output
     out_names = [o.name for o in g.output]

@@ -51,3 +51,20 @@ def test_real_model_generates_at_a_level(real_artifact):
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] == ids["input_ids"].shape[1] + 8
     assert torch.isfinite(model(**ids).logits).all()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_real_model_exports_and_passes_parity(real_artifact, tmp_path, dtype):
+    """Both modes on SmolLM2: validate passes, 2:4 survives along axis 0, dynamic stays within 1.3x."""
+    from epts_export.onnx_export import ExportSpec, export
+    from epts_export.parity import validate
+
+    levels = parse_levels("0.5,2:4")
+    baked = export(ExportSpec(artifact=real_artifact, out=tmp_path / "baked", levels=levels, dtype=dtype))
+    dyn = export(ExportSpec(artifact=real_artifact, out=tmp_path / "dyn", mode="dynamic", levels=levels, dtype=dtype))
+    for out in (baked, dyn):
+        report = validate(out)
+        assert report["passed"], report["failures"]
+        assert all(e["checks"]["generate"]["match"] for e in report["levels"])
+    size = lambda p: p.stat().st_size  # noqa: E731
+    assert size(dyn / "model.onnx") <= 1.3 * size(baked / "level-0.5" / "model.onnx")
