@@ -41,11 +41,12 @@ NEW_TOKENS = 32
 
 @dataclass(frozen=True)
 class Tol:
-    atol: float
+    atol: float  # element-wise: |got - ref| <= atol + rtol * |ref| everywhere
     rtol: float
+    mean_atol: float | None = None  # and, if set, mean |got - ref| <= mean_atol
 
     def to_dict(self) -> dict:
-        return {"atol": self.atol, "rtol": self.rtol}
+        return {"atol": self.atol, "rtol": self.rtol, **({"mean_atol": self.mean_atol} if self.mean_atol is not None else {})}
 
 
 # fp32: set from a float64 reference. On SmolLM2-135M at 0.7, one prefill position carries
@@ -55,12 +56,13 @@ class Tol:
 # fp16 graphs through inserted casts, TensorRT in fp16 tensor cores; both round the same weights).
 TOLERANCES = {
     "fp32": {"logits": Tol(2e-2, 1e-3), "present": Tol(1e-3, 1e-3)},
-    "fp16": {"logits": Tol(5.0, 0.02), "present": Tol(0.5, 0.02)},
+    "fp16": {"logits": Tol(5.0, 0.02, mean_atol=0.25), "present": Tol(1.0, 0.02, mean_atol=0.05)},
 }
-# fp16 element-wise bounds are loose because the residual stream at a massive-activation
-# position runs in the thousands, where float16's spacing is 1-2: on SmolLM2-135M the worst
-# prefill logit is 2.5 off the float32 reference (typical: 0.03) and the worst present 0.28.
-# The gate that matters there is top-1 (no disagreement beyond a tie) and the generated tokens.
+# fp16 element-wise maxima are heavy-tailed: the residual stream at a massive-activation
+# position runs in the thousands, where float16's spacing is 1-2. On SmolLM2-135M (4 levels,
+# baked and dynamic) the worst prefill logit is 2.5 off the float32 reference and the worst
+# present 0.62, while the mean errors are at most 0.067 and 0.011; hence loose maxima plus mean
+# bounds. The gate that matters there is top-1 (no disagreement beyond a tie) and the tokens.
 
 
 def _compare(name: str, got: np.ndarray, ref: np.ndarray, tol: Tol, valid: np.ndarray | None) -> dict:
@@ -82,8 +84,9 @@ def _compare(name: str, got: np.ndarray, ref: np.ndarray, tol: Tol, valid: np.nd
     max_rel = float((diff / np.maximum(np.abs(r), 1e-12)).max()) if finite else float("inf")
     required = float(max(0.0, (diff - tol.rtol * np.abs(r)).max())) if finite else float("inf")
     mean_abs = float(diff.mean()) if finite else float("inf")
+    passed = finite and required <= tol.atol and (tol.mean_atol is None or mean_abs <= tol.mean_atol)
     return {"max_abs": max_abs, "max_rel": max_rel, "mean_abs": mean_abs, "required_atol": required, **tol.to_dict(),
-            "passed": finite and required <= tol.atol}
+            "passed": passed}
 
 
 def _top1(got_logits: np.ndarray, ref_logits: np.ndarray, valid: np.ndarray, atol: float) -> dict:
@@ -282,8 +285,10 @@ def _why(check: dict) -> str:
         return check["reason"]
     if "outputs" in check:
         bad = [(n, o) for n, o in check["outputs"].items() if not o["passed"]]
-        parts = [f"{n} max abs err {o['max_abs']:.3g} needs atol {o['required_atol']:.3g} > {o['atol']:g} (rtol {o['rtol']:g})"
-                 for n, o in bad[:3]]
+        parts = [f"{n}: {o['error']}" if "error" in o else
+                 f"{n} max abs err {o['max_abs']:.3g} needs atol {o['required_atol']:.3g} > {o['atol']:g} (rtol {o['rtol']:g})"
+                 if o["required_atol"] > o["atol"] else
+                 f"{n} mean abs err {o['mean_abs']:.3g} > {o['mean_atol']:g}" for n, o in bad[:3]]
         if len(bad) > 3:
             parts.append(f"+{len(bad) - 3} more outputs")
         if check.get("top1_failures"):

@@ -291,6 +291,21 @@ def test_validate_passes_and_records_parity(exports, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["parity"]["passed"] is True
 
 
+def test_compare_reports_the_tolerance_that_would_pass():
+    from epts_export.parity import Tol, _compare
+
+    ref = np.array([[[1.0, -2.0, 4.0, 0.0]]])  # (B, S, V)
+    got = ref + np.array([[[0.1, 0.0, 0.3, 0.0]]])
+    r = _compare("logits", got, ref, Tol(0.25, 0.01), valid=np.ones((1, 1), bool))
+    assert r["max_abs"] == pytest.approx(0.3) and r["mean_abs"] == pytest.approx(0.1)
+    assert r["required_atol"] == pytest.approx(0.3 - 0.01 * 4.0)  # the worst element net of rtol * |ref|
+    assert not r["passed"]
+    assert _compare("logits", got, ref, Tol(0.26, 0.01), np.ones((1, 1), bool))["passed"]
+    assert not _compare("logits", got, ref, Tol(0.26, 0.01, mean_atol=0.05), np.ones((1, 1), bool))["passed"]
+    nan = _compare("logits", got * np.nan, ref, Tol(1e9, 1.0), np.ones((1, 1), bool))
+    assert not nan["passed"] and nan["max_abs"] == float("inf")
+
+
 def _perturb_one_weight(folder, name):
     path = folder / "model.onnx"
     g = onnx.load(str(path))
