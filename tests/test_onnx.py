@@ -403,13 +403,14 @@ def test_cli_export_and_bad_input(arts, tmp_path):
     assert r.exit_code == 0, r.output
 
 
-def test_ort_model_for_causal_lm_loads_a_baked_level(exports):
+@pytest.mark.parametrize("fam", ["llama", "opt"])
+def test_ort_model_for_causal_lm_loads_a_baked_level(exports, fam):
     """optimum's ORTModelForCausalLM loads a level folder with no extra code and generates the
     same tokens as our greedy loop (optimum-onnx needs transformers 4.57: CI's second leg)."""
     ortm = pytest.importorskip("optimum.onnxruntime")
     from transformers import AutoTokenizer
 
-    folder = exports("llama") / "level-2of4"
+    folder = exports(fam) / "level-2of4"
     model = ortm.ORTModelForCausalLM.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     enc = tok("w1 w2 w3 w4", return_tensors="pt")
