@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from .errors import UserError
@@ -244,6 +245,88 @@ def validate(
         console.print(f"[red]error:[/] parity failed: {len(rep['failures'])} check(s) failed", highlight=False)
         raise typer.Exit(3)
     console.print(f"parity passed for {len(rep['levels'])} level(s)")
+
+
+@app.command()
+@_boundary
+def targets():
+    """List the device profiles (targets/*.toml) and their aliases."""
+    from .targets import all_targets
+
+    t = Table(title="device targets (targets/*.toml); * = built with sparse weights")
+    t.add_column("name", no_wrap=True)
+    for col in ("cc", "TensorRT", "JetPack", "GB budget/total", "batch x ctx", "default levels", "aliases"):
+        t.add_column(col)
+    for tg in all_targets().values():
+        lv = ",".join(f"{x}*" if x in tg.sparse_levels else x for x in tg.default_levels)
+        t.add_row(tg.name, tg.compute_capability, tg.tensorrt, tg.jetpack or "-", f"{tg.memory_budget_gb:g}/{tg.memory_gb:g}",
+                  f"{tg.max_batch}x{tg.max_context}", lv, ",".join(tg.aliases) or "-")
+    console.print(t)
+
+
+@app.command()
+@_boundary
+def build(
+    source: str = typer.Argument(DEFAULT_MODEL, help="An artifact folder, or a model to optimize first (default: smollm2-135m)."),
+    target: str = typer.Option(..., "--target", "-t", help="Device profile name, alias (jetson, rtx, hopper) or .toml path."),
+    out: Path = typer.Option(Path("dist"), "--out", "-o", help="The bundle goes to OUT/<target>; stages are cached in OUT/.stages."),
+    levels: Optional[str] = typer.Option(None, help="Levels to ship (default: the target's default levels)."),
+    preset: str = typer.Option("default", help="optimize preset when SOURCE is a model."),
+    require_engines: bool = typer.Option(False, help="Exit 2 unless TensorRT engines were built here."),
+    overwrite: bool = typer.Option(False, help="Replace an existing bundle."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Whole pipeline for one target: optimize (or reuse), export, validate, engines, bundle."""
+    from .bundle import BuildSpec, build as run
+
+    path = run(BuildSpec(source=source, target=target, out=out, levels=_levels(levels) if levels else None, preset=preset,
+                         require_engines=require_engines, overwrite=overwrite), Progress(enabled=not quiet))
+    m = json.loads((path / "manifest.json").read_text())
+    t = Table(title=f"bundle {path} for {m['target']['name']} ({m['target']['description']})")
+    for col in ("level", "pattern", "sparse weights", "parity", "engine"):
+        t.add_column(col)
+    for r in m["levels"]:
+        t.add_row(r["name"], r["pattern"], "yes" if r["sparse_weights"] else "no", "pass" if r["parity"]["passed"] else "FAIL",
+                  "built" if r.get("engine") else "on device")
+    console.print(t)
+    if not m["engines"]["built"]:
+        console.print(f"[yellow]engines not built here:[/] {m['engines']['reason']}. "
+                      f"On the device: bash {path}/build_engines.sh (or python build_engines.py)", highlight=False, soft_wrap=True)
+    console.print(f"wrote {path}")
+
+
+@app.command()
+@_boundary
+def verify(bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz.")):
+    """Check a bundle's hashes, and that its engines match this GPU and TensorRT."""
+    from .deploy import verify as run
+
+    report = run(bundle)
+    console.print(f"bundle {report['bundle']} for {report['target']}: {report['files']} files, hashes ok")
+    console.print(f"engines: {report['engines']}", highlight=False)
+
+
+@app.command("run")
+@_boundary
+def run_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz."),
+    level: str = typer.Option(..., help="Level to run, e.g. 0.5 or 2:4."),
+    prompt: str = typer.Option(..., help="Prompt text."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate (greedy)."),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads."),
+):
+    """Generate text from a bundle at one level, streaming tokens (ONNX Runtime, KV cache)."""
+    from .deploy import generate
+
+    if max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be >= 1")
+    out = Console(highlight=False)
+    out.print(prompt, end="")
+    r = generate(bundle, _levels(level)[0], prompt, max_new_tokens, on_text=lambda s: out.print(s, end="", soft_wrap=True),
+                 threads=threads)
+    out.print()
+    console.print(f"level {r['level']} on {r['runtime']}: {len(r['tokens'])} tokens, load {r['load_s']:.2f} s, "
+                  f"prefill {r['prefill_s']:.3f} s, {r['decode_tok_s']} tokens/s", highlight=False)
 
 
 @app.command()

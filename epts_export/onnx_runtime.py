@@ -86,9 +86,9 @@ def positions(attention_mask: np.ndarray, past_len: int) -> np.ndarray:
 
 
 def greedy(step: StepFn, empty_past: list[np.ndarray], prompt: Sequence[int], new_tokens: int,
-           on_token: Callable[[int], None] | None = None) -> list[int]:
-    """Greedy decoding of ``new_tokens`` tokens for one prompt with a KV cache: one prefill
-    step, then one step per token."""
+           on_token: Callable[[int], None] | None = None, stop: int | None = None) -> list[int]:
+    """Greedy decoding of up to ``new_tokens`` tokens for one prompt with a KV cache: one
+    prefill step, then one step per token; ends early after the token ``stop`` (e.g. EOS)."""
     ids = np.array([list(prompt)], dtype=np.int64)
     mask = np.ones_like(ids)
     past = empty_past
@@ -101,6 +101,8 @@ def greedy(step: StepFn, empty_past: list[np.ndarray], prompt: Sequence[int], ne
         out.append(tok)
         if on_token:
             on_token(tok)
+        if stop is not None and tok == stop:
+            break
         feed = np.array([[tok]], dtype=np.int64)
         mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
     return out

@@ -1,0 +1,175 @@
+"""On the device: open a bundle (folder or .tar.gz), verify it, and generate text from it.
+
+Exit codes: 1 bad input (not a bundle, unsafe tar), 3 a file is missing or altered,
+4 engines built for another GPU or TensorRT version than the one running here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+from .errors import UserError
+from .fsutil import sha256_file
+from .levels import Level, parse_level
+
+EXIT_INTEGRITY = 3
+EXIT_DEVICE = 4
+
+
+def safe_extract(archive: Path, dest: Path) -> Path:
+    """Extract a .tar.gz bundle into ``dest`` after checking every member: no absolute paths,
+    no '..', no links or device files (a bundle holds plain files and folders only).
+    Returns the bundle folder inside ``dest``."""
+    try:
+        tar = tarfile.open(archive, "r:*")
+    except (tarfile.TarError, OSError) as e:
+        raise UserError(f"{archive} is not a readable tar archive ({e})") from None
+    with tar:
+        members = tar.getmembers()
+        for m in members:
+            p = PurePosixPath(m.name)
+            if p.is_absolute() or m.name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", m.name):
+                raise UserError(f"unsafe tar {archive}: member {m.name!r} has an absolute path; refusing to extract")
+            if ".." in p.parts:
+                raise UserError(f"unsafe tar {archive}: member {m.name!r} climbs out of the folder ('..'); refusing to extract")
+            if m.issym() or m.islnk():
+                raise UserError(f"unsafe tar {archive}: member {m.name!r} is a link ({m.linkname!r}); bundles hold plain files only")
+            if not (m.isfile() or m.isdir()):
+                raise UserError(f"unsafe tar {archive}: member {m.name!r} is not a plain file or folder")
+        tar.extractall(dest, filter="data")  # the checks above, plus the stdlib's own
+    manifests = sorted(dest.rglob("manifest.json"), key=lambda p: len(p.parts))
+    if not manifests:
+        raise UserError(f"{archive} holds no manifest.json: not an epts-export bundle")
+    return manifests[0].parent
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+    _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Bundle":
+        p = Path(path)
+        if not p.exists():
+            raise UserError(f"bundle not found: {p}")
+        tmp = None
+        if p.is_file():
+            tmp = tempfile.TemporaryDirectory(prefix="epts-bundle-")
+            p = safe_extract(p, Path(tmp.name))
+        mf = p / "manifest.json"
+        if not mf.is_file():
+            raise UserError(f"{p} is not a bundle (no manifest.json); create one with `epts-export build`")
+        try:
+            manifest = json.loads(mf.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{mf} is not valid JSON ({e.msg}); the bundle is corrupted", EXIT_INTEGRITY) from None
+        if manifest.get("format") != "epts-bundle":
+            raise UserError(f"{p} is not a bundle (its manifest is format {manifest.get('format')!r})")
+        return cls(p, manifest, tmp)
+
+    @property
+    def levels(self) -> list[Level]:
+        return [parse_level(r["name"]) for r in self.manifest["levels"]]
+
+    def level_record(self, level: Level) -> dict:
+        for r in self.manifest["levels"]:
+            if parse_level(r["name"]) == level:
+                return r
+        have = ", ".join(r["name"] for r in self.manifest["levels"])
+        raise UserError(f"level {level.name} is not in bundle {self.path} (it has {have})")
+
+    def integrity_errors(self) -> list[str]:
+        errors = []
+        for rel, digest in self.manifest.get("files", {}).items():
+            f = self.path / rel
+            if not f.is_file():
+                errors.append(f"file {rel} is missing")
+            elif sha256_file(f) != digest:
+                errors.append(f"file {rel} does not match its sha256 (altered or truncated)")
+        return errors
+
+
+def verify(path: str | Path) -> dict:
+    """Check every hash; when the bundle holds engines, check that this machine's TensorRT and
+    GPU are the ones they were built for. Returns a report; raises UserError with exit code 3 or 4."""
+    from .trt_engine import tensorrt_status
+
+    b = Bundle.open(path)
+    errors = b.integrity_errors()
+    if errors:
+        raise UserError(f"bundle {b.path} failed verification: " + "; ".join(errors[:5]) +
+                        (f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""), EXIT_INTEGRITY)
+    report = {"bundle": str(b.path), "files": len(b.manifest.get("files", {})), "hashes": "ok",
+              "target": b.manifest["target"]["name"]}
+    built = [r for r in b.manifest["levels"] if r.get("engine")]
+    if not built:
+        report["engines"] = "none in the bundle: build them on the device with build_engines.sh or build_engines.py"
+        return report
+    ok, why = tensorrt_status()
+    if not ok:
+        report["engines"] = f"present, not checked here: {why}"
+        return report
+    import tensorrt as trt
+    import torch
+
+    want_trt = {r["engine"].get("tensorrt") for r in built}
+    cc = "%d.%d" % torch.cuda.get_device_capability()
+    want_cc = b.manifest["target"]["compute_capability"]
+    if trt.__version__ not in want_trt:
+        raise UserError(f"engines in {b.path} were built with TensorRT {', '.join(sorted(want_trt))}, this machine runs "
+                        f"{trt.__version__}: rebuild them here with build_engines.sh", EXIT_DEVICE)
+    if cc != want_cc:
+        raise UserError(f"engines in {b.path} are for compute capability {want_cc}, this GPU is {cc}: "
+                        "rebuild them here with build_engines.sh", EXIT_DEVICE)
+    report["engines"] = f"{len(built)} engine(s) match TensorRT {trt.__version__} on sm_{cc.replace('.', '')}"
+    return report
+
+
+def generate(path: str | Path, level: Level, prompt: str, max_new_tokens: int = 64,
+             on_text: Callable[[str], None] | None = None, threads: int | None = None) -> dict:
+    """Greedy generation from a bundle's level on ONNX Runtime with the KV cache, streaming
+    decoded text to ``on_text``. Returns tokens, text and timings (load, prefill, tokens/s)."""
+    from transformers import AutoTokenizer
+
+    from .onnx_runtime import OrtDecoder, greedy
+
+    b = Bundle.open(path)
+    rec = b.level_record(level)
+    folder = b.path / rec["dir"]
+    t0 = time.perf_counter()
+    dec = OrtDecoder(folder / "model.onnx", threads=threads)
+    tok = AutoTokenizer.from_pretrained(folder)
+    load_s = time.perf_counter() - t0
+    ids = tok(prompt)["input_ids"]
+    if not ids:
+        raise UserError("the prompt tokenizes to nothing: pass some text with --prompt")
+    produced: list[int] = []
+    shown = ""
+    stamps: list[float] = []
+
+    def on_token(t: int) -> None:
+        nonlocal shown
+        stamps.append(time.perf_counter())
+        produced.append(t)
+        text = tok.decode(produced, skip_special_tokens=True)
+        if on_text and text.startswith(shown):
+            on_text(text[len(shown):])
+        shown = text
+
+    start = time.perf_counter()
+    eos = tok.eos_token_id
+    out = greedy(dec.step, dec.empty_past(1), ids, max_new_tokens, on_token, stop=eos)
+    decode_s = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
+    return {"level": level.name, "prompt_tokens": len(ids), "tokens": out, "text": shown, "load_s": round(load_s, 3),
+            "prefill_s": round(stamps[0] - start, 3) if stamps else None,
+            "decode_tok_s": round((len(stamps) - 1) / decode_s, 2) if decode_s > 0 else None,
+            "runtime": "onnxruntime"}

@@ -1,0 +1,183 @@
+"""`build`, `verify` and `run` on a tiny LLaMA artifact, without TensorRT or a GPU."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import subprocess
+import tarfile
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from epts_export.bundle import BuildSpec, build
+from epts_export.cli import app
+from epts_export.deploy import Bundle, generate, verify
+from epts_export.errors import UserError
+from epts_export.levels import parse_level, parse_levels
+from epts_export.onnx_runtime import OrtDecoder, greedy
+from epts_export.optimize import optimize
+from epts_export.targets import targets_dir
+from test_pipeline import spec_for
+
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def art(tiny_dirs, text_file, tmp_path_factory):
+    return optimize(spec_for(tiny_dirs["llama"], tmp_path_factory.mktemp("bundle-art") / "art", text_file))
+
+
+@pytest.fixture(scope="module")
+def dist(art, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    build(BuildSpec(source=str(art), target="rtx", out=out, levels=parse_levels("0.5,2:4")))
+    return out
+
+
+def test_build_writes_a_complete_bundle_for_on_device_engines(dist):
+    bundle = dist / "rtx-ada"  # the alias rtx resolves to rtx-ada
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["format"] == "epts-bundle" and m["target"]["name"] == "rtx-ada"
+    assert m["target"]["compute_capability"] == "8.9" and m["target"]["precision"] == "fp16"
+    assert [r["name"] for r in m["levels"]] == ["0.5", "2:4"]
+    assert [r["sparse_weights"] for r in m["levels"]] == [False, True]
+    assert all(r["parity"]["passed"] for r in m["levels"])
+    assert m["engines"]["built"] is False and m["engines"]["reason"]
+    assert m["memory_estimate"]["fits"]
+    for f in ("build_engines.sh", "build_engines.py", "engines.json", "parity.json",
+              "level-0.5/model.onnx", "level-2of4/model.onnx", "level-2of4/tokenizer.json"):
+        assert f in m["files"], f
+    script = (bundle / "build_engines.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(bundle / "build_engines.sh")]).returncode == 0
+    blocks = {b.split(":", 1)[0] if not b.startswith("2:4") else "2:4": b for b in script.split("echo '== level ")[1:]}
+    assert set(blocks) == {"0.5", "2:4"}
+    assert "--onnx=level-2of4/model.onnx" in blocks["2:4"] and "--sparsity=enable" in blocks["2:4"]
+    assert "--onnx=level-0.5/model.onnx" in blocks["0.5"] and "--sparsity" not in blocks["0.5"]
+    assert "--sparsity=force" not in script
+    assert str(dist) not in script  # relative paths: the bundle can move
+    assert not (dist / "rtx-ada.partial").exists()
+
+
+def test_second_build_reuses_the_stages(dist, art):
+    stages = sorted(p.name for p in (dist / ".stages").iterdir())
+    r = cli("build", art, "--target", "rtx-ada", "--out", dist, "--levels", "0.5,2:4", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert "reusing ONNX export" in r.output and "reusing the parity result" in r.output
+    assert sorted(p.name for p in (dist / ".stages").iterdir()) == stages
+    assert "engines not built here" in r.output and "build_engines.sh" in r.output
+
+
+def test_require_engines_exits_2_and_writes_nothing(art, tmp_path):
+    r = cli("build", art, "--target", "jetson", "--out", tmp_path, "--levels", "2:4", "--require-engines", "--quiet")
+    assert r.exit_code == 2, r.output
+    assert "engines were not built" in r.output
+    assert not (tmp_path / "jetson-orin").exists() and not (tmp_path / "jetson-orin.partial").exists()
+
+
+def test_build_bad_input(art, tmp_path):
+    r = cli("build", art, "--target", "tpu-v5", "--out", tmp_path, "--quiet")
+    assert r.exit_code == 1 and "unknown target 'tpu-v5'" in r.output and "jetson-orin" in r.output
+    r = cli("build", art, "--target", "rtx-ada", "--out", tmp_path, "--levels", "4:8", "--quiet")
+    assert r.exit_code == 1 and "cannot accelerate 4:8" in r.output.replace("\n", " ")
+    small = tmp_path / "rtx-ada.toml"
+    text = (targets_dir() / "rtx-ada.toml").read_text()
+    text = re.sub(r"(?m)^memory_budget_gb\s*=.*$", "memory_budget_gb = 0.01", text)
+    small.write_text(re.sub(r"(?m)^workspace_mb\s*=.*$", "workspace_mb = 8", text))  # 8 MiB + a 4 MiB KV cache > 10 MiB
+    r = cli("build", art, "--target", small, "--out", tmp_path / "d", "--levels", "0.5", "--quiet")
+    assert r.exit_code == 1, r.output
+    msg = r.output.replace("\n", " ")
+    assert "budget is 0.01 GiB" in msg and "KV cache" in msg and "max_context" in msg
+    assert not (tmp_path / "d" / "rtx-ada").exists()
+
+
+def test_verify_folder_and_tarball(dist, tmp_path):
+    bundle = dist / "rtx-ada"
+    r = cli("verify", bundle)
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "hashes ok" in text and "build them on the device" in text
+    tgz = tmp_path / "b.tar.gz"
+    with tarfile.open(tgz, "w:gz") as t:
+        t.add(bundle, arcname="rtx-ada")
+    assert verify(tgz)["hashes"] == "ok"
+
+
+def test_verify_catches_altered_and_missing_files(dist, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(dist / "rtx-ada", b)
+    g = b / "level-2of4" / "model.onnx"
+    g.write_bytes(g.read_bytes()[:-10])
+    r = cli("verify", b)
+    assert r.exit_code == 3 and "level-2of4/model.onnx does not match" in r.output.replace("\n", "")
+    (b / "build_engines.sh").unlink()
+    with pytest.raises(UserError, match="build_engines.sh is missing"):
+        verify(b)
+
+
+def _tar_with(tmp_path, name, member: tarfile.TarInfo, data: bytes = b"x"):
+    p = tmp_path / name
+    with tarfile.open(p, "w:gz") as t:
+        info = tarfile.TarInfo("b/manifest.json")
+        info.size = 2
+        t.addfile(info, io.BytesIO(b"{}"))
+        t.addfile(member, io.BytesIO(data) if member.isfile() else None)
+    return p
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "hardlink"])
+def test_unsafe_tarballs_are_refused(tmp_path, kind):
+    if kind == "dotdot":
+        m = tarfile.TarInfo("b/../../evil.txt")
+        m.size = 1
+    elif kind == "absolute":
+        m = tarfile.TarInfo("/tmp/evil.txt")
+        m.size = 1
+    elif kind == "symlink":
+        m = tarfile.TarInfo("b/link")
+        m.type, m.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    else:
+        m = tarfile.TarInfo("b/hard")
+        m.type, m.linkname = tarfile.LNKTYPE, "../../etc/passwd"
+    tgz = _tar_with(tmp_path, f"{kind}.tar.gz", m)
+    r = cli("verify", tgz)
+    assert r.exit_code == 1, r.output
+    assert "unsafe tar" in r.output
+    assert not (tmp_path.parent / "evil.txt").exists()
+
+
+def test_run_generates_from_a_bundle(dist):
+    bundle = dist / "rtx-ada"
+    r = cli("run", bundle, "--level", "2:4", "--prompt", "w1 w2 w3", "--max-new-tokens", 6)
+    assert r.exit_code == 0, r.output
+    assert "tokens/s" in r.output and "onnxruntime" in r.output
+    out = generate(bundle, parse_level("2:4"), "w1 w2 w3", 6)
+    dec = OrtDecoder(bundle / "level-2of4" / "model.onnx")
+    assert Bundle.open(bundle).levels == parse_levels("0.5,2:4")
+    from transformers import AutoTokenizer
+
+    prompt = AutoTokenizer.from_pretrained(bundle / "level-2of4")("w1 w2 w3")["input_ids"]
+    want = greedy(dec.step, dec.empty_past(1), prompt, 6, stop=2)
+    assert out["tokens"] == want
+    r = cli("run", bundle, "--level", "0.7", "--prompt", "w1")
+    assert r.exit_code == 1 and "not in bundle" in r.output
+    assert np.isfinite(out["load_s"])
+
+
+def test_build_from_a_model_optimizes_once(tiny_dirs, tmp_path):
+    r = cli("build", tiny_dirs["llama"], "--target", "rtx-ampere", "--out", tmp_path, "--levels", "0.5,2:4",
+            "--preset", "quick", "--quiet")
+    assert r.exit_code == 0, r.output
+    arts = [p for p in (tmp_path / ".stages").iterdir() if p.name.startswith("artifact-")]
+    assert len(arts) == 1 and (tmp_path / "rtx-ampere" / "manifest.json").is_file()
+    r = cli("build", tiny_dirs["llama"], "--target", "hopper", "--out", tmp_path, "--levels", "0.5,2:4", "--preset", "quick")
+    assert r.exit_code == 0, r.output
+    assert "reusing artifact" in r.output  # a second target reuses the optimized artifact
+    assert json.loads((tmp_path / "hopper" / "manifest.json").read_text())["target"]["compute_capability"] == "9.0"
