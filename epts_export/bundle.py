@@ -167,9 +167,10 @@ def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
         raise UserError("parity failed: " + "; ".join(report["failures"][:5]) + f" (report: {report_path})", EXIT_PARITY)
 
     # 5. engines: here when TensorRT and a matching GPU are present and the target allows it
-    ok, why = tensorrt_status()
-    if ok and target.build_on_device:
-        ok, why = False, f"{target.name} engines are built on the device itself (no cross-building for Jetson)"
+    if target.build_on_device:
+        ok, why = False, f"{target.name} engines are built on the device itself (there is no cross-building for Jetson)"
+    else:
+        ok, why = tensorrt_status()
     if not ok and spec.require_engines:
         raise UserError(f"engines were not built: {why} (--require-engines)", EXIT_NO_ENGINES)
 

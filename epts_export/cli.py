@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import UserError
@@ -35,7 +36,7 @@ def _boundary(fn):
         except UserError as e:
             if os.environ.get("EPTS_DEBUG"):
                 raise
-            console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
 
     return wrapper
@@ -241,7 +242,7 @@ def validate(
             console.print(f"wrote {path}")
     if not rep["passed"]:
         for f in rep["failures"]:
-            console.print(f"[red]FAIL[/] {f}", highlight=False, soft_wrap=True)
+            console.print(f"[red]FAIL[/] {escape(f)}", highlight=False, soft_wrap=True)
         console.print(f"[red]error:[/] parity failed: {len(rep['failures'])} check(s) failed", highlight=False)
         raise typer.Exit(3)
     console.print(f"parity passed for {len(rep['levels'])} level(s)")
@@ -290,7 +291,7 @@ def build(
                   "built" if r.get("engine") else "on device")
     console.print(t)
     if not m["engines"]["built"]:
-        console.print(f"[yellow]engines not built here:[/] {m['engines']['reason']}. "
+        console.print(f"[yellow]engines not built here:[/] {escape(m['engines']['reason'])}. "
                       f"On the device: bash {path}/build_engines.sh (or python build_engines.py)", highlight=False, soft_wrap=True)
     console.print(f"wrote {path}")
 
@@ -303,7 +304,7 @@ def verify(bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz."))
 
     report = run(bundle)
     console.print(f"bundle {report['bundle']} for {report['target']}: {report['files']} files, hashes ok")
-    console.print(f"engines: {report['engines']}", highlight=False)
+    console.print(f"engines: {escape(report['engines'])}", highlight=False)
 
 
 @app.command("run")
