@@ -51,6 +51,9 @@ class BuildSpec:
     preset: str = "default"  # optimize preset when starting from a model
     require_engines: bool = False
     overwrite: bool = False
+    eval_data: str | None = None  # text for a perplexity per level in the manifest (eval's sources)
+    eval_seqlen: int = 512
+    eval_windows: int | None = 32
 
 
 def _fingerprint(obj) -> str:
@@ -166,6 +169,22 @@ def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
     if not report["passed"]:
         raise UserError("parity failed: " + "; ".join(report["failures"][:5]) + f" (report: {report_path})", EXIT_PARITY)
 
+    # 4b. perplexity per level, when the user gives text (cached with the export)
+    ppl = {}
+    if spec.eval_data:
+        from .evaluate import evaluate
+
+        ppl_path = stages / f"ppl-{_fingerprint({'export': export_key, 'data': spec.eval_data, 'seqlen': spec.eval_seqlen, 'windows': spec.eval_windows})}.json"
+        if ppl_path.is_file():
+            ev = json.loads(ppl_path.read_text())
+            progress_note(progress, "reusing the perplexity of those levels")
+        else:
+            ev = evaluate(art.path, spec.eval_data, spec.eval_seqlen, levels, progress, spec.eval_windows)
+            write_json(ppl_path, ev)
+        ppl = {r["level"]: {"value": round(r["ppl"], 4), "data": ev["data"]["source"], "data_sha256": ev["data"]["sha256"],
+                            "seqlen": ev["seqlen"], "windows": ev["data"]["windows"], "dense": ev["results"][0]["ppl"]}
+               for r in ev["results"][1:]}
+
     # 5. engines: here when TensorRT and a matching GPU are present and the target allows it
     if target.build_on_device:
         ok, why = False, f"{target.name} engines are built on the device itself (there is no cross-building for Jetson)"
@@ -185,7 +204,7 @@ def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
             level_records.append({
                 "name": lv.name, "dir": rel, "pattern": rec["pattern"], "sparsity": lv.sparsity,
                 "measured_sparsity": rec.get("measured_sparsity"), "sparse_weights": lv.is_nm,
-                "perplexity": None,
+                "perplexity": ppl.get(lv.name),  # None unless build got --eval-data
                 "parity": {"passed": entry["passed"], "checks": {k: bool(v.get("passed")) for k, v in entry["checks"].items()}},
             })
         write_report(report, tmp / "parity.json")

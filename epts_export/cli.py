@@ -274,6 +274,7 @@ def build(
     levels: Optional[str] = typer.Option(None, help="Levels to ship (default: the target's default levels)."),
     preset: str = typer.Option("default", help="optimize preset when SOURCE is a model."),
     require_engines: bool = typer.Option(False, help="Exit 2 unless TensorRT engines were built here."),
+    eval_data: Optional[str] = typer.Option(None, help="Text (file, folder, hf:NAME) for a perplexity per level in the manifest."),
     overwrite: bool = typer.Option(False, help="Replace an existing bundle."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
@@ -281,13 +282,14 @@ def build(
     from .bundle import BuildSpec, build as run
 
     path = run(BuildSpec(source=source, target=target, out=out, levels=_levels(levels) if levels else None, preset=preset,
-                         require_engines=require_engines, overwrite=overwrite), Progress(enabled=not quiet))
+                         require_engines=require_engines, overwrite=overwrite, eval_data=eval_data), Progress(enabled=not quiet))
     m = json.loads((path / "manifest.json").read_text())
     t = Table(title=f"bundle {path} for {m['target']['name']} ({m['target']['description']})")
-    for col in ("level", "pattern", "sparse weights", "parity", "engine"):
+    for col in ("level", "pattern", "sparse weights", "ppl", "parity", "engine"):
         t.add_column(col)
     for r in m["levels"]:
-        t.add_row(r["name"], r["pattern"], "yes" if r["sparse_weights"] else "no", "pass" if r["parity"]["passed"] else "FAIL",
+        t.add_row(r["name"], r["pattern"], "yes" if r["sparse_weights"] else "no",
+                  f"{r['perplexity']['value']:.2f}" if r.get("perplexity") else "-", "pass" if r["parity"]["passed"] else "FAIL",
                   "built" if r.get("engine") else "on device")
     console.print(t)
     if not m["engines"]["built"]:

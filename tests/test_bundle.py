@@ -181,3 +181,40 @@ def test_build_from_a_model_optimizes_once(tiny_dirs, tmp_path):
     assert r.exit_code == 0, r.output
     assert "reusing artifact" in r.output  # a second target reuses the optimized artifact
     assert json.loads((tmp_path / "hopper" / "manifest.json").read_text())["target"]["compute_capability"] == "9.0"
+
+
+def test_build_records_perplexity_when_given_text(art, eval_file, tmp_path):
+    r = cli("build", art, "--target", "rtx-ada", "--out", tmp_path, "--levels", "0.5,2:4", "--eval-data", eval_file, "--quiet")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "rtx-ada" / "manifest.json").read_text())
+    p = {r["name"]: r["perplexity"] for r in m["levels"]}
+    assert all(v and v["value"] > 1 and v["seqlen"] == 512 for v in p.values())
+    assert p["0.5"]["dense"] < p["0.5"]["value"] * 10
+
+
+def test_verify_refuses_engines_for_another_device(dist, tmp_path, monkeypatch):
+    """An engine is tied to its TensorRT version and GPU: verify exits 4 on a mismatch."""
+    import sys
+    import types
+
+    import torch
+
+    import epts_export.trt_engine as trt_engine
+
+    b = tmp_path / "b"
+    shutil.copytree(dist / "rtx-ada", b)
+    m = json.loads((b / "manifest.json").read_text())
+    m["levels"][1]["engine"] = {"engine": "engines/level-2of4.engine", "tensorrt": "10.3.0.30"}
+    (b / "manifest.json").write_text(json.dumps(m))
+    monkeypatch.setattr(trt_engine, "tensorrt_status", lambda: (True, "fake"))
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.13.0.35"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 9))
+    r = cli("verify", b)
+    assert r.exit_code == 4 and "built with TensorRT 10.3.0.30" in " ".join(r.output.split())
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0.30"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 7))
+    r = cli("verify", b)
+    assert r.exit_code == 4 and "compute capability 8.9" in " ".join(r.output.split())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 9))
+    r = cli("verify", b)
+    assert r.exit_code == 0 and "match TensorRT 10.3.0.30" in " ".join(r.output.split())
