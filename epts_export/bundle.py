@@ -215,6 +215,13 @@ def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
         engines = {}
         if ok:
             engines = _build_engines_here(engine_specs, progress)
+            trt_report = _trt_parity(art, exp, engine_specs, target, progress)
+            write_report(trt_report, tmp / "parity-tensorrt.json")
+            for rec in level_records:
+                e = next(x for x in trt_report["levels"] if x["level"] == rec["name"])
+                rec["parity"]["tensorrt"] = {"passed": e["passed"], "checks": {k: bool(v.get("passed")) for k, v in e["checks"].items()}}
+            if not trt_report["passed"]:
+                raise UserError("TensorRT parity failed: " + "; ".join(trt_report["failures"][:5]), EXIT_PARITY)
         by_level = {es.level: es for es in engine_specs}
         for rec in level_records:
             if rec["name"] in engines:  # paths relative to the bundle (tmp is renamed when complete)
@@ -309,6 +316,33 @@ def _engine_specs(bundle: Path, target, levels: list[Level], config) -> list:
             tactic_dram_mb=target.tactic_dram_mb, timing_cache=bundle / "engines" / f"{target.name}.timing.cache",
             layer_info=bundle / "engines" / f"{d}.layers.json"))
     return specs
+
+
+def _trt_parity(art, exp, specs, target, progress: Progress) -> dict:
+    """Each engine against the float32 PyTorch reference with the export dtype's tolerances:
+    the same checks and report as `validate` (ORT's CPU provider cannot compute in fp16, so
+    TensorRT and ORT are each compared with the same float32 reference)."""
+    from .materialize import ElasticModel
+    from .onnx_runtime import TorchDecoder
+    from .parity import PROMPT, TOLERANCES, _why, compare
+    from .trt_runtime import TrtDecoder
+
+    em = ElasticModel(art)
+    prompt = em.tokenizer(PROMPT)["input_ids"]
+    names = exp.manifest["io"]["outputs"]
+    levels, failures = [], []
+    with progress.count("TensorRT parity", len(specs)) as advance:
+        for s in specs:
+            lv = parse_level(s.level)
+            model = em.at(lv)
+            checks = compare(TorchDecoder(model), TrtDecoder(s.engine), target.precision, model.config.vocab_size, prompt,
+                             names, max_batch=min(3, target.max_batch))
+            ok = all(c.get("passed") for c in checks.values())
+            failures += [f"level {lv.name} / tensorrt {n}: {_why(c)}" for n, c in checks.items() if not c.get("passed")]
+            levels.append({"level": lv.name, "engine": s.engine.name, "passed": ok, "checks": checks})
+            advance()
+    return {"runtime": "tensorrt", "dtype": target.precision, "passed": not failures, "levels": levels,
+            "tolerances": {k: v.to_dict() for k, v in TOLERANCES[target.precision].items()}, "failures": failures}
 
 
 def _build_engines_here(specs, progress: Progress) -> dict:

@@ -317,8 +317,9 @@ def run_cmd(
     prompt: str = typer.Option(..., help="Prompt text."),
     max_new_tokens: int = typer.Option(64, help="Tokens to generate (greedy)."),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads."),
+    runtime: str = typer.Option("auto", help="auto (the level's TensorRT engine when it can run here, else ONNX Runtime), trt or ort."),
 ):
-    """Generate text from a bundle at one level, streaming tokens (ONNX Runtime, KV cache)."""
+    """Generate text from a bundle at one level, streaming tokens (KV cache)."""
     from .deploy import generate
 
     if max_new_tokens < 1:
@@ -326,7 +327,7 @@ def run_cmd(
     out = Console(highlight=False)
     out.print(prompt, end="")
     r = generate(bundle, _levels(level)[0], prompt, max_new_tokens, on_text=lambda s: out.print(s, end="", soft_wrap=True),
-                 threads=threads)
+                 threads=threads, runtime=runtime)
     out.print()
     console.print(f"level {r['level']} on {r['runtime']}: {len(r['tokens'])} tokens, load {r['load_s']:.2f} s, "
                   f"prefill {r['prefill_s']:.3f} s, {r['decode_tok_s']} tokens/s", highlight=False)

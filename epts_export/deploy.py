@@ -135,18 +135,39 @@ def verify(path: str | Path) -> dict:
 
 
 def generate(path: str | Path, level: Level, prompt: str, max_new_tokens: int = 64,
-             on_text: Callable[[str], None] | None = None, threads: int | None = None) -> dict:
-    """Greedy generation from a bundle's level on ONNX Runtime with the KV cache, streaming
-    decoded text to ``on_text``. Returns tokens, text and timings (load, prefill, tokens/s)."""
+             on_text: Callable[[str], None] | None = None, threads: int | None = None, runtime: str = "auto") -> dict:
+    """Greedy generation from a bundle's level with the KV cache, streaming decoded text to
+    ``on_text``. ``runtime``: "trt" (the level's engine; needs TensorRT and a GPU), "ort"
+    (ONNX Runtime on the level's graph), or "auto" (the engine when it can run here, else ORT).
+    Switching level means loading another graph or engine: the load time is reported.
+    Returns tokens, text and timings (load, prefill, tokens/s)."""
     from transformers import AutoTokenizer
 
     from .onnx_runtime import OrtDecoder, greedy
 
+    if runtime not in ("auto", "trt", "ort"):
+        raise UserError(f"unknown --runtime {runtime!r}: auto, trt or ort")
     b = Bundle.open(path)
     rec = b.level_record(level)
     folder = b.path / rec["dir"]
+    use_trt = False
+    if runtime != "ort":
+        from .trt_engine import tensorrt_status
+
+        engine = b.path / rec["engine"]["engine"] if rec.get("engine") else None
+        ok, why = tensorrt_status()
+        if runtime == "trt" and engine is None:
+            raise UserError(f"level {level.name} has no engine in {b.path}: build it with build_engines.sh, or use --runtime ort")
+        if runtime == "trt" and not ok:
+            raise UserError(f"cannot run TensorRT here: {why}")
+        use_trt = engine is not None and ok
     t0 = time.perf_counter()
-    dec = OrtDecoder(folder / "model.onnx", threads=threads)
+    if use_trt:
+        from .trt_runtime import TrtDecoder
+
+        dec = TrtDecoder(engine)
+    else:
+        dec = OrtDecoder(folder / "model.onnx", threads=threads)
     tok = AutoTokenizer.from_pretrained(folder)
     load_s = time.perf_counter() - t0
     ids = tok(prompt)["input_ids"]
@@ -172,4 +193,4 @@ def generate(path: str | Path, level: Level, prompt: str, max_new_tokens: int = 
     return {"level": level.name, "prompt_tokens": len(ids), "tokens": out, "text": shown, "load_s": round(load_s, 3),
             "prefill_s": round(stamps[0] - start, 3) if stamps else None,
             "decode_tok_s": round((len(stamps) - 1) / decode_s, 2) if decode_s > 0 else None,
-            "runtime": "onnxruntime"}
+            "runtime": "tensorrt" if use_trt else "onnxruntime"}

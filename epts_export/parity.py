@@ -113,17 +113,41 @@ def _step_check(name: str, ref_out, got_out, tols, valid_q: np.ndarray, valid_k:
     return {"passed": passed, **top, "worst_output": worst[0], "outputs": outputs}
 
 
-def _cases(vocab: int, rng: np.random.Generator):
-    """(prefill ids, mask), (decode past ids, past mask, step ids). Shapes differ from export's dummy."""
+def _cases(vocab: int, rng: np.random.Generator, prefill_batch: int = 2, decode_batch: int = 3):
+    """(prefill ids, mask), (decode past ids, past mask, step ids). Shapes differ from export's
+    dummy (2 x 4 on 3); the last row of each batch (when there are two or more) is left-padded."""
     hi = max(vocab - 1, 5)
-    ids = rng.integers(4, hi, (2, 11))
-    mask = np.ones((2, 11), np.int64)
-    mask[1, :3] = 0
-    past_ids = rng.integers(4, hi, (3, 9))
-    past_mask = np.ones((3, 9), np.int64)
-    past_mask[2, :2] = 0
-    step_ids = rng.integers(4, hi, (3, 1))
+    ids = rng.integers(4, hi, (prefill_batch, 11))
+    mask = np.ones((prefill_batch, 11), np.int64)
+    if prefill_batch > 1:
+        mask[-1, :3] = 0
+    past_ids = rng.integers(4, hi, (decode_batch, 9))
+    past_mask = np.ones((decode_batch, 9), np.int64)
+    if decode_batch > 1:
+        past_mask[-1, :2] = 0
+    step_ids = rng.integers(4, hi, (decode_batch, 1))
     return (ids, mask), (past_ids, past_mask, step_ids)
+
+
+def compare(ref, got, dtype: str, vocab: int, prompt: list[int], output_names: list[str], max_batch: int = 3) -> dict:
+    """The prefill, decode and generate checks of ``got`` (an ORT or TensorRT decoder) against
+    ``ref`` (the float32 PyTorch reference): {check name: result with "passed"}."""
+    tols = TOLERANCES[dtype]
+    pb, db = min(2, max_batch), min(3, max_batch)
+    (ids, mask), (pids, pmask, sids) = _cases(vocab, np.random.default_rng(0), pb, db)
+    checks = {}
+    pos = positions(mask, 0)
+    c = _step_check("prefill", ref.step(ids, mask, pos, ref.empty_past(pb)), got.step(ids, mask, pos, got.empty_past(pb)),
+                    tols, mask.astype(bool), mask.astype(bool), output_names)
+    checks["prefill"] = {"shape": {"batch": pb, "seq": 11, "past": 0}, **c}
+    _, past = ref.step(pids, pmask, positions(pmask, 0), ref.empty_past(db))
+    dmask = np.concatenate([pmask, np.ones((db, 1), np.int64)], axis=1)
+    dpos = positions(dmask, 9)
+    c = _step_check("decode", ref.step(sids, dmask, dpos, past), got.step(sids, dmask, dpos, past),
+                    tols, np.ones((db, 1), bool), dmask.astype(bool), output_names)
+    checks["decode"] = {"shape": {"batch": db, "seq": 1, "past": 9}, **c}
+    checks["generate"] = _generation(ref, got, prompt, dtype, tols["logits"].atol)
+    return checks
 
 
 def _generation(ref: TorchDecoder, got: OrtDecoder, prompt: list[int], dtype: str, atol: float) -> dict:
@@ -218,19 +242,7 @@ def validate(export_dir: str | Path, levels: list[Level] | None = None, artifact
                         del graph
                     except UserError as e:
                         entry["checks"]["sparsity"] = {"passed": False, "failures": [str(e)]}
-                rng = np.random.default_rng(0)
-                (ids, mask), (pids, pmask, sids) = _cases(model.config.vocab_size, rng)
-                pos = positions(mask, 0)
-                c = _step_check("prefill", ref.step(ids, mask, pos, ref.empty_past(2)), got.step(ids, mask, pos, got.empty_past(2)),
-                                tols, mask.astype(bool), mask.astype(bool), out_names)
-                entry["checks"]["prefill"] = {"shape": {"batch": 2, "seq": 11, "past": 0}, **c}
-                _, past = ref.step(pids, pmask, positions(pmask, 0), ref.empty_past(3))
-                dmask = np.concatenate([pmask, np.ones((3, 1), np.int64)], axis=1)
-                dpos = positions(dmask, 9)
-                c = _step_check("decode", ref.step(sids, dmask, dpos, past), got.step(sids, dmask, dpos, past),
-                                tols, np.ones((3, 1), bool), dmask.astype(bool), out_names)
-                entry["checks"]["decode"] = {"shape": {"batch": 3, "seq": 1, "past": 9}, **c}
-                entry["checks"]["generate"] = _generation(ref, got, prompt, exp.dtype, tols["logits"].atol)
+                entry["checks"].update(compare(ref, got, exp.dtype, model.config.vocab_size, prompt, out_names))
             entry["passed"] = all(c.get("passed") for c in entry["checks"].values())
             for name, c in entry["checks"].items():
                 if not c.get("passed"):

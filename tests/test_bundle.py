@@ -168,6 +168,8 @@ def test_run_generates_from_a_bundle(dist):
     assert out["tokens"] == want
     r = cli("run", bundle, "--level", "0.7", "--prompt", "w1")
     assert r.exit_code == 1 and "not in bundle" in r.output
+    r = cli("run", bundle, "--level", "2:4", "--prompt", "w1", "--runtime", "trt")
+    assert r.exit_code == 1 and "has no engine" in r.output and "--runtime ort" in r.output
     assert np.isfinite(out["load_s"])
 
 
@@ -218,3 +220,44 @@ def test_verify_refuses_engines_for_another_device(dist, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 9))
     r = cli("verify", b)
     assert r.exit_code == 0 and "match TensorRT 10.3.0.30" in " ".join(r.output.split())
+
+
+def test_build_with_engines_runs_tensorrt_parity(art, tmp_path, monkeypatch):
+    """The engine path of build, with TensorRT faked: the 'engine' of a level is ONNX Runtime on
+    its graph. Checks the wiring: engines recorded with bundle-relative paths, TensorRT parity
+    run against the float32 reference and recorded, and a failing engine fails the build (exit 3)."""
+    import epts_export.trt_engine as trt_engine
+    import epts_export.trt_runtime as trt_runtime
+
+    def fake_build(spec, log=print):
+        spec.engine.write_bytes(spec.onnx.read_bytes())  # the "plan" is the graph itself
+        spec.layer_info.write_text("{}")
+        return {"engine": str(spec.engine), "bytes": spec.engine.stat().st_size, "build_s": 0.0, "tensorrt": "10.99.0",
+                "sparse_report": {"eligible": [], "picked": [], "layers": 0, "source": "fake"}}
+
+    monkeypatch.setattr(trt_engine, "tensorrt_status", lambda: (True, "fake TensorRT"))
+    monkeypatch.setattr(trt_engine, "build_engine", fake_build)
+    monkeypatch.setattr(trt_runtime, "TrtDecoder", lambda path, **kw: OrtDecoder(path))
+    r = cli("build", art, "--target", "rtx-ada", "--out", tmp_path, "--levels", "0.5,2:4", "--quiet")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "rtx-ada" / "manifest.json").read_text())
+    assert m["engines"]["built"] is True
+    for rec in m["levels"]:
+        assert rec["engine"]["engine"] == f"engines/level-{rec['name'].replace(':', 'of')}.engine"
+        assert (tmp_path / "rtx-ada" / rec["engine"]["engine"]).is_file()
+        assert rec["parity"]["tensorrt"]["passed"]
+    assert json.loads((tmp_path / "rtx-ada" / "parity-tensorrt.json").read_text())["passed"]
+
+    class Broken:  # an engine whose logits drift
+        def __init__(self, path, **kw):
+            self.d = OrtDecoder(path)
+            self.empty_past = self.d.empty_past
+
+        def step(self, *a):
+            logits, past = self.d.step(*a)
+            return logits + 3.0 * np.sign(logits), past
+
+    monkeypatch.setattr(trt_runtime, "TrtDecoder", Broken)
+    r = cli("build", art, "--target", "rtx-ada", "--out", tmp_path / "b", "--levels", "2:4", "--quiet")
+    assert r.exit_code == 3 and "TensorRT parity failed" in r.output
+    assert not (tmp_path / "b" / "rtx-ada").exists()
