@@ -240,6 +240,9 @@ def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
             "elapsed_s": round(time.time() - t0, 2),
             "files": file_hashes(tmp),
         }
+        for rec in level_records:  # each level's own files (graph, configs, tokenizer, engine), from the global list
+            mine = [rec["dir"] + "/"] + ([rec["engine"]["engine"], rec["engine"]["layer_info"]] if rec.get("engine") else [])
+            rec["files"] = {f: h for f, h in manifest["files"].items() if any(f == m or (m.endswith("/") and f.startswith(m)) for m in mine)}
         write_json(tmp / "manifest.json", manifest)
     return bundle
 

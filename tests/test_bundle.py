@@ -52,6 +52,9 @@ def test_build_writes_a_complete_bundle_for_on_device_engines(dist):
     assert all(r["parity"]["passed"] for r in m["levels"])
     assert m["engines"]["built"] is False and m["engines"]["reason"]
     assert m["memory_estimate"]["fits"]
+    per_level = m["levels"][1]["files"]
+    assert "level-2of4/model.onnx" in per_level and per_level["level-2of4/model.onnx"] == m["files"]["level-2of4/model.onnx"]
+    assert not any(f.startswith("level-0.5/") for f in per_level)
     for f in ("build_engines.sh", "build_engines.py", "engines.json", "parity.json",
               "level-0.5/model.onnx", "level-2of4/model.onnx", "level-2of4/tokenizer.json"):
         assert f in m["files"], f
