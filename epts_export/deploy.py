@@ -87,6 +87,26 @@ class Bundle:
         have = ", ".join(r["name"] for r in self.manifest["levels"])
         raise UserError(f"level {level.name} is not in bundle {self.path} (it has {have})")
 
+    def engine_for(self, level: Level) -> tuple[Path | None, dict]:
+        """(engine path, its build record) for a level: built by `build` (in the manifest, hashed)
+        or on the device by build_engines.py/.sh (engines.json path; record from its .build.json
+        when build_engines.py wrote one). (None, {}) when there is no engine file."""
+        rec = self.level_record(level)
+        if rec.get("engine"):
+            return self.path / rec["engine"]["engine"], {**rec["engine"], "compute_capability":
+                                                         self.manifest["target"]["compute_capability"], "origin": "build"}
+        specs = self.path / "engines.json"
+        if specs.is_file():
+            for e in json.loads(specs.read_text()).get("engines", []):
+                if parse_level(e["level"]) == level and (self.path / e["engine"]).is_file():
+                    engine = self.path / e["engine"]
+                    from .trt_engine import build_record_path
+
+                    rp = build_record_path(engine)
+                    record = json.loads(rp.read_text()) if rp.is_file() else {}
+                    return engine, {**record, "origin": "device"}
+        return None, {}
+
     def integrity_errors(self) -> list[str]:
         errors = []
         for rel, digest in self.manifest.get("files", {}).items():
@@ -110,27 +130,33 @@ def verify(path: str | Path) -> dict:
                         (f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""), EXIT_INTEGRITY)
     report = {"bundle": str(b.path), "files": len(b.manifest.get("files", {})), "hashes": "ok",
               "target": b.manifest["target"]["name"]}
-    built = [r for r in b.manifest["levels"] if r.get("engine")]
-    if not built:
+    engines = {lv.name: b.engine_for(lv) for lv in b.levels}
+    engines = {k: v for k, v in engines.items() if v[0] is not None}
+    if not engines:
         report["engines"] = "none in the bundle: build them on the device with build_engines.sh or build_engines.py"
         return report
     ok, why = tensorrt_status()
     if not ok:
-        report["engines"] = f"present, not checked here: {why}"
+        report["engines"] = f"{len(engines)} present, not checked here: {why}"
         return report
     import tensorrt as trt
     import torch
 
-    want_trt = {r["engine"].get("tensorrt") for r in built}
     cc = "%d.%d" % torch.cuda.get_device_capability()
-    want_cc = b.manifest["target"]["compute_capability"]
-    if trt.__version__ not in want_trt:
-        raise UserError(f"engines in {b.path} were built with TensorRT {', '.join(sorted(want_trt))}, this machine runs "
-                        f"{trt.__version__}: rebuild them here with build_engines.sh", EXIT_DEVICE)
-    if cc != want_cc:
-        raise UserError(f"engines in {b.path} are for compute capability {want_cc}, this GPU is {cc}: "
-                        "rebuild them here with build_engines.sh", EXIT_DEVICE)
-    report["engines"] = f"{len(built)} engine(s) match TensorRT {trt.__version__} on sm_{cc.replace('.', '')}"
+    unknown = []
+    for name, (path, record) in engines.items():
+        if not record.get("tensorrt"):
+            unknown.append(name)  # built by trtexec: no record of its TensorRT
+            continue
+        if record["tensorrt"] != trt.__version__:
+            raise UserError(f"the level {name} engine in {b.path} was built with TensorRT {record['tensorrt']}, this machine "
+                            f"runs {trt.__version__}: rebuild it here with build_engines.sh", EXIT_DEVICE)
+        want_cc = record.get("compute_capability")
+        if want_cc and want_cc != cc:
+            raise UserError(f"the level {name} engine in {b.path} is for compute capability {want_cc}, this GPU is {cc}: "
+                            "rebuild it here with build_engines.sh", EXIT_DEVICE)
+    report["engines"] = f"{len(engines) - len(unknown)} engine(s) match TensorRT {trt.__version__} on sm_{cc.replace('.', '')}" + \
+        (f"; {', '.join(unknown)} built by trtexec without a record (run build_engines.py to record them)" if unknown else "")
     return report
 
 
@@ -154,7 +180,7 @@ def generate(path: str | Path, level: Level, prompt: str, max_new_tokens: int = 
     if runtime != "ort":
         from .trt_engine import tensorrt_status
 
-        engine = b.path / rec["engine"]["engine"] if rec.get("engine") else None
+        engine, _ = b.engine_for(level)
         ok, why = tensorrt_status()
         if runtime == "trt" and engine is None:
             raise UserError(f"level {level.name} has no engine in {b.path}: build it with build_engines.sh, or use --runtime ort")

@@ -802,6 +802,20 @@ def _print_report(level: str, result: dict, out) -> None:
         print(f"    sparse kernel: {name}", file=out)
 
 
+def build_record_path(engine: Path) -> Path:
+    """engines/level-2of4.engine -> engines/level-2of4.build.json (written after an on-device build)."""
+    return Path(engine).with_suffix(".build.json")
+
+
+def _compute_capability() -> str | None:
+    try:
+        import torch
+
+        return "%d.%d" % torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    except ImportError:  # build_engines.py runs with TensorRT's bindings only
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m epts_export.trt_engine",
                                  description="Build and inspect TensorRT engines of an epts-export bundle.")
@@ -838,6 +852,9 @@ def main(argv: list[str] | None = None) -> int:
         for s in specs:
             result = build_engine(s)
             _print_report(s.level, result, sys.stdout)
+            # what verify and run check on the device: the TensorRT and GPU this engine is for
+            record = {**result, "engine": Path(s.engine).name, "compute_capability": _compute_capability()}
+            _atomic_write(build_record_path(s.engine), (json.dumps(record, indent=2) + "\n").encode())
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

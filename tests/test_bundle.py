@@ -264,3 +264,34 @@ def test_build_with_engines_runs_tensorrt_parity(art, tmp_path, monkeypatch):
     r = cli("build", art, "--target", "rtx-ada", "--out", tmp_path / "b", "--levels", "2:4", "--quiet")
     assert r.exit_code == 3 and "TensorRT parity failed" in r.output
     assert not (tmp_path / "b" / "rtx-ada").exists()
+
+
+def test_engines_built_on_the_device_are_found_by_verify_and_run(dist, tmp_path, monkeypatch):
+    """build_engines.py writes engines/<level>.engine and a .build.json beside it; verify checks
+    them against this machine and run picks them up (TensorRT faked: the 'engine' runs on ORT)."""
+    import sys
+    import types
+
+    import torch
+
+    import epts_export.trt_engine as trt_engine
+    import epts_export.trt_runtime as trt_runtime
+
+    b = tmp_path / "jetson"
+    shutil.copytree(dist / "rtx-ada", b)
+    (b / "engines").mkdir()
+    shutil.copy(b / "level-2of4" / "model.onnx", b / "engines" / "level-2of4.engine")
+    (b / "engines" / "level-2of4.build.json").write_text(json.dumps({"tensorrt": "10.3.0.30", "compute_capability": "8.7"}))
+    monkeypatch.setattr(trt_engine, "tensorrt_status", lambda: (True, "fake"))
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0.30"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 7))
+    monkeypatch.setattr(trt_runtime, "TrtDecoder", lambda path, **kw: OrtDecoder(path))
+    r = cli("verify", b)
+    assert r.exit_code == 0 and "1 engine(s) match TensorRT 10.3.0.30 on sm_87" in " ".join(r.output.split())
+    r = cli("run", b, "--level", "2:4", "--prompt", "w1 w2", "--max-new-tokens", 3)
+    assert r.exit_code == 0 and "on tensorrt" in r.output
+    r = cli("run", b, "--level", "0.5", "--prompt", "w1 w2", "--max-new-tokens", 3)  # no engine for 0.5: ORT
+    assert r.exit_code == 0 and "on onnxruntime" in r.output
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    r = cli("verify", b)
+    assert r.exit_code == 4 and "compute capability 8.7" in " ".join(r.output.split())
