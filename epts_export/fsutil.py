@@ -66,6 +66,8 @@ def staged_dir(final: Path, overwrite: bool = False, keep_on_error: bool = False
     if final.exists() and not overwrite:
         raise UserError(f"output {final} already exists: choose another --out or pass --overwrite")
     tmp = partial_path(final)
+    if tmp.exists() and not keep_on_error:  # left by a killed run; only resumable work reuses it
+        shutil.rmtree(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         yield tmp

@@ -355,6 +355,14 @@ def test_validate_reports_a_truncated_graph(exports, tmp_path):
     assert "level-2of4/model.onnx does not match its sha256" in text and "cannot load" in text
 
 
+def test_export_replaces_a_partial_left_by_a_killed_run(arts, tmp_path):
+    stale = tmp_path / "e.partial" / "level-2of4"
+    stale.mkdir(parents=True)
+    (stale / "model.onnx").write_bytes(b"half a graph")
+    out = export(ExportSpec(artifact=arts["llama"], out=tmp_path / "e", levels=parse_levels("2:4")))
+    assert validate(out)["passed"] and not (tmp_path / "e.partial").exists()
+
+
 def test_external_data_above_the_limit(arts, tmp_path):
     out = export(ExportSpec(artifact=arts["opt"], out=tmp_path / "ext", levels=parse_levels("2:4"), external_data="always"))
     folder = out / level_dirname(parse_level("2:4"))
