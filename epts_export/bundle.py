@@ -285,7 +285,12 @@ def _optimize_stage(spec: BuildSpec, levels: list[Level], stages: Path, progress
     from .optimize import OptimizeSpec, optimize
     from .presets import load_preset
 
+    from .levels import DEFAULT_LEVELS, parse_levels
+
     p = load_preset(spec.preset)
+    # train optimize's default range plus whatever this build ships, so that one artifact serves
+    # every target whose levels fall in it (optimize once, ship to many devices)
+    levels = sorted(set(parse_levels(DEFAULT_LEVELS)) | set(levels), key=lambda lv: (lv.is_nm, lv.sparsity, lv.m))
     key = _fingerprint({"model": spec.source, "levels": [lv.name for lv in levels], "preset": p, "version": _version()})
     out = stages / f"artifact-{key}"
     if out.exists():

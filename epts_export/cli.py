@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import UserError
+from .levels import DEFAULT_LEVELS
 from .progress import Progress, console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -61,7 +62,7 @@ def _levels(text: str):
 def optimize(
     model: str = typer.Argument(DEFAULT_MODEL, help="HF folder, hub id, .gguf file, or the built-in 'smollm2-135m'."),
     out: Path = typer.Option(..., "--out", "-o", help="Artifact folder to create."),
-    levels: str = typer.Option("0.3,0.4,0.5,0.6,0.7,2:4", help="Levels: sparsities and N:M patterns, e.g. 0.5,0.7,2:4. "
+    levels: str = typer.Option(DEFAULT_LEVELS, help="Levels: sparsities and N:M patterns, e.g. 0.5,0.7,2:4. "
                                "EPTS serves every sparsity up to the highest one."),
     method: str = typer.Option("epts", help="epts | magnitude | wanda | sparsegpt (the baselines prune one level)."),
     preset: str = typer.Option("default", help="Settings preset from calibration/*.toml (default, quick, paper)."),

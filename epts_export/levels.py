@@ -17,6 +17,7 @@ from .errors import UserError
 LOW_GROUP_TOP = 0.40
 GROUP_WIDTH = 0.05
 MAX_SPARSITY = 0.90  # above this, LLMs collapse; refuse rather than produce garbage
+DEFAULT_LEVELS = "0.3,0.4,0.5,0.6,0.7,2:4"  # what optimize trains by default: the paper's range plus 2:4
 
 
 @dataclass(frozen=True, order=True)

@@ -186,6 +186,11 @@ def test_build_from_a_model_optimizes_once(tiny_dirs, tmp_path):
     assert r.exit_code == 0, r.output
     assert "reusing artifact" in r.output  # a second target reuses the optimized artifact
     assert json.loads((tmp_path / "hopper" / "manifest.json").read_text())["target"]["compute_capability"] == "9.0"
+    r = cli("build", tiny_dirs["llama"], "--target", "jetson-orin-nano", "--out", tmp_path, "--levels", "0.3,0.7",
+            "--preset", "quick")
+    assert r.exit_code == 0, r.output  # other levels, same artifact: optimize's whole range was trained
+    assert "reusing artifact" in r.output
+    assert len([p for p in (tmp_path / ".stages").iterdir() if p.name.startswith("artifact-")]) == 1
 
 
 def test_build_records_perplexity_when_given_text(art, eval_file, tmp_path):
