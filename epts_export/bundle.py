@@ -126,23 +126,27 @@ def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
     levels = spec.levels or [parse_level(s) for s in target.default_levels]
     _check_levels(target, levels)
 
-    # 1. artifact: given, or optimized once per (model, levels, preset) and reused
+    # 1. memory pre-flight before any heavy work (from the model's config and weight headers)
+    from transformers import AutoConfig
+
     src = Path(spec.source)
     if _is_artifact(src):
         art = Artifact.open(src)
+        model_dir = art.model_dir
     elif src.exists() and (src / "manifest.json").is_file():
         raise UserError(f"{src} has a manifest but is not an elastic artifact; pass an artifact folder or a model")
     else:
+        from .models import resolve_model
+
+        art, model_dir = None, resolve_model(spec.source, progress=progress.enabled).path
+    config = AutoConfig.from_pretrained(model_dir)
+    estimate = memory_preflight(config, _param_count(model_dir), target, levels)
+
+    # 2. artifact: given, or optimized once per (model, preset) and reused
+    if art is None:
         art = _optimize_stage(spec, levels, stages, progress)
     for lv in levels:
         art.check_level(lv)
-
-    # 2. memory pre-flight before any heavy work
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(art.model_dir)
-    params = _param_count(art)
-    estimate = memory_preflight(config, params, target, levels)
 
     # 3. ONNX, baked per level, in the target's precision (reused when unchanged)
     export_key = _fingerprint({"artifact": sha256_file(art.path / "manifest.json"), "levels": [lv.name for lv in levels],
@@ -260,12 +264,12 @@ def _version() -> str:
     return __version__
 
 
-def _param_count(art) -> int:
-    """Parameters of the artifact's model, read from its safetensors headers (no weights loaded)."""
+def _param_count(model_dir: Path) -> int:
+    """Parameters of a Hugging Face folder's model, read from its safetensors headers (no weights loaded)."""
     import struct
 
     total = 0
-    for f in sorted(art.model_dir.glob("*.safetensors")):
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
         with open(f, "rb") as fh:
             n = struct.unpack("<Q", fh.read(8))[0]
             header = json.loads(fh.read(n))

@@ -191,6 +191,14 @@ def test_build_from_a_model_optimizes_once(tiny_dirs, tmp_path):
     assert r.exit_code == 0, r.output  # other levels, same artifact: optimize's whole range was trained
     assert "reusing artifact" in r.output
     assert len([p for p in (tmp_path / ".stages").iterdir() if p.name.startswith("artifact-")]) == 1
+    small = tmp_path / "tiny-budget.toml"
+    text = (targets_dir() / "rtx-ada.toml").read_text().replace('name = "rtx-ada"', 'name = "tiny-budget"')
+    text = re.sub(r"(?m)^aliases\s*=.*$", "aliases = []", text)
+    text = re.sub(r"(?m)^memory_budget_gb\s*=.*$", "memory_budget_gb = 0.01", text)
+    small.write_text(re.sub(r"(?m)^workspace_mb\s*=.*$", "workspace_mb = 8", text))
+    r = cli("build", tiny_dirs["opt"], "--target", small, "--out", tmp_path / "m", "--preset", "quick", "--quiet")
+    assert r.exit_code == 1 and "budget is 0.01 GiB" in " ".join(r.output.split())
+    assert not any(p.name.startswith("artifact-") for p in (tmp_path / "m" / ".stages").iterdir())  # refused before optimizing
 
 
 def test_build_records_perplexity_when_given_text(art, eval_file, tmp_path):
