@@ -61,17 +61,7 @@ def latency(dec: OrtDecoder, prefill: int, decode: int, repeats: int) -> dict:
 
 def weight_build_share(graph: Path, level: int, prefill: int, steps: int) -> dict:
     """Profile decode steps of a dynamic graph: time in the weight-building subgraphs vs the rest."""
-    import onnxruntime as ort
-
-    prof_dir = tempfile.mkdtemp(prefix="epts-prof-")
-    opts = ort.SessionOptions()
-    opts.enable_profiling = True
-    opts.profile_file_prefix = os.path.join(prof_dir, "p")
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
-    dec = OrtDecoder.__new__(OrtDecoder)  # reuse step() over this profiled session
-    OrtDecoder.__init__(dec, graph, level=level)
-    dec.session = sess
+    dec = OrtDecoder(graph, level=level, profile_prefix=os.path.join(tempfile.mkdtemp(prefix="epts-prof-"), "p"))
     rng = np.random.default_rng(0)
     ids = rng.integers(10, 1000, (1, prefill))
     mask = np.ones_like(ids)
@@ -80,7 +70,7 @@ def weight_build_share(graph: Path, level: int, prefill: int, steps: int) -> dic
     for i in range(steps):
         m = np.concatenate([m, np.ones((1, 1), np.int64)], axis=1)
         _, past = dec.step(rng.integers(10, 1000, (1, 1)), m, positions(m, prefill + i), past)
-    events = json.loads(Path(sess.end_profiling()).read_text())
+    events = json.loads(Path(dec.session.end_profiling()).read_text())
     build = other = 0
     for e in events:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):

@@ -16,13 +16,12 @@ Opening an artifact checks its schema version and the sha256 of every file.
 
 from __future__ import annotations
 
-import json
 import platform
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .fsutil import verify_hashes
+from .fsutil import read_manifest, verify_hashes
 from .levels import Group, Level, active_groups, parse_level
 
 FORMAT = "epts-elastic"
@@ -55,17 +54,7 @@ class Artifact:
     def open(cls, path: str | Path, verify: bool = True) -> "Artifact":
         """Read and (by default) hash-check an artifact folder; UserError on anything wrong."""
         p = Path(path)
-        mf = p / "manifest.json"
-        if not p.exists():
-            raise UserError(f"artifact not found: {p}")
-        if not mf.is_file():
-            raise UserError(f"{p} is not an epts-export artifact (no manifest.json); create one with `epts-export optimize`")
-        try:
-            manifest = json.loads(mf.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{mf} is not valid JSON ({e.msg}); the artifact is corrupted") from None
-        if manifest.get("format") != FORMAT:
-            raise UserError(f"{p} is not an elastic artifact (format {manifest.get('format')!r})")
+        manifest = read_manifest(p, "artifact", FORMAT, "create one with `epts-export optimize`")
         if manifest.get("schema_version") != SCHEMA_VERSION:
             raise UserError(
                 f"artifact {p} has schema version {manifest.get('schema_version')}, this epts-export reads version "

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from .errors import UserError
-from .fsutil import sha256_file
+from .fsutil import hash_errors, read_manifest
 from .levels import Level, parse_level
 
 EXIT_INTEGRITY = 3
@@ -65,15 +65,7 @@ class Bundle:
         if p.is_file():
             tmp = tempfile.TemporaryDirectory(prefix="epts-bundle-")
             p = safe_extract(p, Path(tmp.name))
-        mf = p / "manifest.json"
-        if not mf.is_file():
-            raise UserError(f"{p} is not a bundle (no manifest.json); create one with `epts-export build`")
-        try:
-            manifest = json.loads(mf.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{mf} is not valid JSON ({e.msg}); the bundle is corrupted", EXIT_INTEGRITY) from None
-        if manifest.get("format") != "epts-bundle":
-            raise UserError(f"{p} is not a bundle (its manifest is format {manifest.get('format')!r})")
+        manifest = read_manifest(p, "bundle", "epts-bundle", "create one with `epts-export build`", EXIT_INTEGRITY)
         return cls(p, manifest, tmp)
 
     @property
@@ -108,14 +100,7 @@ class Bundle:
         return None, {}
 
     def integrity_errors(self) -> list[str]:
-        errors = []
-        for rel, digest in self.manifest.get("files", {}).items():
-            f = self.path / rel
-            if not f.is_file():
-                errors.append(f"file {rel} is missing")
-            elif sha256_file(f) != digest:
-                errors.append(f"file {rel} does not match its sha256 (altered or truncated)")
-        return errors
+        return hash_errors(self.path, self.manifest.get("files", {}))
 
 
 def verify(path: str | Path) -> dict:

@@ -42,14 +42,41 @@ def file_hashes(folder: Path, exclude: tuple[str, ...] = ("manifest.json",)) -> 
     return out
 
 
-def verify_hashes(folder: Path, expected: dict[str, str], what: str) -> None:
-    """UserError naming the first missing or altered file."""
+def hash_errors(folder: Path, expected: dict[str, str]) -> list[str]:
+    """One line per missing or altered file of ``expected`` (relative path -> sha256)."""
+    errors = []
     for rel, digest in expected.items():
         p = folder / rel
         if not p.is_file():
-            raise UserError(f"{what} {folder} is incomplete: file {rel} is missing")
-        if sha256_file(p) != digest:
-            raise UserError(f"{what} {folder} is corrupted: file {rel} does not match its sha256 in manifest.json (altered or truncated)")
+            errors.append(f"file {rel} is missing")
+        elif sha256_file(p) != digest:
+            errors.append(f"file {rel} does not match its sha256 in manifest.json (altered or truncated)")
+    return errors
+
+
+def verify_hashes(folder: Path, expected: dict[str, str], what: str) -> None:
+    """UserError naming the first missing or altered file."""
+    errors = hash_errors(folder, expected)
+    if errors:
+        state = "incomplete" if errors[0].endswith("is missing") else "corrupted"
+        raise UserError(f"{what} {folder} is {state}: {errors[0]}")
+
+
+def read_manifest(folder: Path, what: str, fmt: str, create_hint: str, corrupt_exit: int = 1) -> dict:
+    """The manifest.json of an epts-export folder (artifact, export, bundle), checked for its
+    format; one-line UserErrors for a missing folder, no manifest, bad JSON or another format."""
+    mf = folder / "manifest.json"
+    if not folder.exists():
+        raise UserError(f"{what} not found: {folder}")
+    if not mf.is_file():
+        raise UserError(f"{folder} is not an epts-export {what} (no manifest.json); {create_hint}")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{mf} is not valid JSON ({e.msg}); the {what} is corrupted", corrupt_exit) from None
+    if manifest.get("format") != fmt:
+        raise UserError(f"{folder} is not an epts-export {what} (its manifest is format {manifest.get('format')!r}); {create_hint}")
+    return manifest
 
 
 def partial_path(final: Path) -> Path:

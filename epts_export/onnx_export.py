@@ -42,7 +42,7 @@ from torch import nn
 from .artifact import Artifact, library_versions
 from .errors import UserError
 from .families import Family, family_for, iter_prunable, get_blocks
-from .fsutil import file_hashes, sha256_file, staged_dir, verify_hashes, write_json
+from .fsutil import file_hashes, hash_errors, read_manifest, sha256_file, staged_dir, verify_hashes, write_json
 from .levels import Level, parse_level
 from .models import save_tokenizer
 from .progress import Progress
@@ -423,30 +423,14 @@ class OnnxExport:
         """Read an export folder. ``verify``: 'raise' (UserError on a bad hash), 'collect' (keep
         the failures in ``integrity_errors``, for validate), or 'skip'."""
         p = Path(path)
-        mf = p / MANIFEST
-        if not p.exists():
-            raise UserError(f"export not found: {p}")
-        if not mf.is_file():
-            raise UserError(f"{p} is not an epts-export ONNX export (no {MANIFEST}); create one with `epts-export export`")
-        try:
-            manifest = json.loads(mf.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{mf} is not valid JSON ({e.msg}); the export is corrupted") from None
-        if manifest.get("format") != FORMAT:
-            hint = "; export it first with `epts-export export`" if manifest.get("format") == "epts-elastic" else ""
-            raise UserError(f"{p} is not an ONNX export (its manifest is format {manifest.get('format')!r}){hint}")
+        manifest = read_manifest(p, "ONNX export", FORMAT, "create one with `epts-export export`")
         if manifest.get("schema_version") != SCHEMA_VERSION:
             raise UserError(f"export {p} has schema version {manifest.get('schema_version')}, this epts-export reads {SCHEMA_VERSION}")
         exp = cls(p, manifest)
         if verify == "raise":
             verify_hashes(p, manifest.get("files", {}), "export")
         elif verify == "collect":
-            for rel, digest in manifest.get("files", {}).items():
-                f = p / rel
-                if not f.is_file():
-                    exp.integrity_errors.append(f"file {rel} is missing")
-                elif sha256_file(f) != digest:
-                    exp.integrity_errors.append(f"file {rel} does not match its sha256 in {MANIFEST} (altered or truncated)")
+            exp.integrity_errors = hash_errors(p, manifest.get("files", {}))
         return exp
 
     @property

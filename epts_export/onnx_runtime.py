@@ -20,11 +20,14 @@ class OrtDecoder:
     a dynamic graph (ignored by a baked one)."""
 
     def __init__(self, path: str | Path, level: int | None = None, threads: int | None = None,
-                 providers: Sequence[str] = ("CPUExecutionProvider",)):
+                 providers: Sequence[str] = ("CPUExecutionProvider",), profile_prefix: str | None = None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        if profile_prefix:  # ORT's per-node profile; session.end_profiling() returns its file
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile_prefix
         if threads:
             opts.intra_op_num_threads = threads
         try:

@@ -393,7 +393,7 @@ def test_cli_export_and_bad_input(arts, tmp_path):
         assert r.output.count("error:") == 1
         assert not bad.exists() and not (tmp_path / "bad.partial").exists()
     r = cli("validate", arts["llama"], "--quiet")  # an artifact, not an export
-    assert r.exit_code == 1 and "is not an ONNX export" in r.output and "epts-export export" in r.output
+    assert r.exit_code == 1 and "is not an epts-export ONNX export" in r.output and "epts-export export" in r.output
     r = cli("validate", tmp_path / "nope", "--quiet")
     assert r.exit_code == 1 and "export not found" in r.output
     r = cli("validate", out, "--levels", "0.7", "--quiet")

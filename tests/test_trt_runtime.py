@@ -15,19 +15,12 @@ import pytest
 from epts_export import trt_runtime as tr
 from epts_export.errors import UserError
 from epts_export.onnx_runtime import greedy
+from test_trt_engine import Severity  # the same fake TensorRT severities
 
 VOCAB, HEADS, HEAD_DIM, LAYERS = 32, 2, 4, 2
 # (batch, seq, past) ranges, as trt_engine builds them: prefill first, decode second
 PREFILL = {"batch": (1, 1, 2), "seq": (1, 4, 8), "past": (0, 0, 0)}
 DECODE = {"batch": (1, 1, 2), "seq": (1, 1, 1), "past": (1, 8, 15)}
-
-
-class Severity(enum.IntEnum):
-    INTERNAL_ERROR = 0
-    ERROR = 1
-    WARNING = 2
-    INFO = 3
-    VERBOSE = 4
 
 
 class DataType(enum.Enum):
