@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from epts_export.onnx_export import OnnxExport
-from epts_export.onnx_runtime import OrtDecoder, positions
+from epts_export.onnx.export import OnnxExport
+from epts_export.onnx.runtime import OrtDecoder, positions
 
 
 def folder_bytes(graph: Path) -> int:

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from epts_export.artifact import Artifact
-from epts_export.calibration import CalibSpec
-from epts_export.epts import TrainConfig
-from epts_export.evaluate import load_eval_data, perplexity
-from epts_export.families import measured_sparsity
-from epts_export.levels import active_groups, parse_levels
-from epts_export.materialize import ElasticModel
-from epts_export.optimize import OptimizeSpec, optimize
+from epts_export.artifact.folder import Artifact
+from epts_export.pruning.calibration import CalibSpec
+from epts_export.pruning.epts import TrainConfig
+from epts_export.artifact.evaluate import load_eval_data, perplexity
+from epts_export.models.families import measured_sparsity
+from epts_export.core.levels import active_groups, parse_levels
+from epts_export.artifact.materialize import ElasticModel
+from epts_export.pruning.optimize import OptimizeSpec, optimize
 from epts_export.progress import Progress
 
 from .shakespeare import benchmark_texts

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import UserError
-from .levels import DEFAULT_LEVELS
+from .core.levels import DEFAULT_LEVELS
 from .progress import Progress, console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -53,7 +53,7 @@ def _setup() -> None:
 
 
 def _levels(text: str):
-    from .levels import parse_levels
+    from .core.levels import parse_levels
     return parse_levels(text)
 
 
@@ -80,10 +80,10 @@ def optimize(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
     """Optimize MODEL with EPTS (or a baseline) into an elastic artifact."""
-    from .calibration import CalibSpec
-    from .epts import TrainConfig
-    from .optimize import OptimizeSpec, optimize as run
-    from .presets import load_preset
+    from .pruning.calibration import CalibSpec
+    from .pruning.epts import TrainConfig
+    from .pruning.optimize import OptimizeSpec, optimize as run
+    from .pruning.presets import load_preset
 
     p = load_preset(preset)
     pick = lambda v, k: v if v is not None else p[k]  # noqa: E731 - flag beats preset
@@ -98,7 +98,7 @@ def optimize(
 
 
 def _summary_artifact(path: Path) -> None:
-    from .artifact import Artifact
+    from .artifact.folder import Artifact
 
     art = Artifact.open(path, verify=False)
     m = art.manifest
@@ -129,7 +129,7 @@ def eval_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Perplexity at each level, with the dense model as the reference row."""
-    from .evaluate import evaluate
+    from .artifact.evaluate import evaluate
     from .fsutil import write_json
 
     if seqlen < 2:
@@ -156,7 +156,7 @@ def materialize(
     overwrite: bool = typer.Option(False),
 ):
     """Write one level as a plain Hugging Face model folder."""
-    from .materialize import materialize_to_folder
+    from .artifact.materialize import materialize_to_folder
 
     path = materialize_to_folder(artifact, _levels(level)[0], out, overwrite=overwrite)
     console.print(f"wrote {path}")
@@ -166,7 +166,7 @@ def materialize(
 @_boundary
 def info(artifact: Path = typer.Argument(..., help="Artifact folder.")):
     """Verify an artifact's hashes and summarize it."""
-    from .artifact import Artifact
+    from .artifact.folder import Artifact
 
     Artifact.open(artifact)
     _summary_artifact(artifact)
@@ -187,7 +187,7 @@ def export_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
     """Export an artifact to ONNX with KV cache (optimum's text-generation-with-past interface)."""
-    from .onnx_export import ExportSpec, export
+    from .onnx.export import ExportSpec, export
 
     spec = ExportSpec(artifact=artifact, out=out, mode=mode, levels=_levels(levels) if levels else None, dtype=dtype,
                       opset=opset, overwrite=overwrite, external_data=external_data)
@@ -218,7 +218,7 @@ def validate(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """ONNX Runtime vs PyTorch parity for every level; exit 3 if any check fails."""
-    from .parity import validate as run, write_junit, write_report
+    from .onnx.parity import validate as run, write_junit, write_report
 
     rep = run(export_dir, _levels(levels) if levels else None, artifact, Progress(enabled=not quiet), threads)
     t = Table(title=f"parity {export_dir} ({rep['mode']}, {rep['dtype']})")
@@ -253,7 +253,7 @@ def validate(
 @_boundary
 def targets():
     """List the device profiles (targets/*.toml) and their aliases."""
-    from .targets import all_targets
+    from .deploy.targets import all_targets
 
     t = Table(title="device targets (targets/*.toml); * = built with sparse weights")
     t.add_column("name", no_wrap=True)
@@ -280,7 +280,7 @@ def build(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Whole pipeline for one target: optimize (or reuse), export, validate, engines, bundle."""
-    from .bundle import BuildSpec, build as run
+    from .deploy.pipeline import BuildSpec, build as run
 
     path = run(BuildSpec(source=source, target=target, out=out, levels=_levels(levels) if levels else None, preset=preset,
                          require_engines=require_engines, overwrite=overwrite, eval_data=eval_data), Progress(enabled=not quiet))
@@ -303,7 +303,7 @@ def build(
 @_boundary
 def verify(bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz.")):
     """Check a bundle's hashes, and that its engines match this GPU and TensorRT."""
-    from .deploy import verify as run
+    from .deploy.bundle import verify as run
 
     report = run(bundle)
     console.print(f"bundle {report['bundle']} for {report['target']}: {report['files']} files, hashes ok")
@@ -321,7 +321,7 @@ def run_cmd(
     runtime: str = typer.Option("auto", help="auto (the level's TensorRT engine when it can run here, else ONNX Runtime), trt or ort."),
 ):
     """Generate text from a bundle at one level, streaming tokens (KV cache)."""
-    from .deploy import generate
+    from .deploy.bundle import generate
 
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
@@ -337,7 +337,7 @@ def run_cmd(
 @app.command()
 def version():
     """Print the versions of epts-export and its main libraries."""
-    from .artifact import library_versions
+    from .artifact.folder import library_versions
 
     console.print_json(json.dumps(library_versions()))
 

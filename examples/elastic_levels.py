@@ -9,14 +9,14 @@ The same functions back `epts-export optimize / eval / materialize`.
 import sys
 from pathlib import Path
 
-from epts_export.calibration import CalibSpec
-from epts_export.epts import TrainConfig
-from epts_export.levels import parse_level, parse_levels
-from epts_export.materialize import ElasticModel
-from epts_export.artifact import Artifact
-from epts_export.families import measured_sparsity
-from epts_export.optimize import OptimizeSpec, optimize
-from epts_export.presets import load_preset
+from epts_export.pruning.calibration import CalibSpec
+from epts_export.pruning.epts import TrainConfig
+from epts_export.core.levels import parse_level, parse_levels
+from epts_export.artifact.materialize import ElasticModel
+from epts_export.artifact.folder import Artifact
+from epts_export.models.families import measured_sparsity
+from epts_export.pruning.optimize import OptimizeSpec, optimize
+from epts_export.pruning.presets import load_preset
 from epts_export.progress import Progress
 
 model = next((a for a in sys.argv[1:] if not a.startswith("-")), "smollm2-135m")

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from epts_export.bundle import BuildSpec, build
+from epts_export.deploy.pipeline import BuildSpec, build
 from epts_export.cli import app
-from epts_export.deploy import Bundle, generate, verify
+from epts_export.deploy.bundle import Bundle, generate, verify
 from epts_export.errors import UserError
-from epts_export.levels import parse_level, parse_levels
-from epts_export.onnx_runtime import OrtDecoder, greedy
-from epts_export.optimize import optimize
-from epts_export.targets import targets_dir
+from epts_export.core.levels import parse_level, parse_levels
+from epts_export.onnx.runtime import OrtDecoder, greedy
+from epts_export.pruning.optimize import optimize
+from epts_export.deploy.targets import targets_dir
 from test_pipeline import spec_for
 
 runner = CliRunner()
@@ -217,7 +217,7 @@ def test_verify_refuses_engines_for_another_device(dist, tmp_path, monkeypatch):
 
     import torch
 
-    import epts_export.trt_engine as trt_engine
+    import epts_export.trt.builder as trt_engine
 
     b = tmp_path / "b"
     shutil.copytree(dist / "rtx-ada", b)
@@ -242,8 +242,8 @@ def test_build_with_engines_runs_tensorrt_parity(art, tmp_path, monkeypatch):
     """The engine path of build, with TensorRT faked: the 'engine' of a level is ONNX Runtime on
     its graph. Checks the wiring: engines recorded with bundle-relative paths, TensorRT parity
     run against the float32 reference and recorded, and a failing engine fails the build (exit 3)."""
-    import epts_export.trt_engine as trt_engine
-    import epts_export.trt_runtime as trt_runtime
+    import epts_export.trt.builder as trt_engine
+    import epts_export.trt.runtime as trt_runtime
 
     def fake_build(spec, log=print):
         spec.engine.write_bytes(spec.onnx.read_bytes())  # the "plan" is the graph itself
@@ -287,8 +287,8 @@ def test_engines_built_on_the_device_are_found_by_verify_and_run(dist, tmp_path,
 
     import torch
 
-    import epts_export.trt_engine as trt_engine
-    import epts_export.trt_runtime as trt_runtime
+    import epts_export.trt.builder as trt_engine
+    import epts_export.trt.runtime as trt_runtime
 
     b = tmp_path / "jetson"
     shutil.copytree(dist / "rtx-ada", b)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import build_tokenizer, tiny_llama
-from epts_export.calibration import CalibSpec, build_calibration, window_samples
+from epts_export.pruning.calibration import CalibSpec, build_calibration, window_samples
 from epts_export.errors import UserError
 
 
@@ -48,7 +48,7 @@ def test_self_source_is_seeded_and_cached(monkeypatch):
     spec = CalibSpec("self", nsamples=3, seqlen=12, seed=5)
     a = build_calibration(spec, tok, model, model_key="abc" * 8)
     assert a.samples.shape == (3, 12) and a.record["kind"] == "self"
-    import epts_export.calibration as cal
+    import epts_export.pruning.calibration as cal
 
     monkeypatch.setattr(cal, "self_samples", lambda *a, **k: pytest.fail("should come from the cache"))
     b = build_calibration(spec, tok, model, model_key="abc" * 8)

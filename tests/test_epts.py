@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from conftest import tiny_llama, tiny_opt
-from epts_export.blockloop import block_output, capture_block_inputs
-from epts_export.epts import TrainConfig, _active, _Merger, mix_weights, msfm_mix, optimize_block, stratified_draws
-from epts_export.families import family_for, get_blocks, prunable_linears
-from epts_export.levels import Level, build_groups, parse_level, parse_levels
+from epts_export.pruning.blockloop import block_output, capture_block_inputs
+from epts_export.pruning.epts import TrainConfig, _active, _Merger, mix_weights, msfm_mix, optimize_block, stratified_draws
+from epts_export.models.families import family_for, get_blocks, prunable_linears
+from epts_export.core.levels import Level, build_groups, parse_level, parse_levels
 
 
 def test_stratified_draws_cover_every_stratum_once():

@@ -1,6 +1,6 @@
 import torch
 
-from epts_export.hilora import init_lora, merged_weight
+from epts_export.core.hilora import init_lora, merged_weight
 
 
 def test_merged_weight_keeps_exactly_the_mask_zeros():

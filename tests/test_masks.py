@@ -1,7 +1,7 @@
 import torch
 
-from epts_export.levels import parse_level
-from epts_export.masks import (is_nm_sparse, keep_count, level_mask, magnitude_mask, nm_mask, rank_order,
+from epts_export.core.levels import parse_level
+from epts_export.core.masks import (is_nm_sparse, keep_count, level_mask, magnitude_mask, nm_mask, rank_order,
                                unstructured_mask, wanda_scores)
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from epts_export import models
+from epts_export.models import source as models
 from epts_export.errors import UserError
 from epts_export.fsutil import sha256_file
-from epts_export.models import (BUILTIN_MODELS, SOURCE_FILE, BuiltinModel, ResolvedModel, cache_dir,
+from epts_export.models.source import (BUILTIN_MODELS, SOURCE_FILE, BuiltinModel, ResolvedModel, cache_dir,
                                 load_model, resolve_model)
 
 transformers = pytest.importorskip("transformers")

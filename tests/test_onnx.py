@@ -13,16 +13,16 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from epts_export import onnx_graph
+from epts_export.onnx import graph as onnx_graph
 from epts_export.cli import app
 from epts_export.errors import UserError
 from epts_export.fsutil import sha256_file
-from epts_export.levels import parse_level, parse_levels
-from epts_export.materialize import ElasticModel
-from epts_export.onnx_export import ExportSpec, OnnxExport, export, io_names, level_dirname
-from epts_export.onnx_runtime import OrtDecoder, TorchDecoder, greedy, positions
-from epts_export.optimize import optimize
-from epts_export.parity import validate, write_junit
+from epts_export.core.levels import parse_level, parse_levels
+from epts_export.artifact.materialize import ElasticModel
+from epts_export.onnx.export import ExportSpec, OnnxExport, export, io_names, level_dirname
+from epts_export.onnx.runtime import OrtDecoder, TorchDecoder, greedy, positions
+from epts_export.pruning.optimize import optimize
+from epts_export.onnx.parity import validate, write_junit
 from test_pipeline import spec_for
 
 LEVELS = "0.3,0.5,0.7,2:4"
@@ -292,7 +292,7 @@ def test_validate_passes_and_records_parity(exports, tmp_path):
 
 
 def test_compare_reports_the_tolerance_that_would_pass():
-    from epts_export.parity import Tol, _compare
+    from epts_export.onnx.parity import Tol, _compare
 
     ref = np.array([[[1.0, -2.0, 4.0, 0.0]]])  # (B, S, V)
     got = ref + np.array([[[0.1, 0.0, 0.3, 0.0]]])

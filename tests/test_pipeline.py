@@ -10,16 +10,16 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import BUILDERS
-from epts_export.artifact import ELASTIC_FILE, Artifact
-from epts_export.calibration import CalibSpec
-from epts_export.epts import TrainConfig
+from epts_export.artifact.folder import ELASTIC_FILE, Artifact
+from epts_export.pruning.calibration import CalibSpec
+from epts_export.pruning.epts import TrainConfig
 from epts_export.errors import UserError
-from epts_export.evaluate import evaluate
-from epts_export.families import FAMILIES, family_for, iter_prunable, measured_sparsity
-from epts_export.levels import parse_level, parse_levels
-from epts_export.masks import is_nm_sparse
-from epts_export.materialize import ElasticModel, materialize, materialize_to_folder
-from epts_export.optimize import OptimizeSpec, optimize
+from epts_export.artifact.evaluate import evaluate
+from epts_export.models.families import FAMILIES, family_for, iter_prunable, measured_sparsity
+from epts_export.core.levels import parse_level, parse_levels
+from epts_export.core.masks import is_nm_sparse
+from epts_export.artifact.materialize import ElasticModel, materialize, materialize_to_folder
+from epts_export.pruning.optimize import OptimizeSpec, optimize
 
 LEVELS = "0.3,0.5,0.7,2:4"
 

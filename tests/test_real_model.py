@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 
-from epts_export.artifact import Artifact
-from epts_export.calibration import CalibSpec
-from epts_export.epts import TrainConfig
-from epts_export.evaluate import evaluate
-from epts_export.families import iter_prunable
-from epts_export.levels import parse_level, parse_levels
-from epts_export.masks import is_nm_sparse
-from epts_export.materialize import ElasticModel
-from epts_export.optimize import OptimizeSpec, optimize
+from epts_export.artifact.folder import Artifact
+from epts_export.pruning.calibration import CalibSpec
+from epts_export.pruning.epts import TrainConfig
+from epts_export.artifact.evaluate import evaluate
+from epts_export.models.families import iter_prunable
+from epts_export.core.levels import parse_level, parse_levels
+from epts_export.core.masks import is_nm_sparse
+from epts_export.artifact.materialize import ElasticModel
+from epts_export.pruning.optimize import OptimizeSpec, optimize
 
 pytestmark = pytest.mark.slow
 
@@ -56,8 +56,8 @@ def test_real_model_generates_at_a_level(real_artifact):
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_real_model_exports_and_passes_parity(real_artifact, tmp_path, dtype):
     """Both modes on SmolLM2: validate passes, 2:4 survives along axis 0, dynamic stays within 1.3x."""
-    from epts_export.onnx_export import ExportSpec, export
-    from epts_export.parity import validate
+    from epts_export.onnx.export import ExportSpec, export
+    from epts_export.onnx.parity import validate
 
     levels = parse_levels("0.5,2:4")
     baked = export(ExportSpec(artifact=real_artifact, out=tmp_path / "baked", levels=levels, dtype=dtype))

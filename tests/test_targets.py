@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from epts_export.errors import UserError
-from epts_export.levels import parse_level
-from epts_export.targets import (
+from epts_export.core.levels import parse_level
+from epts_export.deploy.targets import (
     ENV_DIR,
     FIELDS,
     Profile,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from epts_export import trt_engine as te
+from epts_export.trt import builder as te
 from epts_export.errors import UserError
 
 KV = te.KVLayout(layers=2, kv_heads=2, head_dim=16)

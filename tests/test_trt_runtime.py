@@ -12,9 +12,9 @@ import types
 import numpy as np
 import pytest
 
-from epts_export import trt_runtime as tr
+from epts_export.trt import runtime as tr
 from epts_export.errors import UserError
-from epts_export.onnx_runtime import greedy
+from epts_export.onnx.runtime import greedy
 from test_trt_engine import Severity  # the same fake TensorRT severities
 
 VOCAB, HEADS, HEAD_DIM, LAYERS = 32, 2, 4, 2

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .fsutil import sha256_bytes
+from ..errors import UserError
+from ..fsutil import sha256_bytes
 
 # Short names for the datasets the Wanda/SparseGPT papers calibrate and evaluate on.
 DATASET_ALIASES = {
@@ -135,7 +135,7 @@ def _cached_self_samples(model, tokenizer, spec: CalibSpec, model_key: str | Non
         return self_samples(model, tokenizer, spec.nsamples, spec.seqlen, spec.seed)
     from safetensors.torch import load_file, save_file
 
-    from .models import cache_dir
+    from ..models.source import cache_dir
 
     path = cache_dir() / "calib" / f"self-{model_key[:16]}-{spec.nsamples}x{spec.seqlen}-seed{spec.seed}.safetensors"
     if path.is_file():

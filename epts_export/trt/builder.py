@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 try:
-    from .errors import UserError
+    from ..errors import UserError
 except ImportError:  # pragma: no cover - the standalone copy inside a bundle (_trt_engine.py)
     class UserError(Exception):  # type: ignore[no-redef]
         def __init__(self, message: str, exit_code: int = 1):

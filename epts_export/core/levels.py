@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import UserError
+from ..errors import UserError
 
 # Reference grouping (epts-method.md): one wide low group, then 5-point steps.
 LOW_GROUP_TOP = 0.40

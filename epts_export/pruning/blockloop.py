@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .families import Family, get_blocks
+from ..models.families import Family, get_blocks
 
 
 class _StopForward(Exception):

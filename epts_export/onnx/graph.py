@@ -29,9 +29,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import UserError
-from .levels import Level, active_groups, unstructured_group
-from .masks import keep_count, nm_mask
+from ..errors import UserError
+from ..core.levels import Level, active_groups, unstructured_group
+from ..core.masks import keep_count, nm_mask
 
 EXTERNAL_LIMIT = 2 * 1024**3 - 64 * 1024**2
 DATA_FILE = "model.onnx_data"
@@ -127,7 +127,7 @@ def finalize(graph: onnx.ModelProto, weights: dict[str, str], metadata: dict[str
     if missing:  # e.g. deduplicated by value during export: identical weights cannot keep their own names
         raise RuntimeError(f"export lost the names of {len(missing)} prunable weights, first {missing[0]}")
     graph.producer_name = "epts-export"
-    from . import __version__
+    from .. import __version__
 
     graph.producer_version = __version__
     del graph.metadata_props[:]
@@ -260,7 +260,7 @@ class ElasticTables:
     @classmethod
     @torch.no_grad()
     def build(cls, em, levels: list[Level], weights: dict[str, str], fam, dtype: torch.dtype) -> "ElasticTables":
-        from .artifact import tensor_key
+        from ..artifact.folder import tensor_key
 
         art = em.artifact
         groups = art.groups

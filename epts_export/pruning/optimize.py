@@ -19,17 +19,17 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .artifact import ELASTIC_FILE, FORMAT, MODEL_DIR, SCHEMA_VERSION, library_versions, tensor_key
+from ..artifact.folder import ELASTIC_FILE, FORMAT, MODEL_DIR, SCHEMA_VERSION, library_versions, tensor_key
 from .baselines import METHODS, prune_block_calibrated, prune_magnitude
 from .blockloop import capture_block_inputs, to_device
 from .calibration import CalibSpec, build_calibration
 from .epts import TrainConfig, cost_per_block, optimize_block
-from .errors import UserError
-from .families import family_for, get_blocks, iter_prunable, measured_sparsity, prunable_linears
-from .fsutil import file_hashes, partial_path, sha256_bytes, write_json
-from .levels import Level, build_groups
-from .models import save_tokenizer
-from .progress import Progress
+from ..errors import UserError
+from ..models.families import family_for, get_blocks, iter_prunable, measured_sparsity, prunable_linears
+from ..fsutil import file_hashes, partial_path, sha256_bytes, write_json
+from ..core.levels import Level, build_groups
+from ..models.source import save_tokenizer
+from ..progress import Progress
 
 
 @dataclass
@@ -72,7 +72,7 @@ def optimize(spec: OptimizeSpec, progress: Progress | None = None, on_block_done
 
     ``on_block_done(i)`` is called after block i is checkpointed (tests use it to interrupt).
     """
-    from .models import load_model, resolve_model
+    from ..models.source import load_model, resolve_model
 
     _check_spec(spec)
     progress = progress or Progress(enabled=False)

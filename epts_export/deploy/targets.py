@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .levels import parse_level
+from ..errors import UserError
+from ..core.levels import parse_level
 
 ENV_DIR = "EPTS_TARGETS_DIR"
 
@@ -149,7 +149,7 @@ def targets_dir() -> Path:
     Returns the package's bundled copy when one exists (wheel installs), else the repository's
     top-level ``targets/`` folder next to the package (source checkouts and editable installs).
     """
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the epts_export package
     # Packaging: wheels and sdists get targets/ as package data, which pyproject.toml declares
     # like calibration/ -> epts_export.recipes: package-dir "epts_export.target_profiles" =
     # "targets", with package-data ["*.toml", "*.md"]. (The name epts_export.targets is taken by

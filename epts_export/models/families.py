@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass(frozen=True)

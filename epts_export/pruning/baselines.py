@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from .blockloop import block_output
-from .levels import Level
-from .masks import level_mask, magnitude_mask, rank_order, wanda_scores
-from .sparsegpt import HessianAccumulator, sparsegpt_prune
+from ..core.levels import Level
+from ..core.masks import level_mask, magnitude_mask, rank_order, wanda_scores
+from ..core.sparsegpt import HessianAccumulator, sparsegpt_prune
 
 METHODS = ("epts", "magnitude", "wanda", "sparsegpt")
 SPARSEGPT_BLOCKSIZE = 128

@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .artifact import ELASTIC_FILE, Artifact, tensor_key
-from .errors import UserError
-from .fsutil import file_hashes, sha256_file, staged_dir, write_json
-from .families import family_for, iter_prunable
-from .hilora import merged_weight
-from .levels import Level, active_groups, unstructured_group
-from .masks import level_mask
-from .models import save_tokenizer
+from .folder import ELASTIC_FILE, Artifact, tensor_key
+from ..errors import UserError
+from ..fsutil import file_hashes, sha256_file, staged_dir, write_json
+from ..models.families import family_for, iter_prunable
+from ..core.hilora import merged_weight
+from ..core.levels import Level, active_groups, unstructured_group
+from ..core.masks import level_mask
+from ..models.source import save_tokenizer
 
 
 def load_hf_model(path: Path, dtype: torch.dtype = torch.float32):
@@ -96,7 +96,7 @@ def materialize(artifact: Artifact | str | Path, level: Level, dtype: torch.dtyp
 def materialize_to_folder(artifact: str | Path, level: Level, out: str | Path, overwrite: bool = False) -> Path:
     """Write level ``level`` as a Hugging Face folder (``from_pretrained`` loads it as is) with a
     manifest.json naming the source artifact, the level and the sha256 of every file."""
-    from .families import measured_sparsity
+    from ..models.families import measured_sparsity
 
     art = Artifact.open(artifact)
     art.check_level(level)

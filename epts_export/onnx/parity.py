@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .fsutil import write_json
-from .levels import Level
-from .onnx_export import OnnxExport
-from .onnx_runtime import OrtDecoder, TorchDecoder, greedy, positions
-from .progress import Progress
+from ..errors import UserError
+from ..fsutil import write_json
+from ..core.levels import Level
+from .export import OnnxExport
+from .runtime import OrtDecoder, TorchDecoder, greedy, positions
+from ..progress import Progress
 
 PROMPT = "Once upon a time, in a quiet town by the sea,"
 NEW_TOKENS = 32
@@ -196,8 +196,8 @@ def validate(export_dir: str | Path, levels: list[Level] | None = None, artifact
     """Check every level (or ``levels``) of an export; returns the report (module docstring).
     UserError only for bad input (not an export, missing source artifact); a failed check is
     recorded in the report, never raised."""
-    from . import onnx_graph
-    from .materialize import ElasticModel
+    from . import graph as onnx_graph
+    from ..artifact.materialize import ElasticModel
 
     progress = progress or Progress(enabled=False)
     t0 = time.time()

@@ -20,9 +20,9 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .fsutil import read_manifest, verify_hashes
-from .levels import Group, Level, active_groups, parse_level
+from ..errors import UserError
+from ..fsutil import read_manifest, verify_hashes
+from ..core.levels import Group, Level, active_groups, parse_level
 
 FORMAT = "epts-elastic"
 SCHEMA_VERSION = 1
@@ -35,7 +35,7 @@ def library_versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {"epts_export": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "safetensors": safetensors.__version__, "python": platform.python_version()}

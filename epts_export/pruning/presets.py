@@ -6,7 +6,7 @@ from __future__ import annotations
 import tomllib
 from importlib import resources
 
-from .errors import UserError
+from ..errors import UserError
 
 PRESET_KEYS = {"description": str, "calib": str, "nsamples": int, "seqlen": int, "epochs": int, "rank": int, "lr": float}
 

@@ -27,8 +27,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import UserError
-from .trt_engine import ENGINES_JSON, _import_trt, _severity_rank, tensorrt_status
+from ..errors import UserError
+from .builder import ENGINES_JSON, _import_trt, _severity_rank, tensorrt_status
 
 # TensorRT DataType member name -> our dtype name (the buffers speak these names)
 _TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-from .errors import UserError
-from .fsutil import hash_errors, read_manifest
-from .levels import Level, parse_level
+from ..errors import UserError
+from ..fsutil import hash_errors, read_manifest
+from ..core.levels import Level, parse_level
 
 EXIT_INTEGRITY = 3
 EXIT_DEVICE = 4
@@ -92,7 +92,7 @@ class Bundle:
             for e in json.loads(specs.read_text()).get("engines", []):
                 if parse_level(e["level"]) == level and (self.path / e["engine"]).is_file():
                     engine = self.path / e["engine"]
-                    from .trt_engine import build_record_path
+                    from ..trt.builder import build_record_path
 
                     rp = build_record_path(engine)
                     record = json.loads(rp.read_text()) if rp.is_file() else {}
@@ -106,7 +106,7 @@ class Bundle:
 def verify(path: str | Path) -> dict:
     """Check every hash; when the bundle holds engines, check that this machine's TensorRT and
     GPU are the ones they were built for. Returns a report; raises UserError with exit code 3 or 4."""
-    from .trt_engine import tensorrt_status
+    from ..trt.builder import tensorrt_status
 
     b = Bundle.open(path)
     errors = b.integrity_errors()
@@ -154,7 +154,7 @@ def generate(path: str | Path, level: Level, prompt: str, max_new_tokens: int = 
     Returns tokens, text and timings (load, prefill, tokens/s)."""
     from transformers import AutoTokenizer
 
-    from .onnx_runtime import OrtDecoder, greedy
+    from ..onnx.runtime import OrtDecoder, greedy
 
     if runtime not in ("auto", "trt", "ort"):
         raise UserError(f"unknown --runtime {runtime!r}: auto, trt or ort")
@@ -163,7 +163,7 @@ def generate(path: str | Path, level: Level, prompt: str, max_new_tokens: int = 
     folder = b.path / rec["dir"]
     use_trt = False
     if runtime != "ort":
-        from .trt_engine import tensorrt_status
+        from ..trt.builder import tensorrt_status
 
         engine, _ = b.engine_for(level)
         ok, why = tensorrt_status()
@@ -174,7 +174,7 @@ def generate(path: str | Path, level: Level, prompt: str, max_new_tokens: int = 
         use_trt = engine is not None and ok
     t0 = time.perf_counter()
     if use_trt:
-        from .trt_runtime import TrtDecoder
+        from ..trt.runtime import TrtDecoder
 
         dec = TrtDecoder(engine)
     else:

@@ -30,10 +30,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .fsutil import file_hashes, sha256_bytes, sha256_file, staged_dir, write_json
-from .levels import Level, parse_level
-from .progress import Progress
+from ..errors import UserError
+from ..fsutil import file_hashes, sha256_bytes, sha256_file, staged_dir, write_json
+from ..core.levels import Level, parse_level
+from ..progress import Progress
 
 FORMAT = "epts-bundle"
 SCHEMA_VERSION = 1
@@ -73,7 +73,7 @@ def _is_artifact(path: Path) -> bool:
 def memory_preflight(model_config, params: int, target, levels: list[Level]) -> dict:
     """Weights + KV cache at the target's max batch and context + workspace, against its budget.
     Returns the estimate; UserError saying what to change when it does not fit."""
-    from .onnx_export import kv_geometry
+    from ..onnx.export import kv_geometry
 
     geo = kv_geometry(model_config)
     elem = 4 if target.precision == "fp32" else 2
@@ -108,11 +108,11 @@ def _check_levels(target, levels: list[Level]) -> None:
 
 def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
     """Run the pipeline for ``spec.target``; returns the bundle folder."""
-    from .artifact import Artifact
-    from .onnx_export import ExportSpec, OnnxExport, export
-    from .parity import validate, write_report
+    from ..artifact.folder import Artifact
+    from ..onnx.export import ExportSpec, OnnxExport, export
+    from ..onnx.parity import validate, write_report
     from .targets import resolve_target
-    from .trt_engine import tensorrt_status
+    from ..trt.builder import tensorrt_status
 
     progress = progress or Progress(enabled=False)
     t0 = time.time()
@@ -136,7 +136,7 @@ def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
     elif src.exists() and (src / "manifest.json").is_file():
         raise UserError(f"{src} has a manifest but is not an elastic artifact; pass an artifact folder or a model")
     else:
-        from .models import resolve_model
+        from ..models.source import resolve_model
 
         art, model_dir = None, resolve_model(spec.source, progress=progress.enabled).path
     config = AutoConfig.from_pretrained(model_dir)
@@ -176,7 +176,7 @@ def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
     # 4b. perplexity per level, when the user gives text (cached with the export)
     ppl = {}
     if spec.eval_data:
-        from .evaluate import evaluate
+        from ..artifact.evaluate import evaluate
 
         ppl_path = stages / f"ppl-{_fingerprint({'export': export_key, 'data': spec.eval_data, 'seqlen': spec.eval_seqlen, 'windows': spec.eval_windows})}.json"
         if ppl_path.is_file():
@@ -213,7 +213,7 @@ def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
             })
         write_report(report, tmp / "parity.json")
         engine_specs = _engine_specs(tmp, target, levels, config)
-        from .trt_engine import write_build_script
+        from ..trt.builder import write_build_script
 
         write_build_script(engine_specs, tmp)
         engines = {}
@@ -253,13 +253,13 @@ def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
 
 def progress_note(progress: Progress, message: str) -> None:
     if progress.enabled:
-        from .progress import console
+        from ..progress import console
 
         console.print(f"[green]✓[/] {message}")
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -283,13 +283,13 @@ def _param_count(model_dir: Path) -> int:
 
 
 def _optimize_stage(spec: BuildSpec, levels: list[Level], stages: Path, progress: Progress):
-    from .artifact import Artifact
-    from .calibration import CalibSpec
-    from .epts import TrainConfig
-    from .optimize import OptimizeSpec, optimize
-    from .presets import load_preset
+    from ..artifact.folder import Artifact
+    from ..pruning.calibration import CalibSpec
+    from ..pruning.epts import TrainConfig
+    from ..pruning.optimize import OptimizeSpec, optimize
+    from ..pruning.presets import load_preset
 
-    from .levels import DEFAULT_LEVELS, parse_levels
+    from ..core.levels import DEFAULT_LEVELS, parse_levels
 
     p = load_preset(spec.preset)
     # train optimize's default range plus whatever this build ships, so that one artifact serves
@@ -312,8 +312,8 @@ def _optimize_stage(spec: BuildSpec, levels: list[Level], stages: Path, progress
 
 
 def _engine_specs(bundle: Path, target, levels: list[Level], config) -> list:
-    from .onnx_export import kv_geometry, level_dirname
-    from .trt_engine import EngineSpec, KVLayout, ShapeRange
+    from ..onnx.export import kv_geometry, level_dirname
+    from ..trt.builder import EngineSpec, KVLayout, ShapeRange
 
     geo = kv_geometry(config)
     sparse = {parse_level(s) for s in target.sparse_levels}
@@ -334,10 +334,10 @@ def _trt_parity(art, exp, specs, target, progress: Progress) -> dict:
     """Each engine against the float32 PyTorch reference with the export dtype's tolerances:
     the same checks and report as `validate` (ORT's CPU provider cannot compute in fp16, so
     TensorRT and ORT are each compared with the same float32 reference)."""
-    from .materialize import ElasticModel
-    from .onnx_runtime import TorchDecoder
-    from .parity import PROMPT, TOLERANCES, _why, compare
-    from .trt_runtime import TrtDecoder
+    from ..artifact.materialize import ElasticModel
+    from ..onnx.runtime import TorchDecoder
+    from ..onnx.parity import PROMPT, TOLERANCES, _why, compare
+    from ..trt.runtime import TrtDecoder
 
     em = ElasticModel(art)
     prompt = em.tokenizer(PROMPT)["input_ids"]
@@ -358,7 +358,7 @@ def _trt_parity(art, exp, specs, target, progress: Progress) -> dict:
 
 
 def _build_engines_here(specs, progress: Progress) -> dict:
-    from .trt_engine import build_engine
+    from ..trt.builder import build_engine
 
     out = {}
     with progress.count("building TensorRT engines", len(specs)) as advance:

@@ -39,13 +39,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .artifact import Artifact, library_versions
-from .errors import UserError
-from .families import Family, family_for, iter_prunable, get_blocks
-from .fsutil import file_hashes, hash_errors, read_manifest, sha256_file, staged_dir, verify_hashes, write_json
-from .levels import Level, parse_level
-from .models import save_tokenizer
-from .progress import Progress
+from ..artifact.folder import Artifact, library_versions
+from ..errors import UserError
+from ..models.families import Family, family_for, iter_prunable, get_blocks
+from ..fsutil import file_hashes, hash_errors, read_manifest, sha256_file, staged_dir, verify_hashes, write_json
+from ..core.levels import Level, parse_level
+from ..models.source import save_tokenizer
+from ..progress import Progress
 
 FORMAT = "epts-onnx"
 SCHEMA_VERSION = 1
@@ -299,8 +299,8 @@ def _write_hf_side_files(model, tokenizer, folder: Path) -> None:
 
 def export(spec: ExportSpec, progress: Progress | None = None) -> Path:
     """Export ``spec.levels`` of an artifact to ONNX (see the module docstring). Returns the folder."""
-    from . import onnx_graph
-    from .materialize import ElasticModel
+    from . import graph as onnx_graph
+    from ..artifact.materialize import ElasticModel
 
     progress = progress or Progress(enabled=False)
     if spec.mode not in MODES:

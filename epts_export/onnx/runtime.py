@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 # step(input_ids, attention_mask, position_ids, past) -> (logits (B, S, V) float32, presents [2 * layers])
 StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]], tuple[np.ndarray, list[np.ndarray]]]
@@ -62,7 +62,7 @@ class TorchDecoder:
     """The PyTorch reference: the same DecoderWithPast wrapper that export traces, in float32."""
 
     def __init__(self, model: torch.nn.Module):
-        from .onnx_export import DecoderWithPast, kv_geometry
+        from .export import DecoderWithPast, kv_geometry
 
         self.module = DecoderWithPast(model).eval()
         geo = kv_geometry(model.config)

@@ -17,9 +17,9 @@ from torch import nn
 from torch.func import functional_call
 
 from .blockloop import block_output
-from .hilora import init_lora, merged_weight
-from .levels import Group, Level
-from .masks import level_mask, rank_order, wanda_scores
+from ..core.hilora import init_lora, merged_weight
+from ..core.levels import Group, Level
+from ..core.masks import level_mask, rank_order, wanda_scores
 
 LOW_CHECK_SPARSITY = 0.3  # where the low-group check compares with / without group-0 adapters
 

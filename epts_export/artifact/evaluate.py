@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .artifact import Artifact
-from .calibration import read_text_source, tokenize_text
-from .errors import UserError
-from .families import measured_sparsity
-from .fsutil import sha256_bytes
-from .levels import Level
+from .folder import Artifact
+from ..pruning.calibration import read_text_source, tokenize_text
+from ..errors import UserError
+from ..models.families import measured_sparsity
+from ..fsutil import sha256_bytes
+from ..core.levels import Level
 from .materialize import ElasticModel
-from .progress import Progress
+from ..progress import Progress
 
 
 @dataclass
@@ -76,7 +76,7 @@ def evaluate(target: str | Path, data: str, seqlen: int, levels: list[Level] | N
             runs.append(("dense", lambda: _dense_of(art)))
         runs += [(lv.name, (lambda lv=lv: em.at(lv))) for lv in levels]
     else:
-        from .models import load_model, resolve_model
+        from ..models.source import load_model, resolve_model
 
         with progress.status(f"loading model {target}"):
             model, tok = load_model(resolve_model(str(target), progress=progress.enabled))
@@ -94,7 +94,7 @@ def evaluate(target: str | Path, data: str, seqlen: int, levels: list[Level] | N
 
 def _dense_of(art: Artifact):
     """The dense reference for a one-level baseline artifact: its source model, when reachable."""
-    from .models import load_model, resolve_model
+    from ..models.source import load_model, resolve_model
 
     spec = art.manifest["model"].get("spec")
     try:

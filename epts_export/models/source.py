@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .errors import UserError
-from .fsutil import sha256_file
+from ..errors import UserError
+from ..fsutil import sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
