@@ -1,4 +1,13 @@
-"""Files: sha256, JSON, and folders that appear only when complete."""
+"""Files: sha256, one atomic writer, one staged folder, and one manifest reader.
+
+Every artifact of the pipeline (elastic artifact, ONNX export, bundle, converted model) is a
+folder that appears only when complete (``staged_dir``), whose files are written whole or not at
+all (``atomic_path``), with a ``manifest.json`` that names its format and schema version and the
+sha256 of every other file (``read_manifest``, ``hash_errors``).
+
+Standard library only: a copy of this module travels inside bundles with the device-side engine
+builder, which must run where epts-export is not installed.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +16,17 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from .errors import UserError
+
+MANIFEST = "manifest.json"
+PARTIAL_SUFFIX = ".partial"
+PRIVATE_PREFIX = ".tmp-"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -25,14 +41,148 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# --------------------------------------------------------------------------------------------
+# one atomic writer
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; it replaces ``path`` when the block
+    completes and is removed when it raises, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
 def write_json(path: Path, obj) -> None:
-    """Write JSON via a temporary file and a rename, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def file_hashes(folder: Path, exclude: tuple[str, ...] = ("manifest.json",)) -> dict[str, str]:
+# --------------------------------------------------------------------------------------------
+# one staged folder
+
+
+def partial_path(final: Path) -> Path:
+    return final.with_name(final.name + PARTIAL_SUFFIX)
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path, *, overwrite: bool = False, resumable: bool = False, resume: bool = False,
+               private: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``final``; it becomes ``final`` only when the block completes.
+
+    - default: the folder is ``<final>.partial``; one left by a killed run is replaced, and the
+      folder is removed when the block raises. ``final`` existing is a UserError unless
+      ``overwrite``.
+    - ``resumable``: the partial folder holds work worth keeping. It is kept when the block
+      raises, and an existing one is reused with ``resume`` or refused without it.
+    - ``private``: the folder is unique to this process, so concurrent writers of a cache never
+      share one; the first to finish wins, a later finisher discards its copy. ``final`` is left
+      alone if it exists when the block completes.
+    """
+    final = Path(final)
+    if final.exists() and not (overwrite or private):
+        raise UserError(f"output {final} already exists: choose another --out or pass --overwrite")
+    if private:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        holder = Path(tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{final.name}-{os.getpid()}-", dir=final.parent))
+        tmp = holder / final.name
+        tmp.mkdir()
+    else:
+        holder, tmp = None, partial_path(final)
+        if tmp.exists() and resumable and not resume:
+            raise UserError(f"{tmp} holds an interrupted run: pass --resume to continue it, or delete it to start over")
+        if tmp.exists() and not resumable:  # left by a killed run
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        yield tmp
+        if private:
+            with contextlib.suppress(OSError):  # another process published first: keep theirs
+                if not final.exists():
+                    os.replace(tmp, final)
+        else:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except BaseException:
+        if not resumable:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if holder is not None:
+            shutil.rmtree(holder, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# one manifest reader
+
+
+@dataclass(frozen=True)
+class ManifestFormat:
+    """What a folder's manifest.json must say: its ``format`` and ``schema_version``."""
+
+    format: str  # "epts-elastic", "epts-onnx", "epts-bundle", ...
+    schema_version: int
+    what: str  # how errors name the folder: "artifact", "ONNX export", "bundle"
+    create_hint: str  # how to make one: "create one with `epts-export optimize`"
+    upgrade_hint: str = "re-create it with this version or install the epts-export that wrote it"
+
+    def header(self) -> dict:
+        """The first two keys of a manifest of this format."""
+        return {"format": self.format, "schema_version": self.schema_version}
+
+
+def read_manifest(folder: Path, fmt: ManifestFormat, corrupt_exit: int = 1) -> dict:
+    """The manifest.json of ``folder``, checked for its format and schema version. One-line
+    UserErrors for a missing folder, no manifest, bad JSON, another format, or a schema that is
+    newer or older than the one this epts-export reads."""
+    folder = Path(folder)
+    mf = folder / MANIFEST
+    if not folder.exists():
+        raise UserError(f"{fmt.what} not found: {folder}")
+    if not mf.is_file():
+        raise UserError(f"{folder} is not an epts-export {fmt.what} (no {MANIFEST}); {fmt.create_hint}")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{mf} is not valid JSON ({e.msg}); the {fmt.what} is corrupted", corrupt_exit) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt.format:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise UserError(f"{folder} is not an epts-export {fmt.what} (its manifest is format {got!r}); {fmt.create_hint}")
+    version = manifest.get("schema_version")
+    if version != fmt.schema_version:
+        age = ("newer than" if isinstance(version, int) and version > fmt.schema_version else "not")
+        raise UserError(f"{fmt.what} {folder} has schema version {version!r}, {age} the version {fmt.schema_version} "
+                        f"this epts-export reads; {fmt.upgrade_hint}")
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# hashes
+
+
+def file_hashes(folder: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
     """relative posix path -> sha256 for every file below ``folder`` (sorted)."""
     out = {}
     for p in sorted(folder.rglob("*")):
@@ -42,15 +192,33 @@ def file_hashes(folder: Path, exclude: tuple[str, ...] = ("manifest.json",)) -> 
     return out
 
 
-def hash_errors(folder: Path, expected: dict[str, str]) -> list[str]:
-    """One line per missing or altered file of ``expected`` (relative path -> sha256)."""
+@dataclass(frozen=True)
+class HashError:
+    """One file of a manifest that is missing or does not match its sha256."""
+
+    path: str  # relative posix path, as listed in the manifest
+    missing: bool
+
+    def __str__(self) -> str:
+        if self.missing:
+            return f"file {self.path} is missing"
+        return f"file {self.path} does not match its sha256 in {MANIFEST} (altered or truncated)"
+
+    def under(self, folder: str) -> bool:
+        """Whether the file lies in ``folder`` ("" = the top level)."""
+        parent = self.path.rpartition("/")[0]
+        return parent == folder if not folder else self.path.startswith(folder.rstrip("/") + "/")
+
+
+def hash_errors(folder: Path, expected: dict[str, str]) -> list[HashError]:
+    """One HashError per missing or altered file of ``expected`` (relative path -> sha256)."""
     errors = []
     for rel, digest in expected.items():
         p = folder / rel
         if not p.is_file():
-            errors.append(f"file {rel} is missing")
+            errors.append(HashError(rel, missing=True))
         elif sha256_file(p) != digest:
-            errors.append(f"file {rel} does not match its sha256 in manifest.json (altered or truncated)")
+            errors.append(HashError(rel, missing=False))
     return errors
 
 
@@ -58,50 +226,5 @@ def verify_hashes(folder: Path, expected: dict[str, str], what: str) -> None:
     """UserError naming the first missing or altered file."""
     errors = hash_errors(folder, expected)
     if errors:
-        state = "incomplete" if errors[0].endswith("is missing") else "corrupted"
+        state = "incomplete" if errors[0].missing else "corrupted"
         raise UserError(f"{what} {folder} is {state}: {errors[0]}")
-
-
-def read_manifest(folder: Path, what: str, fmt: str, create_hint: str, corrupt_exit: int = 1) -> dict:
-    """The manifest.json of an epts-export folder (artifact, export, bundle), checked for its
-    format; one-line UserErrors for a missing folder, no manifest, bad JSON or another format."""
-    mf = folder / "manifest.json"
-    if not folder.exists():
-        raise UserError(f"{what} not found: {folder}")
-    if not mf.is_file():
-        raise UserError(f"{folder} is not an epts-export {what} (no manifest.json); {create_hint}")
-    try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{mf} is not valid JSON ({e.msg}); the {what} is corrupted", corrupt_exit) from None
-    if manifest.get("format") != fmt:
-        raise UserError(f"{folder} is not an epts-export {what} (its manifest is format {manifest.get('format')!r}); {create_hint}")
-    return manifest
-
-
-def partial_path(final: Path) -> Path:
-    return final.with_name(final.name + ".partial")
-
-
-@contextlib.contextmanager
-def staged_dir(final: Path, overwrite: bool = False, keep_on_error: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; rename it to ``final`` only if the block completes.
-
-    On error the temporary folder is removed, unless ``keep_on_error`` (resumable work keeps it).
-    """
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise UserError(f"output {final} already exists: choose another --out or pass --overwrite")
-    tmp = partial_path(final)
-    if tmp.exists() and not keep_on_error:  # left by a killed run; only resumable work reuses it
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True, exist_ok=True)
-    try:
-        yield tmp
-    except BaseException:
-        if not keep_on_error:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)

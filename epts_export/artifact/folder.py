@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..fsutil import read_manifest, verify_hashes
+from ..fsutil import ManifestFormat, read_manifest, verify_hashes
 from ..core.levels import Group, Level, active_groups, parse_level
 
-FORMAT = "epts-elastic"
-SCHEMA_VERSION = 1
+ARTIFACT = ManifestFormat("epts-elastic", 1, "artifact", "create one with `epts-export optimize`",
+                          "re-run optimize with this version or install the epts-export that wrote it")
 ELASTIC_FILE = "elastic.safetensors"
 MODEL_DIR = "model"
 
@@ -54,12 +54,7 @@ class Artifact:
     def open(cls, path: str | Path, verify: bool = True) -> "Artifact":
         """Read and (by default) hash-check an artifact folder; UserError on anything wrong."""
         p = Path(path)
-        manifest = read_manifest(p, "artifact", FORMAT, "create one with `epts-export optimize`")
-        if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise UserError(
-                f"artifact {p} has schema version {manifest.get('schema_version')}, this epts-export reads version "
-                f"{SCHEMA_VERSION}; re-run optimize with this version or install the epts-export that wrote it"
-            )
+        manifest = read_manifest(p, ARTIFACT)
         if verify:
             verify_hashes(p, manifest.get("files", {}), "artifact")
         return cls(p, manifest)

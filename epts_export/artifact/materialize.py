@@ -15,12 +15,14 @@ from safetensors.torch import load_file
 
 from .folder import ELASTIC_FILE, Artifact, tensor_key
 from ..errors import UserError
-from ..fsutil import file_hashes, sha256_file, staged_dir, write_json
+from ..fsutil import ManifestFormat, file_hashes, sha256_file, staged_dir, write_json
 from ..models.families import family_for, iter_prunable
 from ..core.hilora import merged_weight
 from ..core.levels import Level, active_groups, unstructured_group
 from ..core.masks import level_mask
 from ..models.source import save_tokenizer
+
+MATERIALIZED = ManifestFormat("epts-materialized", 1, "materialized level", "create one with `epts-export materialize`")
 
 
 def load_hf_model(path: Path, dtype: torch.dtype = torch.float32):
@@ -106,7 +108,7 @@ def materialize_to_folder(artifact: str | Path, level: Level, out: str | Path, o
         model.save_pretrained(tmp)
         save_tokenizer(tok, tmp)
         write_json(tmp / "manifest.json", {
-            "format": "epts-materialized", "schema_version": 1, "level": level.name,
+            **MATERIALIZED.header(), "level": level.name,
             "measured_sparsity": round(measured_sparsity(model), 6),
             "source_artifact": {"path": str(art.path), "manifest_sha256": sha256_file(art.path / "manifest.json"), "method": art.method},
             "files": file_hashes(tmp),

@@ -16,10 +16,11 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from ..errors import UserError
-from ..fsutil import hash_errors, read_manifest
+from ..fsutil import HashError, ManifestFormat, hash_errors, read_manifest
 from ..core.levels import Level, parse_level
 
 EXIT_INTEGRITY = 3
+BUNDLE = ManifestFormat("epts-bundle", 1, "bundle", "create one with `epts-export build`")
 EXIT_DEVICE = 4
 
 
@@ -65,7 +66,7 @@ class Bundle:
         if p.is_file():
             tmp = tempfile.TemporaryDirectory(prefix="epts-bundle-")
             p = safe_extract(p, Path(tmp.name))
-        manifest = read_manifest(p, "bundle", "epts-bundle", "create one with `epts-export build`", EXIT_INTEGRITY)
+        manifest = read_manifest(p, BUNDLE, EXIT_INTEGRITY)
         return cls(p, manifest, tmp)
 
     @property
@@ -99,7 +100,7 @@ class Bundle:
                     return engine, {**record, "origin": "device"}
         return None, {}
 
-    def integrity_errors(self) -> list[str]:
+    def integrity_errors(self) -> list[HashError]:
         return hash_errors(self.path, self.manifest.get("files", {}))
 
 
@@ -111,7 +112,7 @@ def verify(path: str | Path) -> dict:
     b = Bundle.open(path)
     errors = b.integrity_errors()
     if errors:
-        raise UserError(f"bundle {b.path} failed verification: " + "; ".join(errors[:5]) +
+        raise UserError(f"bundle {b.path} failed verification: " + "; ".join(map(str, errors[:5])) +
                         (f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""), EXIT_INTEGRITY)
     report = {"bundle": str(b.path), "files": len(b.manifest.get("files", {})), "hashes": "ok",
               "target": b.manifest["target"]["name"]}

@@ -33,10 +33,10 @@ from pathlib import Path
 from ..errors import UserError
 from ..fsutil import file_hashes, sha256_bytes, sha256_file, staged_dir, write_json
 from ..core.levels import Level, parse_level
+from ..artifact.folder import ARTIFACT
 from ..progress import Progress
+from .bundle import BUNDLE
 
-FORMAT = "epts-bundle"
-SCHEMA_VERSION = 1
 STAGES = ".stages"
 EXIT_NO_ENGINES = 2
 EXIT_PARITY = 3
@@ -65,7 +65,7 @@ def _is_artifact(path: Path) -> bool:
     if not mf.is_file():
         return False
     try:
-        return json.loads(mf.read_text()).get("format") == "epts-elastic"
+        return json.loads(mf.read_text()).get("format") == ARTIFACT.format
     except json.JSONDecodeError:
         return False
 
@@ -233,7 +233,7 @@ def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
                 rec["engine"] = {**engines[rec["name"]], "engine": es.engine.relative_to(tmp).as_posix(),
                                  "layer_info": es.layer_info.relative_to(tmp).as_posix()}
         manifest = {
-            "format": FORMAT, "schema_version": SCHEMA_VERSION,
+            **BUNDLE.header(),
             "target": target.to_dict(),
             "levels": level_records,
             "engines": {"built": bool(engines), "reason": None if engines else why,

@@ -42,13 +42,12 @@ from torch import nn
 from ..artifact.folder import Artifact, library_versions
 from ..errors import UserError
 from ..models.families import Family, family_for, iter_prunable, get_blocks
-from ..fsutil import file_hashes, hash_errors, read_manifest, sha256_file, staged_dir, verify_hashes, write_json
+from ..fsutil import HashError, ManifestFormat, file_hashes, hash_errors, read_manifest, sha256_file, staged_dir, verify_hashes, write_json
 from ..core.levels import Level, parse_level
 from ..models.source import save_tokenizer
 from ..progress import Progress
 
-FORMAT = "epts-onnx"
-SCHEMA_VERSION = 1
+EXPORT = ManifestFormat("epts-onnx", 1, "ONNX export", "create one with `epts-export export`")
 MANIFEST = "manifest.json"
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"
@@ -370,7 +369,7 @@ def export(spec: ExportSpec, progress: Progress | None = None) -> Path:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         manifest = {
-            "format": FORMAT, "schema_version": SCHEMA_VERSION, "mode": spec.mode, "dtype": spec.dtype,
+            **EXPORT.header(), "mode": spec.mode, "dtype": spec.dtype,
             "opset": spec.opset, "levels": level_records,
             "source_artifact": {"path": str(art.path.resolve()), "manifest_sha256": sha256_file(art.path / "manifest.json"),
                                 "method": art.method, "model": art.manifest.get("model", {}).get("spec")},
@@ -399,7 +398,7 @@ def _onnx_versions() -> dict[str, str]:
 
 
 def _metadata(art: Artifact, spec: ExportSpec, levels: list[Level]) -> dict[str, str]:
-    meta = {"epts.format": FORMAT, "epts.mode": spec.mode, "epts.dtype": spec.dtype,
+    meta = {"epts.format": EXPORT.format, "epts.mode": spec.mode, "epts.dtype": spec.dtype,
             "epts.source_manifest_sha256": sha256_file(art.path / "manifest.json"),
             "epts.levels": json.dumps([lv.name for lv in levels])}
     if spec.mode == "dynamic":
@@ -416,16 +415,14 @@ def _metadata(art: Artifact, spec: ExportSpec, levels: list[Level]) -> dict[str,
 class OnnxExport:
     path: Path
     manifest: dict
-    integrity_errors: list[str] = field(default_factory=list)
+    integrity_errors: list[HashError] = field(default_factory=list)
 
     @classmethod
     def open(cls, path: str | Path, verify: str = "raise") -> "OnnxExport":
         """Read an export folder. ``verify``: 'raise' (UserError on a bad hash), 'collect' (keep
         the failures in ``integrity_errors``, for validate), or 'skip'."""
         p = Path(path)
-        manifest = read_manifest(p, "ONNX export", FORMAT, "create one with `epts-export export`")
-        if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise UserError(f"export {p} has schema version {manifest.get('schema_version')}, this epts-export reads {SCHEMA_VERSION}")
+        manifest = read_manifest(p, EXPORT)
         exp = cls(p, manifest)
         if verify == "raise":
             verify_hashes(p, manifest.get("files", {}), "export")

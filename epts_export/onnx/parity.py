@@ -223,8 +223,8 @@ def validate(export_dir: str | Path, levels: list[Level] | None = None, artifact
             graph_path = exp.graph_path(lv)
             rel = graph_path.relative_to(exp.path).as_posix()
             entry = {"level": lv.name, "graph": rel, "checks": {}}
-            bad_files = [e for e in exp.integrity_errors if e.split()[1].startswith(rel.rsplit("/", 1)[0] + "/") or
-                         (exp.mode == "dynamic" and "/" not in e.split()[1])]
+            folder = rel.rpartition("/")[0]  # "level-0.5" (baked) or "" (the dynamic graph's top level)
+            bad_files = [str(e) for e in exp.integrity_errors if e.under(folder)]
             entry["checks"]["integrity"] = {"passed": not bad_files, "errors": bad_files}
             model = em.at(lv)
             ref = TorchDecoder(model)
@@ -258,7 +258,7 @@ def validate(export_dir: str | Path, levels: list[Level] | None = None, artifact
     report = {"export": str(exp.path), "mode": exp.mode, "dtype": exp.dtype,
               "source_artifact": str(art.path), "passed": not failures,
               "tolerances": {k: v.to_dict() for k, v in tols.items()},
-              "integrity": {"passed": not exp.integrity_errors, "errors": exp.integrity_errors},
+              "integrity": {"passed": not exp.integrity_errors, "errors": [str(e) for e in exp.integrity_errors]},
               "levels": report_levels, **({"out_of_range": oor} if oor else {}),
               "failures": failures, "elapsed_s": round(time.time() - t0, 2)}
     exp.record_parity({"passed": report["passed"], "failures": failures, "levels": [e["level"] for e in report_levels],

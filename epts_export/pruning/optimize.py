@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..artifact.folder import ELASTIC_FILE, FORMAT, MODEL_DIR, SCHEMA_VERSION, library_versions, tensor_key
+from ..artifact.folder import ARTIFACT, ELASTIC_FILE, MODEL_DIR, library_versions, tensor_key
 from .baselines import METHODS, prune_block_calibrated, prune_magnitude
 from .blockloop import capture_block_inputs, to_device
 from .calibration import CalibSpec, build_calibration
@@ -126,8 +126,7 @@ def optimize(spec: OptimizeSpec, progress: Progress | None = None, on_block_done
                 _merge_block_files(ckpt, tmp / ELASTIC_FILE, len(get_blocks(model, fam)))
             shutil.rmtree(ckpt, ignore_errors=True)
             manifest = {
-                "format": FORMAT,
-                "schema_version": SCHEMA_VERSION,
+                **ARTIFACT.header(),
                 "method": spec.method,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "model": {**resolved.source, "architecture": type(model).__name__, "model_type": model.config.model_type,
@@ -233,4 +232,4 @@ def _merge_block_files(ckpt: Path, dest: Path, nblocks: int) -> None:
         flags.append(bool(part.pop(f"blocks.{i}.low_group_lora").item()))
         tensors.update(part)
     tensors["low_group_lora"] = torch.tensor(flags)
-    save_file(tensors, str(dest), metadata={"format": FORMAT, "schema_version": str(SCHEMA_VERSION)})
+    save_file(tensors, str(dest), metadata={"format": ARTIFACT.format, "schema_version": str(ARTIFACT.schema_version)})
