@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from epts_export.onnx.export import OnnxExport
+from epts_export.onnx.reader import OnnxExport
 from epts_export.onnx.runtime import OrtDecoder, positions
 
 

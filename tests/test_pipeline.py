@@ -201,7 +201,7 @@ def test_unsupported_architecture(tmp_path, text_file):
 
 def test_low_group_flag_drops_group0_adapters_only_in_group0(artifacts):
     em = ElasticModel(Artifact.open(artifacts["llama"]))
-    em.low_flags = [False, True]  # block 0 failed its low-group check, block 1 passed
+    em.elastic.low_flags = [False, True]  # block 0 failed its low-group check, block 1 passed
     model = em.at(parse_level("0.3"))
     for i, n, lin in iter_prunable(model, em.family):
         masked_dense = em.dense[(i, n)] * (lin.weight != 0)

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
+import epts_export.fsutil as fsutil
 from epts_export.trt import builder as te
+from epts_export.trt import scripts as ts
+from epts_export.trt import sparse
 from epts_export.errors import UserError
 
 KV = te.KVLayout(layers=2, kv_heads=2, head_dim=16)
@@ -79,8 +82,8 @@ def _arg(argv, prefix):
 
 
 def test_trtexec_command_sparse_and_dense(tmp_path):
-    sparse = te.trtexec_command(make_spec(tmp_path, "2:4", sparse=True), root=tmp_path)
-    dense = te.trtexec_command(make_spec(tmp_path, "0.5", sparse=False), root=tmp_path)
+    sparse = ts.trtexec_command(make_spec(tmp_path, "2:4", sparse=True), root=tmp_path)
+    dense = ts.trtexec_command(make_spec(tmp_path, "0.5", sparse=False), root=tmp_path)
     assert sparse[0] == "trtexec"
     assert "--sparsity=enable" in sparse and "--sparsity=enable" not in dense
     assert not any("force" in a for a in sparse + dense)
@@ -105,7 +108,7 @@ def test_trtexec_command_sparse_and_dense(tmp_path):
 
 
 def test_trtexec_command_single_profile_has_no_profile_flag(tmp_path):
-    argv = te.trtexec_command(make_spec(tmp_path, profiles=[DECODE]))
+    argv = ts.trtexec_command(make_spec(tmp_path, profiles=[DECODE]))
     assert not any(a.startswith("--profile=") for a in argv)
     assert len(_arg(argv, "--optShapes=")) == 1
     assert _arg(argv, "--onnx=") == [str(tmp_path / "level-2of4" / "model.onnx")]  # absolute without a root
@@ -117,7 +120,7 @@ def test_trtexec_command_single_profile_has_no_profile_flag(tmp_path):
 
 def test_spec_json_roundtrip(tmp_path):
     for spec in (make_spec(tmp_path), make_spec(tmp_path, "0.5", sparse=False, precision="bf16", tactic_dram_mb=None)):
-        d = te.spec_to_dict(spec, tmp_path)
+        d = ts.spec_to_dict(spec, tmp_path)
         assert d["onnx"] == f"level-{spec.level.replace(':', 'of')}/model.onnx"
         assert not any(str(tmp_path) in str(v) for v in d.values())
         back = te.spec_from_dict(json.loads(json.dumps(d)), tmp_path)
@@ -130,8 +133,8 @@ def test_spec_paths_must_stay_inside_the_bundle(tmp_path):
     spec = make_spec(tmp_path / "bundle")
     spec.timing_cache = tmp_path / "outside.cache"
     with pytest.raises(UserError, match="outside the bundle"):
-        te.spec_to_dict(spec, tmp_path / "bundle")
-    d = te.spec_to_dict(make_spec(tmp_path), tmp_path)
+        ts.spec_to_dict(spec, tmp_path / "bundle")
+    d = ts.spec_to_dict(make_spec(tmp_path), tmp_path)
     d["engine"] = "../escape.engine"
     with pytest.raises(UserError, match="inside the bundle"):
         te.spec_from_dict(d, tmp_path)
@@ -149,14 +152,14 @@ def _bundle(tmp_path: Path) -> tuple[Path, list[te.EngineSpec]]:
 
 def test_build_script_is_valid_bash_with_relative_paths(tmp_path):
     root, specs = _bundle(tmp_path)
-    sh, py = te.write_build_script(specs, root)
+    sh, py = ts.write_build_script(specs, root)
     assert sh == root / "build_engines.sh" and py == root / "build_engines.py"
     text = sh.read_text()
     assert subprocess.run(["bash", "-n", str(sh)], capture_output=True).returncode == 0
     assert str(root) not in text and str(tmp_path) not in text
     assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
     assert "built on" in text and "Jetson" in text and "command -v trtexec" in text
-    assert te.JETPACK_TRTEXEC in text
+    assert ts.JETPACK_TRTEXEC in text
     assert text.count("--saveEngine=") == 2 and text.count("--sparsity=enable") == 1
     assert "force" not in text
     assert os.access(sh, os.X_OK) and os.access(py, os.X_OK)
@@ -193,7 +196,7 @@ def _fake_trtexec(tmp_path: Path, help_lines: str) -> Path:
 
 def test_build_script_runs_from_a_moved_bundle(tmp_path):
     root, specs = _bundle(tmp_path)
-    te.write_build_script(specs, root)
+    ts.write_build_script(specs, root)
     moved = tmp_path / "device" / "bundle"
     shutil.move(str(root), str(moved))
     exe = _fake_trtexec(tmp_path, 'echo "  --profile   Build with profiles"; echo "  --stronglyTyped  typed"')
@@ -211,27 +214,63 @@ def test_build_script_runs_from_a_moved_bundle(tmp_path):
 
 def test_build_script_refuses_old_or_missing_trtexec(tmp_path):
     root, specs = _bundle(tmp_path)
-    sh, _ = te.write_build_script(specs, root)
+    sh, _ = ts.write_build_script(specs, root)
     old = _fake_trtexec(tmp_path, 'echo "  --minShapes=spec"')
     res = subprocess.run(["bash", str(sh)], env={**os.environ, "TRTEXEC": str(old)}, capture_output=True, text=True)
     assert res.returncode == 1 and "build_engines.py" in res.stderr
     env = {k: v for k, v in os.environ.items() if k != "TRTEXEC"}
     env["PATH"] = "/usr/bin:/bin"
-    if shutil.which("trtexec", path=env["PATH"]) or os.path.exists(te.JETPACK_TRTEXEC):
+    if shutil.which("trtexec", path=env["PATH"]) or os.path.exists(ts.JETPACK_TRTEXEC):
         pytest.skip("a real trtexec is installed here")
     res = subprocess.run(["bash", str(sh)], env=env, capture_output=True, text=True)
-    assert res.returncode == 1 and te.JETPACK_TRTEXEC in res.stderr and "trtexec not found" in res.stderr
+    assert res.returncode == 1 and ts.JETPACK_TRTEXEC in res.stderr and "trtexec not found" in res.stderr
 
 
 def test_vendored_copy_imports_without_the_package(tmp_path):
     root, specs = _bundle(tmp_path)
-    te.write_build_script(specs, root)
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import _trt_engine as m; "
-            "print(len(m.load_specs(m.Path(sys.argv[1]))), m.UserError.__module__)")
-    res = subprocess.run([sys.executable, "-c", code, str(root)], cwd=tmp_path, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["2", "_trt_engine"]
-    res = subprocess.run([sys.executable, str(root / "build_engines.py"), "--help"], cwd=tmp_path,
+    ts.write_build_script(specs, root)
+    device = tmp_path / "device"
+    shutil.move(str(root), str(device))  # moved, as onto a Jetson
+    # -I -S: no site-packages (so no installed or editable epts_export), no PYTHONPATH, no cwd on
+    # sys.path; -B: the bundle stays as it was written
+    python = [sys.executable, "-I", "-S", "-B"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([*python, "-c", "import epts_export"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "No module named 'epts_export'" in res.stderr  # the real one is out of reach
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import epts_export; from epts_export.trt import builder as m; "
+            "print(epts_export.__file__); print(len(m.load_specs(m.Path(sys.argv[2]))), m.UserError.__module__); "
+            "print(sorted(n for n in sys.modules if n.startswith('epts_export'))); sys.exit(m.main(['status']))")
+    res = subprocess.run([*python, "-c", code, str(device / "_epts"), str(device)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 1, res.stderr  # status: no TensorRT without site-packages
+    origin, loaded, modules, status = res.stdout.splitlines()
+    assert Path(origin) == device / "_epts" / "epts_export" / "__init__.py"
+    assert loaded.split() == ["2", "epts_export.errors"]
+    assert modules == str(sorted(["epts_export", "epts_export.errors", "epts_export.fsutil", "epts_export.interface",
+                                  "epts_export.trt", "epts_export.trt.builder", "epts_export.trt.sparse"]))
+    assert "tensorrt is not installed" in status
+    res = subprocess.run([*python, str(device / "build_engines.py"), "--help"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "--level" in res.stdout
+    res = subprocess.run([*python, str(device / "build_engines.py")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert res.returncode == 1 and "cannot build engines here: tensorrt is not installed" in res.stderr
+    assert not list(device.rglob("__pycache__"))
+    # which builder build_engines.py picks: the installed one, else the copy (also when an older
+    # epts_export without trt.builder is importable)
+    old = tmp_path / "old" / "epts_export"
+    old.mkdir(parents=True)
+    (old / "__init__.py").write_text("")
+    pick = ("import runpy, sys; sys.path[:0] = sys.argv[2:]; "
+            "print(runpy.run_path(sys.argv[1])['_builder']().__file__)")
+    res = subprocess.run([sys.executable, "-B", "-c", pick, str(device / "build_engines.py")], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and Path(res.stdout.strip()) == Path(te.__file__), res.stderr
+    for extra in ([], [str(old.parent)]):
+        res = subprocess.run([*python, "-c", pick, str(device / "build_engines.py"), *extra], cwd=tmp_path, env=env,
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        assert Path(res.stdout.strip()) == device / "_epts" / "epts_export" / "trt" / "builder.py"
+    res = subprocess.run([sys.executable, str(device / "build_engines.py"), "--help"], cwd=tmp_path,
                          capture_output=True, text=True)
     assert res.returncode == 0 and "--level" in res.stdout
 
@@ -262,7 +301,7 @@ LOG = [
 
 
 def test_sparse_report_inspector_and_log():
-    r = te.sparse_report(json.dumps(DETAILED), LOG)
+    r = sparse.sparse_report(json.dumps(DETAILED), LOG)
     assert r["source"] == "inspector+log" and r["layers"] == 4
     assert r["picked"] == ["fc_b", "/model/layers.0/mlp/up_proj/MatMul"]
     assert r["eligible"] == ["fc_a", "fc_b", "/model/layers.0/mlp/up_proj/MatMul", "/model/layers.0/mlp/down_proj/MatMul"]
@@ -276,18 +315,18 @@ def test_sparse_report_inspector_only_and_renamed_keys():
         {"LayerName": "gemm2", "SparseWeights": "true", "Tactic": "sm87_gemm"},
         {"LayerName": "gemm3", "SparseWeights": False, "Tactic": "sm87_gemm"},
     ]}
-    r = te.sparse_report(json.dumps(renamed), [])
+    r = sparse.sparse_report(json.dumps(renamed), [])
     assert r == {"eligible": ["gemm1", "gemm2"], "picked": ["gemm1"], "layers": 3, "source": "inspector"}
 
 
 def test_sparse_report_names_only_and_log_only():
     names_only = json.dumps({"Layers": ["a + b", "c"], "Bindings": ["x"]})  # LAYER_NAMES_ONLY verbosity
-    r = te.sparse_report(names_only, LOG[1:2])
+    r = sparse.sparse_report(names_only, LOG[1:2])
     assert r == {"eligible": ["fc_a", "fc_b", "/model/layers.0/mlp/up_proj/MatMul"], "picked": [], "layers": 2,
                  "source": "inspector+log"}
-    assert te.sparse_report("", LOG)["source"] == "log"
-    assert te.sparse_report("not json {", [])["source"] == "none"
-    empty = te.sparse_report("", ["(Sparsity) Layers eligible for sparse math: ",
+    assert sparse.sparse_report("", LOG)["source"] == "log"
+    assert sparse.sparse_report("not json {", [])["source"] == "none"
+    empty = sparse.sparse_report("", ["(Sparsity) Layers eligible for sparse math: ",
                                   "(Sparsity) TRT inference plan picked sparse implementation for layers:"])
     assert empty == {"eligible": [], "picked": [], "layers": 0, "source": "log"}
 
@@ -479,7 +518,7 @@ def replaces(monkeypatch):
         calls.append((Path(src), Path(dst)))
         return real(src, dst)
 
-    monkeypatch.setattr(te.os, "replace", spy)
+    monkeypatch.setattr(fsutil.os, "replace", spy)
     return calls
 
 
@@ -588,9 +627,9 @@ def test_atomic_write_cleans_up_on_error(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(te.os, "replace", boom)
+    monkeypatch.setattr(fsutil.os, "replace", boom)
     with pytest.raises(OSError):
-        te._atomic_write(tmp_path / "x.engine", b"data")
+        fsutil.write_bytes(tmp_path / "x.engine", b"data", fsync=True)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -661,7 +700,7 @@ def test_tensorrt_status_with_and_without_gpu(monkeypatch):
 
 def test_build_cli_builds_every_level(tmp_path, monkeypatch, capsys):
     root, specs = _bundle(tmp_path)
-    te.write_build_script(specs, root)
+    ts.write_build_script(specs, root)
     monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt())
     monkeypatch.setitem(sys.modules, "torch", _fake_torch(True))
     assert te.main(["build", str(root)]) == 0

@@ -18,7 +18,7 @@ from epts_export.onnx.runtime import greedy
 from test_trt_engine import Severity  # the same fake TensorRT severities
 
 VOCAB, HEADS, HEAD_DIM, LAYERS = 32, 2, 4, 2
-# (batch, seq, past) ranges, as trt_engine builds them: prefill first, decode second
+# (batch, seq, past) ranges, as epts-export bundles build them: prefill first, decode second
 PREFILL = {"batch": (1, 1, 2), "seq": (1, 4, 8), "past": (0, 0, 0)}
 DECODE = {"batch": (1, 1, 2), "seq": (1, 1, 1), "past": (1, 8, 15)}
 

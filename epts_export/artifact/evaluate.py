@@ -76,7 +76,7 @@ def evaluate(target: str | Path, data: str, seqlen: int, levels: list[Level] | N
             runs.append(("dense", lambda: _dense_of(art)))
         runs += [(lv.name, (lambda lv=lv: em.at(lv))) for lv in levels]
     else:
-        from ..models.source import load_model, resolve_model
+        from ..models import load_model, resolve_model
 
         with progress.status(f"loading model {target}"):
             model, tok = load_model(resolve_model(str(target), progress=progress.enabled))
@@ -94,7 +94,7 @@ def evaluate(target: str | Path, data: str, seqlen: int, levels: list[Level] | N
 
 def _dense_of(art: Artifact):
     """The dense reference for a one-level baseline artifact: its source model, when reachable."""
-    from ..models.source import load_model, resolve_model
+    from ..models import load_model, resolve_model
 
     spec = art.manifest["model"].get("spec")
     try:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..fsutil import ManifestFormat, read_manifest, verify_hashes
-from ..core.levels import Group, Level, active_groups, parse_level
+from ..core.levels import Group, Level, parse_level
+from ..core.rule import active_groups
 
 ARTIFACT = ManifestFormat("epts-elastic", 1, "artifact", "create one with `epts-export optimize`",
                           "re-run optimize with this version or install the epts-export that wrote it")

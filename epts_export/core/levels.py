@@ -3,7 +3,7 @@
 A *level* is what a user asks for: an unstructured sparsity in [0, 1) or an N:M pattern.
 A *group* is one rung of the MS-HiLoRA hierarchy: a sparsity range with its own LoRA ranks.
 Unstructured groups tile [0, max level]; an N:M level gets a group of its own that sits on top
-of the unstructured groups covering its density (see ``active_groups``).
+of the unstructured groups covering its density (``core.rule`` says which groups a level uses).
 """
 
 from __future__ import annotations
@@ -68,8 +68,12 @@ def parse_levels(text: str) -> list[Level]:
     items = [p for p in text.split(",") if p.strip()]
     if not items:
         raise UserError("no levels given: pass e.g. --levels 0.3,0.5,0.7,2:4")
-    levels = sorted({parse_level(p) for p in items}, key=lambda lv: (lv.is_nm, lv.sparsity, lv.m))
-    return levels
+    return sort_levels({parse_level(p) for p in items})
+
+
+def sort_levels(levels) -> list[Level]:
+    """Unique levels in serving order: unstructured by sparsity, then N:M by M."""
+    return sorted(set(levels), key=lambda lv: (lv.is_nm, lv.sparsity, lv.m))
 
 
 @dataclass(frozen=True)
@@ -130,26 +134,3 @@ def unstructured_group(groups: list[Group], sparsity: float) -> int:
         f"sparsity {sparsity:g} is above the trained range (max {ugroups[-1].hi:g}); "
         "re-run optimize with a higher top level"
     )
-
-
-def active_groups(groups: list[Group], level: Level) -> list[int]:
-    """Adapter groups used at ``level``: the hierarchy prefix 0..k, plus the N:M group for N:M levels.
-
-    An N:M level inherits the unstructured groups up to the one holding its density (2:4 -> the
-    group holding 0.5) and adds its own group, which learns only the residual that the N:M
-    pattern needs on top of unstructured 50% knowledge.
-    """
-    if level.is_nm:
-        own = [g.index for g in groups if g.is_nm and (g.n, g.m) == (level.n, level.m)]
-        if not own:
-            trained = ", ".join(g.name for g in groups if g.is_nm) or "none"
-            raise UserError(f"level {level.name} was not trained (N:M levels in this artifact: {trained})")
-        k = unstructured_group(groups, min(level.sparsity, max(g.hi for g in groups if not g.is_nm)))
-        return list(range(k + 1)) + own
-    k = unstructured_group(groups, level.sparsity)
-    return list(range(k + 1))
-
-
-def check_servable(groups: list[Group], level: Level) -> None:
-    """Raise UserError unless ``level`` can be materialized from an artifact with these groups."""
-    active_groups(groups, level)

@@ -4,10 +4,11 @@ Everything is row-wise over a torch ``nn.Linear.weight`` of shape (out, in): eac
 keeps its own most important input weights, and N:M groups run along ``in`` (the reduction axis
 that sparse tensor cores need).
 
-The importance order is stored, not the scores: ``rank[i, j]`` is the position of weight j in
+The importance order is stored, not the scores: ``order[i, j]`` is the position of weight j in
 row i when the row is sorted by descending score (0 = most important). Every unstructured mask
-and every N:M mask is a function of the ranks alone, which makes masks nested by construction
-and the artifact compact (int16 for rows up to 32767 wide).
+and every N:M mask is a function of the order alone, which makes masks nested by construction
+and the artifact compact (int16 for rows up to 32767 wide). ("rank" in this package means the
+LoRA rank only.)
 """
 
 from __future__ import annotations
@@ -27,19 +28,19 @@ def wanda_scores(weight: torch.Tensor, act_sq_mean: torch.Tensor) -> torch.Tenso
     return weight.float().abs() * act_sq_mean.float().clamp_min(0).sqrt().unsqueeze(0)
 
 
-def rank_order(scores: torch.Tensor) -> torch.Tensor:
-    """Per-row rank of each weight by descending score; ties keep the lower column first.
+def importance_order(scores: torch.Tensor) -> torch.Tensor:
+    """Per-row position of each weight by descending score; ties keep the lower column first.
 
     scores: (out, in). Returns (out, in) int16 if in <= 32767 else int32, with each row a
     permutation of 0..in-1.
     """
     out_f, in_f = scores.shape
-    order = torch.argsort(scores, dim=1, descending=True, stable=True)  # (out, in): column ids, best first
+    best_first = torch.argsort(scores, dim=1, descending=True, stable=True)  # (out, in): column ids, best first
     dtype = torch.int16 if in_f <= torch.iinfo(torch.int16).max else torch.int32
-    ranks = torch.empty((out_f, in_f), dtype=dtype, device=scores.device)
+    order = torch.empty((out_f, in_f), dtype=dtype, device=scores.device)
     positions = torch.arange(in_f, device=scores.device, dtype=dtype).expand(out_f, in_f)
-    ranks.scatter_(1, order, positions)
-    return ranks
+    order.scatter_(1, best_first, positions)
+    return order
 
 
 def keep_count(in_features: int, sparsity: float) -> int:
@@ -47,27 +48,27 @@ def keep_count(in_features: int, sparsity: float) -> int:
     return int((1.0 - sparsity) * in_features + 0.5)
 
 
-def unstructured_mask(ranks: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep each row's round((1-s)*in) best weights. ranks: (out, in). Returns bool (out, in)."""
-    return ranks < keep_count(ranks.shape[1], sparsity)
+def unstructured_mask(order: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep each row's round((1-s)*in) best weights. order: (out, in). Returns bool (out, in)."""
+    return order < keep_count(order.shape[1], sparsity)
 
 
-def nm_mask(ranks: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep the n best of every m consecutive input columns. ranks: (out, in), in % m == 0."""
-    out_f, in_f = ranks.shape
+def nm_mask(order: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the n best of every m consecutive input columns. order: (out, in), in % m == 0."""
+    out_f, in_f = order.shape
     if in_f % m:
         raise ValueError(f"N:M {n}:{m} needs in_features divisible by {m}, got {in_f}")
-    grouped = ranks.view(out_f, in_f // m, m).long()  # (out, in/m, m)
-    best = grouped.topk(n, dim=2, largest=False).indices  # (out, in/m, n): lowest rank = best
+    grouped = order.view(out_f, in_f // m, m).long()  # (out, in/m, m)
+    best = grouped.topk(n, dim=2, largest=False).indices  # (out, in/m, n): lowest position = best
     mask = torch.zeros_like(grouped, dtype=torch.bool).scatter_(2, best, True)
     return mask.view(out_f, in_f)
 
 
-def level_mask(ranks: torch.Tensor, level: Level) -> torch.Tensor:
-    """The mask of ``level`` (unstructured or N:M) from the importance ranks."""
+def level_mask(order: torch.Tensor, level: Level) -> torch.Tensor:
+    """The mask of ``level`` (unstructured or N:M) from the importance order."""
     if level.is_nm:
-        return nm_mask(ranks, level.n, level.m)
-    return unstructured_mask(ranks, level.sparsity)
+        return nm_mask(order, level.n, level.m)
+    return unstructured_mask(order, level.sparsity)
 
 
 def magnitude_mask(weight: torch.Tensor, level: Level) -> torch.Tensor:
@@ -75,7 +76,7 @@ def magnitude_mask(weight: torch.Tensor, level: Level) -> torch.Tensor:
     for unstructured levels, |W| inside each group of m input columns for N:M."""
     w = weight.float().abs()
     if level.is_nm:
-        return nm_mask(rank_order(w), level.n, level.m)
+        return nm_mask(importance_order(w), level.n, level.m)
     k = int(w.numel() * level.sparsity)
     if k == 0:
         return torch.ones_like(w, dtype=torch.bool)

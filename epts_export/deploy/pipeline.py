@@ -136,7 +136,7 @@ def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
     elif src.exists() and (src / "manifest.json").is_file():
         raise UserError(f"{src} has a manifest but is not an elastic artifact; pass an artifact folder or a model")
     else:
-        from ..models.source import resolve_model
+        from ..models.resolve import resolve_model
 
         art, model_dir = None, resolve_model(spec.source, progress=progress.enabled).path
     config = AutoConfig.from_pretrained(model_dir)
@@ -213,7 +213,7 @@ def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
             })
         write_report(report, tmp / "parity.json")
         engine_specs = _engine_specs(tmp, target, levels, config)
-        from ..trt.builder import write_build_script
+        from ..trt.scripts import write_build_script
 
         write_build_script(engine_specs, tmp)
         engines = {}

@@ -25,15 +25,17 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from ..errors import UserError
-from ..fsutil import write_json
 from ..core.levels import Level
-from .export import OnnxExport
-from .runtime import OrtDecoder, TorchDecoder, greedy, positions
+from ..errors import UserError
+from ..fsutil import atomic_path, write_json
 from ..progress import Progress
+from . import graph as onnx_graph
+from .reader import OnnxExport
+from .runtime import OrtDecoder, TorchDecoder, greedy, positions
 
 PROMPT = "Once upon a time, in a quiet town by the sea,"
 NEW_TOKENS = 32
@@ -65,7 +67,7 @@ TOLERANCES = {
 # bounds. The gate that matters there is top-1 (no disagreement beyond a tie) and the tokens.
 
 
-def _compare(name: str, got: np.ndarray, ref: np.ndarray, tol: Tol, valid: np.ndarray | None) -> dict:
+def _compare(got: np.ndarray, ref: np.ndarray, tol: Tol, valid: np.ndarray | None) -> dict:
     """Element-wise comparison over the valid positions. valid: bool (batch, seq) for logits, or
     (batch, seq) over the key positions for presents."""
     g, r = got.astype(np.float64), ref.astype(np.float64)
@@ -100,12 +102,12 @@ def _top1(got_logits: np.ndarray, ref_logits: np.ndarray, valid: np.ndarray, ato
             "top1_failures": hard}
 
 
-def _step_check(name: str, ref_out, got_out, tols, valid_q: np.ndarray, valid_k: np.ndarray, output_names) -> dict:
+def _step_check(ref_out, got_out, tols, valid_q: np.ndarray, valid_k: np.ndarray, output_names) -> dict:
     outputs = {}
     (rl, rp), (gl, gp) = ref_out, got_out
-    outputs[output_names[0]] = _compare("logits", gl, rl, tols["logits"], valid_q)
+    outputs[output_names[0]] = _compare(gl, rl, tols["logits"], valid_q)
     for n, g, r in zip(output_names[1:], gp, rp):
-        outputs[n] = _compare(n, g, r, tols["present"], valid_k)
+        outputs[n] = _compare(g, r, tols["present"], valid_k)
     top = _top1(gl, rl, valid_q, tols["logits"].atol)
     passed = all(o["passed"] for o in outputs.values()) and top["top1_failures"] == 0
     worst = max(outputs.items(), key=lambda kv: (kv[1]["required_atol"] if kv[1]["required_atol"] is not None else np.inf)
@@ -137,13 +139,13 @@ def compare(ref, got, dtype: str, vocab: int, prompt: list[int], output_names: l
     (ids, mask), (pids, pmask, sids) = _cases(vocab, np.random.default_rng(0), pb, db)
     checks = {}
     pos = positions(mask, 0)
-    c = _step_check("prefill", ref.step(ids, mask, pos, ref.empty_past(pb)), got.step(ids, mask, pos, got.empty_past(pb)),
+    c = _step_check(ref.step(ids, mask, pos, ref.empty_past(pb)), got.step(ids, mask, pos, got.empty_past(pb)),
                     tols, mask.astype(bool), mask.astype(bool), output_names)
     checks["prefill"] = {"shape": {"batch": pb, "seq": 11, "past": 0}, **c}
     _, past = ref.step(pids, pmask, positions(pmask, 0), ref.empty_past(db))
     dmask = np.concatenate([pmask, np.ones((db, 1), np.int64)], axis=1)
     dpos = positions(dmask, 9)
-    c = _step_check("decode", ref.step(sids, dmask, dpos, past), got.step(sids, dmask, dpos, past),
+    c = _step_check(ref.step(sids, dmask, dpos, past), got.step(sids, dmask, dpos, past),
                     tols, np.ones((db, 1), bool), dmask.astype(bool), output_names)
     checks["decode"] = {"shape": {"batch": db, "seq": 1, "past": 9}, **c}
     checks["generate"] = _generation(ref, got, prompt, dtype, tols["logits"].atol)
@@ -191,12 +193,53 @@ def _expected_zeros(model, weights: dict[str, str], dtype: str) -> dict[str, np.
     return out
 
 
+def prompt_ids(tokenizer) -> list[int]:
+    """The fixed prompt of the generate check, tokenized."""
+    return tokenizer(PROMPT)["input_ids"] or [tokenizer.bos_token_id or 0]
+
+
+def check_levels(em, levels: list[Level], open_decoder: Callable[[Level], tuple[object, dict]], dtype: str,
+                 output_names: list[str], *, label: str, progress: Progress, max_batch: int = 3,
+                 before: Callable[[Level], dict] | None = None, after: Callable[[Level, object], dict] | None = None,
+                 prefix: str = "") -> tuple[list[dict], list[str]]:
+    """The one validation loop: every level of a decoder (ONNX Runtime, TensorRT, ...) against
+    the float32 PyTorch model materialized at that level (``em.at``).
+
+    ``open_decoder(level)`` returns (decoder with ``step``/``empty_past``, fields for the report
+    entry); a UserError there is a failed "load" check. ``before(level)`` adds checks that need
+    no decoder (integrity), ``after(level, model)`` checks that need a loaded one (sparsity).
+    Returns (one report entry per level, failure lines "level L / <prefix><check>: why").
+    """
+    prompt = prompt_ids(em.tokenizer)
+    entries, failures = [], []
+    with progress.count(label, len(levels)) as advance:
+        for lv in levels:
+            entry = {"level": lv.name, "checks": dict(before(lv)) if before else {}}
+            model = em.at(lv)
+            try:
+                got, info = open_decoder(lv)
+                entry.update(info)
+            except UserError as e:
+                entry["checks"]["load"] = {"passed": False, "error": str(e)}
+                got = None
+            if got is not None:
+                if after:
+                    entry["checks"].update(after(lv, model))
+                entry["checks"].update(compare(TorchDecoder(model), got, dtype, model.config.vocab_size, prompt,
+                                               output_names, max_batch))
+            entry["passed"] = all(c.get("passed") for c in entry["checks"].values())
+            failures += [f"level {lv.name} / {prefix}{name}: {why(c)}" for name, c in entry["checks"].items()
+                         if not c.get("passed")]
+            entries.append(entry)
+            advance()
+    return entries, failures
+
+
 def validate(export_dir: str | Path, levels: list[Level] | None = None, artifact: str | Path | None = None,
              progress: Progress | None = None, threads: int | None = None) -> dict:
     """Check every level (or ``levels``) of an export; returns the report (module docstring).
     UserError only for bad input (not an export, missing source artifact); a failed check is
     recorded in the report, never raised."""
-    from . import graph as onnx_graph
     from ..artifact.materialize import ElasticModel
 
     progress = progress or Progress(enabled=False)
@@ -210,58 +253,43 @@ def validate(export_dir: str | Path, levels: list[Level] | None = None, artifact
     todo = levels or have
     art = exp.source_artifact(artifact)
     tols = TOLERANCES[exp.dtype]
-    out_names = exp.manifest["io"]["outputs"]
     weights = exp.manifest["weights"]
     with progress.status(f"loading the reference model from {art.path}"):
         em = ElasticModel(art)
-        tok = em.tokenizer
-    prompt = tok(PROMPT)["input_ids"] or [tok.bos_token_id or 0]
-    report_levels = []
-    failures = [f"integrity: {e}" for e in exp.integrity_errors]
-    with progress.count("validating levels", len(todo)) as advance:
-        for lv in todo:
-            graph_path = exp.graph_path(lv)
-            rel = graph_path.relative_to(exp.path).as_posix()
-            entry = {"level": lv.name, "graph": rel, "checks": {}}
-            folder = rel.rpartition("/")[0]  # "level-0.5" (baked) or "" (the dynamic graph's top level)
-            bad_files = [str(e) for e in exp.integrity_errors if e.under(folder)]
-            entry["checks"]["integrity"] = {"passed": not bad_files, "errors": bad_files}
-            model = em.at(lv)
-            ref = TorchDecoder(model)
-            try:
-                got = OrtDecoder(graph_path, level=exp.level_index(lv), threads=threads)
-            except UserError as e:
-                entry["checks"]["load"] = {"passed": False, "error": str(e)}
-                got = None
-            if got is not None:
-                if exp.mode == "baked":
-                    try:
-                        graph = onnx_graph.load(graph_path)
-                        entry["checks"]["sparsity"] = {"passed": None, **onnx_graph.check_sparsity(graph, weights, lv, _expected_zeros(model, weights, exp.dtype))}
-                        entry["checks"]["sparsity"]["passed"] = entry["checks"]["sparsity"].pop("ok")
-                        del graph
-                    except UserError as e:
-                        entry["checks"]["sparsity"] = {"passed": False, "failures": [str(e)]}
-                entry["checks"].update(compare(ref, got, exp.dtype, model.config.vocab_size, prompt, out_names))
-            entry["passed"] = all(c.get("passed") for c in entry["checks"].values())
-            for name, c in entry["checks"].items():
-                if not c.get("passed"):
-                    failures.append(f"level {lv.name} / {name}: {_why(c)}")
-            report_levels.append(entry)
-            advance()
-    if exp.mode == "dynamic":
-        oor = _out_of_range(exp, threads)
-        if not oor["passed"]:
-            failures.append(f"out_of_range: {_why(oor)}")
-    else:
-        oor = None
+
+    def integrity(lv: Level) -> dict:
+        folder = exp.graph_path(lv).relative_to(exp.path).parent.as_posix()  # "level-0.5", or "." for the dynamic graph
+        bad = [str(e) for e in exp.integrity_errors if e.under("" if folder == "." else folder)]
+        return {"integrity": {"passed": not bad, "errors": bad}}
+
+    def open_graph(lv: Level):
+        graph_path = exp.graph_path(lv)
+        info = {"graph": graph_path.relative_to(exp.path).as_posix()}
+        return OrtDecoder(graph_path, level=exp.level_index(lv), threads=threads), info
+
+    def sparsity(lv: Level, model) -> dict:
+        if exp.mode != "baked":
+            return {}
+        try:
+            graph = onnx_graph.load(exp.graph_path(lv))
+            res = onnx_graph.check_sparsity(graph, weights, lv, _expected_zeros(model, weights, exp.dtype))
+            return {"sparsity": {"passed": res.pop("ok"), **res}}
+        except UserError as e:
+            return {"sparsity": {"passed": False, "failures": [str(e)]}}
+
+    entries, level_failures = check_levels(em, todo, open_graph, exp.dtype, exp.manifest["io"]["outputs"],
+                                           label="validating levels", progress=progress, before=integrity, after=sparsity)
+    failures = [f"integrity: {e}" for e in exp.integrity_errors] + level_failures
+    oor = _out_of_range(exp, threads) if exp.mode == "dynamic" else None
+    if oor and not oor["passed"]:
+        failures.append(f"out_of_range: {why(oor)}")
     report = {"export": str(exp.path), "mode": exp.mode, "dtype": exp.dtype,
               "source_artifact": str(art.path), "passed": not failures,
               "tolerances": {k: v.to_dict() for k, v in tols.items()},
               "integrity": {"passed": not exp.integrity_errors, "errors": [str(e) for e in exp.integrity_errors]},
-              "levels": report_levels, **({"out_of_range": oor} if oor else {}),
+              "levels": entries, **({"out_of_range": oor} if oor else {}),
               "failures": failures, "elapsed_s": round(time.time() - t0, 2)}
-    exp.record_parity({"passed": report["passed"], "failures": failures, "levels": [e["level"] for e in report_levels],
+    exp.record_parity({"passed": report["passed"], "failures": failures, "levels": [e["level"] for e in entries],
                        "validated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return report
 
@@ -285,7 +313,8 @@ def _out_of_range(exp: OnnxExport, threads: int | None) -> dict:
             **({} if ok else {"reason": "an out-of-range sparsity_level did not give all-NaN outputs"})}
 
 
-def _why(check: dict) -> str:
+def why(check: dict) -> str:
+    """One line saying why a check failed."""
     if "error" in check:
         return check["error"]
     if "errors" in check and check["errors"]:
@@ -323,16 +352,15 @@ def write_junit(report: dict, path: Path) -> None:
         tc = ET.SubElement(suite, "testcase", classname=cls, name=name)
         if not c.get("passed"):
             fails += 1
-            ET.SubElement(tc, "failure", message=_why(c)[:500]).text = _why(c)
+            ET.SubElement(tc, "failure", message=why(c)[:500]).text = why(c)
     suite.set("tests", str(len(cases)))
     suite.set("failures", str(fails))
     suite.set("errors", "0")
     suite.set("time", str(report["elapsed_s"]))
     root = ET.Element("testsuites")
     root.append(suite)
-    tmp = path.with_name(path.name + ".tmp")
-    ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
 
 
 def write_report(report: dict, path: Path) -> None:

@@ -62,10 +62,11 @@ class TorchDecoder:
     """The PyTorch reference: the same DecoderWithPast wrapper that export traces, in float32."""
 
     def __init__(self, model: torch.nn.Module):
-        from .export import DecoderWithPast, kv_geometry
+        from ..interface import KVLayout
+        from .trace import DecoderWithPast
 
         self.module = DecoderWithPast(model).eval()
-        geo = kv_geometry(model.config)
+        geo = KVLayout.from_config(model.config)
         self.kv_heads, self.head_dim, self.layers = geo.kv_heads, geo.head_dim, geo.layers
         self.dtype = next(model.parameters()).dtype
 

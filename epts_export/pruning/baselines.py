@@ -12,7 +12,7 @@ from torch import nn
 
 from .blockloop import block_output
 from ..core.levels import Level
-from ..core.masks import level_mask, magnitude_mask, rank_order, wanda_scores
+from ..core.masks import level_mask, magnitude_mask, importance_order, wanda_scores
 from ..core.sparsegpt import HessianAccumulator, sparsegpt_prune
 
 METHODS = ("epts", "magnitude", "wanda", "sparsegpt")
@@ -56,7 +56,7 @@ def prune_block_calibrated(method: str, block: nn.Module, linears: dict[str, nn.
     for n, lin in linears.items():
         if method == "wanda":
             ssum, count = stats[n]
-            mask = level_mask(rank_order(wanda_scores(lin.weight, (ssum / max(count, 1)).float())), level)
+            mask = level_mask(importance_order(wanda_scores(lin.weight, (ssum / max(count, 1)).float())), level)
             lin.weight.mul_(mask.to(lin.weight.dtype))
         else:
             nm = (level.n, level.m) if level.is_nm else None

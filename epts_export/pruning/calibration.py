@@ -135,7 +135,7 @@ def _cached_self_samples(model, tokenizer, spec: CalibSpec, model_key: str | Non
         return self_samples(model, tokenizer, spec.nsamples, spec.seqlen, spec.seed)
     from safetensors.torch import load_file, save_file
 
-    from ..models.source import cache_dir
+    from ..models.resolve import cache_dir
 
     path = cache_dir() / "calib" / f"self-{model_key[:16]}-{spec.nsamples}x{spec.seqlen}-seed{spec.seed}.safetensors"
     if path.is_file():

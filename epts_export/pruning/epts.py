@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .blockloop import block_output
 from ..core.hilora import init_lora, merged_weight
 from ..core.levels import Group, Level
-from ..core.masks import level_mask, rank_order, wanda_scores
+from ..core.masks import importance_order, wanda_scores
+from ..core.rule import LevelRule, level_rule
+from .blockloop import block_output
 
 LOW_CHECK_SPARSITY = 0.3  # where the low-group check compares with / without group-0 adapters
 
@@ -32,10 +33,18 @@ class TrainConfig:
     scale: float = 1.0  # LoRA scale (alpha / r)
     mix_weights: tuple[float, ...] | None = None  # MSFM weight per group; None = derived (mix_weights())
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """The config an artifact's ``settings`` recorded (written with ``dataclasses.asdict``);
+        other settings (levels, calibration sizes) are ignored."""
+        mix = d.get("mix_weights")
+        return cls(rank=int(d["rank"]), epochs=int(d["epochs"]), lr=float(d["lr"]), scale=float(d["scale"]),
+                   mix_weights=tuple(float(w) for w in mix) if mix else None)
+
 
 @dataclass
 class BlockResult:
-    ranks: dict[str, torch.Tensor]  # linear name -> (out, in) int16/int32 importance ranks
+    order: dict[str, torch.Tensor]  # linear name -> (out, in) int16/int32 importance order, 0 = most important
     lora_B: dict[str, torch.Tensor]  # linear name -> (out, G*r)
     lora_A: dict[str, torch.Tensor]  # linear name -> (G*r, in)
     low_group_lora: bool  # False: levels in group 0 are served without adapters in this block
@@ -79,38 +88,30 @@ def msfm_mix(outputs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     return acc
 
 
-class _Merger:
-    """Builds the parameter overrides {"<linear>.weight": W_eff} of a block at one level.
+class BlockMerger:
+    """Builds the parameter overrides {"<linear>.weight": W_eff} of a block for one LevelRule.
 
     N:M masks do not depend on a draw, so they are computed once per level and kept."""
 
-    def __init__(self, weights: dict[str, torch.Tensor], ranks: dict[str, torch.Tensor], B: dict, A: dict, rank: int, scale: float):
-        self.weights, self.ranks, self.B, self.A, self.rank, self.scale = weights, ranks, B, A, rank, scale
+    def __init__(self, weights: dict[str, torch.Tensor], order: dict[str, torch.Tensor], B: dict, A: dict,
+                 lora_rank: int, scale: float):
+        self.weights, self.order, self.B, self.A, self.lora_rank, self.scale = weights, order, B, A, lora_rank, scale
         self._nm_masks: dict[tuple[str, Level], torch.Tensor] = {}
 
-    def mask(self, name: str, level: Level) -> torch.Tensor:
-        if not level.is_nm:
-            return level_mask(self.ranks[name], level)
-        key = (name, level)
+    def mask(self, name: str, rule: LevelRule) -> torch.Tensor:
+        if not rule.level.is_nm:
+            return rule.mask(self.order[name])
+        key = (name, rule.level)
         if key not in self._nm_masks:
-            self._nm_masks[key] = level_mask(self.ranks[name], level)
+            self._nm_masks[key] = rule.mask(self.order[name])
         return self._nm_masks[key]
 
-    def __call__(self, level: Level, active: list[int]) -> dict[str, torch.Tensor]:
+    def __call__(self, rule: LevelRule) -> dict[str, torch.Tensor]:
         return {
-            f"{n}.weight": merged_weight(w, self.mask(n, level), self.B[n], self.A[n], active, self.rank, self.scale)
+            f"{n}.weight": merged_weight(w, self.mask(n, rule), self.B[n], self.A[n], list(rule.groups),
+                                         self.lora_rank, self.scale)
             for n, w in self.weights.items()
         }
-
-
-def _active(group: Group, groups: list[Group]) -> list[int]:
-    """Adapters trained for a draw in ``group``: the prefix 0..k (unstructured), or for an N:M group
-    the unstructured prefix up to its density plus itself (mirrors levels.active_groups)."""
-    if not group.is_nm:
-        return list(range(group.index + 1))
-    ug = [g for g in groups if not g.is_nm]
-    k = next((g.index for g in ug if group.lo <= g.hi + 1e-9), ug[-1].index)
-    return list(range(k + 1)) + [group.index]
 
 
 def optimize_block(
@@ -158,7 +159,7 @@ def optimize_block(
     for h in handles:
         h.remove()
     weights = {n: lin.weight.detach().float() for n, lin in linears.items()}
-    ranks = {n: rank_order(wanda_scores(weights[n], (sq_sum[n] / max(tokens[n], 1)).float())) for n in linears}
+    order = {n: importance_order(wanda_scores(weights[n], (sq_sum[n] / max(tokens[n], 1)).float())) for n in linears}
 
     # 2. MS-HiLoRA training.
     B, A = {}, {}
@@ -166,13 +167,12 @@ def optimize_block(
         b, a = init_lora(lin.out_features, lin.in_features, G, r, gen)
         B[n] = b.to(device).requires_grad_(True)
         A[n] = a.to(device).requires_grad_(True)
-    merge = _Merger(weights, ranks, B, A, r, cfg.scale)
+    merge = BlockMerger(weights, order, B, A, r, cfg.scale)
     params = [t for n in linears for t in (B[n], A[n])]
     steps = cfg.epochs * N
     opt = torch.optim.Adam(params, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
     draws = [stratified_draws(g.lo, g.hi, steps, gen) for g in groups]
-    actives = [_active(g, groups) for g in groups]
     last_epoch = torch.zeros(G, dtype=torch.float64)
     step = 0
     for epoch in range(cfg.epochs):
@@ -181,8 +181,8 @@ def optimize_block(
             x, t = sparse_in[j].to(device), teacher[j]
             y0 = None
             for g in groups:
-                level = group_level(g, float(draws[g.index][step]))
-                y = block_output(functional_call(block, merge(level, actives[g.index]), (x,), kwargs))
+                rule = level_rule(groups, group_level(g, float(draws[g.index][step])))
+                y = block_output(functional_call(block, merge(rule), (x,), kwargs))
                 if g.index == 0:
                     loss = F.mse_loss(y, t)
                     y0 = y.detach()
@@ -199,14 +199,14 @@ def optimize_block(
 
     B = {n: b.detach() for n, b in B.items()}
     A = {n: a.detach() for n, a in A.items()}
-    merge = _Merger(weights, ranks, B, A, r, cfg.scale)
+    merge = BlockMerger(weights, order, B, A, r, cfg.scale)
 
     with torch.no_grad():
         # 3. Low-group check: do group-0 adapters help at s = 0.3?
         g0 = groups[0]
         low = Level(sparsity=min(LOW_CHECK_SPARSITY, g0.hi))
         err_with = err_without = 0.0
-        with_w, without_w = merge(low, [0]), merge(low, [])
+        with_w, without_w = merge(level_rule(groups, low, True)), merge(level_rule(groups, low, False))
         for x, t in zip(sparse_in, teacher):
             xd = x.to(device)
             err_with += F.mse_loss(block_output(functional_call(block, with_w, (xd,), kwargs)), t).item()
@@ -223,13 +223,13 @@ def optimize_block(
             outs = []
             for g in groups:
                 s = float(g.lo + (g.hi - g.lo) * torch.rand((), generator=gen, dtype=torch.float64))
-                active = actives[g.index] if (g.index > 0 or low_group_lora) else []
-                outs.append(block_output(functional_call(block, merge(group_level(g, s), active), (xd,), kwargs)))
+                rule = level_rule(groups, group_level(g, s), low_group_lora)
+                outs.append(block_output(functional_call(block, merge(rule), (xd,), kwargs)))
             mixed.append(msfm_mix(outs, wts).float().cpu())
             advance(G)
 
     return BlockResult(
-        ranks={n: v.cpu() for n, v in ranks.items()},
+        order={n: v.cpu() for n, v in order.items()},
         lora_B={n: v.cpu() for n, v in B.items()},
         lora_A={n: v.cpu() for n, v in A.items()},
         low_group_lora=bool(low_group_lora),

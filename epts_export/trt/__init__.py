@@ -1,0 +1,4 @@
+"""TensorRT: ``builder`` (device side: engine specs, the Python-API builder and its CLI; ships in
+bundles with ``sparse``, the sparse-tactic report), ``scripts`` (host side: trtexec commands and
+a bundle's build scripts) and ``runtime`` (TrtDecoder). Imports nothing, so that a bundle's copy of
+``epts_export.trt.builder`` loads without the rest of the package."""

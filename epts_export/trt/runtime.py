@@ -1,5 +1,6 @@
-"""Run a TensorRT engine built by ``trt_engine`` step by step, with OrtDecoder's interface, so that
-``onnx_runtime.greedy`` (and parity) drive an engine exactly as they drive an ONNX graph.
+"""Run a TensorRT engine built by ``epts_export.trt.builder`` (or a bundle's trtexec script) step by
+step, with OrtDecoder's interface, so that ``onnx_runtime.greedy`` (and parity) drive an engine
+exactly as they drive an ONNX graph.
 
     dec = TrtDecoder(Path("engines/level-2of4.engine"))
     tokens = greedy(dec.step, dec.empty_past(1), prompt, 32)
@@ -21,14 +22,14 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections import deque
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from ..errors import UserError
-from .builder import ENGINES_JSON, _import_trt, _severity_rank, tensorrt_status
+from ..interface import ENGINES_JSON, ID_INPUTS, PAST_RE, PRESENT_RE
+from .builder import import_trt, make_logger, tensorrt_status
 
 # TensorRT DataType member name -> our dtype name (the buffers speak these names)
 _TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
@@ -36,9 +37,6 @@ _TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32
 # dtype name -> numpy dtype of the host arrays (numpy has no bfloat16: such tensors travel as float32)
 HOST_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32, "int32": np.int32,
                "int64": np.int64, "bool": np.bool_, "int8": np.int8, "uint8": np.uint8}
-_ID_INPUTS = ("input_ids", "attention_mask", "position_ids")
-_PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-_PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")
 
 Shape = tuple[int, ...]
 
@@ -141,31 +139,6 @@ def _fits(shape: Shape, mn: Shape, mx: Shape) -> bool:
     return len(shape) == len(mn) == len(mx) and all(a <= d <= b for d, a, b in zip(shape, mn, mx))
 
 
-def _make_logger(trt, log: Callable[[str], None]):
-    """A trt.ILogger that forwards warnings and errors to ``log`` and keeps a short tail for error messages."""
-    base = getattr(trt, "ILogger", None)
-    if base is None:  # pragma: no cover - every TensorRT 8+ has ILogger
-        logger = trt.Logger(trt.Logger.WARNING)
-        logger.tail = deque(maxlen=20)
-        return logger
-
-    class TailLogger(base):  # type: ignore[misc, valid-type]
-        def __init__(self):
-            base.__init__(self)
-            self.tail: deque[str] = deque(maxlen=20)
-
-        def log(self, severity, msg):  # called by TensorRT
-            if _severity_rank(severity) <= 2:
-                text = str(msg)
-                self.tail.append(text)
-                try:
-                    log(f"[TensorRT] {text}")
-                except Exception:
-                    pass
-
-    return TailLogger()
-
-
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
@@ -190,7 +163,7 @@ def _profile_names_from_bundle(engine_path: Path, count: int) -> list[str] | Non
 
 
 def _default_profile_names(count: int) -> list[str]:
-    if count == 2:  # what trt_engine builds: prefill first, decode second
+    if count == 2:  # what epts-export bundles build: prefill first, decode second
         return ["prefill", "decode"]
     if count == 1:
         return ["default"]
@@ -222,13 +195,13 @@ class TrtDecoder:
         ok, why = tensorrt_status()
         if not ok:
             raise UserError(f"cannot run the TensorRT engine {self.engine_path}: {why}")
-        trt = _import_trt()
+        trt = import_trt()
         self.trt = trt
         self.version = str(getattr(trt, "__version__", "?"))
         self.device = int(device)
         self.buffers = buffers if buffers is not None else _TorchCudaBuffers(self.device)
 
-        self._logger = _make_logger(trt, self.log)
+        self._logger = make_logger(trt, self.log)  # warnings and errors, a 20-line tail
         self.runtime = trt.Runtime(self._logger)
         engine = self.runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if engine is None:
@@ -259,7 +232,7 @@ class TrtDecoder:
             else:
                 self.outputs[name] = dtype
         where = f"TensorRT engine {self.engine_path}"
-        unknown = [n for n in self.inputs if n not in _ID_INPUTS and not _PAST_RE.match(n)]
+        unknown = [n for n in self.inputs if n not in ID_INPUTS and not PAST_RE.match(n)]
         if unknown:
             hint = " (an elastic graph: build the engine from the baked export)" if "sparsity_level" in unknown else ""
             raise UserError(f"{where} has inputs this runtime does not feed: {', '.join(unknown)}{hint}")
@@ -268,9 +241,9 @@ class TrtDecoder:
                 raise UserError(f"{where} has no {need} input: it is not an epts-export decoder engine")
         if "logits" not in self.outputs:
             raise UserError(f"{where} has no logits output: it is not an epts-export decoder engine")
-        self.past_names = sorted((n for n in self.inputs if _PAST_RE.match(n)), key=lambda n: _kv_key(n, _PAST_RE))
-        self.present_names = sorted((n for n in self.outputs if _PRESENT_RE.match(n)),
-                                    key=lambda n: _kv_key(n, _PRESENT_RE))
+        self.past_names = sorted((n for n in self.inputs if PAST_RE.match(n)), key=lambda n: _kv_key(n, PAST_RE))
+        self.present_names = sorted((n for n in self.outputs if PRESENT_RE.match(n)),
+                                    key=lambda n: _kv_key(n, PRESENT_RE))
         expected = [f"present.{i}.{k}" for i in range(len(self.past_names) // 2) for k in ("key", "value")]
         if not self.past_names or self.present_names != expected or len(self.past_names) != len(expected):
             raise UserError(f"{where} does not pair past_key_values.* inputs with present.* outputs "
@@ -325,7 +298,7 @@ class TrtDecoder:
         raise UserError(self._no_profile_message(shapes))
 
     def _no_profile_message(self, shapes: dict[str, Shape]) -> str:
-        shown = [n for n in (*_ID_INPUTS, self.past_names[0]) if n in shapes]
+        shown = [n for n in (*ID_INPUTS, self.past_names[0]) if n in shapes]
         got = ", ".join(f"{n} {_shape_text(shapes[n])}" for n in shown)
         parts = []
         for index, ranges in enumerate(self.profiles):

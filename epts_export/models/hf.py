@@ -1,0 +1,78 @@
+"""Loading a plain Hugging Face folder, and writing a tokenizer that every supported transformers reads.
+
+This is the one place that calls ``AutoModelForCausalLM.from_pretrained`` on a local folder: a model
+resolved by :func:`epts_export.models.resolve.resolve_model`, or any other plain folder (an artifact's
+model). torch and transformers are imported inside the functions, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+from ..errors import UserError
+from ..fsutil import write_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from .resolve import ResolvedModel
+
+__all__ = ["load_model", "save_tokenizer"]
+
+
+def load_model(resolved: Union["ResolvedModel", Path, str],
+               dtype: "torch.dtype | None" = None) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """Load a Hugging Face causal LM folder on CPU, in eval mode, in ``dtype`` (float32 by default).
+
+    ``resolved`` is a :class:`~epts_export.models.resolve.ResolvedModel` or the folder's path.
+    Returns ``(model, tokenizer)``. A folder transformers cannot read (missing or bad config,
+    weights or tokenizer files) is a one-line :class:`UserError` ("could not load ...").
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype is None:
+        dtype = torch.float32
+    path = Path(getattr(resolved, "path", resolved))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=None)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"could not load model from {path}: {_one_line(exc)}; "
+                        "pass a Hugging Face causal LM folder or a .gguf file") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"could not load the tokenizer from {path}: {_one_line(exc)}; "
+                        "the folder needs its tokenizer files (tokenizer.json or tokenizer.model)") from exc
+    model.to("cpu")
+    model.eval()
+    return model, tokenizer
+
+
+def save_tokenizer(tokenizer, folder: Path, input_names: list[str] | None = None) -> None:
+    """``tokenizer.save_pretrained`` that both transformers 4.57 and 5.x can read back.
+
+    transformers 5 writes its new class name ``TokenizersBackend``, unknown to 4.57 (the line
+    optimum-onnx needs); ``PreTrainedTokenizerFast`` names the same fast tokenizer in both.
+    ``input_names`` overrides ``model_input_names`` (an exported graph takes no token_type_ids).
+    """
+    tokenizer.save_pretrained(folder)
+    tc = Path(folder) / "tokenizer_config.json"
+    if not tc.is_file():
+        return
+    conf = json.loads(tc.read_text())
+    if conf.get("tokenizer_class") == "TokenizersBackend":
+        conf["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if input_names is not None:
+        conf["model_input_names"] = input_names
+    write_text(tc, json.dumps(conf, indent=2) + "\n")
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (or its type name), at most 300 characters, for a UserError."""
+    text = str(exc).strip() or type(exc).__name__
+    first = text.splitlines()[0].strip()
+    return first[:300]

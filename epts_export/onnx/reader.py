@@ -1,0 +1,75 @@
+"""Reading an ONNX export folder back: its manifest, levels, graphs and source artifact."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..artifact.folder import Artifact
+from ..core.levels import Level, parse_level
+from ..errors import UserError
+from ..fsutil import MANIFEST, HashError, ManifestFormat, hash_errors, read_manifest, sha256_file, verify_hashes, write_json
+from ..interface import GRAPH_FILE, level_dirname
+
+EXPORT = ManifestFormat("epts-onnx", 1, "ONNX export", "create one with `epts-export export`")
+
+
+@dataclass
+class OnnxExport:
+    path: Path
+    manifest: dict
+    integrity_errors: list[HashError] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, path: str | Path, verify: str = "raise") -> "OnnxExport":
+        """Read an export folder. ``verify``: 'raise' (UserError on a bad hash), 'collect' (keep
+        the failures in ``integrity_errors``, for validate), or 'skip'."""
+        p = Path(path)
+        manifest = read_manifest(p, EXPORT)
+        exp = cls(p, manifest)
+        if verify == "raise":
+            verify_hashes(p, manifest.get("files", {}), "export")
+        elif verify == "collect":
+            exp.integrity_errors = hash_errors(p, manifest.get("files", {}))
+        return exp
+
+    @property
+    def mode(self) -> str:
+        return self.manifest["mode"]
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest["dtype"]
+
+    @property
+    def levels(self) -> list[Level]:
+        return [parse_level(r["name"]) for r in self.manifest["levels"]]
+
+    def level_record(self, level: Level) -> dict:
+        return next(r for r in self.manifest["levels"] if parse_level(r["name"]) == level)
+
+    def graph_path(self, level: Level) -> Path:
+        if self.mode == "dynamic":
+            return self.path / GRAPH_FILE
+        return self.path / level_dirname(level) / GRAPH_FILE
+
+    def level_index(self, level: Level) -> int | None:
+        """The ``sparsity_level`` value of ``level`` in dynamic mode (None in baked mode)."""
+        if self.mode != "dynamic":
+            return None
+        return self.levels.index(level)
+
+    def source_artifact(self, override: str | Path | None = None) -> Artifact:
+        src = Path(override) if override else Path(self.manifest["source_artifact"]["path"])
+        if not src.exists():
+            raise UserError(f"the source artifact {src} of export {self.path} is not there; pass --artifact PATH")
+        art = Artifact.open(src)
+        want = self.manifest["source_artifact"]["manifest_sha256"]
+        if sha256_file(art.path / MANIFEST) != want:
+            raise UserError(f"artifact {src} is not the one export {self.path} was made from (manifest sha256 differs)")
+        return art
+
+    def record_parity(self, parity: dict) -> None:
+        """Store the parity result in the manifest (written atomically)."""
+        self.manifest["parity"] = parity
+        write_json(self.path / MANIFEST, self.manifest)

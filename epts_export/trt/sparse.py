@@ -1,0 +1,135 @@
+"""The sparse-tactic report: which layers of a TensorRT engine could use 2:4 sparse math and which
+got a sparse kernel, from the engine inspector's JSON and the builder's log.
+
+Pure text analysis, standard library only: the device-side builder (``epts_export.trt.builder``)
+calls it after each build and a copy travels with it inside every bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+ELIGIBLE_RE = re.compile(r"layers eligible for sparse math\s*:?(.*)$", re.IGNORECASE)
+PICKED_RE = re.compile(r"picked sparse implementation for layers\s*:?(.*)$", re.IGNORECASE)
+
+
+def _dedupe(names) -> list[str]:
+    seen, out = set(), []
+    for n in names:
+        if n and n not in seen:
+            seen.add(n)
+            out.append(n)
+    return out
+
+
+def _split_names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _truthy(v) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)):
+        return v != 0
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "on", "enabled")
+    return False
+
+
+def _layer_name(entry: dict) -> str | None:
+    for key in ("Name", "name", "LayerName", "layerName", "layer_name"):
+        if isinstance(entry.get(key), str):
+            return entry[key]
+    return None
+
+
+def _walk(obj, on_item) -> None:
+    """Call on_item(key, value) for every key below obj (dicts and lists, any depth)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            on_item(str(k), v)
+            _walk(v, on_item)
+    elif isinstance(obj, list):
+        for v in obj:
+            _walk(v, on_item)
+
+
+def _inspect_layer(entry: dict) -> tuple[bool, bool]:
+    """(has sparse weights, runs a sparse tactic) for one inspector layer entry."""
+    flags = {"weights": False, "tactic": False}
+
+    def on_item(key: str, value) -> None:
+        k = key.lower()
+        if "tactic" in k:
+            if isinstance(value, str) and "sparse" in value.lower():
+                flags["tactic"] = True
+        elif "sparse" in k and not isinstance(value, (dict, list)) and _truthy(value):
+            flags["weights"] = True
+
+    _walk(entry, on_item)
+    return flags["weights"], flags["tactic"]
+
+
+def _inspector_layers(layer_info_json: str) -> list | None:
+    """The layer list of an engine inspector JSON (None when it is empty or not JSON)."""
+    if not layer_info_json or not layer_info_json.strip():
+        return None
+    try:
+        doc = json.loads(layer_info_json)
+    except ValueError:
+        return None
+    if isinstance(doc, list):
+        return doc
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            if key.lower() == "layers" and isinstance(value, list):
+                return value
+        return []
+    return None
+
+
+def sparse_report(layer_info_json: str, log_lines: list[str]) -> dict:
+    """Which layers could use sparse math and which got a sparse kernel.
+
+    Sources: the builder log lines ``(Sparsity) Layers eligible for sparse math: a, b`` and
+    ``(Sparsity) TRT inference plan picked sparse implementation for layers: b``; and the engine
+    inspector JSON ({"Layers": [...]}): a layer entry with a truthy key containing "sparse" (e.g.
+    ``HasSparseWeights``) has 2:4 weights (eligible), a tactic name containing "sparse" means a sparse
+    kernel was picked. With ``LAYER_NAMES_ONLY`` verbosity the layers are bare strings and only the
+    log tells. Eligible is not picked: TensorRT keeps dense kernels where they are faster.
+    Returns {"eligible": [...], "picked": [...], "layers": n, "source": "inspector+log" | "inspector" | "log" | "none"}.
+    """
+    eligible, picked = [], []
+    saw_log = False
+    for line in log_lines or []:
+        text = str(line)
+        m = ELIGIBLE_RE.search(text)
+        if m:
+            saw_log = True
+            eligible += _split_names(m.group(1))
+            continue
+        m = PICKED_RE.search(text)
+        if m:
+            saw_log = True
+            picked += _split_names(m.group(1))
+    layers = _inspector_layers(layer_info_json)
+    detailed = False
+    for entry in layers or []:
+        if not isinstance(entry, dict):
+            continue
+        name = _layer_name(entry)
+        if name is None:
+            continue
+        detailed = True
+        has_weights, sparse_tactic = _inspect_layer(entry)
+        if has_weights or sparse_tactic:
+            eligible.append(name)
+        if sparse_tactic:
+            picked.append(name)
+    picked = _dedupe(picked)
+    eligible = _dedupe(eligible + picked)  # a layer that runs a sparse kernel was eligible
+    used_inspector = layers is not None and (detailed or len(layers) > 0)
+    source = ("inspector+log" if used_inspector and saw_log else "inspector" if used_inspector
+              else "log" if saw_log else "none")
+    return {"eligible": eligible, "picked": picked, "layers": len(layers or []), "source": source}
