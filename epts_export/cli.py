@@ -80,19 +80,11 @@ def optimize(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
     """Optimize MODEL with EPTS (or a baseline) into an elastic artifact."""
-    from .pruning.calibration import CalibSpec
-    from .pruning.epts import TrainConfig
     from .pruning.optimize import OptimizeSpec, optimize as run
-    from .pruning.presets import load_preset
 
-    p = load_preset(preset)
-    pick = lambda v, k: v if v is not None else p[k]  # noqa: E731 - flag beats preset
-    spec = OptimizeSpec(
-        model=model, out=out, levels=_levels(levels), method=method,
-        calib=CalibSpec(source=pick(calib, "calib"), nsamples=pick(nsamples, "nsamples"), seqlen=pick(seqlen, "seqlen"), seed=seed),
-        train=TrainConfig(rank=pick(rank, "rank"), epochs=pick(epochs, "epochs"), lr=pick(lr, "lr")),
-        device=device, resume=resume, overwrite=overwrite, threads=threads,
-    )
+    spec = OptimizeSpec.from_preset(model, out, _levels(levels), preset, calib=calib, nsamples=nsamples, seqlen=seqlen,
+                                    epochs=epochs, rank=rank, lr=lr, seed=seed, method=method, device=device,
+                                    resume=resume, overwrite=overwrite, threads=threads)
     path = run(spec, progress=Progress(enabled=not quiet))
     _summary_artifact(path)
 

@@ -9,23 +9,20 @@ The same functions back `epts-export optimize / eval / materialize`.
 import sys
 from pathlib import Path
 
-from epts_export.pruning.calibration import CalibSpec
-from epts_export.pruning.epts import TrainConfig
 from epts_export.core.levels import parse_level, parse_levels
 from epts_export.artifact.materialize import ElasticModel
 from epts_export.artifact.folder import Artifact
 from epts_export.models.families import measured_sparsity
 from epts_export.pruning.optimize import OptimizeSpec, optimize
-from epts_export.pruning.presets import load_preset
 from epts_export.progress import Progress
 
 model = next((a for a in sys.argv[1:] if not a.startswith("-")), "smollm2-135m")
-p = load_preset("quick" if "--quick" in sys.argv else "default")
+preset = "quick" if "--quick" in sys.argv else "default"
 out = Path("runs/example-elastic")
 if not (out / "manifest.json").exists():
-    optimize(OptimizeSpec(model=model, out=out, levels=parse_levels("0.3,0.5,0.7,2:4"), resume=(out.parent / (out.name + ".partial")).exists(),
-                          calib=CalibSpec(p["calib"], p["nsamples"], p["seqlen"]), train=TrainConfig(rank=p["rank"], epochs=p["epochs"])),
-             progress=Progress())
+    spec = OptimizeSpec.from_preset(model, out, parse_levels("0.3,0.5,0.7,2:4"), preset,
+                                    resume=(out.parent / (out.name + ".partial")).exists())
+    optimize(spec, progress=Progress())
 
 em = ElasticModel(Artifact.open(out))  # loads the dense weights once
 prompt = em.tokenizer("The quick brown fox", return_tensors="pt")

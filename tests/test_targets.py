@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from epts_export.errors import UserError
-from epts_export.core.levels import parse_level
+from epts_export.core.levels import DEFAULT_LEVELS, parse_level, parse_levels
+from epts_export.interface import ShapeRange
 from epts_export.deploy.targets import (
     ENV_DIR,
     FIELDS,
-    Profile,
     all_targets,
     load_target_file,
     resolve_target,
@@ -109,10 +109,14 @@ def test_shipped_target_is_valid(path, tmp_path):
     assert t.workspace_mb <= t.memory_budget_gb * 1024
     assert t.precision == "fp16"
     assert t.sparse_levels == ("2:4",)
-    assert all(parse_level(lv) for lv in t.levels_default())
+    # every default level lies in optimize's default range (one artifact serves every target) and
+    # every N:M default runs on the sparse tensor cores
+    trained = parse_levels(DEFAULT_LEVELS)
+    assert t.levels and all(lv in trained for lv in t.levels) and t.sparse == {parse_level("2:4")}
+    assert all(lv in t.sparse for lv in t.levels if lv.is_nm) and t.levels == sorted(t.levels, key=trained.index)
     assert set(t.profiles) == {"prefill", "decode"}
     for name, prof in t.profiles.items():
-        assert isinstance(prof, Profile)
+        assert isinstance(prof, ShapeRange)
         for triple in (prof.batch, prof.seq, prof.past):
             assert len(triple) == 3 and 0 <= triple[0] <= triple[1] <= triple[2]
         assert prof.batch[0] >= 1 and prof.seq[0] >= 1 and prof.past[0] == 0

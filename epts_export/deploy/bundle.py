@@ -126,9 +126,9 @@ def verify(path: str | Path) -> dict:
         report["engines"] = f"{len(engines)} present, not checked here: {why}"
         return report
     import tensorrt as trt
-    import torch
+    from ..trt.builder import compute_capability
 
-    cc = "%d.%d" % torch.cuda.get_device_capability()
+    cc = compute_capability() or "unknown"
     unknown = []
     for name, (path, record) in engines.items():
         if not record.get("tensorrt"):

@@ -30,10 +30,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..artifact.folder import ARTIFACT, Artifact
+from ..core.levels import DEFAULT_LEVELS, Level, parse_levels, sort_levels
 from ..errors import UserError
-from ..fsutil import file_hashes, sha256_bytes, sha256_file, staged_dir, write_json
-from ..core.levels import Level, parse_level
-from ..artifact.folder import ARTIFACT
+from ..fsutil import MANIFEST, file_hashes, sha256_bytes, sha256_file, staged_dir, write_json
+from ..interface import GRAPH_FILE, KVLayout, level_dirname
 from ..progress import Progress
 from .bundle import BUNDLE
 
@@ -56,12 +57,21 @@ class BuildSpec:
     eval_windows: int | None = 32
 
 
+@dataclass
+class _Source:
+    """Where the build starts: an artifact, or a resolved model to optimize first."""
+
+    artifact: Artifact | None
+    model_dir: Path  # the Hugging Face folder (the artifact's model/ when starting from one)
+    model_sha256: str | None  # the resolved model's weights, for the artifact stage's cache key
+
+
 def _fingerprint(obj) -> str:
     return sha256_bytes(json.dumps(obj, sort_keys=True).encode())[:16]
 
 
 def _is_artifact(path: Path) -> bool:
-    mf = path / "manifest.json"
+    mf = path / MANIFEST
     if not mf.is_file():
         return False
     try:
@@ -70,15 +80,13 @@ def _is_artifact(path: Path) -> bool:
         return False
 
 
-def memory_preflight(model_config, params: int, target, levels: list[Level]) -> dict:
+def memory_preflight(model_config, params: int, target) -> dict:
     """Weights + KV cache at the target's max batch and context + workspace, against its budget.
     Returns the estimate; UserError saying what to change when it does not fit."""
-    from ..onnx.export import kv_geometry
-
-    geo = kv_geometry(model_config)
     elem = 4 if target.precision == "fp32" else 2
+    per_token = KVLayout.from_config(model_config).bytes_per_token(elem) * target.max_batch
     weights = params * elem
-    kv = 2 * geo.layers * geo.kv_heads * geo.head_dim * target.max_context * target.max_batch * elem
+    kv = per_token * target.max_context
     workspace = target.workspace_mb * 1024**2
     total = weights + kv + workspace
     budget = int(target.memory_budget_gb * 1024**3)
@@ -86,7 +94,6 @@ def memory_preflight(model_config, params: int, target, levels: list[Level]) -> 
            "budget_bytes": budget, "fits": total <= budget}
     if total > budget:
         gib = 1024**3
-        per_token = 2 * geo.layers * geo.kv_heads * geo.head_dim * target.max_batch * elem
         room = budget - weights - workspace
         hint = (f"lower max_context to {max(room // per_token, 0)} or max_batch in a copy of {target.path.name} "
                 f"(pass it with --target path.toml), or pick a target with more memory") if room > 0 else \
@@ -98,9 +105,8 @@ def memory_preflight(model_config, params: int, target, levels: list[Level]) -> 
 
 
 def _check_levels(target, levels: list[Level]) -> None:
-    sparse_ok = {parse_level(s) for s in target.sparse_levels}
     for lv in levels:
-        if lv.is_nm and lv not in sparse_ok:
+        if lv.is_nm and lv not in target.sparse:
             can = ", ".join(target.sparse_levels) or "none"
             raise UserError(f"target {target.name} cannot accelerate {lv.name} as sparse (its sparse tensor cores take: {can}); "
                             f"ship an unstructured level instead, or export {lv.name} for ONNX Runtime with `epts-export export`")
@@ -108,11 +114,9 @@ def _check_levels(target, levels: list[Level]) -> None:
 
 def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
     """Run the pipeline for ``spec.target``; returns the bundle folder."""
-    from ..artifact.folder import Artifact
-    from ..onnx.export import ExportSpec, OnnxExport, export
-    from ..onnx.parity import validate, write_report
+    from transformers import AutoConfig
+
     from .targets import resolve_target
-    from ..trt.builder import tensorrt_status
 
     progress = progress or Progress(enabled=False)
     t0 = time.time()
@@ -123,132 +127,65 @@ def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
         raise UserError(f"bundle {bundle} already exists: choose another --out or pass --overwrite")
     stages = out / STAGES
     stages.mkdir(parents=True, exist_ok=True)
-    levels = spec.levels or [parse_level(s) for s in target.default_levels]
+    levels = spec.levels or target.levels
     _check_levels(target, levels)
 
     # 1. memory pre-flight before any heavy work (from the model's config and weight headers)
-    from transformers import AutoConfig
-
-    src = Path(spec.source)
-    if _is_artifact(src):
-        art = Artifact.open(src)
-        model_dir = art.model_dir
-    elif src.exists() and (src / "manifest.json").is_file():
-        raise UserError(f"{src} has a manifest but is not an elastic artifact; pass an artifact folder or a model")
-    else:
-        from ..models.resolve import resolve_model
-
-        art, model_dir = None, resolve_model(spec.source, progress=progress.enabled).path
-    config = AutoConfig.from_pretrained(model_dir)
-    estimate = memory_preflight(config, _param_count(model_dir), target, levels)
-
+    src = _source(spec, progress)
+    config = AutoConfig.from_pretrained(src.model_dir)
+    estimate = memory_preflight(config, _param_count(src.model_dir), target)
     # 2. artifact: given, or optimized once per (model, preset) and reused
-    if art is None:
-        art = _optimize_stage(spec, levels, stages, progress)
+    art = src.artifact or optimize_stage(spec, src, levels, stages, progress)
     for lv in levels:
         art.check_level(lv)
-
-    # 3. ONNX, baked per level, in the target's precision (reused when unchanged)
-    export_key = _fingerprint({"artifact": sha256_file(art.path / "manifest.json"), "levels": [lv.name for lv in levels],
-                               "dtype": target.precision, "opset": 17, "version": _version()})
-    onnx_dir = stages / f"onnx-{export_key}"
-    if onnx_dir.exists():
-        try:
-            OnnxExport.open(onnx_dir)
-            progress_note(progress, f"reusing ONNX export {onnx_dir}")
-        except UserError:
-            shutil.rmtree(onnx_dir)
-    if not onnx_dir.exists():
-        export(ExportSpec(artifact=art.path, out=onnx_dir, mode="baked", levels=levels, dtype=target.precision), progress)
-    exp = OnnxExport.open(onnx_dir)
-
-    # 4. parity (reused when the export already passed)
-    report_path = onnx_dir.parent / f"parity-{export_key}.json"
-    if exp.manifest.get("parity", {}) and exp.manifest["parity"].get("passed") and report_path.is_file():
-        report = json.loads(report_path.read_text())
-        progress_note(progress, "reusing the parity result of that export")
-    else:
-        report = validate(onnx_dir, artifact=art.path, progress=progress)
-        write_report(report, report_path)
+    # 3-4b. ONNX baked in the target's precision, parity, perplexity: each reused when unchanged
+    exp, export_key = export_stage(art, levels, target.precision, stages, progress)
+    report, report_path = parity_stage(exp, art, export_key, stages, progress)
     if not report["passed"]:
         raise UserError("parity failed: " + "; ".join(report["failures"][:5]) + f" (report: {report_path})", EXIT_PARITY)
-
-    # 4b. perplexity per level, when the user gives text (cached with the export)
-    ppl = {}
-    if spec.eval_data:
-        from ..artifact.evaluate import evaluate
-
-        ppl_path = stages / f"ppl-{_fingerprint({'export': export_key, 'data': spec.eval_data, 'seqlen': spec.eval_seqlen, 'windows': spec.eval_windows})}.json"
-        if ppl_path.is_file():
-            ev = json.loads(ppl_path.read_text())
-            progress_note(progress, "reusing the perplexity of those levels")
-        else:
-            ev = evaluate(art.path, spec.eval_data, spec.eval_seqlen, levels, progress, spec.eval_windows)
-            write_json(ppl_path, ev)
-        ppl = {r["level"]: {"value": round(r["ppl"], 4), "data": ev["data"]["source"], "data_sha256": ev["data"]["sha256"],
-                            "seqlen": ev["seqlen"], "windows": ev["data"]["windows"], "dense": ev["results"][0]["ppl"]}
-               for r in ev["results"][1:]}
-
-    # 5. engines: here when TensorRT and a matching GPU are present and the target allows it
-    if target.build_on_device:
-        ok, why = False, f"{target.name} engines are built on the device itself (there is no cross-building for Jetson)"
-    else:
-        ok, why = tensorrt_status()
-    if not ok and spec.require_engines:
+    ppl = perplexity_stage(spec, art, levels, export_key, stages, progress) if spec.eval_data else {}
+    # 5. engines here when TensorRT and a matching GPU are present and the target allows it; bundle
+    can_build, why = _engines_here(target)
+    if not can_build and spec.require_engines:
         raise UserError(f"engines were not built: {why} (--require-engines)", EXIT_NO_ENGINES)
-
     with staged_dir(bundle, overwrite=spec.overwrite) as tmp:
-        level_records = []
-        parity_by_level = {e["level"]: e for e in report["levels"]}
-        for lv in levels:
-            rel = exp.graph_path(lv).parent.relative_to(exp.path).as_posix()
-            shutil.copytree(exp.path / rel, tmp / rel)
-            entry = parity_by_level[lv.name]
-            rec = next(r for r in exp.manifest["levels"] if r["name"] == lv.name)
-            level_records.append({
-                "name": lv.name, "dir": rel, "pattern": rec["pattern"], "sparsity": lv.sparsity,
-                "measured_sparsity": rec.get("measured_sparsity"), "sparse_weights": lv.is_nm,
-                "perplexity": ppl.get(lv.name),  # None unless build got --eval-data
-                "parity": {"passed": entry["passed"], "checks": {k: bool(v.get("passed")) for k, v in entry["checks"].items()}},
-            })
-        write_report(report, tmp / "parity.json")
-        engine_specs = _engine_specs(tmp, target, levels, config)
-        from ..trt.scripts import write_build_script
-
-        write_build_script(engine_specs, tmp)
-        engines = {}
-        if ok:
-            engines = _build_engines_here(engine_specs, progress)
-            trt_report = _trt_parity(art, exp, engine_specs, target, progress)
-            write_report(trt_report, tmp / "parity-tensorrt.json")
-            for rec in level_records:
-                e = next(x for x in trt_report["levels"] if x["level"] == rec["name"])
-                rec["parity"]["tensorrt"] = {"passed": e["passed"], "checks": {k: bool(v.get("passed")) for k, v in e["checks"].items()}}
-            if not trt_report["passed"]:
-                raise UserError("TensorRT parity failed: " + "; ".join(trt_report["failures"][:5]), EXIT_PARITY)
-        by_level = {es.level: es for es in engine_specs}
-        for rec in level_records:
-            if rec["name"] in engines:  # paths relative to the bundle (tmp is renamed when complete)
-                es = by_level[rec["name"]]
-                rec["engine"] = {**engines[rec["name"]], "engine": es.engine.relative_to(tmp).as_posix(),
-                                 "layer_info": es.layer_info.relative_to(tmp).as_posix()}
+        records = _copy_levels(exp, report, ppl, levels, tmp)
+        specs = engine_specs(tmp, target, levels, config)
+        engines = engine_stage(specs, art, exp, target, records, tmp, progress) if can_build else {}
         manifest = {
             **BUNDLE.header(),
             "target": target.to_dict(),
-            "levels": level_records,
+            "levels": records,
             "engines": {"built": bool(engines), "reason": None if engines else why,
                         "how": "bash build_engines.sh (trtexec) or python build_engines.py, on the device"},
             "memory_estimate": estimate,
-            "source": {"artifact": str(art.path.resolve()), "artifact_manifest_sha256": sha256_file(art.path / "manifest.json"),
-                       "onnx_export": str(onnx_dir.resolve())},
+            "source": {"artifact": str(art.path.resolve()), "artifact_manifest_sha256": sha256_file(art.path / MANIFEST),
+                       "onnx_export": str(exp.path.resolve())},
             "elapsed_s": round(time.time() - t0, 2),
-            "files": file_hashes(tmp),
         }
-        for rec in level_records:  # each level's own files (graph, configs, tokenizer, engine), from the global list
-            mine = [rec["dir"] + "/"] + ([rec["engine"]["engine"], rec["engine"]["layer_info"]] if rec.get("engine") else [])
-            rec["files"] = {f: h for f, h in manifest["files"].items() if any(f == m or (m.endswith("/") and f.startswith(m)) for m in mine)}
-        write_json(tmp / "manifest.json", manifest)
+        _write_bundle_manifest(tmp, manifest, engines, specs)
     return bundle
+
+
+def _source(spec: BuildSpec, progress: Progress) -> _Source:
+    src = Path(spec.source)
+    if _is_artifact(src):
+        art = Artifact.open(src)
+        return _Source(art, art.model_dir, art.manifest["model"].get("sha256"))
+    if src.exists() and (src / MANIFEST).is_file():
+        raise UserError(f"{src} has a manifest but is not an elastic artifact; pass an artifact folder or a model")
+    from ..models.resolve import resolve_model
+
+    resolved = resolve_model(spec.source, progress=progress.enabled)
+    return _Source(None, resolved.path, resolved.source.get("sha256"))
+
+
+def _engines_here(target) -> tuple[bool, str]:
+    if target.build_on_device:
+        return False, f"{target.name} engines are built on the device itself (there is no cross-building for Jetson)"
+    from ..trt.builder import tensorrt_status
+
+    return tensorrt_status()
 
 
 def progress_note(progress: Progress, message: str) -> None:
@@ -282,20 +219,21 @@ def _param_count(model_dir: Path) -> int:
     return total
 
 
-def _optimize_stage(spec: BuildSpec, levels: list[Level], stages: Path, progress: Progress):
-    from ..artifact.folder import Artifact
-    from ..pruning.calibration import CalibSpec
-    from ..pruning.epts import TrainConfig
+# --------------------------------------------------------------------------------------------
+# stages: each a function from artifacts and a spec to a (cached) artifact
+
+
+def optimize_stage(spec: BuildSpec, src: _Source, levels: list[Level], stages: Path, progress: Progress) -> Artifact:
+    """The artifact of (model weights, preset): trains optimize's default range plus whatever this
+    build ships, so that one artifact serves every target whose levels fall in it (optimize once,
+    ship to many devices). Keyed by the resolved model's sha256, so a model edited in place is
+    optimized again."""
     from ..pruning.optimize import OptimizeSpec, optimize
     from ..pruning.presets import load_preset
 
-    from ..core.levels import DEFAULT_LEVELS, parse_levels
-
-    p = load_preset(spec.preset)
-    # train optimize's default range plus whatever this build ships, so that one artifact serves
-    # every target whose levels fall in it (optimize once, ship to many devices)
-    levels = sorted(set(parse_levels(DEFAULT_LEVELS)) | set(levels), key=lambda lv: (lv.is_nm, lv.sparsity, lv.m))
-    key = _fingerprint({"model": spec.source, "levels": [lv.name for lv in levels], "preset": p, "version": _version()})
+    levels = sort_levels(set(parse_levels(DEFAULT_LEVELS)) | set(levels))
+    key = _fingerprint({"model": src.model_sha256, "levels": [lv.name for lv in levels], "preset": load_preset(spec.preset),
+                        "version": _version()})
     out = stages / f"artifact-{key}"
     if out.exists():
         try:
@@ -304,66 +242,149 @@ def _optimize_stage(spec: BuildSpec, levels: list[Level], stages: Path, progress
             return art
         except UserError:
             shutil.rmtree(out)
-    opt = OptimizeSpec(model=spec.source, out=out, levels=levels,
-                       calib=CalibSpec(source=p["calib"], nsamples=p["nsamples"], seqlen=p["seqlen"]),
-                       train=TrainConfig(rank=p["rank"], epochs=p["epochs"], lr=p["lr"]),
-                       resume=(out.parent / (out.name + ".partial")).exists())
+    opt = OptimizeSpec.from_preset(spec.source, out, levels, spec.preset,
+                                   resume=(out.parent / (out.name + ".partial")).exists())
     return Artifact.open(optimize(opt, progress))
 
 
-def _engine_specs(bundle: Path, target, levels: list[Level], config) -> list:
-    from ..onnx.export import kv_geometry, level_dirname
-    from ..trt.builder import EngineSpec, KVLayout, ShapeRange
+def export_stage(art: Artifact, levels: list[Level], precision: str, stages: Path, progress: Progress):
+    """(the baked ONNX export of ``levels`` in ``precision``, its cache key)."""
+    from ..onnx.export import DEFAULT_OPSET, ExportSpec, export
+    from ..onnx.reader import OnnxExport
 
-    geo = kv_geometry(config)
-    sparse = {parse_level(s) for s in target.sparse_levels}
-    specs = []
+    key = _fingerprint({"artifact": sha256_file(art.path / MANIFEST), "levels": [lv.name for lv in levels],
+                        "dtype": precision, "opset": DEFAULT_OPSET, "version": _version()})
+    onnx_dir = stages / f"onnx-{key}"
+    if onnx_dir.exists():
+        try:
+            OnnxExport.open(onnx_dir)
+            progress_note(progress, f"reusing ONNX export {onnx_dir}")
+        except UserError:
+            shutil.rmtree(onnx_dir)
+    if not onnx_dir.exists():
+        export(ExportSpec(artifact=art.path, out=onnx_dir, mode="baked", levels=levels, dtype=precision), progress)
+    return OnnxExport.open(onnx_dir), key
+
+
+def parity_stage(exp, art: Artifact, export_key: str, stages: Path, progress: Progress) -> tuple[dict, Path]:
+    """(the validate report of the export, its path); reused when the export already passed."""
+    from ..onnx.parity import validate, write_report
+
+    report_path = stages / f"parity-{export_key}.json"
+    if (exp.manifest.get("parity") or {}).get("passed") and report_path.is_file():
+        progress_note(progress, "reusing the parity result of that export")
+        return json.loads(report_path.read_text()), report_path
+    report = validate(exp.path, artifact=art.path, progress=progress)
+    write_report(report, report_path)
+    return report, report_path
+
+
+def perplexity_stage(spec: BuildSpec, art: Artifact, levels: list[Level], export_key: str, stages: Path,
+                     progress: Progress) -> dict[str, dict]:
+    """level name -> perplexity record on ``spec.eval_data`` (cached with the export)."""
+    from ..artifact.evaluate import evaluate
+
+    ppl_path = stages / f"ppl-{_fingerprint({'export': export_key, 'data': spec.eval_data, 'seqlen': spec.eval_seqlen, 'windows': spec.eval_windows})}.json"
+    if ppl_path.is_file():
+        ev = json.loads(ppl_path.read_text())
+        progress_note(progress, "reusing the perplexity of those levels")
+    else:
+        ev = evaluate(art.path, spec.eval_data, spec.eval_seqlen, levels, progress, spec.eval_windows)
+        write_json(ppl_path, ev)
+    return {r["level"]: {"value": round(r["ppl"], 4), "data": ev["data"]["source"], "data_sha256": ev["data"]["sha256"],
+                         "seqlen": ev["seqlen"], "windows": ev["data"]["windows"], "dense": ev["results"][0]["ppl"]}
+            for r in ev["results"][1:]}
+
+
+def _copy_levels(exp, report: dict, ppl: dict, levels: list[Level], tmp: Path) -> list[dict]:
+    """Copy each level's folder into the bundle; its manifest record (without files yet)."""
+    parity_by_level = {e["level"]: e for e in report["levels"]}
+    records = []
+    for lv in levels:
+        rel = exp.graph_path(lv).parent.relative_to(exp.path).as_posix()
+        shutil.copytree(exp.path / rel, tmp / rel)
+        entry = parity_by_level[lv.name]
+        rec = exp.level_record(lv)
+        records.append({
+            "name": lv.name, "dir": rel, "pattern": rec["pattern"], "sparsity": lv.sparsity,
+            "measured_sparsity": rec.get("measured_sparsity"), "sparse_weights": lv.is_nm,
+            "perplexity": ppl.get(lv.name),  # None unless build got --eval-data
+            "parity": {"passed": entry["passed"], "checks": {k: bool(v.get("passed")) for k, v in entry["checks"].items()}},
+        })
+    from ..onnx.parity import write_report
+
+    write_report(report, tmp / "parity.json")
+    return records
+
+
+def engine_specs(bundle: Path, target, levels: list[Level], config) -> dict[Level, object]:
+    """level -> the EngineSpec of its engine in ``bundle``, from the target's profiles."""
+    from ..trt.builder import EngineSpec
+
+    specs = {}
     for lv in levels:
         d = level_dirname(lv)
-        specs.append(EngineSpec(
-            onnx=bundle / d / "model.onnx", engine=bundle / "engines" / f"{d}.engine", level=lv.name,
-            sparse=lv in sparse, precision=target.precision,
-            profiles=[ShapeRange(name, p.batch, p.seq, p.past) for name, p in target.profiles.items()],
-            kv=KVLayout(geo.layers, geo.kv_heads, geo.head_dim), workspace_mb=target.workspace_mb,
+        specs[lv] = EngineSpec(
+            onnx=bundle / d / GRAPH_FILE, engine=bundle / "engines" / f"{d}.engine", level=lv.name,
+            sparse=lv in target.sparse, precision=target.precision, profiles=list(target.profiles.values()),
+            kv=KVLayout.from_config(config), workspace_mb=target.workspace_mb,
             tactic_dram_mb=target.tactic_dram_mb, timing_cache=bundle / "engines" / f"{target.name}.timing.cache",
-            layer_info=bundle / "engines" / f"{d}.layers.json"))
+            layer_info=bundle / "engines" / f"{d}.layers.json")
     return specs
 
 
-def _trt_parity(art, exp, specs, target, progress: Progress) -> dict:
-    """Each engine against the float32 PyTorch reference with the export dtype's tolerances:
-    the same checks and report as `validate` (ORT's CPU provider cannot compute in fp16, so
-    TensorRT and ORT are each compared with the same float32 reference)."""
+def engine_stage(specs: dict, art: Artifact, exp, target, records: list[dict], tmp: Path, progress: Progress) -> dict:
+    """Build every engine here, gate on TensorRT parity (parity-tensorrt.json); level name ->
+    build record, with paths relative to the bundle."""
+    from ..onnx.parity import write_report
+    from ..trt.builder import build_engine
+
+    built = {}
+    with progress.count("building TensorRT engines", len(specs)) as advance:
+        for lv, s in specs.items():
+            s.engine.parent.mkdir(parents=True, exist_ok=True)
+            built[lv.name] = {**build_engine(s), "engine": s.engine.relative_to(tmp).as_posix(),
+                              "layer_info": s.layer_info.relative_to(tmp).as_posix()}
+            advance()
+    trt_report = tensorrt_parity(art, exp, specs, target, progress)
+    write_report(trt_report, tmp / "parity-tensorrt.json")
+    by_level = {e["level"]: e for e in trt_report["levels"]}
+    for rec in records:
+        e = by_level[rec["name"]]
+        rec["parity"]["tensorrt"] = {"passed": e["passed"], "checks": {k: bool(v.get("passed")) for k, v in e["checks"].items()}}
+    if not trt_report["passed"]:
+        raise UserError("TensorRT parity failed: " + "; ".join(trt_report["failures"][:5]), EXIT_PARITY)
+    return built
+
+
+def tensorrt_parity(art: Artifact, exp, specs: dict, target, progress: Progress) -> dict:
+    """Each engine against the float32 PyTorch reference with the export dtype's tolerances, through
+    the same validation loop as `validate` (ORT's CPU provider cannot compute in fp16, so TensorRT
+    and ORT are each compared with the same float32 reference)."""
     from ..artifact.materialize import ElasticModel
-    from ..onnx.runtime import TorchDecoder
-    from ..onnx.parity import PROMPT, TOLERANCES, _why, compare
+    from ..onnx.parity import TOLERANCES, check_levels
     from ..trt.runtime import TrtDecoder
 
-    em = ElasticModel(art)
-    prompt = em.tokenizer(PROMPT)["input_ids"]
-    names = exp.manifest["io"]["outputs"]
-    levels, failures = [], []
-    with progress.count("TensorRT parity", len(specs)) as advance:
-        for s in specs:
-            lv = parse_level(s.level)
-            model = em.at(lv)
-            checks = compare(TorchDecoder(model), TrtDecoder(s.engine), target.precision, model.config.vocab_size, prompt,
-                             names, max_batch=min(3, target.max_batch))
-            ok = all(c.get("passed") for c in checks.values())
-            failures += [f"level {lv.name} / tensorrt {n}: {_why(c)}" for n, c in checks.items() if not c.get("passed")]
-            levels.append({"level": lv.name, "engine": s.engine.name, "passed": ok, "checks": checks})
-            advance()
-    return {"runtime": "tensorrt", "dtype": target.precision, "passed": not failures, "levels": levels,
+    def open_engine(lv: Level):
+        return TrtDecoder(specs[lv].engine), {"engine": specs[lv].engine.name}
+
+    entries, failures = check_levels(ElasticModel(art), list(specs), open_engine, target.precision,
+                                     exp.manifest["io"]["outputs"], label="TensorRT parity", progress=progress,
+                                     max_batch=min(3, target.max_batch), prefix="tensorrt ")
+    return {"runtime": "tensorrt", "dtype": target.precision, "passed": not failures, "levels": entries,
             "tolerances": {k: v.to_dict() for k, v in TOLERANCES[target.precision].items()}, "failures": failures}
 
 
-def _build_engines_here(specs, progress: Progress) -> dict:
-    from ..trt.builder import build_engine
+def _write_bundle_manifest(tmp: Path, manifest: dict, engines: dict, specs: dict) -> None:
+    """Engine records, the build scripts, sha256 of every file, and each level's own files."""
+    from ..trt.scripts import write_build_script
 
-    out = {}
-    with progress.count("building TensorRT engines", len(specs)) as advance:
-        for s in specs:
-            s.engine.parent.mkdir(parents=True, exist_ok=True)
-            out[s.level] = build_engine(s)
-            advance()
-    return out
+    write_build_script(list(specs.values()), tmp)
+    for rec in manifest["levels"]:
+        if rec["name"] in engines:
+            rec["engine"] = engines[rec["name"]]
+    manifest["files"] = file_hashes(tmp)
+    for rec in manifest["levels"]:  # each level's own files (graph, configs, tokenizer, engine), from the global list
+        mine = [rec["dir"] + "/"] + ([rec["engine"]["engine"], rec["engine"]["layer_info"]] if rec.get("engine") else [])
+        rec["files"] = {f: h for f, h in manifest["files"].items() if any(f == m or (m.endswith("/") and f.startswith(m)) for m in mine)}
+    write_json(tmp / MANIFEST, manifest)

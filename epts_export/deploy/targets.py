@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.levels import Level, parse_level, sort_levels
 from ..errors import UserError
-from ..core.levels import parse_level
+from ..interface import PRECISIONS, ShapeRange
 
 ENV_DIR = "EPTS_TARGETS_DIR"
 
 KINDS = ("jetson", "desktop", "datacenter")
-PRECISIONS = ("fp16", "bf16", "fp32")
 PROFILE_NAMES = ("prefill", "decode")
-AXES = ("batch", "seq", "past")
+AXES = ShapeRange.AXES
 
 # Every top-level key of a target file; all are required except these.
 FIELDS = (
@@ -50,23 +50,6 @@ _TRT_VERSION_RE = re.compile(r"^\s*(\d+)(?:\.(\d+))?")
 
 # Sparse tensor cores (2:4 SPARSE_WEIGHTS engines) arrived with Ampere, compute capability 8.0.
 SPARSE_MIN_CC = (8, 0)
-
-
-@dataclass(frozen=True)
-class Profile:
-    """One TensorRT optimization profile: ``[min, opt, max]`` for each input axis.
-
-    ``batch`` is sequences per call, ``seq`` new tokens per call, ``past`` tokens already in the
-    KV cache before the call.
-    """
-
-    batch: tuple[int, int, int]
-    seq: tuple[int, int, int]
-    past: tuple[int, int, int]
-
-    def to_dict(self) -> dict[str, list[int]]:
-        """The three triples as JSON lists, keyed by axis name."""
-        return {axis: list(getattr(self, axis)) for axis in AXES}
 
 
 @dataclass(frozen=True)
@@ -97,7 +80,7 @@ class Target:
     default_levels: tuple[str, ...]
     build_on_device: bool
     # hash=False keeps Target hashable (a dict is not); profiles still take part in ==.
-    profiles: dict[str, Profile] = field(hash=False)
+    profiles: dict[str, ShapeRange] = field(hash=False)
     path: Path
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,9 +118,15 @@ class Target:
         want = (int(spec.group(2)), int(spec.group(3)))
         return have >= want if spec.group(1) else have == want
 
-    def levels_default(self) -> list[str]:
-        """The level strings to build when the user names none (a new list, safe to modify)."""
-        return list(self.default_levels)
+    @property
+    def levels(self) -> list[Level]:
+        """The levels to build when the user names none, parsed and in serving order."""
+        return sort_levels(parse_level(s) for s in self.default_levels)
+
+    @property
+    def sparse(self) -> frozenset[Level]:
+        """The N:M levels this device's sparse tensor cores run (SPARSE_WEIGHTS engines)."""
+        return frozenset(parse_level(s) for s in self.sparse_levels)
 
 
 # --- where profiles live --------------------------------------------------------------------
@@ -376,7 +365,7 @@ class _Checker:
             raise self.fail(key, "must have min <= opt <= max", value)
         return (value[0], value[1], value[2])
 
-    def profile(self, table: Any, name: str, max_batch: int, max_context: int) -> Profile:
+    def profile(self, table: Any, name: str, max_batch: int, max_context: int) -> ShapeRange:
         """One optimization profile, checked against the target's batch and context limits."""
         key = f"profiles.{name}"
         if not isinstance(table, dict):
@@ -398,7 +387,7 @@ class _Checker:
             raise self.fail(
                 key, f"must fit max_context {max_context}: seq max {seq[2]} + past max {past[2]} = {seq[2] + past[2]}"
             )
-        return Profile(batch=batch, seq=seq, past=past)
+        return ShapeRange(name, batch=batch, seq=seq, past=past)
 
     def target(self, data: dict) -> Target:
         """The whole file: field types first, then the rules that tie fields together."""
