@@ -247,14 +247,14 @@ def targets():
     """List the device profiles (targets/*.toml) and their aliases."""
     from .deploy.targets import all_targets
 
-    t = Table(title="device targets (targets/*.toml); * = built with sparse weights")
+    t = Table(title="device targets (targets/*.toml); * = sparse weights; JP = JetPack; GB = budget/total")
     t.add_column("name", no_wrap=True)
-    for col in ("cc", "TensorRT", "JetPack", "GB budget/total", "batch x ctx", "default levels", "aliases"):
-        t.add_column(col)
+    for col in ("cc", "TRT", "JP", "GB", "batch x ctx", "levels", "aliases"):
+        t.add_column(col, overflow="fold")  # wrap inside the cell: nothing is cut on an 80-column terminal
     for tg in all_targets().values():
-        lv = ",".join(f"{x}*" if x in tg.sparse_levels else x for x in tg.default_levels)
+        lv = " ".join(f"{x}*" if x in tg.sparse_levels else x for x in tg.default_levels)
         t.add_row(tg.name, tg.compute_capability, tg.tensorrt, tg.jetpack or "-", f"{tg.memory_budget_gb:g}/{tg.memory_gb:g}",
-                  f"{tg.max_batch}x{tg.max_context}", lv, ",".join(tg.aliases) or "-")
+                  f"{tg.max_batch}x{tg.max_context}", lv, " ".join(tg.aliases) or "-")
     console.print(t)
 
 

@@ -59,7 +59,21 @@ def tiny_opt():
     return OPTForCausalLM(cfg).eval()
 
 
+def tiny_of_type(model_type: str):
+    """A tiny random model of any LLaMA-family model type (same shapes as tiny_llama)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                               bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
+                               sliding_window=None, use_sliding_window=False)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
 BUILDERS = {"llama": tiny_llama, "opt": tiny_opt}
+# every other supported model type (families.py) gets a tiny model of its own in test_pipeline.py
+OTHER_TYPES = ("mistral", "qwen2", "qwen3")
 
 
 def save_tiny(family: str, dest: Path) -> Path:

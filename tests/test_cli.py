@@ -99,7 +99,21 @@ def test_version_lists_libraries():
 
 
 def test_help_lists_every_command():
+    names = {c.name or c.callback.__name__ for c in app.registered_commands}
+    assert names == {"optimize", "eval", "materialize", "info", "export", "validate", "targets", "build", "verify",
+                     "run", "version"}
     r = run("--help")
     assert r.exit_code == 0
-    for cmd in ("optimize", "eval", "materialize", "info", "version"):
-        assert cmd in r.output
+    for cmd in names:
+        assert cmd in r.output, cmd
+        sub = run(cmd, "--help")
+        assert sub.exit_code == 0 and "Usage" in sub.output, cmd
+
+
+def test_targets_lists_every_profile():
+    from epts_export.deploy.targets import all_targets
+
+    r = run("targets")
+    assert r.exit_code == 0, r.output
+    assert all(name in r.output for name in all_targets())  # the name column does not wrap
+    assert "2:4*" in r.output and "8.7" in r.output  # sparse levels are marked; compute capabilities shown

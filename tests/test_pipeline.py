@@ -9,13 +9,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import BUILDERS
+from conftest import BUILDERS, OTHER_TYPES, tiny_of_type
 from epts_export.artifact.folder import ELASTIC_FILE, Artifact
 from epts_export.pruning.calibration import CalibSpec
 from epts_export.pruning.epts import TrainConfig
 from epts_export.errors import UserError
 from epts_export.artifact.evaluate import evaluate
-from epts_export.models.families import FAMILIES, family_for, iter_prunable, measured_sparsity
+from epts_export.models.families import FAMILIES, family_for, iter_prunable, measured_sparsity, supported_types
 from epts_export.core.levels import parse_level, parse_levels
 from epts_export.core.masks import is_nm_sparse
 from epts_export.artifact.materialize import ElasticModel, materialize, materialize_to_folder
@@ -36,8 +36,30 @@ def artifacts(tiny_dirs, text_file, tmp_path_factory):
     return {fam: optimize(spec_for(d, root / fam, text_file)) for fam, d in tiny_dirs.items()}
 
 
-def test_every_supported_family_has_a_test_model():
-    assert {f.name for f in FAMILIES} <= set(BUILDERS), "a supported family has no tiny model in tests/conftest.py"
+def test_every_supported_model_type_has_a_test_model():
+    """Keyed on config.model_type, as optimum does: a listed type without a tiny model fails here."""
+    assert set(supported_types()) == set(BUILDERS) | set(OTHER_TYPES), "a supported model type has no tiny model"
+    assert {f.name for f in FAMILIES} <= set(BUILDERS)
+
+
+@pytest.mark.parametrize("model_type", OTHER_TYPES)
+def test_other_model_types_optimize_materialize_export_and_validate(model_type, text_file, tmp_path):
+    from conftest import build_tokenizer
+    from epts_export.onnx.export import ExportSpec, export
+    from epts_export.onnx.parity import validate
+
+    model = tiny_of_type(model_type)
+    assert model.config.model_type == model_type
+    model.save_pretrained(tmp_path / "model")
+    build_tokenizer().save_pretrained(tmp_path / "model")
+    spec = OptimizeSpec(model=str(tmp_path / "model"), out=tmp_path / "art", levels=parse_levels("0.5,2:4"),
+                        calib=CalibSpec(source=str(text_file), nsamples=2, seqlen=16), train=TrainConfig(rank=2, epochs=1))
+    art = optimize(spec)
+    m = ElasticModel(Artifact.open(art)).at(parse_level("0.5"))
+    assert abs(measured_sparsity(m) - 0.5) < 0.01
+    export(ExportSpec(artifact=art, out=tmp_path / "onnx", levels=parse_levels("0.5,2:4")))
+    report = validate(tmp_path / "onnx")
+    assert report["passed"], report["failures"]
 
 
 @pytest.mark.parametrize("fam", list(BUILDERS))

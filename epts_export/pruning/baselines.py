@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blockloop import block_output
+from .blockloop import run_block
 from ..core.levels import Level
 from ..core.masks import level_mask, magnitude_mask, importance_order, wanda_scores
 from ..core.sparsegpt import HessianAccumulator, sparsegpt_prune
@@ -48,9 +48,7 @@ def prune_block_calibrated(method: str, block: nn.Module, linears: dict[str, nn.
             return fn
 
     handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
-    for x in inputs:
-        block(x.to(device), **kwargs)
-        advance(1)
+    run_block(block, inputs, kwargs, device, advance)  # the hooks gather the statistics; outputs unused
     for h in handles:
         h.remove()
     for n, lin in linears.items():
@@ -62,8 +60,4 @@ def prune_block_calibrated(method: str, block: nn.Module, linears: dict[str, nn.
             nm = (level.n, level.m) if level.is_nm else None
             lin.weight.copy_(sparsegpt_prune(lin.weight, stats[n].H, sparsity=level.sparsity, nm=nm,
                                              blocksize=SPARSEGPT_BLOCKSIZE, percdamp=SPARSEGPT_PERCDAMP))
-    outs = []
-    for x in inputs:
-        outs.append(block_output(block(x.to(device), **kwargs)).float().cpu())
-        advance(1)
-    return outs
+    return run_block(block, inputs, kwargs, device, advance)  # the next block's inputs, from the pruned block

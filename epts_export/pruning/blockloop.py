@@ -86,6 +86,12 @@ def block_output(out: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, device: torch.device | str) -> list[torch.Tensor]:
-    """Forward every cached sequence through ``block`` on ``device``; outputs come back to the CPU."""
-    return [block_output(block(h.to(device), **kwargs)).float().cpu() for h in hidden]
+def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, device: torch.device | str,
+              advance=lambda n: None) -> list[torch.Tensor]:
+    """Forward every cached sequence through ``block`` on ``device``; outputs come back to the CPU.
+    ``advance(1)`` is called after each sequence (progress)."""
+    outs = []
+    for h in hidden:
+        outs.append(block_output(block(h.to(device), **kwargs)).float().cpu())
+        advance(1)
+    return outs
