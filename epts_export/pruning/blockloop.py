@@ -31,6 +31,16 @@ class _Catcher(nn.Module):
         self.block = block
         self.sink = sink
 
+    def __getattr__(self, name: str):
+        # the model's layer loop may read attributes of its blocks (Qwen2/3 under transformers 4.x
+        # read ``attention_type`` to pick the mask): answer for the block we stand in for
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "block":
+                raise
+            return getattr(self.block, name)
+
     def forward(self, hidden_states, *args, **kwargs):
         self.sink.append((hidden_states.detach(), args, kwargs))
         raise _StopForward

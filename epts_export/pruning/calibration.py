@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..fsutil import sha256_bytes
+from ..fsutil import atomic_path, sha256_bytes
 
 # Short names for the datasets the Wanda/SparseGPT papers calibrate and evaluate on.
 DATASET_ALIASES = {
@@ -141,10 +141,8 @@ def _cached_self_samples(model, tokenizer, spec: CalibSpec, model_key: str | Non
     if path.is_file():
         return load_file(path)["samples"]
     samples = self_samples(model, tokenizer, spec.nsamples, spec.seqlen, spec.seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"samples": samples.contiguous()}, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({"samples": samples.contiguous()}, str(tmp))
     return samples
 
 
