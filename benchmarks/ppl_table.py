@@ -25,7 +25,8 @@ from epts_export.pruning.calibration import CalibSpec
 from epts_export.pruning.epts import TrainConfig
 from epts_export.artifact.evaluate import load_eval_data, perplexity
 from epts_export.models.families import measured_sparsity
-from epts_export.core.levels import active_groups, parse_levels
+from epts_export.core.levels import parse_levels
+from epts_export.core.rule import active_groups
 from epts_export.artifact.materialize import ElasticModel
 from epts_export.pruning.optimize import OptimizeSpec, optimize
 from epts_export.progress import Progress
