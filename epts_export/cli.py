@@ -145,12 +145,13 @@ def materialize(
     artifact: Path = typer.Argument(..., help="Artifact folder."),
     level: str = typer.Option(..., help="Level to materialize, e.g. 0.6 or 2:4."),
     out: Path = typer.Option(..., "--out", "-o", help="Hugging Face folder to create."),
-    overwrite: bool = typer.Option(False),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ):
     """Write one level as a plain Hugging Face model folder."""
     from .artifact.materialize import materialize_to_folder
 
-    path = materialize_to_folder(artifact, _levels(level)[0], out, overwrite=overwrite)
+    path = materialize_to_folder(artifact, _levels(level)[0], out, overwrite=overwrite, progress=Progress(enabled=not quiet))
     console.print(f"wrote {path}")
 
 
@@ -306,24 +307,30 @@ def verify(bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz."))
 @_boundary
 def run_cmd(
     bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz."),
-    level: str = typer.Option(..., help="Level to run, e.g. 0.5 or 2:4."),
+    level: str = typer.Option(..., help="Level(s) to run, e.g. 0.5, 2:4 or 0.5,0.7 (one after the other)."),
     prompt: str = typer.Option(..., help="Prompt text."),
-    max_new_tokens: int = typer.Option(64, help="Tokens to generate (greedy)."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate (greedy; capped at the model's context)."),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads."),
     runtime: str = typer.Option("auto", help="auto (the level's TensorRT engine when it can run here, else ONNX Runtime), trt or ort."),
 ):
-    """Generate text from a bundle at one level, streaming tokens (KV cache)."""
-    from .deploy.bundle import generate
+    """Generate text from a bundle, streaming tokens (KV cache); the level's files are hash-checked first."""
+    from .deploy.runner import generate
 
-    if max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be >= 1")
     out = Console(highlight=False)
-    out.print(prompt, end="")
-    r = generate(bundle, _levels(level)[0], prompt, max_new_tokens, on_text=lambda s: out.print(s, end="", soft_wrap=True),
-                 threads=threads, runtime=runtime)
-    out.print()
-    console.print(f"level {r['level']} on {r['runtime']}: {len(r['tokens'])} tokens, load {r['load_s']:.2f} s, "
-                  f"prefill {r['prefill_s']:.3f} s, {r['decode_tok_s']} tokens/s", highlight=False)
+    for lv in _levels(level):
+        started = []
+
+        def show(text: str) -> None:
+            if not started:  # the prompt only once the inputs passed their checks
+                out.print(prompt, end="", soft_wrap=True)
+                started.append(True)
+            out.print(text, end="", soft_wrap=True)
+
+        r = generate(bundle, lv, prompt, max_new_tokens, on_text=show, threads=threads, runtime=runtime,
+                     on_note=lambda s: console.print(f"[yellow]note:[/] {escape(s)}", highlight=False))
+        out.print()
+        console.print(f"level {r['level']} on {r['runtime']}: {len(r['tokens'])} tokens, load {r['load_s']:.2f} s, "
+                      f"prefill {r['prefill_s']:.3f} s, {r['decode_tok_s']} tokens/s", highlight=False)
 
 
 @app.command()

@@ -78,6 +78,24 @@ def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def normalize_modes(folder: Path) -> None:
+    """Give every file and folder below ``folder`` the permissions the umask asks for, keeping
+    execute bits: some writers create files 0600 (onnx's external data), and a bundle copied to a
+    device for another user must stay readable."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *Path(folder).rglob("*")]:
+        try:
+            mode = path.stat().st_mode
+            if path.is_dir():
+                os.chmod(path, 0o777 & ~umask)
+            else:
+                execute = 0o111 if mode & 0o100 else 0
+                os.chmod(path, (0o666 | execute) & ~umask)
+        except OSError:
+            pass
+
+
 # --------------------------------------------------------------------------------------------
 # one staged folder
 
@@ -118,6 +136,7 @@ def staged_dir(final: Path, *, overwrite: bool = False, resumable: bool = False,
         tmp.mkdir(parents=True, exist_ok=True)
     try:
         yield tmp
+        normalize_modes(tmp)
         if private:
             with contextlib.suppress(OSError):  # another process published first: keep theirs
                 if not final.exists():

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from epts_export.deploy.pipeline import BuildSpec, build
 from epts_export.cli import app
-from epts_export.deploy.bundle import Bundle, generate, verify
+from epts_export.deploy.bundle import Bundle, verify
+from epts_export.deploy.runner import generate
 from epts_export.errors import UserError
 from epts_export.core.levels import parse_level, parse_levels
 from epts_export.onnx.runtime import OrtDecoder, greedy

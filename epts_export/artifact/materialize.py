@@ -20,6 +20,7 @@ from ..core.rule import LevelRule, level_rule
 from ..errors import UserError
 from ..fsutil import ManifestFormat, file_hashes, sha256_file, staged_dir, write_json
 from ..models.families import family_for, iter_prunable, measured_sparsity
+from ..progress import Progress
 from .folder import ELASTIC_FILE, Artifact, tensor_key
 
 MATERIALIZED = ManifestFormat("epts-materialized", 1, "materialized level", "create one with `epts-export materialize`")
@@ -108,18 +109,22 @@ def materialize(artifact: Artifact | str | Path, level: Level, dtype: torch.dtyp
     return em.at(level), em.tokenizer
 
 
-def materialize_to_folder(artifact: str | Path, level: Level, out: str | Path, overwrite: bool = False) -> Path:
+def materialize_to_folder(artifact: str | Path, level: Level, out: str | Path, overwrite: bool = False,
+                          progress: Progress | None = None) -> Path:
     """Write level ``level`` as a Hugging Face folder (``from_pretrained`` loads it as is) with a
     manifest.json naming the source artifact, the level and the sha256 of every file."""
-    from ..models.hf import save_tokenizer
+    from ..models.hf import save_model, save_tokenizer
 
     art = Artifact.open(artifact)
     art.check_level(level)
     out = Path(out)
+    progress = progress or Progress(enabled=False)
     with staged_dir(out, overwrite=overwrite) as tmp:
-        model, tok = materialize(art, level)
-        model.save_pretrained(tmp)
-        save_tokenizer(tok, tmp)
+        with progress.status(f"materializing level {level.name} of {art.path}"):
+            model, tok = materialize(art, level)
+        with progress.status(f"writing {out}"):
+            save_model(model, tmp)
+            save_tokenizer(tok, tmp, input_names=["input_ids", "attention_mask"])  # LLaMA/OPT take no token_type_ids
         write_json(tmp / "manifest.json", {
             **MATERIALIZED.header(), "level": level.name,
             "measured_sparsity": round(measured_sparsity(model), 6),

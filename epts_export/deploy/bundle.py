@@ -10,10 +10,8 @@ import json
 import re
 import tarfile
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
 from ..errors import UserError
 from ..fsutil import HashError, ManifestFormat, hash_errors, read_manifest
@@ -100,6 +98,10 @@ class Bundle:
                     return engine, {**record, "origin": "device"}
         return None, {}
 
+    def level_errors(self, level: Level) -> list[HashError]:
+        """Missing or altered files among the level's own files (graph, configs, tokenizer, engine)."""
+        return hash_errors(self.path, self.level_record(level).get("files", {}))
+
     def integrity_errors(self) -> list[HashError]:
         return hash_errors(self.path, self.manifest.get("files", {}))
 
@@ -144,65 +146,3 @@ def verify(path: str | Path) -> dict:
     report["engines"] = f"{len(engines) - len(unknown)} engine(s) match TensorRT {trt.__version__} on sm_{cc.replace('.', '')}" + \
         (f"; {', '.join(unknown)} built by trtexec without a record (run build_engines.py to record them)" if unknown else "")
     return report
-
-
-def generate(path: str | Path, level: Level, prompt: str, max_new_tokens: int = 64,
-             on_text: Callable[[str], None] | None = None, threads: int | None = None, runtime: str = "auto") -> dict:
-    """Greedy generation from a bundle's level with the KV cache, streaming decoded text to
-    ``on_text``. ``runtime``: "trt" (the level's engine; needs TensorRT and a GPU), "ort"
-    (ONNX Runtime on the level's graph), or "auto" (the engine when it can run here, else ORT).
-    Switching level means loading another graph or engine: the load time is reported.
-    Returns tokens, text and timings (load, prefill, tokens/s)."""
-    from transformers import AutoTokenizer
-
-    from ..onnx.runtime import OrtDecoder, greedy
-
-    if runtime not in ("auto", "trt", "ort"):
-        raise UserError(f"unknown --runtime {runtime!r}: auto, trt or ort")
-    b = Bundle.open(path)
-    rec = b.level_record(level)
-    folder = b.path / rec["dir"]
-    use_trt = False
-    if runtime != "ort":
-        from ..trt.builder import tensorrt_status
-
-        engine, _ = b.engine_for(level)
-        ok, why = tensorrt_status()
-        if runtime == "trt" and engine is None:
-            raise UserError(f"level {level.name} has no engine in {b.path}: build it with build_engines.sh, or use --runtime ort")
-        if runtime == "trt" and not ok:
-            raise UserError(f"cannot run TensorRT here: {why}")
-        use_trt = engine is not None and ok
-    t0 = time.perf_counter()
-    if use_trt:
-        from ..trt.runtime import TrtDecoder
-
-        dec = TrtDecoder(engine)
-    else:
-        dec = OrtDecoder(folder / "model.onnx", threads=threads)
-    tok = AutoTokenizer.from_pretrained(folder)
-    load_s = time.perf_counter() - t0
-    ids = tok(prompt)["input_ids"]
-    if not ids:
-        raise UserError("the prompt tokenizes to nothing: pass some text with --prompt")
-    produced: list[int] = []
-    shown = ""
-    stamps: list[float] = []
-
-    def on_token(t: int) -> None:
-        nonlocal shown
-        stamps.append(time.perf_counter())
-        produced.append(t)
-        text = tok.decode(produced, skip_special_tokens=True)
-        if on_text and text.startswith(shown):
-            on_text(text[len(shown):])
-        shown = text
-
-    start = time.perf_counter()
-    eos = tok.eos_token_id
-    out = greedy(dec.step, dec.empty_past(1), ids, max_new_tokens, on_token, stop=eos)
-    decode_s = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
-    return {"level": level.name, "prompt_tokens": len(ids), "tokens": out, "text": shown, "load_s": round(load_s, 3),
-            "prefill_s": round(stamps[0] - start, 3) if stamps else None,
-            "decode_tok_s": round((len(stamps) - 1) / decode_s, 2) if decode_s > 0 else None,
-            "runtime": "tensorrt" if use_trt else "onnxruntime"}

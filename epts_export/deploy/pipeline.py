@@ -298,11 +298,17 @@ def perplexity_stage(spec: BuildSpec, art: Artifact, levels: list[Level], export
 
 def _copy_levels(exp, report: dict, ppl: dict, levels: list[Level], tmp: Path) -> list[dict]:
     """Copy each level's folder into the bundle; its manifest record (without files yet)."""
+    from transformers import AutoConfig
+
+    from ..onnx.genai import write_genai_config
+
     parity_by_level = {e["level"]: e for e in report["levels"]}
     records = []
     for lv in levels:
         rel = exp.graph_path(lv).parent.relative_to(exp.path).as_posix()
         shutil.copytree(exp.path / rel, tmp / rel)
+        # every target is an NVIDIA GPU: GenAI runs the level on CUDA there
+        write_genai_config(AutoConfig.from_pretrained(tmp / rel), tmp / rel, "cuda")
         entry = parity_by_level[lv.name]
         rec = exp.level_record(lv)
         records.append({
@@ -378,8 +384,10 @@ def tensorrt_parity(art: Artifact, exp, specs: dict, target, progress: Progress)
 def _write_bundle_manifest(tmp: Path, manifest: dict, engines: dict, specs: dict) -> None:
     """Engine records, the build scripts, sha256 of every file, and each level's own files."""
     from ..trt.scripts import write_build_script
+    from .runner import write_runner
 
     write_build_script(list(specs.values()), tmp)
+    write_runner(tmp)
     for rec in manifest["levels"]:
         if rec["name"] in engines:
             rec["engine"] = engines[rec["name"]]

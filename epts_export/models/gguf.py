@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from ..errors import UserError
-from .hf import _one_line, save_tokenizer
+from .hf import _one_line, save_model, save_tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -94,7 +94,7 @@ def _save_plain(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", 
         reference = model(input_ids=ids).logits.float().clone()
 
     dest.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(dest)
+    save_model(model, dest)
     save_tokenizer(tokenizer, dest)
     if not any(p.suffix == ".safetensors" for p in dest.iterdir()):
         raise RuntimeError(f"save_pretrained wrote no safetensors file in {dest}")

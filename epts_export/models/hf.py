@@ -1,4 +1,4 @@
-"""Loading a plain Hugging Face folder, and writing a tokenizer that every supported transformers reads.
+"""Loading a plain Hugging Face folder, and writing folders that every supported transformers reads.
 
 This is the one place that calls ``AutoModelForCausalLM.from_pretrained`` on a local folder: a model
 resolved by :func:`epts_export.models.resolve.resolve_model`, or any other plain folder (an artifact's
@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .resolve import ResolvedModel
 
-__all__ = ["load_model", "save_tokenizer"]
+__all__ = ["load_model", "save_config", "save_model", "save_tokenizer", "compatible_config"]
 
 
 def load_model(resolved: Union["ResolvedModel", Path, str],
@@ -50,6 +50,42 @@ def load_model(resolved: Union["ResolvedModel", Path, str],
     model.to("cpu")
     model.eval()
     return model, tokenizer
+
+
+def compatible_config(config: dict) -> dict:
+    """A config.json dict that transformers 4.x and 5.x read the same way (changed in place, returned).
+
+    transformers 5 keeps RoPE settings only in ``rope_parameters``; 4.x reads ``rope_theta`` and
+    ``rope_scaling`` at the top level and, when they are missing, silently falls back to
+    ``rope_theta = 10000`` (SmolLM2 uses 100000: generation diverges after a few tokens, with no
+    error). 5.x reads ``rope_parameters`` first, so the copies below change nothing there.
+    """
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        config.setdefault("rope_theta", rope["rope_theta"])
+        scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+        config.setdefault("rope_scaling", None if scaling.get("rope_type", "default") == "default" else scaling)
+        if "partial_rotary_factor" in rope:
+            config.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
+    return config
+
+
+def _rewrite_config(folder: Path) -> None:
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    write_text(path, json.dumps(compatible_config(config), indent=2, sort_keys=True) + "\n")
+
+
+def save_model(model, folder: Path) -> None:
+    """``model.save_pretrained(folder)`` with a config.json that transformers 4.x and 5.x read alike."""
+    model.save_pretrained(folder)
+    _rewrite_config(folder)
+
+
+def save_config(config, folder: Path) -> None:
+    """``config.save_pretrained(folder)``, made readable alike by transformers 4.x and 5.x."""
+    config.save_pretrained(folder)
+    _rewrite_config(folder)
 
 
 def save_tokenizer(tokenizer, folder: Path, input_names: list[str] | None = None) -> None:

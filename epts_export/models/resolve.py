@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..errors import UserError
-from ..fsutil import PRIVATE_PREFIX, sha256_file, staged_dir, write_text
+from ..fsutil import PRIVATE_PREFIX, normalize_modes, sha256_file, staged_dir, write_text
 from . import gguf
 from .hf import _one_line
 
@@ -54,7 +54,8 @@ __all__ = [
 SOURCE_FILE = "epts_source.json"
 """Name of the source record inside every converted folder; its presence marks the folder complete."""
 
-_FORMAT = 1  # bump when the layout of a converted folder changes; older folders are rebuilt
+_FORMAT = 2  # bump when the layout of a converted folder changes; older folders are rebuilt
+# 2: config.json carries rope_theta at the top level too (transformers 4.x read 10000 without it)
 _STALE_TMP_SECONDS = 24 * 3600
 # the temporary folders this module leaves beside the cache's folders while it works:
 # PRIVATE_PREFIX + name + "-" + pid + "-" + random (staged_dir's and tempfile's naming)
@@ -337,7 +338,7 @@ def _build_cached(dest: Path, build: Callable[[Path, Path], dict]) -> dict:
         record["format"] = _FORMAT
         record["folder_sha256"] = _folder_sha256(out, _weight_files(out))
         write_text(out / SOURCE_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
-        _normalize_modes(out, work)
+        normalize_modes(out)
         _fsync_tree(out)  # the rename that publishes the folder must not outlive its contents on a crash
     winner = _complete_record(dest)
     if winner is None:  # neither ours nor anyone's: something at dest would not move out of the way
@@ -386,19 +387,6 @@ def _pid_alive(pid: int) -> bool:
     except (PermissionError, OSError):
         return True
     return True
-
-
-def _normalize_modes(folder: Path, scratch: Path) -> None:
-    """Give the files the permissions the umask asks for (some writers create them 0600)."""
-    probe = scratch / ".mode-probe"
-    probe.touch()
-    file_mode = probe.stat().st_mode & 0o666
-    dir_mode = file_mode | ((file_mode & 0o444) >> 2)  # r -> x, as mkdir would
-    for path in [folder, *folder.rglob("*")]:
-        try:
-            os.chmod(path, dir_mode if path.is_dir() else file_mode)
-        except OSError:
-            pass
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -59,17 +59,21 @@ def _check_spec(spec: ExportSpec) -> None:
 
 
 def _write_hf_side_files(model, tokenizer, folder: Path) -> None:
-    """config.json, generation_config.json and the tokenizer, as optimum's ORTModelForCausalLM expects."""
+    """config.json, generation_config.json and the tokenizer, as optimum's ORTModelForCausalLM expects,
+    and genai_config.json for ONNX Runtime GenAI (CPU; bundles for GPU targets switch it to CUDA)."""
     from transformers import GenerationConfig
 
-    from ..models.hf import save_tokenizer
+    from .genai import write_genai_config
+
+    from ..models.hf import save_config, save_tokenizer
 
     cfg = model.config
     cfg.use_cache = True
-    cfg.save_pretrained(folder)
+    save_config(cfg, folder)
     gen = model.generation_config if getattr(model, "generation_config", None) is not None else GenerationConfig.from_model_config(cfg)
     gen.save_pretrained(folder)
     save_tokenizer(tokenizer, folder, input_names=["input_ids", "attention_mask"])  # the graph takes no token_type_ids
+    write_genai_config(cfg, folder)
 
 
 def export(spec: ExportSpec, progress: Progress | None = None) -> Path:

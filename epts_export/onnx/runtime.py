@@ -1,5 +1,8 @@
 """Run an exported decoder step by step, in ONNX Runtime or as its PyTorch reference, with one
-greedy loop for both so that parity compares the graphs and nothing else."""
+greedy loop for both so that parity compares the graphs and nothing else.
+
+numpy and onnxruntime only at import (torch only inside ``TorchDecoder``): a copy of this module
+runs in the bundle's standalone runner, on devices without torch."""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
 from ..errors import UserError
 
@@ -61,7 +63,7 @@ class OrtDecoder:
 class TorchDecoder:
     """The PyTorch reference: the same DecoderWithPast wrapper that export traces, in float32."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model):
         from ..interface import KVLayout
         from .trace import DecoderWithPast
 
@@ -73,11 +75,13 @@ class TorchDecoder:
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in range(2 * self.layers)]
 
-    @torch.no_grad()
     def step(self, input_ids, attention_mask, position_ids, past):
+        import torch
+
         t = [torch.from_numpy(np.ascontiguousarray(x)).long() for x in (input_ids, attention_mask, position_ids)]
         kv = [torch.from_numpy(np.ascontiguousarray(p)).to(self.dtype) for p in past]
-        logits, *presents = self.module(*t, *kv)
+        with torch.no_grad():
+            logits, *presents = self.module(*t, *kv)
         return logits.float().numpy(), [p.float().numpy() for p in presents]
 
 

@@ -157,13 +157,13 @@ def _load(spec: OptimizeSpec, progress: Progress) -> _Run:
 
 def _write_artifact(tmp: Path, run: _Run, spec: OptimizeSpec, metrics: list[dict], elapsed: float) -> None:
     """model/, elastic.safetensors (EPTS) and manifest.json into the staged folder."""
-    from ..models.hf import save_tokenizer
+    from ..models.hf import save_model, save_tokenizer
 
     model, fam = run.model, run.fam
     model_dir = tmp / MODEL_DIR
     if model_dir.exists():
         shutil.rmtree(model_dir)
-    model.save_pretrained(model_dir)
+    save_model(model, model_dir)
     save_tokenizer(run.tokenizer, model_dir)
     nblocks = len(get_blocks(model, fam))
     if spec.method == "epts":

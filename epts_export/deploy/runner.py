@@ -1,0 +1,226 @@
+"""Generating from a bundle: the loop behind `epts-export run` and the bundle's own ``run.py``.
+
+A bundle carries a copy of this module and the few it imports (``_epts/``: standard library,
+numpy, ``tokenizers`` and ONNX Runtime; TensorRT's bindings for ``--runtime trt``), so that a
+device runs it without epts-export, torch or transformers:
+
+    python3 dist/jetson-orin/run.py --level 2:4 --prompt "Hello"
+
+Before anything is loaded, every file of the chosen level is checked against the manifest's
+sha256 (exit 3 on a mismatch). Greedy decoding with the KV cache, text streamed as it is decoded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..core.levels import Level, parse_levels
+from ..errors import UserError
+from ..interface import GRAPH_FILE
+from .bundle import EXIT_INTEGRITY, Bundle
+
+RUNTIMES = ("auto", "trt", "ort")
+RUN_SCRIPT = "run.py"
+VENDOR_DIR = "_epts"
+# what run.py imports, relative to the epts_export package (package __init__ files are written empty,
+# except the top one, which only sets __version__)
+RUNNER_FILES = ("__init__.py", "errors.py", "fsutil.py", "interface.py", "core/levels.py", "onnx/runtime.py",
+                "deploy/bundle.py", "deploy/runner.py", "trt/builder.py", "trt/sparse.py", "trt/runtime.py")
+
+
+class TextTokenizer:
+    """A level's ``tokenizer.json`` through the ``tokenizers`` library, with the tokenizer's EOS."""
+
+    def __init__(self, folder: Path):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise UserError("running a bundle needs the `tokenizers` package: pip install tokenizers") from None
+        path = Path(folder) / "tokenizer.json"
+        if not path.is_file():
+            raise UserError(f"{path} is missing: the level folder needs its tokenizer")
+        self.tokenizer = Tokenizer.from_file(str(path))
+        self.eos = self._eos(Path(folder))
+
+    def _eos(self, folder: Path) -> int | None:
+        """The id of the tokenizer's eos_token (as transformers' ``tokenizer.eos_token_id``), else
+        the generation config's first eos id."""
+        conf = folder / "tokenizer_config.json"
+        if conf.is_file():
+            token = json.loads(conf.read_text()).get("eos_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            if isinstance(token, str) and self.tokenizer.token_to_id(token) is not None:
+                return self.tokenizer.token_to_id(token)
+        gen = folder / "generation_config.json"
+        eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
+        return eos[0] if isinstance(eos, list) and eos else eos
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def context_length(folder: Path) -> int | None:
+    """``max_position_embeddings`` of a level's config.json (None when it does not say)."""
+    path = Path(folder) / "config.json"
+    value = json.loads(path.read_text()).get("max_position_embeddings") if path.is_file() else None
+    return int(value) if isinstance(value, int) else None
+
+
+def open_decoder(b: Bundle, level: Level, runtime: str, threads: int | None):
+    """(decoder with ``step``/``empty_past``, "tensorrt" | "onnxruntime") for a bundle's level:
+    the level's engine when ``runtime`` is trt (or auto and it can run here), else its ONNX graph."""
+    if runtime not in RUNTIMES:
+        raise UserError(f"unknown --runtime {runtime!r}: auto, trt or ort")
+    folder = b.path / b.level_record(level)["dir"]
+    if runtime != "ort":
+        from ..trt.builder import tensorrt_status
+
+        engine, _ = b.engine_for(level)
+        ok, why = tensorrt_status()
+        if runtime == "trt" and engine is None:
+            raise UserError(f"level {level.name} has no engine in {b.path}: build it with build_engines.sh, or use --runtime ort")
+        if runtime == "trt" and not ok:
+            raise UserError(f"cannot run TensorRT here: {why}")
+        if engine is not None and ok:
+            from ..trt.runtime import TrtDecoder
+
+            return TrtDecoder(engine), "tensorrt"
+    from ..onnx.runtime import OrtDecoder
+
+    return OrtDecoder(folder / GRAPH_FILE, threads=threads), "onnxruntime"
+
+
+def generate(path: str | Path, level: Level, prompt: str, max_new_tokens: int = 64,
+             on_text: Callable[[str], None] | None = None, threads: int | None = None, runtime: str = "auto",
+             on_note: Callable[[str], None] | None = None) -> dict:
+    """Greedy generation from a bundle's level with the KV cache, streaming decoded text to
+    ``on_text``. ``runtime``: "trt" (the level's engine; needs TensorRT and a GPU), "ort"
+    (ONNX Runtime on the level's graph), or "auto" (the engine when it can run here, else ORT).
+    The level's files are hash-checked first (UserError, exit 3); a prompt longer than the model's
+    context is refused and ``max_new_tokens`` is capped to what is left (said through ``on_note``).
+    Returns tokens, text and timings (load, prefill, tokens/s)."""
+    from ..onnx.runtime import greedy
+
+    if max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be >= 1")
+    b = Bundle.open(path)
+    rec = b.level_record(level)
+    bad = b.level_errors(level)
+    if bad:
+        raise UserError(f"bundle {b.path} failed verification for level {level.name}: "
+                        + "; ".join(map(str, bad[:5])) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""),
+                        EXIT_INTEGRITY)
+    folder = b.path / rec["dir"]
+    tok = TextTokenizer(folder)
+    ids = tok.encode(prompt)
+    if not ids:
+        raise UserError("the prompt tokenizes to nothing: pass some text with --prompt")
+    context = context_length(folder)
+    if context is not None:
+        if len(ids) >= context:
+            raise UserError(f"the prompt is {len(ids)} tokens, the model's context is {context}: shorten the prompt")
+        if len(ids) + max_new_tokens > context:
+            max_new_tokens = context - len(ids)
+            if on_note:
+                on_note(f"--max-new-tokens capped at {max_new_tokens}: the model's context is {context} tokens")
+    t0 = time.perf_counter()
+    dec, used = open_decoder(b, level, runtime, threads)
+    load_s = time.perf_counter() - t0
+    produced: list[int] = []
+    shown = ""
+    stamps: list[float] = []
+
+    def on_token(t: int) -> None:
+        nonlocal shown
+        stamps.append(time.perf_counter())
+        produced.append(t)
+        text = tok.decode(produced)
+        if on_text and text.startswith(shown):
+            on_text(text[len(shown):])
+        shown = text
+
+    start = time.perf_counter()
+    out = greedy(dec.step, dec.empty_past(1), ids, max_new_tokens, on_token, stop=tok.eos)
+    decode_s = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
+    return {"level": level.name, "prompt_tokens": len(ids), "tokens": out, "text": shown, "load_s": round(load_s, 3),
+            "prefill_s": round(stamps[0] - start, 3) if stamps else None,
+            "decode_tok_s": round((len(stamps) - 1) / decode_s, 2) if decode_s > 0 else None,
+            "runtime": used}
+
+
+# --------------------------------------------------------------------------------------------
+# the standalone runner: run.py and its copy of the package
+
+
+_RUN_PY = '''#!/usr/bin/env python3
+"""Run this bundle on the device (written by epts-export; needs numpy, tokenizers and onnxruntime,
+or TensorRT's bindings and torch for --runtime trt; not epts-export, torch or transformers):
+
+    python3 run.py --level 0.5 --prompt "Hello"
+    python3 run.py --help
+
+Imports only the copy of epts-export's runner in _epts/ beside this file (hashed in manifest.json),
+never other files of this folder.
+"""
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[0] = str(HERE / "_epts")  # instead of this folder: nothing here but _epts/ is imported
+sys.dont_write_bytecode = True  # no __pycache__ among the bundle's hashed files
+
+from epts_export.deploy.runner import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], bundle=HERE))
+'''
+
+
+def write_runner(bundle: Path) -> Path:
+    """Write ``run.py`` and the package files it imports (``_epts/epts_export/...``) into ``bundle``."""
+    from ..fsutil import write_text
+
+    src = Path(__file__).resolve().parents[1]  # the epts_export package
+    dest = Path(bundle) / VENDOR_DIR / "epts_export"
+    for rel in RUNNER_FILES:
+        write_text(dest / rel, (src / rel).read_text())
+    for package in ("core", "onnx", "deploy", "trt"):  # empty: the real ones may import more
+        if not (dest / package / "__init__.py").exists():
+            write_text(dest / package / "__init__.py", "")
+    script = Path(bundle) / RUN_SCRIPT
+    write_text(script, _RUN_PY)
+    script.chmod(script.stat().st_mode | 0o111)
+    return script
+
+
+def main(argv: list[str] | None = None, bundle: Path | None = None) -> int:
+    """``run.py``'s command line; returns the exit code (1 bad input, 3 a file does not match)."""
+    ap = argparse.ArgumentParser(prog="run.py", description="Generate text from this bundle (greedy, KV cache, streamed).")
+    ap.add_argument("--level", required=True, help="level(s) to run, e.g. 0.5 or 0.5,2:4")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--runtime", default="auto", choices=RUNTIMES)
+    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--bundle", type=Path, default=bundle, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    try:
+        levels = parse_levels(args.level)
+        for lv in levels:
+            r = generate(args.bundle, lv, args.prompt, args.max_new_tokens, threads=args.threads, runtime=args.runtime,
+                         on_text=lambda s: print(s, end="", flush=True),
+                         on_note=lambda s: print(f"note: {s}", file=sys.stderr))
+            print()
+            print(f"level {r['level']} on {r['runtime']}: {len(r['tokens'])} tokens, load {r['load_s']:.2f} s, "
+                  f"prefill {r['prefill_s']:.3f} s, {r['decode_tok_s']} tokens/s; tokens {r['tokens']}", file=sys.stderr)
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
