@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import UserError
+from .fsutil import check_output_file
 from .core.levels import DEFAULT_LEVELS
 from .progress import Progress, console
 
@@ -52,8 +53,14 @@ def _setup() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _levels(text: str):
+def _levels(text: str | None, flag: str = "--levels"):
+    """Levels from a comma list; None stays None (the command's default), an empty list is an error."""
     from .core.levels import parse_levels
+
+    if text is None:
+        return None
+    if not [p for p in text.split(",") if p.strip()]:
+        raise UserError(f"{flag} is empty: pass levels like 0.5,2:4" + (", or leave it out" if flag == "--levels" else ""))
     return parse_levels(text)
 
 
@@ -87,6 +94,7 @@ def optimize(
                                     resume=resume, overwrite=overwrite, threads=threads)
     path = run(spec, progress=Progress(enabled=not quiet))
     _summary_artifact(path)
+    console.print(f"wrote {path}")
 
 
 def _summary_artifact(path: Path) -> None:
@@ -96,17 +104,17 @@ def _summary_artifact(path: Path) -> None:
     m = art.manifest
     t = Table(title=f"artifact {path}", show_header=False)
     t.add_row("method", m["method"])
-    t.add_row("model", f"{m['model'].get('spec')} ({m['model']['architecture']}, {m['model']['num_blocks']} blocks)")
+    t.add_row("model", f"{m['model'].get('spec')} ({m['model'].get('architecture', '?')}, {m['model'].get('num_blocks', '?')} blocks)")
     t.add_row("serves", art.describe_range())
-    if m.get("calibration"):
-        c = m["calibration"]
-        t.add_row("calibration", f"{c['source']}: {c['nsamples']} x {c['seqlen']} tokens (seed {c['seed']})")
-    if m.get("block_metrics"):
-        off = [b["block"] for b in m["block_metrics"] if not b["low_group_lora"]]
+    c = m.get("calibration")
+    if isinstance(c, dict):
+        t.add_row("calibration", f"{c.get('source')}: {c.get('nsamples')} x {c.get('seqlen')} tokens (seed {c.get('seed')})")
+    if isinstance(m.get("block_metrics"), list):
+        off = [b.get("block") for b in m["block_metrics"] if isinstance(b, dict) and not b.get("low_group_lora", True)]
         t.add_row("low group without LoRA", ", ".join(map(str, off)) or "none")
-    t.add_row("time", f"{m['elapsed_s']:.0f} s")
+    if isinstance(m.get("elapsed_s"), (int, float)):
+        t.add_row("time", f"{m['elapsed_s']:.0f} s")
     console.print(t)
-    console.print(f"wrote {path}")
 
 
 @app.command("eval")
@@ -126,7 +134,9 @@ def eval_cmd(
 
     if seqlen < 2:
         raise UserError("--seqlen must be >= 2")
-    report = evaluate(target, data, seqlen, _levels(levels) if levels else None, Progress(enabled=not quiet), max_windows)
+    if json_out:
+        check_output_file(json_out, "--json")
+    report = evaluate(target, data, seqlen, _levels(levels), Progress(enabled=not quiet), max_windows)
     t = Table(title=f"perplexity, {report['data']['windows']} x {seqlen} tokens of {data}")
     for col in ("level", "sparsity", "ppl"):
         t.add_column(col, justify="right")
@@ -134,7 +144,6 @@ def eval_cmd(
         t.add_row(r["level"], f"{r['sparsity']:.3f}", f"{r['ppl']:.3f}")
     console.print(t)
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
         write_json(json_out, report)
         console.print(f"wrote {json_out}")
 
@@ -151,7 +160,10 @@ def materialize(
     """Write one level as a plain Hugging Face model folder."""
     from .artifact.materialize import materialize_to_folder
 
-    path = materialize_to_folder(artifact, _levels(level)[0], out, overwrite=overwrite, progress=Progress(enabled=not quiet))
+    chosen = _levels(level, "--level")
+    if len(chosen) != 1:
+        raise UserError(f"materialize writes one level per folder, got {len(chosen)} ({level}): run it once per level")
+    path = materialize_to_folder(artifact, chosen[0], out, overwrite=overwrite, progress=Progress(enabled=not quiet))
     console.print(f"wrote {path}")
 
 
@@ -182,7 +194,7 @@ def export_cmd(
     """Export an artifact to ONNX with KV cache (optimum's text-generation-with-past interface)."""
     from .onnx.export import ExportSpec, export
 
-    spec = ExportSpec(artifact=artifact, out=out, mode=mode, levels=_levels(levels) if levels else None, dtype=dtype,
+    spec = ExportSpec(artifact=artifact, out=out, mode=mode, levels=_levels(levels), dtype=dtype,
                       opset=opset, overwrite=overwrite, external_data=external_data)
     path = export(spec, Progress(enabled=not quiet))
     m = json.loads((path / "manifest.json").read_text())
@@ -213,7 +225,10 @@ def validate(
     """ONNX Runtime vs PyTorch parity for every level; exit 3 if any check fails."""
     from .onnx.parity import validate as run, write_junit, write_report
 
-    rep = run(export_dir, _levels(levels) if levels else None, artifact, Progress(enabled=not quiet), threads)
+    for path, flag in ((report, "--report"), (junit, "--junit")):
+        if path:
+            check_output_file(path, flag)
+    rep = run(export_dir, _levels(levels), artifact, Progress(enabled=not quiet), threads)
     t = Table(title=f"parity {export_dir} ({rep['mode']}, {rep['dtype']})")
     for col in ("level", "check", "worst output", "max abs err", "atol needed", "top-1", "result"):
         t.add_column(col, justify="right")
@@ -231,7 +246,6 @@ def validate(
     console.print(t)
     for path, writer in ((report, write_report), (junit, write_junit)):
         if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
             writer(rep, path)
             console.print(f"wrote {path}")
     if not rep["passed"]:
@@ -275,7 +289,7 @@ def build(
     """Whole pipeline for one target: optimize (or reuse), export, validate, engines, bundle."""
     from .deploy.pipeline import BuildSpec, build as run
 
-    path = run(BuildSpec(source=source, target=target, out=out, levels=_levels(levels) if levels else None, preset=preset,
+    path = run(BuildSpec(source=source, target=target, out=out, levels=_levels(levels), preset=preset,
                          require_engines=require_engines, overwrite=overwrite, eval_data=eval_data), Progress(enabled=not quiet))
     m = json.loads((path / "manifest.json").read_text())
     t = Table(title=f"bundle {path} for {m['target']['name']} ({m['target']['description']})")
@@ -300,6 +314,8 @@ def verify(bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz."))
 
     report = run(bundle)
     console.print(f"bundle {report['bundle']} for {report['target']}: {report['files']} files, hashes ok")
+    if report.get("plan"):
+        console.print(f"engine plan: {escape(report['plan'])}", highlight=False)
     console.print(f"engines: {escape(report['engines'])}", highlight=False)
 
 
@@ -317,7 +333,7 @@ def run_cmd(
     from .deploy.runner import generate
 
     out = Console(highlight=False)
-    for lv in _levels(level):
+    for lv in _levels(level, "--level"):
         started = []
 
         def show(text: str) -> None:

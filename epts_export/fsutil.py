@@ -104,6 +104,41 @@ def partial_path(final: Path) -> Path:
     return final.with_name(final.name + PARTIAL_SUFFIX)
 
 
+def _writable_parent(path: Path, flag: str) -> None:
+    """UserError unless the nearest existing ancestor of ``path`` is a folder this process can write."""
+    parent = Path(path).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write into {parent} (permission denied); choose another {flag}")
+
+
+def check_destination(final: Path, *, overwrite: bool = False, inputs=(), flag: str = "--out") -> None:
+    """Before any work: UserError when the output folder ``final`` cannot be written, exists without
+    ``overwrite``, is a file, or would replace (or lie inside) one of ``inputs``."""
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise UserError(f"{flag} {final} is a file: give the path of a folder to create")
+    if final.exists() and not overwrite:
+        raise UserError(f"output {final} already exists: choose another {flag} or pass --overwrite")
+    _writable_parent(final, flag)
+    target = final.resolve()
+    for src in inputs:
+        src = Path(src).resolve()
+        if target == src or src.is_relative_to(target) or target.is_relative_to(src):
+            raise UserError(f"{flag} {final} would overwrite or nest inside the input {src}: choose another {flag}")
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """Before any work: UserError when the report file ``path`` cannot be written (a folder, under a file, no permission)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder: give a file path")
+    _writable_parent(path, flag)
+
+
 @contextlib.contextmanager
 def staged_dir(final: Path, *, overwrite: bool = False, resumable: bool = False, resume: bool = False,
                private: bool = False) -> Iterator[Path]:
@@ -120,8 +155,8 @@ def staged_dir(final: Path, *, overwrite: bool = False, resumable: bool = False,
       alone if it exists when the block completes.
     """
     final = Path(final)
-    if final.exists() and not (overwrite or private):
-        raise UserError(f"output {final} already exists: choose another --out or pass --overwrite")
+    if not private:
+        check_destination(final, overwrite=overwrite)
     if private:
         final.parent.mkdir(parents=True, exist_ok=True)
         holder = Path(tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{final.name}-{os.getpid()}-", dir=final.parent))
@@ -133,7 +168,10 @@ def staged_dir(final: Path, *, overwrite: bool = False, resumable: bool = False,
             raise UserError(f"{tmp} holds an interrupted run: pass --resume to continue it, or delete it to start over")
         if tmp.exists() and not resumable:  # left by a killed run
             shutil.rmtree(tmp)
-        tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create {tmp}: {e.strerror or e}") from None
     try:
         yield tmp
         normalize_modes(tmp)
@@ -167,6 +205,7 @@ class ManifestFormat:
     what: str  # how errors name the folder: "artifact", "ONNX export", "bundle"
     create_hint: str  # how to make one: "create one with `epts-export optimize`"
     upgrade_hint: str = "re-create it with this version or install the epts-export that wrote it"
+    fields: tuple[tuple[str, type], ...] = ()  # required top-level keys and their JSON types
 
     def header(self) -> dict:
         """The first two keys of a manifest of this format."""
@@ -181,12 +220,18 @@ def read_manifest(folder: Path, fmt: ManifestFormat, corrupt_exit: int = 1) -> d
     mf = folder / MANIFEST
     if not folder.exists():
         raise UserError(f"{fmt.what} not found: {folder}")
+    if not folder.is_dir():
+        raise UserError(f"{folder} is a file, not an epts-export {fmt.what} folder; {fmt.create_hint}")
     if not mf.is_file():
         raise UserError(f"{folder} is not an epts-export {fmt.what} (no {MANIFEST}); {fmt.create_hint}")
     try:
-        manifest = json.loads(mf.read_text())
+        manifest = json.loads(mf.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{mf} is not UTF-8 text (byte {e.start}); the {fmt.what} is corrupted", corrupt_exit) from None
     except json.JSONDecodeError as e:
         raise UserError(f"{mf} is not valid JSON ({e.msg}); the {fmt.what} is corrupted", corrupt_exit) from None
+    except OSError as e:
+        raise UserError(f"cannot read {mf}: {e.strerror or e}", corrupt_exit) from None
     if not isinstance(manifest, dict) or manifest.get("format") != fmt.format:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise UserError(f"{folder} is not an epts-export {fmt.what} (its manifest is format {got!r}); {fmt.create_hint}")
@@ -195,7 +240,28 @@ def read_manifest(folder: Path, fmt: ManifestFormat, corrupt_exit: int = 1) -> d
         age = ("newer than" if isinstance(version, int) and version > fmt.schema_version else "not")
         raise UserError(f"{fmt.what} {folder} has schema version {version!r}, {age} the version {fmt.schema_version} "
                         f"this epts-export reads; {fmt.upgrade_hint}")
+    for key, kind in (*fmt.fields, ("files", dict)):
+        check_type(manifest, key, kind, f"{mf}", corrupt_exit)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in manifest["files"].items()):
+        raise UserError(f"{mf}: 'files' must map relative paths to sha256 strings; the {fmt.what} is corrupted", corrupt_exit)
     return manifest
+
+
+_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def check_type(record: dict, key: str, kind: type, where: str, exit_code: int = 1):
+    """``record[key]``, which must exist and be of JSON type ``kind``; UserError naming ``where`` otherwise."""
+    if key not in record:
+        raise UserError(f"{where}: '{key}' is missing; the file is corrupted or was not written by epts-export", exit_code)
+    value = record[key]
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise UserError(f"{where}: '{key}' must be {_JSON_TYPES.get(kind, kind.__name__)}, got {type(value).__name__}; "
+                        "the file is corrupted", exit_code)
+    return value
 
 
 # --------------------------------------------------------------------------------------------

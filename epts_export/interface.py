@@ -95,7 +95,7 @@ Triple = tuple[int, int, int]
 class ShapeRange:
     """One optimization profile: (min, opt, max) of batch, new tokens (seq) and cached tokens (past)."""
 
-    name: str  # "prefill" | "decode"
+    name: str  # "prefill" | "decode" | "continue"
     batch: Triple
     seq: Triple
     past: Triple
@@ -157,3 +157,25 @@ def profile_shapes(profiles: list[ShapeRange], kv: KVLayout, what: str = "engine
             rows.append((name, *((batch[k], kv.kv_heads, past[k], kv.head_dim) for k in range(3))))
         out[p.name] = rows
     return out
+
+
+def cap_profile(profile: ShapeRange, max_tokens: int) -> ShapeRange:
+    """``profile`` with seq max + past max cut to ``max_tokens`` (a model's max_position_embeddings),
+    both in the proportion the profile gives them, keeping each min and the opt within the max:
+    prefill (past 0) keeps max_tokens new tokens, decode (one new token) max_tokens - 1 cached ones.
+    Unchanged when it already fits. Pure; UserError when even the mins do not fit."""
+    seq, past = triple(profile.seq, "seq"), triple(profile.past, "past")
+    if seq[2] + past[2] <= max_tokens:
+        return profile
+    if seq[0] + past[0] > max_tokens:
+        raise UserError(f"profile {profile.name} needs at least {seq[0] + past[0]} tokens (seq min {seq[0]} + past "
+                        f"min {past[0]}), more than the model's {max_tokens}: lower the mins in the target")
+    seq_max = seq[2] * max_tokens // (seq[2] + past[2])
+    seq_max = min(max(seq_max, seq[0]), max_tokens - past[0])
+    past_max = max_tokens - seq_max if past[2] > 0 else 0
+    past_max = min(past_max, past[2])
+
+    def cut(t: Triple, mx: int) -> Triple:
+        return (min(t[0], mx), min(t[1], mx), mx)
+
+    return ShapeRange(profile.name, profile.batch, cut(seq, seq_max), cut(past, past_max))

@@ -43,6 +43,85 @@ def dist(art, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def jetson_dist(art, tmp_path_factory):
+    """A Jetson bundle with three unstructured levels and 2:4 (engines are built on the device)."""
+    out = tmp_path_factory.mktemp("jetson-dist")
+    build(BuildSpec(source=str(art), target="jetson", out=out, levels=parse_levels("0.3,0.5,0.7,2:4")))
+    return out
+
+
+def test_jetson_bundle_shares_one_refit_engine(jetson_dist):
+    """Levels 0.3, 0.5, 0.7 and 2:4 for the Jetson: one refittable engine for the unstructured three
+    (TensorRT has no unstructured-sparse kernels), its own SPARSE_WEIGHTS engine for 2:4; the
+    scripts build exactly those two, and every profile fits the model's 256 positions."""
+    bundle = jetson_dist / "jetson-orin"
+    doc = json.loads((bundle / "engines.json").read_text())
+    assert doc["version"] == 2 and len(doc["engines"]) == 2
+    refit, sparse = doc["engines"]
+    assert refit["levels"] == ["0.3", "0.5", "0.7"] and refit["weights"] == "refit" and refit["sparse"] is False
+    assert refit["onnx"] == "level-0.3/model.onnx" and refit["engine"] == "engines/unstructured.engine"
+    assert refit["refit_from"] == {lv: f"level-{lv}/model.onnx" for lv in ("0.3", "0.5", "0.7")}
+    # only the pruned linears differ between levels: those are the weights to refit (REFIT_INDIVIDUAL)
+    assert refit["refit_weights"] and all(w.endswith(".weight_t") for w in refit["refit_weights"])
+    assert len(refit["refit_weights"]) == 2 * 7  # 2 blocks x (q, k, v, o, gate, up, down)
+    assert sparse["levels"] == ["2:4"] and sparse["weights"] == "baked" and sparse["sparse"] is True
+    assert "refit_from" not in sparse
+    for e in doc["engines"]:
+        assert [p["name"] for p in e["profiles"]] == ["prefill", "decode", "continue"]
+        assert all(p["seq"][2] + p["past"][2] <= 256 for p in e["profiles"]) and e["context"]["capped"]
+        assert e["tactic_dram_mb"] == 2048  # Jetson: capped in build_engines.py
+    script = (bundle / "build_engines.sh").read_text()
+    assert script.count("--saveEngine=") == 2
+    blocks = {b.split(": ", 1)[0]: b for b in script.split("\necho '== ")[1:]}
+    assert set(blocks) == {"levels 0.3, 0.5, 0.7", "level 2:4"}
+    assert "--refit" in blocks["levels 0.3, 0.5, 0.7"] and "--sparsity" not in blocks["levels 0.3, 0.5, 0.7"]
+    assert "--sparsity=enable" in blocks["level 2:4"] and "--refit" not in blocks["level 2:4"]
+    m = json.loads((bundle / "manifest.json").read_text())
+    engines = {r["name"]: r["trt_engine"] for r in m["levels"]}
+    assert {k: (v["engine"], v["weights"]) for k, v in engines.items()} == {
+        "0.3": ("engines/unstructured.engine", "refit"), "0.5": ("engines/unstructured.engine", "refit"),
+        "0.7": ("engines/unstructured.engine", "refit"), "2:4": ("engines/level-2of4.engine", "baked")}
+    assert engines["0.7"]["refit_onnx"] == "level-0.7/model.onnx" and "refit_onnx" not in engines["2:4"]
+    assert all(engines[lv]["refit_onnx"] in m["files"] for lv in ("0.3", "0.5", "0.7"))  # hashed
+    assert m["engines"]["built"] is False and "on the device" in m["engines"]["reason"]
+    report = verify(bundle)
+    assert report["plan"] == ("2 engine(s) for 4 level(s): unstructured.engine (0.3, 0.5, 0.7: refit), "
+                              "level-2of4.engine (2:4: sparse)")
+    r = cli("build", jetson_dist / "jetson-orin", "--target", "jetson", "--out", jetson_dist, "--quiet")
+    assert r.exit_code != 0  # a bundle is not an artifact (the stages above are reused by other tests)
+
+
+def _rehash(bundle, rel: str) -> None:
+    """Record the new sha256 of ``rel`` in the bundle manifest (a tampering that keeps the hashes right)."""
+    from epts_export.fsutil import sha256_file
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["files"][rel] = sha256_file(bundle / rel)
+    (bundle / "manifest.json").write_text(json.dumps(m))
+
+
+def test_verify_checks_the_engine_plan(jetson_dist, tmp_path):
+    """Every level has exactly one engine spec, and the graph each refit level comes from is in the
+    bundle and hashed: verify exits 3 otherwise, even when the hashes themselves are right."""
+    b = tmp_path / "b"
+    shutil.copytree(jetson_dist / "jetson-orin", b)
+    doc = json.loads((b / "engines.json").read_text())
+    doc["engines"][0]["levels"] = ["0.3", "0.5"]  # 0.7 served by none
+    doc["engines"][0]["refit_from"].pop("0.7")
+    (b / "engines.json").write_text(json.dumps(doc))
+    _rehash(b, "engines.json")
+    r = cli("verify", b)
+    assert r.exit_code == 3 and "level 0.7 is served by 0 engine specs" in " ".join(r.output.split())
+    shutil.rmtree(b)
+    shutil.copytree(jetson_dist / "jetson-orin", b)
+    m = json.loads((b / "manifest.json").read_text())
+    del m["files"]["level-0.5/model.onnx"]  # not hashed, so not checked: refused
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match="level-0.5/model.onnx"):
+        verify(b)
+
+
 def test_build_writes_a_complete_bundle_for_on_device_engines(dist):
     bundle = dist / "rtx-ada"  # the alias rtx resolves to rtx-ada
     m = json.loads((bundle / "manifest.json").read_text())
@@ -61,13 +140,27 @@ def test_build_writes_a_complete_bundle_for_on_device_engines(dist):
         assert f in m["files"], f
     script = (bundle / "build_engines.sh").read_text()
     assert subprocess.run(["bash", "-n", str(bundle / "build_engines.sh")]).returncode == 0
-    blocks = {b.split(":", 1)[0] if not b.startswith("2:4") else "2:4": b for b in script.split("echo '== level ")[1:]}
-    assert set(blocks) == {"0.5", "2:4"}
-    assert "--onnx=level-2of4/model.onnx" in blocks["2:4"] and "--sparsity=enable" in blocks["2:4"]
-    assert "--onnx=level-0.5/model.onnx" in blocks["0.5"] and "--sparsity" not in blocks["0.5"]
-    assert "--sparsity=force" not in script
+    blocks = {b.split(": ", 1)[0]: b for b in script.split("\necho '== ")[1:]}
+    assert set(blocks) == {"level 0.5", "level 2:4"}  # one unstructured level: no refit engine
+    assert "--onnx=level-2of4/model.onnx" in blocks["level 2:4"] and "--sparsity=enable" in blocks["level 2:4"]
+    assert "--onnx=level-0.5/model.onnx" in blocks["level 0.5"] and "--sparsity" not in blocks["level 0.5"]
+    assert "--sparsity=force" not in script and not any("--refit" in b for b in blocks.values())
     assert str(dist) not in script  # relative paths: the bundle can move
     assert not (dist / "rtx-ada.partial").exists()
+    # which engine serves each level, built or not; profiles cut to the tiny model's 256 positions
+    assert [r["trt_engine"] for r in m["levels"]] == [
+        {"engine": "engines/level-0.5.engine", "layer_info": "engines/level-0.5.layers.json", "levels": ["0.5"],
+         "weights": "baked", "sparse": False},
+        {"engine": "engines/level-2of4.engine", "layer_info": "engines/level-2of4.layers.json", "levels": ["2:4"],
+         "weights": "baked", "sparse": True}]
+    assert m["engines"]["context"] == {"max_tokens": 256, "target_max_context": 4096, "model_max_positions": 256,
+                                       "capped": True}
+    doc = json.loads((bundle / "engines.json").read_text())
+    assert doc["version"] == 2 and all(e["context"] == m["engines"]["context"] for e in doc["engines"])
+    profiles = {p["name"]: p for p in doc["engines"][0]["profiles"]}
+    assert list(profiles) == ["prefill", "decode", "continue"]
+    assert profiles["prefill"]["seq"][2] == 256 and profiles["decode"]["past"][2] == 255
+    assert all(p["seq"][2] + p["past"][2] <= 256 for p in profiles.values())
 
 
 def test_second_build_reuses_the_stages(dist, art):
@@ -207,7 +300,8 @@ def test_build_records_perplexity_when_given_text(art, eval_file, tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "rtx-ada" / "manifest.json").read_text())
     p = {r["name"]: r["perplexity"] for r in m["levels"]}
-    assert all(v and v["value"] > 1 and v["seqlen"] == 512 for v in p.values())
+    # windows of the tiny model's whole context (256), not the default 512 it cannot attend over
+    assert all(v and v["value"] > 1 and v["seqlen"] == 256 for v in p.values())
     assert p["0.5"]["dense"] < p["0.5"]["value"] * 10
 
 
@@ -240,45 +334,82 @@ def test_verify_refuses_engines_for_another_device(dist, tmp_path, monkeypatch):
     assert r.exit_code == 0 and "match TensorRT 10.3.0.30" in " ".join(r.output.split())
 
 
-def test_build_with_engines_runs_tensorrt_parity(art, tmp_path, monkeypatch):
-    """The engine path of build, with TensorRT faked: the 'engine' of a level is ONNX Runtime on
-    its graph. Checks the wiring: engines recorded with bundle-relative paths, TensorRT parity
-    run against the float32 reference and recorded, and a failing engine fails the build (exit 3)."""
+class FakeTrtDecoder:
+    """TensorRT faked: the 'engine' is ONNX Runtime on the graph the plan was 'built' from (the plan
+    file is a copy of it); set_level loads another level's graph, as a refit loads its weights."""
+
+    switches: list[str] = []
+
+    def __init__(self, path, **kw):
+        self.d = OrtDecoder(path)
+        self.level = None
+
+    def set_level(self, level, onnx=None):
+        FakeTrtDecoder.switches.append(level)
+        self.d, self.level = OrtDecoder(onnx), level
+        return {"level": level, "switched": True, "refit_s": 0.01, "onnx": str(onnx), "weights": 12}
+
+    def empty_past(self, batch):
+        return self.d.empty_past(batch)
+
+    def step(self, *a):
+        return self.d.step(*a)
+
+
+def fake_build(spec, log=print):
+    spec.engine.write_bytes(spec.onnx.read_bytes())  # the "plan" is the graph it is built from
+    spec.layer_info.write_text("{}")
+    return {"engine": str(spec.engine), "bytes": spec.engine.stat().st_size, "build_s": 0.0, "tensorrt": "10.99.0",
+            "levels": list(spec.levels), "weights": spec.weights, "refittable": "individual" if spec.refit else None,
+            "sparse_report": {"eligible": [], "picked": [], "layers": 0, "source": "fake"}}
+
+
+def test_build_with_engines_runs_tensorrt_parity(art, jetson_dist, monkeypatch):
+    """The engine path of build, with TensorRT faked (FakeTrtDecoder). Checks the wiring: one refit
+    engine built once for the unstructured levels and switched to each in TensorRT parity (a
+    decoder left on the build level's weights fails parity for the others), engines recorded with
+    bundle-relative paths, and a failing engine fails the build (exit 3)."""
     import epts_export.trt.builder as trt_engine
     import epts_export.trt.runtime as trt_runtime
 
-    def fake_build(spec, log=print):
-        spec.engine.write_bytes(spec.onnx.read_bytes())  # the "plan" is the graph itself
-        spec.layer_info.write_text("{}")
-        return {"engine": str(spec.engine), "bytes": spec.engine.stat().st_size, "build_s": 0.0, "tensorrt": "10.99.0",
-                "sparse_report": {"eligible": [], "picked": [], "layers": 0, "source": "fake"}}
-
+    built = []
     monkeypatch.setattr(trt_engine, "tensorrt_status", lambda: (True, "fake TensorRT"))
-    monkeypatch.setattr(trt_engine, "build_engine", fake_build)
-    monkeypatch.setattr(trt_runtime, "TrtDecoder", lambda path, **kw: OrtDecoder(path))
-    r = cli("build", art, "--target", "rtx-ada", "--out", tmp_path, "--levels", "0.5,2:4", "--quiet")
+    monkeypatch.setattr(trt_engine, "build_engine", lambda spec, log=print: built.append(spec.engine.name) or fake_build(spec))
+    monkeypatch.setattr(trt_runtime, "TrtDecoder", FakeTrtDecoder)
+    FakeTrtDecoder.switches = []
+    out = jetson_dist  # its stages: the export and its parity are reused
+    r = cli("build", art, "--target", "rtx-ada", "--out", out, "--levels", "0.3,0.5,0.7,2:4", "--quiet")
     assert r.exit_code == 0, r.output
-    m = json.loads((tmp_path / "rtx-ada" / "manifest.json").read_text())
+    assert built == ["unstructured.engine", "level-2of4.engine"] and FakeTrtDecoder.switches == ["0.3", "0.5", "0.7"]
+    m = json.loads((out / "rtx-ada" / "manifest.json").read_text())
     assert m["engines"]["built"] is True
     for rec in m["levels"]:
-        assert rec["engine"]["engine"] == f"engines/level-{rec['name'].replace(':', 'of')}.engine"
-        assert (tmp_path / "rtx-ada" / rec["engine"]["engine"]).is_file()
+        want = "engines/level-2of4.engine" if rec["name"] == "2:4" else "engines/unstructured.engine"
+        assert rec["engine"]["engine"] == want and (out / "rtx-ada" / want).is_file()
+        assert rec["engine"]["weights"] == ("baked" if rec["name"] == "2:4" else "refit")
         assert rec["parity"]["tensorrt"]["passed"]
-    assert json.loads((tmp_path / "rtx-ada" / "parity-tensorrt.json").read_text())["passed"]
+        assert rec["engine"]["engine"] in rec["files"]
+    assert m["levels"][1]["engine"]["refit_onnx"] == "level-0.5/model.onnx"
+    report = json.loads((out / "rtx-ada" / "parity-tensorrt.json").read_text())
+    assert report["passed"] and [e.get("refit_s") for e in report["levels"]] == [0.01, 0.01, 0.01, None]
 
-    class Broken:  # an engine whose logits drift
-        def __init__(self, path, **kw):
-            self.d = OrtDecoder(path)
-            self.empty_past = self.d.empty_past
+    class Stuck(FakeTrtDecoder):  # a refit engine that ignores the switch: 0.5 and 0.7 run 0.3's weights
+        def set_level(self, level, onnx=None):
+            return {"level": level, "switched": True, "refit_s": 0.0, "onnx": str(onnx), "weights": 0}
 
+    monkeypatch.setattr(trt_runtime, "TrtDecoder", Stuck)
+    r = cli("build", art, "--target", "rtx-ada", "--out", out, "--levels", "0.3,0.5,0.7,2:4", "--quiet", "--overwrite")
+    assert r.exit_code == 3 and "level 0.7 / tensorrt" in " ".join(r.output.split())  # 0.3 vs 0.7: too far apart
+
+    class Broken(FakeTrtDecoder):  # an engine whose logits drift
         def step(self, *a):
             logits, past = self.d.step(*a)
             return logits + 3.0 * np.sign(logits), past
 
     monkeypatch.setattr(trt_runtime, "TrtDecoder", Broken)
-    r = cli("build", art, "--target", "rtx-ada", "--out", tmp_path / "b", "--levels", "2:4", "--quiet")
+    r = cli("build", art, "--target", "rtx-ada", "--out", out / "b", "--levels", "2:4", "--quiet")
     assert r.exit_code == 3 and "TensorRT parity failed" in r.output
-    assert not (tmp_path / "b" / "rtx-ada").exists()
+    assert not (out / "b" / "rtx-ada").exists()
 
 
 def test_engines_built_on_the_device_are_found_by_verify_and_run(dist, tmp_path, monkeypatch):
@@ -311,6 +442,39 @@ def test_engines_built_on_the_device_are_found_by_verify_and_run(dist, tmp_path,
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     r = cli("verify", b)
     assert r.exit_code == 4 and "compute capability 8.7" in " ".join(r.output.split())
+
+
+def test_a_refit_engine_built_on_the_device_serves_its_levels(jetson_dist, tmp_path, monkeypatch):
+    """build_engines.py on the Jetson writes one engine for 0.3, 0.5, 0.7: engine_for gives it to each
+    of them with the graph to refit from, and verify checks it once."""
+    import sys
+    import types
+
+    import torch
+
+    import epts_export.trt.builder as trt_engine
+
+    b = tmp_path / "jetson"
+    shutil.copytree(jetson_dist / "jetson-orin", b)
+    (b / "engines").mkdir()
+    (b / "engines" / "unstructured.engine").write_bytes(b"plan")
+    (b / "engines" / "unstructured.build.json").write_text(json.dumps(
+        {"tensorrt": "10.3.0.30", "compute_capability": "8.7", "levels": ["0.3", "0.5", "0.7"], "weights": "refit"}))
+    bundle = Bundle.open(b)
+    for lv in ("0.3", "0.5", "0.7"):
+        engine, record = bundle.engine_for(parse_level(lv))
+        assert engine == b / "engines" / "unstructured.engine" and record["origin"] == "device"
+        assert record["weights"] == "refit" and record["refit_onnx"] == f"level-{lv}/model.onnx"
+        assert record["levels"] == ["0.3", "0.5", "0.7"] and record["tensorrt"] == "10.3.0.30"
+    assert bundle.engine_for(parse_level("2:4")) == (None, {})  # not built yet
+    monkeypatch.setattr(trt_engine, "tensorrt_status", lambda: (True, "fake"))
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0.30"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 7))
+    assert verify(b)["engines"] == "1 engine(s) match TensorRT 10.3.0.30 on sm_87"
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.13.0.35"))
+    with pytest.raises(UserError, match=r"the engine for level\(s\) 0.3, 0.5, 0.7 .* built with TensorRT 10.3.0.30"):
+        verify(b)
 
 
 def test_a_model_folder_edited_in_place_is_optimized_again(tiny_dirs, tmp_path):

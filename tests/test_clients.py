@@ -192,6 +192,10 @@ def test_standalone_runner_needs_neither_torch_nor_transformers(bundle, tmp_path
         assert r.stdout.rstrip("\n") == ours["text"], (r.stdout, ours["text"])
         assert f"tokens {ours['tokens']}" in r.stderr and "onnxruntime" in r.stderr
     assert not list(moved.rglob("__pycache__"))  # nothing unhashed appears in the bundle
+    # the copy holds every module run.py can reach, the TensorRT path's too
+    code = f"import sys; sys.path[0] = {str(moved / '_epts')!r}; import epts_export.trt.runtime, epts_export.deploy.runner"
+    r = subprocess.run([bare, "-B", "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
 
 
 def test_standalone_runner_checks_hashes_before_loading(bundle, tmp_path):

@@ -92,7 +92,7 @@ def test_manifest_reader_bad_files(tmp_path):
     with pytest.raises(UserError, match="not valid JSON") as e:
         read_manifest(tmp_path, FMT, corrupt_exit=3)
     assert e.value.exit_code == 3
-    write_json(tmp_path / "manifest.json", {**FMT.header(), "x": 1})
+    write_json(tmp_path / "manifest.json", {**FMT.header(), "x": 1, "files": {}})
     assert read_manifest(tmp_path, FMT)["x"] == 1
 
 

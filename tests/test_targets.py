@@ -56,6 +56,7 @@ BASE = {
 BASE_PROFILES = {
     "prefill": {"batch": [1, 1, 1], "seq": [1, 128, 2048], "past": [0, 0, 0]},
     "decode": {"batch": [1, 1, 1], "seq": [1, 1, 1], "past": [0, 512, 2047]},
+    "continue": {"batch": [1, 1, 1], "seq": [1, 64, 512], "past": [1, 512, 1536]},
 }
 
 
@@ -114,15 +115,18 @@ def test_shipped_target_is_valid(path, tmp_path):
     trained = parse_levels(DEFAULT_LEVELS)
     assert t.levels and all(lv in trained for lv in t.levels) and t.sparse == {parse_level("2:4")}
     assert all(lv in t.sparse for lv in t.levels if lv.is_nm) and t.levels == sorted(t.levels, key=trained.index)
-    assert set(t.profiles) == {"prefill", "decode"}
+    assert list(t.profiles) == ["prefill", "decode", "continue"]  # the engines' profile order
     for name, prof in t.profiles.items():
         assert isinstance(prof, ShapeRange)
         for triple in (prof.batch, prof.seq, prof.past):
             assert len(triple) == 3 and 0 <= triple[0] <= triple[1] <= triple[2]
-        assert prof.batch[0] >= 1 and prof.seq[0] >= 1 and prof.past[0] == 0
+        assert prof.batch[0] >= 1 and prof.seq[0] >= 1 and prof.past[0] == (1 if name == "continue" else 0)
         assert prof.batch[2] <= t.max_batch
         assert prof.seq[2] + prof.past[2] <= t.max_context
     assert t.profiles["decode"].seq == (1, 1, 1)
+    # a second chat turn fits: several new tokens on a cache of a quarter of the context and more
+    cont = t.profiles["continue"]
+    assert cont.seq[2] >= 512 and cont.past[2] >= t.max_context // 2 and cont.batch[2] == t.max_batch
     # to_dict is JSON for manifests and a complete target file: it loads back to the same target.
     d = json.loads(json.dumps(t.to_dict()))
     assert set(d) <= set(FIELDS) and "path" not in d
@@ -223,6 +227,15 @@ def test_tensorrt_matches_exact_and_minimum():
         (dict(profiles={**BASE_PROFILES, "decode": {**BASE_PROFILES["decode"], "beam": [1, 1, 1]}}),
          "'profiles.decode.beam'", "unknown field"),
         (dict(profiles={"prefill": BASE_PROFILES["prefill"]}), "'profiles.decode'", "missing field"),
+        (dict(profiles={k: v for k, v in BASE_PROFILES.items() if k != "continue"}), "'profiles.continue'",
+         "missing field"),
+        (dict(profiles=with_profile("continue", "past", [0, 512, 1536])), "'profiles.continue.past'",
+         "must have min >= 1 (an empty cache is prefill's)"),
+        (dict(profiles=with_profile("continue", "seq", [1, 1, 1])), "'profiles.continue.seq'",
+         "must have max >= 2 (one new token on a cache is decode's)"),
+        (dict(profiles=with_profile("continue", "past", [1, 512, 2000])), "'profiles.continue'",
+         "must fit max_context 2048: seq max 512 + past max 2000 = 2512"),
+        (dict(profiles=with_profile("continue", "batch", [1, 1, 2])), "'profiles.continue.batch'", "max_batch (1)"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
@@ -286,3 +299,40 @@ def test_env_dir_must_exist(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_DIR, str(tmp_path / "missing"))
     with pytest.raises(UserError, match=ENV_DIR):
         all_targets()
+
+
+# --- capping the profiles at a model's context ----------------------------------------------
+
+
+def test_cap_profile_by_hand():
+    from epts_export.interface import cap_profile
+
+    orin = resolve_target("jetson")  # max_context 4096
+    prefill, decode, cont = orin.profiles.values()
+    assert cap_profile(prefill, 4096) is prefill  # fits: unchanged
+    assert cap_profile(prefill, 2048) == ShapeRange("prefill", prefill.batch, (1, 512, 2048), (0, 0, 0))
+    assert cap_profile(decode, 2048) == ShapeRange("decode", decode.batch, (1, 1, 1), (0, 1024, 2047))
+    # seq and past keep the target's proportion (1024 : 3072), opts stay inside the new maxima
+    assert cap_profile(cont, 2048) == ShapeRange("continue", cont.batch, (1, 64, 512), (1, 1024, 1536))
+    assert cap_profile(cont, 256) == ShapeRange("continue", cont.batch, (1, 64, 64), (1, 192, 192))
+    with pytest.raises(UserError, match="needs at least 2 tokens"):
+        cap_profile(cont, 1)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+@pytest.mark.parametrize("model_context", [128, 2048, 4096])
+def test_capped_profiles_stay_valid(path, model_context):
+    """Every shipped profile, cut to a model's context, is still a profile the target would accept."""
+    from epts_export.interface import cap_profile
+
+    t = load_target_file(path)
+    for name, prof in t.profiles.items():
+        capped = cap_profile(prof, min(model_context, t.max_context))
+        assert capped.seq[2] + capped.past[2] <= min(model_context, t.max_context)
+        assert capped.batch == prof.batch and capped.seq[0] == prof.seq[0] and capped.past[0] == prof.past[0]
+        for triple in (capped.seq, capped.past):
+            assert triple[0] <= triple[1] <= triple[2]
+        if name == "decode":
+            assert capped.seq == (1, 1, 1) and capped.past[2] == min(model_context, t.max_context) - 1
+        if name == "prefill":
+            assert capped.seq[2] == min(model_context, t.max_context, prof.seq[2])

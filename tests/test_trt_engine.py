@@ -1,9 +1,12 @@
 """TensorRT engine building without TensorRT: profiles, trtexec argv, build scripts, the sparse
-report, and build_engine against a fake ``tensorrt`` module that records every call."""
+report, and build_engine (and build_engines.py) against a fake ``tensorrt`` that is derived from,
+and checked against, the real bindings of TensorRT 8.6.1, 10.3.0 and 11.4.0.106
+(tests/trt_bindings.py prepares them, tests/trt_api.py checks the fake; see the ``api`` fixture).
+Tests that take ``api`` run once per version and skip, saying why, where the bindings cannot be
+prepared (no gcc/binutils, no package registry)."""
 
 from __future__ import annotations
 
-import enum
 import json
 import os
 import shutil
@@ -16,30 +19,91 @@ from pathlib import Path
 import pytest
 
 import epts_export.fsutil as fsutil
+import trt_api
+import trt_bindings
 from epts_export.trt import builder as te
 from epts_export.trt import scripts as ts
 from epts_export.trt import sparse
 from epts_export.errors import UserError
 
+REPO = Path(__file__).resolve().parents[1]
 KV = te.KVLayout(layers=2, kv_heads=2, head_dim=16)
 PREFILL = te.ShapeRange("prefill", batch=(1, 1, 2), seq=(1, 64, 128), past=(0, 0, 0))
 DECODE = te.ShapeRange("decode", batch=(1, 1, 2), seq=(1, 1, 1), past=(0, 64, 127))
+CONTINUE = te.ShapeRange("continue", batch=(1, 1, 2), seq=(1, 16, 32), past=(1, 64, 96))
 INPUTS = ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key", "past_key_values.0.value",
           "past_key_values.1.key", "past_key_values.1.value"]
+# the names epts_export looks up with a default on purpose, because some versions lack them
+PROBED = {"BuilderFlag.FP16", "BuilderFlag.BF16", "BuilderFlag.REFIT_INDIVIDUAL",
+          "NetworkDefinitionCreationFlag.STRONGLY_TYPED", "NetworkDefinitionCreationFlag.EXPLICIT_BATCH",
+          "MemoryPoolType.TACTIC_DRAM", "INetworkDefinition.mark_weights_refittable", "OnnxParserRefitter"}
 
 
 def make_spec(root: Path, level: str = "2:4", sparse: bool = True, precision: str = "fp16",
               profiles=(PREFILL, DECODE), tactic_dram_mb: int | None = 256) -> te.EngineSpec:
     d = "level-" + level.replace(":", "of")
     return te.EngineSpec(
-        onnx=root / d / "model.onnx", engine=root / "engines" / f"{d}.engine", level=level, sparse=sparse,
+        onnx=root / d / "model.onnx", engine=root / "engines" / f"{d}.engine", levels=[level], sparse=sparse,
         precision=precision, profiles=list(profiles), kv=KV, workspace_mb=1024, tactic_dram_mb=tactic_dram_mb,
         timing_cache=root / "engines" / "target.timing.cache", layer_info=root / "engines" / f"{d}.layers.json")
 
 
+def make_refit_spec(root: Path, levels=("0.3", "0.5", "0.7"), refit_weights=("w.up", "w.down"),
+                    profiles=(PREFILL, DECODE, CONTINUE)) -> te.EngineSpec:
+    """One refittable engine for several unstructured levels, built from the first level's graph."""
+    graphs = {lv: root / f"level-{lv}" / "model.onnx" for lv in levels}
+    return te.EngineSpec(
+        onnx=graphs[levels[0]], engine=root / "engines" / "unstructured.engine", levels=list(levels), sparse=False,
+        precision="fp16", profiles=list(profiles), kv=KV, workspace_mb=1024, tactic_dram_mb=256,
+        timing_cache=root / "engines" / "target.timing.cache", layer_info=root / "engines" / "unstructured.layers.json",
+        refit_from=graphs, refit_weights=None if refit_weights is None else list(refit_weights),
+        context={"max_tokens": 128, "target_max_context": 4096, "model_max_positions": 128, "capped": True})
+
+
 def write_onnx(spec: te.EngineSpec) -> None:
-    spec.onnx.parent.mkdir(parents=True, exist_ok=True)
-    spec.onnx.write_bytes(b"onnx")
+    for graph in {spec.onnx, *spec.refit_from.values()}:
+        graph.parent.mkdir(parents=True, exist_ok=True)
+        graph.write_bytes(b"onnx")
+
+
+# --------------------------------------------------------------------------------------------
+# the real bindings, one version per test
+
+
+_APIS: dict[str, object] = {}
+
+
+def surface_or_skip(version: str) -> dict:
+    """The API surface of the real bindings of ``version`` (prepared once, then cached on disk and
+    here); the test skips when they cannot be prepared here."""
+    if version not in _APIS:
+        try:
+            _APIS[version] = trt_bindings.surface(version)
+        except trt_bindings.Unavailable as e:
+            _APIS[version] = e
+    found = _APIS[version]
+    if isinstance(found, Exception):
+        pytest.skip(f"real TensorRT {version} bindings unavailable: {found}")
+    return found
+
+
+@pytest.fixture(params=list(trt_bindings.VERSIONS))
+def api(request) -> trt_api.Api:
+    """The real API of one TensorRT version (a fresh record of misses and violations per test)."""
+    return trt_api.Api(surface_or_skip(request.param))
+
+
+@pytest.fixture
+def install(api, monkeypatch):
+    """install(fake) puts ``fake``, checked against ``api``, in sys.modules as ``tensorrt`` and
+    returns ``fake`` (its records); after the test, no violation and no unexpected missing name."""
+    def put(fake):
+        monkeypatch.setitem(sys.modules, "tensorrt", trt_api.checked(api, fake))
+        monkeypatch.setitem(sys.modules, "tensorrt_bindings", None)
+        return fake
+
+    yield put
+    api.assert_clean(PROBED)
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,14 +183,52 @@ def test_trtexec_command_single_profile_has_no_profile_flag(tmp_path):
 
 
 def test_spec_json_roundtrip(tmp_path):
-    for spec in (make_spec(tmp_path), make_spec(tmp_path, "0.5", sparse=False, precision="bf16", tactic_dram_mb=None)):
+    for spec in (make_spec(tmp_path), make_spec(tmp_path, "0.5", sparse=False, precision="bf16", tactic_dram_mb=None),
+                 make_refit_spec(tmp_path), make_refit_spec(tmp_path, refit_weights=None)):
         d = ts.spec_to_dict(spec, tmp_path)
-        assert d["onnx"] == f"level-{spec.level.replace(':', 'of')}/model.onnx"
-        assert not any(str(tmp_path) in str(v) for v in d.values())
+        assert d["onnx"] == f"level-{spec.levels[0].replace(':', 'of')}/model.onnx"
+        assert d["levels"] == spec.levels and d["weights"] == ("refit" if spec.refit else "baked")
+        assert not any(str(tmp_path) in json.dumps(v) for v in d.values())
         back = te.spec_from_dict(json.loads(json.dumps(d)), tmp_path)
         assert back == spec
         moved = te.spec_from_dict(d, tmp_path / "elsewhere")
         assert moved.engine == tmp_path / "elsewhere" / spec.engine.relative_to(tmp_path)
+        assert all(p.is_relative_to(tmp_path / "elsewhere") for p in moved.refit_from.values())
+    d = ts.spec_to_dict(make_refit_spec(tmp_path), tmp_path)
+    assert d["refit_from"] == {lv: f"level-{lv}/model.onnx" for lv in ("0.3", "0.5", "0.7")}
+    assert d["refit_weights"] == ["w.up", "w.down"] and d["context"]["capped"] is True
+    for broken in ({**d, "refit_from": {"0.3": "level-0.3/model.onnx"}},  # a level without its graph
+                   {**d, "weights": "baked"},  # a baked engine serves one level
+                   {**d, "refit_from": {**d["refit_from"], "0.5": "../x.onnx"}}):
+        with pytest.raises(UserError, match="malformed|inside the bundle"):
+            te.spec_from_dict(broken, tmp_path)
+
+
+def test_engines_json_version_1_is_still_read(tmp_path):
+    """Bundles written before refit engines: one "level" per entry, weights baked."""
+    v2 = ts.spec_to_dict(make_spec(tmp_path), tmp_path)
+    v1 = {k: v for k, v in v2.items() if k not in ("levels", "weights", "context")} | {"level": "2:4"}
+    (tmp_path / te.ENGINES_JSON).write_text(json.dumps({"format": te.ENGINES_FORMAT, "version": 1, "engines": [v1]}))
+    (spec,) = te.load_specs(tmp_path)
+    assert spec.levels == ["2:4"] and not spec.refit and spec.weights == "baked" and spec == make_spec(tmp_path)
+    (tmp_path / te.ENGINES_JSON).write_text(json.dumps({"format": te.ENGINES_FORMAT, "version": 3, "engines": []}))
+    with pytest.raises(UserError, match="version 3.*update epts-export"):
+        te.load_specs(tmp_path)
+
+
+def test_plan_problems(tmp_path):
+    refit, sparse_spec = make_refit_spec(tmp_path), make_spec(tmp_path)
+    write_onnx(refit)
+    assert te.plan_problems([refit, sparse_spec], ["0.3", "0.5", "0.7", "2:4"]) == []
+    assert te.spec_for_level([refit, sparse_spec], "0.5") is refit and te.spec_for_level([refit], "0.9") is None
+    problems = te.plan_problems([refit, sparse_spec, make_spec(tmp_path, "0.5", sparse=False)], ["0.3", "0.5", "0.7"])
+    assert any("level 0.5 is served by 2 engine specs" in p for p in problems)
+    assert any("lists level 2:4, which the bundle does not hold" in p for p in problems)
+    assert te.plan_problems([sparse_spec], ["0.3", "2:4"]) == ["level 0.3 is served by 0 engine specs (none), not exactly one"]
+    (tmp_path / "level-0.7" / "model.onnx").unlink()
+    assert te.plan_problems([refit]) == [f"the graph level 0.7 is refit from, {tmp_path / 'level-0.7' / 'model.onnx'}, is missing"]
+    refit.onnx = tmp_path / "other.onnx"
+    assert any("none of its levels' graphs" in p for p in te.plan_problems([refit]))
 
 
 def test_spec_paths_must_stay_inside_the_bundle(tmp_path):
@@ -164,7 +266,8 @@ def test_build_script_is_valid_bash_with_relative_paths(tmp_path):
     assert "force" not in text
     assert os.access(sh, os.X_OK) and os.access(py, os.X_OK)
     doc = json.loads((root / te.ENGINES_JSON).read_text())
-    assert doc["format"] == te.ENGINES_FORMAT and [e["level"] for e in doc["engines"]] == ["0.5", "2:4"]
+    assert doc["format"] == te.ENGINES_FORMAT and doc["version"] == 2
+    assert [e["levels"] for e in doc["engines"]] == [["0.5"], ["2:4"]]
     assert str(root) not in json.dumps(doc)
     compile(py.read_text(), str(py), "exec")
     assert te.load_specs(root) == specs
@@ -210,6 +313,40 @@ def test_build_script_runs_from_a_moved_bundle(tmp_path):
     lines = calls.read_text().splitlines()
     assert len(lines) == 2 and all(str(tmp_path) not in line for line in lines)
     assert "--profile=0" in lines[1] and "--profile=1" in lines[1]
+
+
+def test_build_script_for_a_refit_engine(tmp_path):
+    """Three unstructured levels, one refittable engine (trtexec --refit); 2:4 keeps its sparse one."""
+    root = tmp_path / "bundle"
+    refit, sparse_spec = make_refit_spec(root), make_spec(root, "2:4")
+    for s in (refit, sparse_spec):
+        write_onnx(s)
+    by_level = {"0.3": refit, "0.5": refit, "0.7": refit, "2:4": sparse_spec}  # as pipeline.engine_specs maps them
+    sh, _ = ts.write_build_script(list(by_level.values()), root)
+    text = sh.read_text()
+    assert subprocess.run(["bash", "-n", str(sh)]).returncode == 0
+    assert text.count("--saveEngine=") == 2  # one engine for the three unstructured levels
+    blocks = text.split("\necho '== ")[1:]
+    refit_block = next(b for b in blocks if b.startswith("levels 0.3, 0.5, 0.7: dense, refittable"))
+    assert "--refit" in refit_block and "--onnx=level-0.3/model.onnx" in refit_block and "--sparsity" not in refit_block
+    assert "--saveEngine=engines/unstructured.engine" in refit_block and "REFIT_INDIVIDUAL" in refit_block
+    sparse_block = next(b for b in blocks if b.startswith("level 2:4: sparse"))
+    assert "--refit" not in sparse_block and "--sparsity=enable" in sparse_block
+    doc = json.loads((root / te.ENGINES_JSON).read_text())
+    assert [(e["levels"], e["weights"]) for e in doc["engines"]] == [(["0.3", "0.5", "0.7"], "refit"), (["2:4"], "baked")]
+    assert te.load_specs(root) == [refit, sparse_spec]
+    argv = ts.trtexec_command(refit, root=root)
+    assert "--refit" in argv and not any("strip" in a.lower() or "identical" in a.lower() for a in argv)
+    assert [a for a in argv if a.startswith("--profile=")] == ["--profile=0", "--profile=1", "--profile=2"]
+    exe = _fake_trtexec(tmp_path, 'echo "  --profile   Build with profiles"; echo "  --stronglyTyped  typed"')
+    calls = tmp_path / "calls.txt"
+    res = subprocess.run(["bash", str(sh)], env={**os.environ, "TRTEXEC": str(exe), "FAKE_TRTEXEC_LOG": str(calls)},
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "profiles capped at 128 tokens, the model's max_position_embeddings (the target allows 4096)" in res.stdout
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 2 and "--refit" in lines[0] and "--refit" not in lines[1]
+    assert (root / "engines" / "unstructured.engine").is_file()
 
 
 def test_build_script_refuses_old_or_missing_trtexec(tmp_path):
@@ -341,27 +478,13 @@ def test_report_cli(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------
-# a fake tensorrt that records calls
+# a fake tensorrt derived from the real one: its enums, held to its API, recording every call
 
 
-class Severity(enum.IntEnum):
-    INTERNAL_ERROR = 0
-    ERROR = 1
-    WARNING = 2
-    INFO = 3
-    VERBOSE = 4
-
-
-def make_fake_trt(strongly_typed: bool = True, bf16: bool = True, inputs=None, parse_errors=(), build_ok=True,
-                  layer_json: str = json.dumps(DETAILED), build_log=tuple(LOG), bad_cache: bool = False):
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.3.0.30" if strongly_typed else "8.5.2.2"
-    rec = types.SimpleNamespace(network_flags=None, parsed=None, flags=[], pools={}, profiles=[], verbosity=None,
-                                cache_blobs=[], set_cache=[], built=0, inspector_format=None, files_at_build=None)
-    trt.rec = rec
-
+def fake_loggers(trt, severity) -> None:
+    """``trt.ILogger`` and ``trt.Logger`` as the real module has them: the severities on both."""
     class ILogger:
-        Severity = Severity
+        Severity = severity
 
         def __init__(self):
             pass
@@ -369,56 +492,55 @@ def make_fake_trt(strongly_typed: bool = True, bf16: bool = True, inputs=None, p
         def log(self, severity, msg):  # pragma: no cover - overridden
             pass
 
-    class Logger(ILogger):
-        WARNING, ERROR, INFO = Severity.WARNING, Severity.ERROR, Severity.INFO
+    for name, member in severity.__members__.items():
+        setattr(ILogger, name, member)
 
-        def __init__(self, min_severity=Severity.WARNING):
+    class Logger(ILogger):
+        def __init__(self, min_severity=severity.WARNING):
             super().__init__()
 
     trt.ILogger, trt.Logger = ILogger, Logger
-    if strongly_typed:
-        trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 1})
-    else:
-        trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag",
-                                                         {"EXPLICIT_BATCH": 0, "EXPLICIT_PRECISION": 1})
-    flags = {"FP16": 0, "INT8": 1, "SPARSE_WEIGHTS": 7 if strongly_typed else 6}
-    if bf16:
-        flags["BF16"] = 17
-    trt.BuilderFlag = enum.IntEnum("BuilderFlag", flags)
-    pools = {"WORKSPACE": 0, "DLA_MANAGED_SRAM": 1}
-    if strongly_typed:
-        pools["TACTIC_DRAM"] = 4
-    trt.MemoryPoolType = enum.IntEnum("MemoryPoolType", pools)
-    trt.ProfilingVerbosity = enum.IntEnum("ProfilingVerbosity", {"LAYER_NAMES_ONLY": 0, "NONE": 1, "DETAILED": 2})
-    trt.LayerInformationFormat = enum.IntEnum("LayerInformationFormat", {"ONELINE": 0, "JSON": 1})
 
-    shapes = inputs if inputs is not None else {n: ((-1, -1) if i < 3 else (-1, 2, -1, 16)) for i, n in enumerate(INPUTS)}
 
+def fake_network_classes(rec, shapes: dict, parse_errors, network_weights):
+    """(network class, OnnxParser class): a parsed network with ``shapes`` as inputs."""
     class Network:
         num_inputs = len(shapes)
 
-        def get_input(self, i):
-            name = list(shapes)[i]
+        def get_input(self, index):
+            name = list(shapes)[index]
             return types.SimpleNamespace(name=name, shape=shapes[name])
+
+        def mark_weights_refittable(self, name):
+            rec.marked.append(name)
+            return network_weights is None or name in network_weights
+
+    class ParserError:
+        def __init__(self, text):
+            self.text = text
+
+        def desc(self):
+            return self.text
+
+        def node(self):
+            return 3
 
     class OnnxParser:
         def __init__(self, network, logger):
             self.num_errors = len(parse_errors)
 
-        def parse_from_file(self, path):
-            rec.parsed = path
+        def parse_from_file(self, model):
+            rec.parsed = model
             return not parse_errors
 
-        def get_error(self, i):
-            return parse_errors[i]
+        def get_error(self, index):
+            return ParserError(parse_errors[index])
 
-    class Profile:
-        def __init__(self):
-            self.shapes = {}
+    return Network, OnnxParser
 
-        def set_shape(self, name, mn, op, mx):
-            self.shapes[name] = (tuple(mn), tuple(op), tuple(mx))
 
+def fake_config_class(rec, bad_cache: bool):
+    """A builder config recording flags, pools, verbosity, profiles and its timing cache."""
     class TimingCache:
         def __init__(self, blob):
             self.blob = bytes(blob)
@@ -431,11 +553,10 @@ def make_fake_trt(strongly_typed: bool = True, bf16: bool = True, inputs=None, p
             self.cache = None
 
         def set_flag(self, flag):
-            assert isinstance(flag, trt.BuilderFlag)  # by name, from the enum: never a bare int
             rec.flags.append(flag.name)
 
-        def set_memory_pool_limit(self, pool, size):
-            rec.pools[pool.name] = size
+        def set_memory_pool_limit(self, pool, pool_size):
+            rec.pools[pool.name] = pool_size
 
         @property
         def profiling_verbosity(self):
@@ -447,12 +568,13 @@ def make_fake_trt(strongly_typed: bool = True, bf16: bool = True, inputs=None, p
 
         def add_optimization_profile(self, profile):
             rec.profiles.append(profile.shapes)
+            return len(rec.profiles) - 1
 
-        def create_timing_cache(self, blob):
-            rec.cache_blobs.append(bytes(blob))
-            if bad_cache and blob:
+        def create_timing_cache(self, serialized_timing_cache):
+            rec.cache_blobs.append(bytes(serialized_timing_cache))
+            if bad_cache and serialized_timing_cache:
                 raise RuntimeError("cache header mismatch")
-            return TimingCache(blob)
+            return TimingCache(serialized_timing_cache)
 
         def set_timing_cache(self, cache, ignore_mismatch):
             rec.set_cache.append(ignore_mismatch)
@@ -462,11 +584,41 @@ def make_fake_trt(strongly_typed: bool = True, bf16: bool = True, inputs=None, p
         def get_timing_cache(self):
             return self.cache
 
+    return Config
+
+
+def make_fake_trt(api: trt_api.Api, inputs=None, parse_errors=(), build_ok=True, layer_json: str = json.dumps(DETAILED),
+                  build_log=tuple(LOG), bad_cache: bool = False, network_weights=None):
+    """A fake ``tensorrt`` of ``api``'s version: every enum of the real module with its real
+    members (so an 11.4 BuilderFlag has no FP16), builder classes that record in ``trt.rec``.
+    ``network_weights``: the weight names the parsed network knows (None: any)."""
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = api.version
+    enums = trt_api.enums(api)
+    for qual, cls in enums.items():
+        if "." not in qual:
+            setattr(trt, qual, cls)
+    severity = enums["ILogger.Severity"]
+    rec = types.SimpleNamespace(network_flags=None, parsed=None, flags=[], pools={}, profiles=[], verbosity=None,
+                                cache_blobs=[], set_cache=[], built=0, inspector_format=None, marked=[])
+    trt.rec = rec
+    fake_loggers(trt, severity)
+    shapes = inputs if inputs is not None else {n: ((-1, -1) if i < 3 else (-1, 2, -1, 16)) for i, n in enumerate(INPUTS)}
+    Network, trt.OnnxParser = fake_network_classes(rec, shapes, parse_errors, network_weights)
+    Config = fake_config_class(rec, bad_cache)
+
+    class Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, input, min, opt, max):  # noqa: A002 - the real keyword names
+            self.shapes[input] = (tuple(min), tuple(opt), tuple(max))
+
     class Builder:
         def __init__(self, logger):
             self.logger = logger
 
-        def create_network(self, flags):
+        def create_network(self, flags=0):
             rec.network_flags = flags
             return Network()
 
@@ -479,17 +631,17 @@ def make_fake_trt(strongly_typed: bool = True, bf16: bool = True, inputs=None, p
         def build_serialized_network(self, network, config):
             rec.built += 1
             for line in build_log:
-                self.logger.log(Severity.INFO, line)
-            self.logger.log(Severity.VERBOSE, "Tactic 0x1 time 0.1 ms")
-            self.logger.log(Severity.WARNING, "some warning")
+                self.logger.log(severity.INFO, line)
+            self.logger.log(severity.VERBOSE, "Tactic 0x1 time 0.1 ms")
+            self.logger.log(severity.WARNING, "some warning")
             if not build_ok:
-                self.logger.log(Severity.ERROR, "out of memory while timing tactics")
+                self.logger.log(severity.ERROR, "out of memory while timing tactics")
                 return None
             return memoryview(b"PLAN-BYTES")
 
     class Inspector:
-        def get_engine_information(self, fmt):
-            rec.inspector_format = fmt
+        def get_engine_information(self, format):  # noqa: A002 - the real keyword name
+            rec.inspector_format = format
             return layer_json
 
     class Engine:
@@ -500,12 +652,26 @@ def make_fake_trt(strongly_typed: bool = True, bf16: bool = True, inputs=None, p
         def __init__(self, logger):
             pass
 
-        def deserialize_cuda_engine(self, data):
-            assert bytes(data) == b"PLAN-BYTES"
+        def deserialize_cuda_engine(self, serialized_engine):
+            assert bytes(serialized_engine) == b"PLAN-BYTES"
             return Engine()
 
-    trt.Builder, trt.OnnxParser, trt.Runtime = Builder, OnnxParser, Runtime
+    trt.Builder, trt.Runtime = Builder, Runtime
     return trt
+
+
+def no_device(*args):
+    """What the real Builder/Runtime constructors do where TensorRT cannot start (checked on the stubbed bindings)."""
+    raise TypeError("pybind11::init(): factory function returned nullptr")
+
+
+# what each major version's real API makes build_engine do: (create_network flags, builder flags for
+# an fp16 sparse spec, builder flags for a refit spec with known weights)
+BY_MAJOR = {
+    8: (1 << 0, ["FP16", "SPARSE_WEIGHTS"], ["FP16", "REFIT"]),  # EXPLICIT_BATCH; weakly typed; no REFIT_INDIVIDUAL
+    10: (1 << 1, ["SPARSE_WEIGHTS"], ["REFIT_INDIVIDUAL"]),  # STRONGLY_TYPED = 1
+    11: (0, ["SPARSE_WEIGHTS"], ["REFIT_INDIVIDUAL"]),  # strongly typed only: STRONGLY_TYPED ignored, no FP16 flag
+}
 
 
 @pytest.fixture
@@ -526,18 +692,64 @@ def _files(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
 
 
-def test_build_engine_sparse_strongly_typed(tmp_path, monkeypatch, replaces):
-    trt = make_fake_trt()
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+def test_the_fake_has_what_each_real_version_has(api):
+    """The version differences the builder depends on, read from the real modules."""
+    flags = api.enum_members["BuilderFlag"]
+    assert "SPARSE_WEIGHTS" in flags and "REFIT" in flags and "TACTIC_DRAM" in api.enum_members["MemoryPoolType"]
+    assert ("FP16" in flags) == (api.major < 11) and ("BF16" in flags) == (api.major == 10)
+    assert ("REFIT_INDIVIDUAL" in flags) == ("STRIP_PLAN" in flags) == api.has("OnnxParserRefitter") == (api.major >= 10)
+    creation = api.enum_members["NetworkDefinitionCreationFlag"]
+    assert ("EXPLICIT_BATCH" in creation) == (api.major < 11) and ("STRONGLY_TYPED" in creation) == (api.major >= 10)
+    assert api.major < 11 or creation["STRONGLY_TYPED"] == 0
+    assert api.member("IExecutionContext", "set_optimization_profile_async")["signatures"][0]["returns"] == "bool"
+    assert api.has("INetworkDefinition.mark_weights_refittable") == (api.major >= 10)
+    assert api.has("Refitter.set_named_weights") and api.has("ICudaEngine.refittable")
+
+
+def test_checker_rejects_names_and_calls_the_real_version_lacks(api):
+    """A misspelled, removed or renamed name fails like the real module; a call the real signature
+    does not take, or a fake that lacks a real name, is an ApiViolation."""
+    trt = trt_api.checked(api, make_fake_trt(api))
+    with pytest.raises(AttributeError, match="BuilderFlag.SPARSE_WEIGHT$"):
+        trt.BuilderFlag.SPARSE_WEIGHT  # noqa: B018 - misspelled
+    assert getattr(trt.BuilderFlag, "FP16", None) is (None if api.major >= 11 else trt.BuilderFlag.FP16)  # removed in 11
+    assert not hasattr(trt, "OnnxParserRefiter")  # misspelled module attribute: what the real module answers
+    logger = te.make_logger(trt, lambda m: None)
+    builder = trt.Builder(logger)
+    with pytest.raises(trt_api.ApiViolation, match="no keyword 'strongly_typed'"):
+        builder.create_network(flags=0, strongly_typed=True)
+    config = builder.create_builder_config()
+    with pytest.raises(trt_api.ApiViolation, match="expected a BuilderFlag member"):
+        config.set_flag(7)  # a bare int: pybind11 enums take members only
+    with pytest.raises(trt_api.ApiViolation, match="2 positional arguments"):
+        config.set_flag(trt.BuilderFlag.REFIT, True)
+    with pytest.raises(AttributeError, match="IBuilderConfig.set_flags"):
+        config.set_flags(trt.BuilderFlag.REFIT)
+    with pytest.raises(AttributeError, match="settable property"):
+        builder.create_network().num_inputs = 3  # read-only in the real module
+    del type(config._target).get_timing_cache
+    with pytest.raises(trt_api.ApiViolation, match="fake IBuilderConfig lacks get_timing_cache"):
+        config.get_timing_cache()
+    assert len(api.violations) == 4
+    # a missing name that the code swallows still fails the test
+    api.violations.clear()
+    assert "BuilderFlag.SPARSE_WEIGHT" in api.misses
+    with pytest.raises(AssertionError, match="SPARSE_WEIGHT"):
+        api.assert_clean(PROBED)
+
+
+def test_build_engine_sparse(api, install, tmp_path, replaces):
+    trt = install(make_fake_trt(api))
     spec = make_spec(tmp_path)
     write_onnx(spec)
     messages = []
     result = te.build_engine(spec, log=messages.append)
     rec = trt.rec
-    assert rec.network_flags == 1 << 1  # 1 << int(STRONGLY_TYPED)
+    network_flags, sparse_flags, _ = BY_MAJOR[api.major]
+    assert rec.network_flags == network_flags
     assert rec.parsed == str(spec.onnx)
-    assert rec.flags == ["SPARSE_WEIGHTS"]  # by name; no FP16 flag on a strongly typed network
-    assert rec.pools == {"WORKSPACE": 1024 * 2**20, "TACTIC_DRAM": 256 * 2**20}
+    assert rec.flags == sparse_flags  # by name; FP16 only on weakly typed TensorRT 8
+    assert rec.pools == {"WORKSPACE": 1024 * 2**20, "TACTIC_DRAM": 256 * 2**20}  # every version has TACTIC_DRAM
     assert rec.verbosity == trt.ProfilingVerbosity.DETAILED
     assert rec.inspector_format == trt.LayerInformationFormat.JSON
     assert len(rec.profiles) == 2
@@ -555,7 +767,8 @@ def test_build_engine_sparse_strongly_typed(tmp_path, monkeypatch, replaces):
     assert all(src.parent == dst.parent and src != dst for src, dst in replaces)
     assert _files(tmp_path / "engines") == {"level-2of4.engine", "target.timing.cache", "level-2of4.layers.json"}
     assert result["engine"] == str(spec.engine) and result["bytes"] == len(b"PLAN-BYTES")
-    assert result["tensorrt"] == "10.3.0.30" and result["build_s"] >= 0
+    assert result["tensorrt"] == api.version and result["build_s"] >= 0
+    assert result["levels"] == ["2:4"] and result["weights"] == "baked" and result["refittable"] is None
     assert result["sparse_report"]["picked"] == ["fc_b", "/model/layers.0/mlp/up_proj/MatMul"]
     assert result["sparse_report"]["source"] == "inspector+log"
     assert any("some warning" in m for m in messages) and any("(Sparsity)" in m for m in messages)
@@ -563,23 +776,57 @@ def test_build_engine_sparse_strongly_typed(tmp_path, monkeypatch, replaces):
     json.dumps(result)  # goes into the bundle manifest
 
 
-def test_build_engine_dense_reuses_the_timing_cache(tmp_path, monkeypatch):
-    trt = make_fake_trt()
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+def test_build_engine_refit(api, install, tmp_path):
+    """One engine for three unstructured levels: refittable, never with the build level's values folded."""
+    trt = install(make_fake_trt(api))
+    spec = make_refit_spec(tmp_path)
+    write_onnx(spec)
+    messages = []
+    result = te.build_engine(spec, log=messages.append)
+    assert trt.rec.parsed == str(tmp_path / "level-0.3" / "model.onnx")  # built from the first level's graph
+    assert trt.rec.flags == BY_MAJOR[api.major][2]
+    assert not {"REFIT_IDENTICAL", "STRIP_PLAN", "SPARSE_WEIGHTS"} & set(trt.rec.flags)
+    assert trt.rec.marked == (["w.up", "w.down"] if api.major >= 10 else [])  # only what differs between the levels
+    assert result["refittable"] == ("individual" if api.major >= 10 else "all")
+    assert result["levels"] == ["0.3", "0.5", "0.7"] and result["weights"] == "refit"
+    assert len(trt.rec.profiles) == 3  # prefill, decode, continue
+    assert trt.rec.profiles[2]["past_key_values.0.key"] == ((1, 2, 1, 16), (1, 2, 64, 16), (2, 2, 96, 16))
+    assert trt.rec.profiles[2]["attention_mask"] == ((1, 2), (1, 80), (2, 128))
+    assert any("profiles capped at 128 tokens" in m for m in messages)
+    assert any("levels 0.3, 0.5, 0.7, refittable" in m for m in messages)
+
+
+def test_build_engine_refit_falls_back_to_every_weight(api, install, tmp_path):
+    """A weight name the parsed network does not know: REFIT (all weights) rather than a broken switch."""
+    trt = install(make_fake_trt(api, network_weights={"w.up"}))
+    spec = make_refit_spec(tmp_path)
+    write_onnx(spec)
+    messages = []
+    assert te.build_engine(spec, log=messages.append)["refittable"] == "all"
+    assert trt.rec.flags[-1] == "REFIT" and "REFIT_INDIVIDUAL" not in trt.rec.flags
+    if api.major >= 10:
+        assert any("first: w.down" in m and "(REFIT)" in m for m in messages)
+    trt = install(make_fake_trt(api))
+    spec.refit_weights = None  # unknown: every weight
+    te.build_engine(spec, log=lambda m: None)
+    assert trt.rec.flags[-1] == "REFIT" and trt.rec.marked == []
+
+
+def test_build_engine_dense_reuses_the_timing_cache(api, install, tmp_path):
+    trt = install(make_fake_trt(api))
     spec = make_spec(tmp_path, "0.5", sparse=False, tactic_dram_mb=None)
     write_onnx(spec)
     spec.timing_cache.parent.mkdir(parents=True)
     spec.timing_cache.write_bytes(b"old")
     te.build_engine(spec, log=lambda m: None)
-    assert trt.rec.flags == []  # no SPARSE_WEIGHTS for a dense level
+    assert trt.rec.flags == (["FP16"] if api.major == 8 else [])  # no SPARSE_WEIGHTS for a dense level
     assert trt.rec.pools == {"WORKSPACE": 1024 * 2**20}
     assert trt.rec.cache_blobs == [b"old"]
     assert spec.timing_cache.read_bytes() == b"old+timings"
 
 
-def test_build_engine_replaces_a_foreign_timing_cache(tmp_path, monkeypatch):
-    trt = make_fake_trt(bad_cache=True)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+def test_build_engine_replaces_a_foreign_timing_cache(api, install, tmp_path):
+    trt = install(make_fake_trt(api, bad_cache=True))
     spec = make_spec(tmp_path)
     write_onnx(spec)
     spec.timing_cache.parent.mkdir(parents=True)
@@ -591,36 +838,43 @@ def test_build_engine_replaces_a_foreign_timing_cache(tmp_path, monkeypatch):
     assert any("fresh" in m for m in messages)
 
 
-def test_build_engine_tensorrt8_fallback(tmp_path, monkeypatch):
-    trt = make_fake_trt(strongly_typed=False, bf16=False)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    spec = make_spec(tmp_path)  # fp16, sparse, tactic DRAM requested
+def test_build_engine_precision_flags(api, install, tmp_path):
+    """bf16 on a weakly typed TensorRT without a BF16 flag (8.6) builds in FP32 and says so; strongly
+    typed versions take precision from the graph and set no precision flag at all."""
+    trt = install(make_fake_trt(api))
+    messages = []
+    spec = make_spec(tmp_path, precision="bf16")
     write_onnx(spec)
-    messages = []
     te.build_engine(spec, log=messages.append)
-    assert trt.rec.network_flags == 1 << 0  # EXPLICIT_BATCH
-    assert trt.rec.flags == ["FP16", "SPARSE_WEIGHTS"]
-    assert trt.rec.pools == {"WORKSPACE": 1024 * 2**20}  # no TACTIC_DRAM pool on this version
-    assert any("TACTIC_DRAM" in m for m in messages)
-
-    trt = make_fake_trt(strongly_typed=False, bf16=False)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    messages = []
-    te.build_engine(make_spec(tmp_path, precision="bf16"), log=messages.append)
-    assert trt.rec.flags == ["SPARSE_WEIGHTS"] and any("no BF16" in m for m in messages)
+    assert trt.rec.flags == ["SPARSE_WEIGHTS"]
+    assert any("no BF16 builder flag" in m for m in messages) == (api.major == 8)
 
 
-def test_build_engine_failures_leave_no_files(tmp_path, monkeypatch):
+def test_build_engine_failures_leave_no_files(api, install, tmp_path):
     spec = make_spec(tmp_path)
     write_onnx(spec)
-    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt(parse_errors=("In node 3: unsupported op If",)))
-    with pytest.raises(RuntimeError, match="unsupported op If") as e:
+    install(make_fake_trt(api, parse_errors=("unsupported op If",)))
+    with pytest.raises(RuntimeError, match="node 3: unsupported op If") as e:
         te.build_engine(spec, log=lambda m: None)
     assert not isinstance(e.value, UserError)
-    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt(build_ok=False))
+    install(make_fake_trt(api, build_ok=False))
     with pytest.raises(RuntimeError, match="out of memory"):
         te.build_engine(spec, log=lambda m: None)
     assert not (tmp_path / "engines").exists() or _files(tmp_path / "engines") == set()
+
+
+def test_build_engine_without_a_gpu_is_one_line(api, install, tmp_path):
+    """The real Builder/Runtime raise TypeError where TensorRT cannot start: one UserError line."""
+    spec = make_spec(tmp_path)
+    write_onnx(spec)
+    fake = make_fake_trt(api)
+    fake.Builder = no_device
+    install(fake)
+    with pytest.raises(UserError) as e:
+        te.build_engine(spec, log=lambda m: None)
+    msg = str(e.value)
+    assert f"TensorRT {api.version} could not create a Builder (pybind11::init(): factory function returned nullptr)" in msg
+    assert "no CUDA GPU visible" in msg and "\n" not in msg
 
 
 def test_atomic_write_cleans_up_on_error(tmp_path, monkeypatch):
@@ -633,29 +887,33 @@ def test_atomic_write_cleans_up_on_error(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_build_engine_user_errors(tmp_path, monkeypatch):
+def no_tensorrt(monkeypatch) -> None:
+    for name in te.MODULE_NAMES:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_build_engine_user_errors(api, install, tmp_path, monkeypatch):
     spec = make_spec(tmp_path)
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    no_tensorrt(monkeypatch)
     with pytest.raises(UserError, match=r"epts-export\[tensorrt\]"):
         te.build_engine(spec)
-    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt())
+    install(make_fake_trt(api))
     with pytest.raises(UserError, match="missing"):
         te.build_engine(spec)
     write_onnx(spec)
     elastic = {n: s for n, s in zip(INPUTS, [(-1, -1)] * 3 + [(-1, 2, -1, 16)] * 4)} | {"sparsity_level": ()}
-    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt(inputs=elastic))
+    install(make_fake_trt(api, inputs=elastic))
     with pytest.raises(UserError, match="baked"):
         te.build_engine(spec, log=lambda m: None)
     wrong_heads = {n: ((-1, -1) if i < 3 else (-1, 4, -1, 16)) for i, n in enumerate(INPUTS)}
-    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt(inputs=wrong_heads))
+    install(make_fake_trt(api, inputs=wrong_heads))
     with pytest.raises(UserError, match="kv_heads"):
         te.build_engine(spec, log=lambda m: None)
 
 
-def test_build_engine_without_position_ids(tmp_path, monkeypatch):
-    trt = make_fake_trt(inputs={n: ((-1, -1) if i < 3 else (-1, 2, -1, 16)) for i, n in enumerate(INPUTS)
-                                if n != "position_ids"})
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+def test_build_engine_without_position_ids(api, install, tmp_path):
+    trt = install(make_fake_trt(api, inputs={n: ((-1, -1) if i < 3 else (-1, 2, -1, 16)) for i, n in enumerate(INPUTS)
+                                             if n != "position_ids"}))
     spec = make_spec(tmp_path)
     write_onnx(spec)
     te.build_engine(spec, log=lambda m: None)
@@ -663,7 +921,7 @@ def test_build_engine_without_position_ids(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# status and the build CLI
+# importing TensorRT, status and the build CLI
 
 
 def _fake_torch(available: bool, cuda: str | None = "12.6"):
@@ -673,43 +931,125 @@ def _fake_torch(available: bool, cuda: str | None = "12.6"):
 
 
 def test_tensorrt_status_without_tensorrt(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    no_tensorrt(monkeypatch)
     ok, why = te.tensorrt_status()
     assert ok is False
     assert "not installed" in why and "epts-export[tensorrt]" in why
 
 
-def test_tensorrt_status_with_and_without_gpu(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt())
+def test_both_module_names_are_accepted(monkeypatch):
+    """JetPack and NVIDIA's meta package give ``tensorrt``; the PyPI bindings wheel alone ``tensorrt_bindings``."""
+    wheel = types.ModuleType("tensorrt_bindings")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt_bindings", wheel)
+    assert te.import_trt() is wheel
+    jetpack = types.ModuleType("tensorrt")
+    monkeypatch.setitem(sys.modules, "tensorrt", jetpack)
+    assert te.import_trt() is jetpack  # tensorrt first
+
+
+def test_tensorrt_status_with_and_without_gpu(api, install, monkeypatch):
+    install(make_fake_trt(api))
     monkeypatch.setitem(sys.modules, "torch", _fake_torch(True))
-    assert te.tensorrt_status() == (True, "TensorRT 10.3.0.30, Orin (sm_87)")
+    assert te.tensorrt_status() == (True, f"TensorRT {api.version}, Orin (sm_87)")
     monkeypatch.setitem(sys.modules, "torch", _fake_torch(False))
     ok, why = te.tensorrt_status()
     assert not ok and why.startswith("no CUDA GPU visible")
-    trt = make_fake_trt()
-
-    def no_device(logger):
-        raise TypeError("pybind11::init(): factory function returned nullptr")
-
-    trt.Builder = no_device
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setitem(sys.modules, "torch", None)  # no torch: TensorRT's own probe
+    assert te.tensorrt_status() == (True, f"TensorRT {api.version}, CUDA GPU (install torch to see its name and "
+                                          f"compute capability)")
+    fake = make_fake_trt(api)
+    fake.Builder = no_device
+    install(fake)
     ok, why = te.tensorrt_status()
-    assert not ok and "no CUDA GPU visible" in why
+    assert not ok and why.startswith(f"TensorRT {api.version} could not create a Builder (pybind11::init(): factory "
+                                     f"function returned nullptr): no CUDA GPU visible")
 
 
-def test_build_cli_builds_every_level(tmp_path, monkeypatch, capsys):
-    root, specs = _bundle(tmp_path)
-    ts.write_build_script(specs, root)
-    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt())
+def test_build_cli_builds_every_engine(api, install, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "bundle"
+    refit, sparse_spec = make_refit_spec(root), make_spec(root, "2:4")
+    for s in (refit, sparse_spec):
+        write_onnx(s)
+    ts.write_build_script([refit, refit, refit, sparse_spec], root)
+    install(make_fake_trt(api))
     monkeypatch.setitem(sys.modules, "torch", _fake_torch(True))
     assert te.main(["build", str(root)]) == 0
     out = capsys.readouterr().out
-    assert "level 0.5:" in out and "level 2:4:" in out and "sparse kernel: fc_b" in out
-    assert (root / "engines" / "level-2of4.engine").is_file() and (root / "engines" / "level-0.5.engine").is_file()
+    assert "levels 0.3, 0.5, 0.7:" in out and "level 2:4:" in out and "sparse kernel: fc_b" in out
+    assert "0.3's in the plan; the others are refit at run time" in out
+    record = json.loads((root / "engines" / "unstructured.build.json").read_text())
+    assert record["levels"] == ["0.3", "0.5", "0.7"] and record["weights"] == "refit"
+    assert record["tensorrt"] == api.version and record["compute_capability"] == "8.7"
+    assert (root / "engines" / "level-2of4.engine").is_file()
+    assert te.main(["build", str(root), "--level", "0.5"]) == 0  # the engine serving 0.5
+    assert "levels 0.3, 0.5, 0.7:" in capsys.readouterr().out
     assert te.main(["build", str(root), "--level", "3:4"]) == 1
-    assert "no engine for level" in capsys.readouterr().err
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    assert "no engine for level(s) 3:4" in capsys.readouterr().err
+    (root / "level-0.7" / "model.onnx").unlink()
     assert te.main(["build", str(root)]) == 1
+    assert "level 0.7 is refit from" in capsys.readouterr().err
+    no_tensorrt(monkeypatch)
+    assert te.main(["build", str(root), "--level", "2:4"]) == 1
     assert "epts-export[tensorrt]" in capsys.readouterr().err
     assert te.main(["build", str(tmp_path / "nowhere")]) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# the real bindings themselves (each version in its own interpreter)
+
+
+def run_real(version: str, argv: list[str], **kw) -> subprocess.CompletedProcess:
+    """Run ``argv`` in a fresh interpreter with the real bindings of ``version`` (skip: not preparable here)."""
+    surface_or_skip(version)
+    return trt_bindings.run_python(version, argv, timeout=120, **kw)
+
+
+@pytest.mark.parametrize("version", list(trt_bindings.VERSIONS))
+def test_real_bindings_without_a_gpu(version, tmp_path):
+    """The real module, imported as ``tensorrt_bindings``: status, import_trt and build_engine say
+    in one line that TensorRT cannot start (the stubs' factories return NULL, as without a GPU)."""
+    spec = make_spec(tmp_path)
+    write_onnx(spec)
+    code = ("import sys, json; sys.path.insert(0, sys.argv[1]); from pathlib import Path\n"
+            "from epts_export.trt import builder as te\n"
+            "print(te.import_trt().__name__); print(json.dumps(te.tensorrt_status()))\n"
+            "spec = te.load_specs(Path(sys.argv[2]))[0]\n"
+            "try:\n    te.build_engine(spec, log=lambda m: None)\nexcept te.UserError as e:\n    print(json.dumps(str(e)))\n")
+    ts.write_build_script([spec], tmp_path)
+    res = run_real(version, ["-c", code, str(REPO), str(tmp_path)])
+    assert res.returncode == 0, res.stderr
+    name, status, error = res.stdout.splitlines()
+    assert name == "tensorrt_bindings"
+    ok, why = json.loads(status)
+    assert not ok and why.startswith(f"TensorRT {version} could not create a Builder "
+                                     "(pybind11::init(): factory function returned nullptr): no CUDA GPU visible")
+    assert json.loads(error).startswith(f"TensorRT {version} could not create a Builder (pybind11::init(): factory "
+                                        "function returned nullptr): no CUDA GPU visible")
+
+
+@pytest.mark.parametrize("version", list(trt_bindings.VERSIONS))
+def test_build_engines_py_needs_only_the_real_bindings(version, tmp_path):
+    """A moved bundle's build_engines.py, with nothing but the real bindings importable (-I -S: no
+    site-packages, no epts-export): it loads the vendored builder and fails in one line, no GPU."""
+    root = tmp_path / "bundle"
+    refit, sparse_spec = make_refit_spec(root), make_spec(root, "2:4")
+    for s in (refit, sparse_spec):
+        write_onnx(s)
+    ts.write_build_script([refit, sparse_spec], root)
+    device = tmp_path / "device"
+    shutil.move(str(root), str(device))
+    res = run_real(version, [str(device / "build_engines.py"), "--level", "0.5"], cwd=tmp_path)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert res.stderr.strip().splitlines() == [f"error: cannot build engines here: TensorRT {version} could not create "
+                                               f"a Builder (pybind11::init(): factory function returned nullptr): no CUDA "
+                                               f"GPU visible, or its driver or libraries are broken (check nvidia-smi)"]
+    code = ("import runpy, sys; b = runpy.run_path(sys.argv[1])['_builder'](); print(b.__file__); "
+            "print(b.import_trt().__name__, sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('numpy', 'torch', 'onnx', 'epts_export')))")
+    res = run_real(version, ["-c", code, str(device / "build_engines.py")], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    origin, modules = res.stdout.splitlines()
+    assert Path(origin) == device / "_epts" / "epts_export" / "trt" / "builder.py"
+    assert modules.startswith("tensorrt_bindings ") and "numpy" not in modules and "torch" not in modules
+    assert not list(device.rglob("__pycache__"))

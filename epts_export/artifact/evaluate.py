@@ -26,8 +26,18 @@ class EvalData:
     record: dict  # {"source", "sha256", "tokens"}
 
 
+def check_context(seqlen: int, config, what: str = "--seqlen") -> None:
+    """UserError when ``seqlen`` tokens do not fit the model's context (max_position_embeddings):
+    OPT fails with an IndexError past it, LLaMA silently extrapolates its RoPE."""
+    context = getattr(config, "max_position_embeddings", None)
+    if isinstance(context, int) and seqlen > context:
+        raise UserError(f"{what} {seqlen} is longer than the model's context of {context} tokens: use {what} {context} or less")
+
+
 def load_eval_data(source: str, tokenizer, seqlen: int, max_windows: int | None = None) -> EvalData:
-    text, _ = read_text_source(source)
+    if max_windows is not None and max_windows < 1:
+        raise UserError(f"--max-windows must be >= 1, got {max_windows}")
+    text, _ = read_text_source(source, "evaluation text")
     ids = tokenize_text(tokenizer, text)
     n = ids.numel() // seqlen
     if n < 1:
@@ -59,6 +69,10 @@ def evaluate(target: str | Path, data: str, seqlen: int, levels: list[Level] | N
     reference, or of a plain model. Returns the JSON report (see README)."""
     progress = progress or Progress(enabled=False)
     target = Path(target) if not isinstance(target, Path) else target
+    if seqlen < 2:
+        raise UserError("--seqlen must be >= 2")
+    if max_windows is not None and max_windows < 1:
+        raise UserError(f"--max-windows must be >= 1, got {max_windows}")
     rows: list[dict] = []
     if (target / "manifest.json").is_file():
         art = Artifact.open(target)
@@ -68,6 +82,7 @@ def evaluate(target: str | Path, data: str, seqlen: int, levels: list[Level] | N
         for lv in levels:
             art.check_level(lv)
         tok = em.tokenizer
+        check_context(seqlen, em.model.config)
         ev = load_eval_data(data, tok, seqlen, max_windows)
         runs: list[tuple[str, object]] = []
         if art.is_elastic:
@@ -80,6 +95,7 @@ def evaluate(target: str | Path, data: str, seqlen: int, levels: list[Level] | N
 
         with progress.status(f"loading model {target}"):
             model, tok = load_model(resolve_model(str(target), progress=progress.enabled))
+        check_context(seqlen, model.config)
         ev = load_eval_data(data, tok, seqlen, max_windows)
         runs = [("dense", lambda: model)]
     with progress.count(f"perplexity ({len(ev.ids)} x {seqlen} tokens)", total=len(runs) * len(ev.ids)) as advance:

@@ -26,7 +26,9 @@ from ..core.levels import Group, Level, parse_level
 from ..core.rule import active_groups
 
 ARTIFACT = ManifestFormat("epts-elastic", 1, "artifact", "create one with `epts-export optimize`",
-                          "re-run optimize with this version or install the epts-export that wrote it")
+                          "re-run optimize with this version or install the epts-export that wrote it",
+                          fields=(("method", str), ("levels", list), ("groups", list), ("settings", dict), ("model", dict)))
+METHODS = ("epts", "magnitude", "wanda", "sparsegpt")
 ELASTIC_FILE = "elastic.safetensors"
 MODEL_DIR = "model"
 
@@ -56,9 +58,40 @@ class Artifact:
         """Read and (by default) hash-check an artifact folder; UserError on anything wrong."""
         p = Path(path)
         manifest = read_manifest(p, ARTIFACT)
+        art = cls(p, manifest)
+        art._check()
         if verify:
-            verify_hashes(p, manifest.get("files", {}), "artifact")
-        return cls(p, manifest)
+            verify_hashes(p, manifest["files"], "artifact")
+        return art
+
+    def _check(self) -> None:
+        """What the rest of the code relies on: a known method, levels that parse, groups and
+        training settings for EPTS, one level for a baseline."""
+        where = f"{self.path / 'manifest.json'}"
+
+        def bad(why: str) -> UserError:
+            return UserError(f"{where}: {why}; the artifact is corrupted or was not written by epts-export")
+
+        if self.method not in METHODS:
+            raise bad(f"unknown method {self.method!r}")
+        try:
+            levels = self.levels
+            groups = self.groups
+        except (UserError, KeyError, TypeError, ValueError, AttributeError) as e:
+            raise bad(f"malformed levels or groups ({e})") from None
+        if not levels:
+            raise bad("it lists no levels")
+        if self.is_elastic:
+            from ..pruning.epts import TrainConfig
+
+            if not any(not g.is_nm for g in groups):
+                raise bad("an EPTS artifact needs its sparsity groups")
+            try:
+                TrainConfig.from_dict(self.manifest["settings"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise bad(f"settings lack the training configuration ({type(e).__name__}: {e})") from None
+        elif len(levels) != 1:
+            raise bad(f"a {self.method} artifact holds exactly one level, it lists {len(levels)}")
 
     @property
     def method(self) -> str:

@@ -18,7 +18,7 @@ from ..core.hilora import merged_weight
 from ..core.levels import Group, Level
 from ..core.rule import LevelRule, level_rule
 from ..errors import UserError
-from ..fsutil import ManifestFormat, file_hashes, sha256_file, staged_dir, write_json
+from ..fsutil import ManifestFormat, check_destination, file_hashes, sha256_file, staged_dir, write_json
 from ..models.families import family_for, iter_prunable, measured_sparsity
 from ..progress import Progress
 from .folder import ELASTIC_FILE, Artifact, tensor_key
@@ -115,9 +115,10 @@ def materialize_to_folder(artifact: str | Path, level: Level, out: str | Path, o
     manifest.json naming the source artifact, the level and the sha256 of every file."""
     from ..models.hf import save_model, save_tokenizer
 
+    out = Path(out)
+    check_destination(out, overwrite=overwrite, inputs=[artifact])
     art = Artifact.open(artifact)
     art.check_level(level)
-    out = Path(out)
     progress = progress or Progress(enabled=False)
     with staged_dir(out, overwrite=overwrite) as tmp:
         with progress.status(f"materializing level {level.name} of {art.path}"):

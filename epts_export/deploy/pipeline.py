@@ -9,13 +9,17 @@ for another target (or after a failed one) reuses what has not changed. The bund
     dist/<target>/
       manifest.json          format, target tuple (device, compute capability, TensorRT, JetPack,
                              CUDA, precision), per level: files + sha256, sparsity, pattern,
-                             parity result, engine + sparse-layer report when built; sha256 of
-                             every file; how and where engines get built
+                             parity result, the engine that serves it and how its weights get
+                             in (trt_engine), engine + sparse-layer report when built; sha256
+                             of every file; how and where engines get built, their context
       level-<name>/          model.onnx (+ model.onnx_data), config.json, generation_config.json,
                              tokenizer (each level loads on its own, in ORT or optimum)
-      engines/level-<name>.engine, engines/level-<name>.layers.json     (when built here)
-      build_engines.sh       trtexec commands, one per level (always written: the way to
-      build_engines.py       rebuild on the device); engines.json lists their specs
+      engines/level-<name>.engine, engines/level-<name>.layers.json     (when built here; one
+                             engines/unstructured.engine serves every unstructured level, refit
+                             from each level's graph, N:M levels keep their own)
+      build_engines.sh       trtexec commands, one per engine (always written: the way to
+      build_engines.py       rebuild on the device); engines.json lists their specs: which engine
+                             serves which levels and how their weights get in
       parity.json            the validate report
 
 Exit codes: 1 bad input, 2 engines required (--require-engines) but not buildable here,
@@ -24,6 +28,7 @@ Exit codes: 1 bad input, 2 engines required (--require-engines) but not buildabl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -33,7 +38,7 @@ from pathlib import Path
 from ..artifact.folder import ARTIFACT, Artifact
 from ..core.levels import DEFAULT_LEVELS, Level, parse_levels, sort_levels
 from ..errors import UserError
-from ..fsutil import MANIFEST, file_hashes, sha256_bytes, sha256_file, staged_dir, write_json
+from ..fsutil import MANIFEST, check_destination, file_hashes, sha256_bytes, sha256_file, staged_dir, write_json
 from ..interface import GRAPH_FILE, KVLayout, level_dirname
 from ..progress import Progress
 from .bundle import BUNDLE
@@ -114,8 +119,6 @@ def _check_levels(target, levels: list[Level]) -> None:
 
 def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
     """Run the pipeline for ``spec.target``; returns the bundle folder."""
-    from transformers import AutoConfig
-
     from .targets import resolve_target
 
     progress = progress or Progress(enabled=False)
@@ -123,12 +126,49 @@ def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
     target = resolve_target(spec.target)
     out = Path(spec.out)
     bundle = out / target.name
-    if bundle.exists() and not spec.overwrite:
-        raise UserError(f"bundle {bundle} already exists: choose another --out or pass --overwrite")
-    stages = out / STAGES
-    stages.mkdir(parents=True, exist_ok=True)
+    local = [spec.source] if Path(spec.source).expanduser().exists() else []
+    check_destination(bundle, overwrite=spec.overwrite, inputs=local)
+    if spec.levels is not None and not spec.levels:
+        raise UserError("--levels is empty: pass levels like 0.5,2:4, or leave it out for the target's defaults")
     levels = spec.levels or target.levels
     _check_levels(target, levels)
+    if spec.eval_data:
+        _check_eval_data(spec.eval_data)
+    stages = out / STAGES
+    try:
+        stages.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {stages}: {e.strerror or e}") from None
+    with _stage_lock(stages, progress):
+        return _build(spec, target, levels, bundle, stages, progress, t0)
+
+
+@contextlib.contextmanager
+def _stage_lock(stages: Path, progress: Progress):
+    """One build at a time per --out: a second one waits here, then reuses the stages the first wrote."""
+    import fcntl
+
+    with open(stages / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress_note(progress, f"waiting for another build that uses {stages.parent}")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _check_eval_data(source: str) -> None:
+    if source.startswith("hf:"):
+        return
+    if not Path(source).expanduser().exists():
+        raise UserError(f"evaluation text not found: {source} (--eval-data takes a text file, a folder or hf:NAME)")
+
+
+def _build(spec: BuildSpec, target, levels: list[Level], bundle: Path, stages: Path, progress: Progress, t0: float) -> Path:
+    from transformers import AutoConfig
 
     # 1. memory pre-flight before any heavy work (from the model's config and weight headers)
     src = _source(spec, progress)
@@ -281,15 +321,23 @@ def parity_stage(exp, art: Artifact, export_key: str, stages: Path, progress: Pr
 
 def perplexity_stage(spec: BuildSpec, art: Artifact, levels: list[Level], export_key: str, stages: Path,
                      progress: Progress) -> dict[str, dict]:
-    """level name -> perplexity record on ``spec.eval_data`` (cached with the export)."""
+    """level name -> perplexity record on ``spec.eval_data`` (cached with the export). Windows are
+    ``spec.eval_seqlen`` tokens, or the model's context when that is shorter (said once)."""
+    from transformers import AutoConfig
+
     from ..artifact.evaluate import evaluate
 
-    ppl_path = stages / f"ppl-{_fingerprint({'export': export_key, 'data': spec.eval_data, 'seqlen': spec.eval_seqlen, 'windows': spec.eval_windows})}.json"
+    seqlen = spec.eval_seqlen
+    context = getattr(AutoConfig.from_pretrained(art.model_dir), "max_position_embeddings", None)
+    if isinstance(context, int) and seqlen > context:
+        progress_note(progress, f"perplexity windows of {context} tokens: the model's context (not {seqlen})")
+        seqlen = context
+    ppl_path = stages / f"ppl-{_fingerprint({'export': export_key, 'data': spec.eval_data, 'seqlen': seqlen, 'windows': spec.eval_windows})}.json"
     if ppl_path.is_file():
         ev = json.loads(ppl_path.read_text())
         progress_note(progress, "reusing the perplexity of those levels")
     else:
-        ev = evaluate(art.path, spec.eval_data, spec.eval_seqlen, levels, progress, spec.eval_windows)
+        ev = evaluate(art.path, spec.eval_data, seqlen, levels, progress, spec.eval_windows)
         write_json(ppl_path, ev)
     return {r["level"]: {"value": round(r["ppl"], 4), "data": ev["data"]["source"], "data_sha256": ev["data"]["sha256"],
                          "seqlen": ev["seqlen"], "windows": ev["data"]["windows"], "dense": ev["results"][0]["ppl"]}
@@ -323,34 +371,69 @@ def _copy_levels(exp, report: dict, ppl: dict, levels: list[Level], tmp: Path) -
     return records
 
 
-def engine_specs(bundle: Path, target, levels: list[Level], config) -> dict[Level, object]:
-    """level -> the EngineSpec of its engine in ``bundle``, from the target's profiles."""
-    from ..trt.builder import EngineSpec
+def engine_context(target, config) -> dict:
+    """How many tokens the engines' profiles may span: the target's max_context, capped at the
+    model's max_position_embeddings (a 2048-token model gets no 4096-token profile)."""
+    model_max = getattr(config, "max_position_embeddings", None)
+    model_max = int(model_max) if isinstance(model_max, int) and model_max > 0 else None
+    tokens = min(target.max_context, model_max) if model_max else target.max_context
+    return {"max_tokens": tokens, "target_max_context": target.max_context, "model_max_positions": model_max,
+            "capped": tokens < target.max_context}
 
-    specs = {}
+
+def engine_specs(bundle: Path, target, levels: list[Level], config) -> dict[Level, object]:
+    """level -> the EngineSpec of the engine that serves it in ``bundle`` (whose level folders are
+    in place), from the target's profiles capped at the model's context (``engine_context``).
+
+    Every N:M level gets its own SPARSE_WEIGHTS engine. Two or more unstructured levels share one
+    refittable engine (TensorRT has no unstructured-sparse kernels: they are the same dense graph
+    with other weights), built from the first one's graph and refit from each level's at run time;
+    when their graphs differ in more than weights (``refit.refit_plan``), each gets its own.
+    """
+    from ..interface import cap_profile
+    from ..trt.builder import EngineSpec
+    from ..trt.refit import RefitMismatch, refit_plan
+
+    context = engine_context(target, config)
+    engines = bundle / "engines"
+    common = dict(precision=target.precision, profiles=[cap_profile(p, context["max_tokens"]) for p in target.profiles.values()],
+                  kv=KVLayout.from_config(config), workspace_mb=target.workspace_mb, tactic_dram_mb=target.tactic_dram_mb,
+                  timing_cache=engines / f"{target.name}.timing.cache", context=context)
+    graph = {lv: bundle / level_dirname(lv) / GRAPH_FILE for lv in levels}
+    dense = [lv for lv in levels if lv not in target.sparse]
+    specs, note = {}, None
+    if len(dense) >= 2:
+        try:
+            plan = refit_plan({lv.name: graph[lv] for lv in dense})
+            shared = EngineSpec(onnx=graph[dense[0]], engine=engines / "unstructured.engine", levels=[lv.name for lv in dense],
+                                sparse=False, layer_info=engines / "unstructured.layers.json",
+                                refit_from={lv.name: graph[lv] for lv in dense}, refit_weights=list(plan.weights), **common)
+            specs = {lv: shared for lv in dense}
+        except RefitMismatch as e:
+            note = f"own engine: {e}"
     for lv in levels:
-        d = level_dirname(lv)
-        specs[lv] = EngineSpec(
-            onnx=bundle / d / GRAPH_FILE, engine=bundle / "engines" / f"{d}.engine", level=lv.name,
-            sparse=lv in target.sparse, precision=target.precision, profiles=list(target.profiles.values()),
-            kv=KVLayout.from_config(config), workspace_mb=target.workspace_mb,
-            tactic_dram_mb=target.tactic_dram_mb, timing_cache=bundle / "engines" / f"{target.name}.timing.cache",
-            layer_info=bundle / "engines" / f"{d}.layers.json")
-    return specs
+        if lv not in specs:
+            d = level_dirname(lv)
+            specs[lv] = EngineSpec(onnx=graph[lv], engine=engines / f"{d}.engine", levels=[lv.name], sparse=lv in target.sparse,
+                                   layer_info=engines / f"{d}.layers.json", note=None if lv.is_nm else note, **common)
+    return {lv: specs[lv] for lv in levels}
 
 
 def engine_stage(specs: dict, art: Artifact, exp, target, records: list[dict], tmp: Path, progress: Progress) -> dict:
-    """Build every engine here, gate on TensorRT parity (parity-tensorrt.json); level name ->
-    build record, with paths relative to the bundle."""
+    """Build every engine here (a refit engine once for all its levels), gate on TensorRT parity
+    (parity-tensorrt.json); level name -> build record, with paths relative to the bundle."""
     from ..onnx.parity import write_report
     from ..trt.builder import build_engine
+    from ..trt.scripts import unique_specs
 
     built = {}
-    with progress.count("building TensorRT engines", len(specs)) as advance:
-        for lv, s in specs.items():
+    unique = unique_specs(specs.values())
+    with progress.count("building TensorRT engines", len(unique)) as advance:
+        for s in unique:
             s.engine.parent.mkdir(parents=True, exist_ok=True)
-            built[lv.name] = {**build_engine(s), "engine": s.engine.relative_to(tmp).as_posix(),
-                              "layer_info": s.layer_info.relative_to(tmp).as_posix()}
+            result = build_engine(s)
+            for name in s.levels:
+                built[name] = {**result, **_engine_record(s, name, tmp)}
             advance()
     trt_report = tensorrt_parity(art, exp, specs, target, progress)
     write_report(trt_report, tmp / "parity-tensorrt.json")
@@ -363,16 +446,37 @@ def engine_stage(specs: dict, art: Artifact, exp, target, records: list[dict], t
     return built
 
 
+def _engine_record(spec, level: str, root: Path) -> dict:
+    """Which engine serves ``level`` and how its weights get in, paths relative to the bundle ``root``."""
+    rec = {"engine": spec.engine.relative_to(root).as_posix(), "layer_info": spec.layer_info.relative_to(root).as_posix(),
+           "levels": list(spec.levels), "weights": spec.weights, "sparse": bool(spec.sparse)}
+    if spec.refit:
+        rec["refit_onnx"] = spec.refit_from[level].relative_to(root).as_posix()
+    return rec
+
+
 def tensorrt_parity(art: Artifact, exp, specs: dict, target, progress: Progress) -> dict:
-    """Each engine against the float32 PyTorch reference with the export dtype's tolerances, through
-    the same validation loop as `validate` (ORT's CPU provider cannot compute in fp16, so TensorRT
-    and ORT are each compared with the same float32 reference)."""
+    """Each level's engine against the float32 PyTorch reference with the export dtype's tolerances,
+    through the same validation loop as `validate` (ORT's CPU provider cannot compute in fp16, so
+    TensorRT and ORT are each compared with the same float32 reference). A refit engine is opened
+    once and switched to each of its levels in turn (``TrtDecoder.set_level``): the switch is what
+    is checked, and its time is in the report."""
     from ..artifact.materialize import ElasticModel
     from ..onnx.parity import TOLERANCES, check_levels
     from ..trt.runtime import TrtDecoder
 
+    opened: dict[Path, object] = {}
+
     def open_engine(lv: Level):
-        return TrtDecoder(specs[lv].engine), {"engine": specs[lv].engine.name}
+        s = specs[lv]
+        if s.engine not in opened:
+            opened.clear()  # one engine in memory at a time (Jetson memory is shared with the CPU)
+            opened[s.engine] = TrtDecoder(s.engine)
+        dec, info = opened[s.engine], {"engine": s.engine.name, "weights": s.weights}
+        if s.refit:
+            switch = dec.set_level(lv.name, s.refit_from[lv.name])
+            info["refit_s"] = switch["refit_s"]
+        return dec, info
 
     entries, failures = check_levels(ElasticModel(art), list(specs), open_engine, target.precision,
                                      exp.manifest["io"]["outputs"], label="TensorRT parity", progress=progress,
@@ -391,7 +495,15 @@ def _write_bundle_manifest(tmp: Path, manifest: dict, engines: dict, specs: dict
     for rec in manifest["levels"]:
         if rec["name"] in engines:
             rec["engine"] = engines[rec["name"]]
+    # which engine serves each level and how its weights get in, built here or not
+    by_name = {lv.name: s for lv, s in specs.items()}
+    for rec in manifest["levels"]:
+        if rec["name"] in by_name:
+            rec["trt_engine"] = _engine_record(by_name[rec["name"]], rec["name"], tmp)
+    if specs:
+        manifest["engines"]["context"] = next(iter(specs.values())).context
     manifest["files"] = file_hashes(tmp)
+    manifest["file_sizes"] = {f: (tmp / f).stat().st_size for f in manifest["files"]}  # bounds what a tar may unpack
     for rec in manifest["levels"]:  # each level's own files (graph, configs, tokenizer, engine), from the global list
         mine = [rec["dir"] + "/"] + ([rec["engine"]["engine"], rec["engine"]["layer_info"]] if rec.get("engine") else [])
         rec["files"] = {f: h for f, h in manifest["files"].items() if any(f == m or (m.endswith("/") and f.startswith(m)) for m in mine)}

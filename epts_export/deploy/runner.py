@@ -30,7 +30,8 @@ VENDOR_DIR = "_epts"
 # what run.py imports, relative to the epts_export package (package __init__ files are written empty,
 # except the top one, which only sets __version__)
 RUNNER_FILES = ("__init__.py", "errors.py", "fsutil.py", "interface.py", "core/levels.py", "onnx/runtime.py",
-                "deploy/bundle.py", "deploy/runner.py", "trt/builder.py", "trt/sparse.py", "trt/runtime.py")
+                "deploy/archive.py", "deploy/bundle.py", "deploy/runner.py", "trt/builder.py", "trt/sparse.py", "trt/refit.py",
+                "trt/runtime.py")
 
 
 class TextTokenizer:
@@ -92,7 +93,7 @@ def open_decoder(b: Bundle, level: Level, runtime: str, threads: int | None):
         if engine is not None and ok:
             from ..trt.runtime import TrtDecoder
 
-            return TrtDecoder(engine), "tensorrt"
+            return TrtDecoder(engine, level=level.name), "tensorrt"  # a shared engine refits to this level
     from ..onnx.runtime import OrtDecoder
 
     return OrtDecoder(folder / GRAPH_FILE, threads=threads), "onnxruntime"

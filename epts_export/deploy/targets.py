@@ -2,9 +2,11 @@
 
 A target says what TensorRT engines are built for: the GPU (compute capability, memory), the
 software it must match (TensorRT, CUDA, JetPack), how much memory the model may use, and the
-TensorRT optimization profiles (ranges of batch, new tokens and cached tokens) for prefill and
-decode. Files are checked strictly when loaded: a misspelled key or a profile that cannot fit the
-context is a one-line error naming the file and the field, not a surprise at engine-build time.
+TensorRT optimization profiles (ranges of batch, new tokens and cached tokens) for prefill (an
+empty cache), decode (one new token) and continue (several new tokens on a cache: a second chat
+turn, a chunked prompt). Files are checked strictly when loaded: a misspelled key or a profile
+that cannot fit the context is a one-line error naming the file and the field, not a surprise at
+engine-build time.
 The schema is documented in ``targets/README.md``.
 
 Lookup order: the built-in folder (``targets_dir()``), then the folder named by the environment
@@ -29,7 +31,8 @@ from ..interface import PRECISIONS, ShapeRange
 ENV_DIR = "EPTS_TARGETS_DIR"
 
 KINDS = ("jetson", "desktop", "datacenter")
-PROFILE_NAMES = ("prefill", "decode")
+PROFILE_NAMES = ("prefill", "decode", "continue")  # the engines' profile order: TrtDecoder takes the first that fits
+EXPORT_PRECISIONS = ("fp16", "fp32")  # what onnx.export writes (DTYPES)
 AXES = ShapeRange.AXES
 
 # Every top-level key of a target file; all are required except these.
@@ -376,8 +379,14 @@ class _Checker:
             raise self.fail(f"{key}.batch", "must have min >= 1", list(batch))
         if seq[0] < 1:
             raise self.fail(f"{key}.seq", "must have min >= 1", list(seq))
-        # Both engines must accept an empty cache: the first call of every generation has none.
-        if past[0] != 0:
+        # prefill and decode accept an empty cache (the first call of every generation has none);
+        # continue serves calls on a cache, the one case the other two cannot take
+        if name == "continue":
+            if past[0] < 1:
+                raise self.fail(f"{key}.past", "must have min >= 1 (an empty cache is prefill's)", list(past))
+            if seq[2] < 2:
+                raise self.fail(f"{key}.seq", "must have max >= 2 (one new token on a cache is decode's)", list(seq))
+        elif past[0] != 0:
             raise self.fail(f"{key}.past", "must have min 0", list(past))
         if batch[2] > max_batch:
             raise self.fail(f"{key}.batch", f"must have max <= max_batch ({max_batch})", list(batch))
@@ -429,6 +438,9 @@ class _Checker:
                 "unified_memory", f'must be {want} for kind = "{kind}" (only Jetson memory is unified)', unified
             )
         precision = self.choice(data, "precision", PRECISIONS)
+        if precision not in EXPORT_PRECISIONS:  # refused here, not as an unknown --dtype deep inside build
+            raise self.fail("precision", f"{precision} is not supported yet: export, parity and engines run "
+                            + " or ".join(EXPORT_PRECISIONS), precision, 'use precision = "fp16"')
         max_batch = self.integer(data, "max_batch", 1)
         max_context = self.integer(data, "max_context", 2)  # one past token plus one new one
         workspace_mb = self.integer(data, "workspace_mb", 1)
@@ -461,7 +473,8 @@ class _Checker:
 
         profiles_raw = data["profiles"]
         if not isinstance(profiles_raw, dict):
-            raise self.fail("profiles", "must be a table with [profiles.prefill] and [profiles.decode]", profiles_raw)
+            raise self.fail("profiles", "must be a table with [profiles.prefill], [profiles.decode] and [profiles.continue]",
+                            profiles_raw)
         self.keys(profiles_raw, PROFILE_NAMES, (), prefix="profiles.")
         profiles = {n: self.profile(profiles_raw[n], n, max_batch, max_context) for n in PROFILE_NAMES}
 

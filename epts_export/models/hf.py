@@ -39,12 +39,12 @@ def load_model(resolved: Union["ResolvedModel", Path, str],
     path = Path(getattr(resolved, "path", resolved))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=None)
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - OSError, a truncated safetensors (SafetensorError), a bad config...
         raise UserError(f"could not load model from {path}: {_one_line(exc)}; "
                         "pass a Hugging Face causal LM folder or a .gguf file") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - every failure means the same to the user
         raise UserError(f"could not load the tokenizer from {path}: {_one_line(exc)}; "
                         "the folder needs its tokenizer files (tokenizer.json or tokenizer.model)") from exc
     model.to("cpu")

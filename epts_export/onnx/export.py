@@ -23,7 +23,7 @@ import torch
 from ..artifact.folder import Artifact, library_versions
 from ..core.levels import Level
 from ..errors import UserError
-from ..fsutil import MANIFEST, file_hashes, sha256_file, staged_dir, write_json
+from ..fsutil import MANIFEST, check_destination, file_hashes, sha256_file, staged_dir, write_json
 from ..interface import GRAPH_FILE, io_names, level_dirname
 from ..progress import Progress
 from . import graph as onnx_graph
@@ -82,6 +82,7 @@ def export(spec: ExportSpec, progress: Progress | None = None) -> Path:
 
     progress = progress or Progress(enabled=False)
     _check_spec(spec)
+    check_destination(spec.out, overwrite=spec.overwrite, inputs=[spec.artifact])
     art = Artifact.open(spec.artifact)
     levels = spec.levels or art.levels
     for lv in levels:

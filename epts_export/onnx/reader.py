@@ -11,7 +11,9 @@ from ..errors import UserError
 from ..fsutil import MANIFEST, HashError, ManifestFormat, hash_errors, read_manifest, sha256_file, verify_hashes, write_json
 from ..interface import GRAPH_FILE, level_dirname
 
-EXPORT = ManifestFormat("epts-onnx", 1, "ONNX export", "create one with `epts-export export`")
+EXPORT = ManifestFormat("epts-onnx", 1, "ONNX export", "create one with `epts-export export`",
+                        fields=(("mode", str), ("dtype", str), ("levels", list), ("io", dict), ("weights", dict),
+                                ("source_artifact", dict)))
 
 
 @dataclass
@@ -27,11 +29,25 @@ class OnnxExport:
         p = Path(path)
         manifest = read_manifest(p, EXPORT)
         exp = cls(p, manifest)
+        exp._check()
         if verify == "raise":
             verify_hashes(p, manifest.get("files", {}), "export")
         elif verify == "collect":
             exp.integrity_errors = hash_errors(p, manifest.get("files", {}))
         return exp
+
+    def _check(self) -> None:
+        where = self.path / MANIFEST
+        try:
+            levels = self.levels
+            dirs = [r.get("dir", "") for r in self.manifest["levels"]]
+            outputs = self.manifest["io"]["outputs"]
+        except (UserError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{where}: malformed levels or io ({e}); the export is corrupted") from None
+        if self.mode not in ("baked", "dynamic") or self.dtype not in ("fp32", "fp16") or not levels:
+            raise UserError(f"{where}: mode {self.mode!r}, dtype {self.dtype!r}, {len(levels)} levels; the export is corrupted")
+        if not isinstance(outputs, list) or any(Path(d).is_absolute() or ".." in Path(d).parts for d in dirs):
+            raise UserError(f"{where}: malformed io or level folders; the export is corrupted")
 
     @property
     def mode(self) -> str:

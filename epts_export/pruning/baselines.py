@@ -15,7 +15,6 @@ from ..core.levels import Level
 from ..core.masks import level_mask, magnitude_mask, importance_order, wanda_scores
 from ..core.sparsegpt import HessianAccumulator, sparsegpt_prune
 
-METHODS = ("epts", "magnitude", "wanda", "sparsegpt")
 SPARSEGPT_BLOCKSIZE = 128
 SPARSEGPT_PERCDAMP = 0.01
 

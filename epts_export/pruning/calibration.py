@@ -44,19 +44,31 @@ class Calibration:
     record: dict  # what the artifact stores: source, kind, sha256, tokens, nsamples, seqlen, seed
 
 
-def read_text_source(source: str) -> tuple[str, str]:
-    """(text, kind) of a file, a folder or an hf: dataset; UserError when it cannot be read."""
+def _read_utf8(path: Path, what: str) -> str:
+    """A text file's contents; UserError with the offset of the first byte that is not UTF-8 (a binary
+    file decoded with replacement characters would calibrate or evaluate on garbage)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text (invalid byte at offset {e.start}): pass a text file") from None
+
+
+def read_text_source(source: str, what: str = "calibration source") -> tuple[str, str]:
+    """(text, kind) of a file, a folder or an hf: dataset; UserError when it cannot be read.
+    ``what`` names the source in errors ("calibration source", "evaluation text")."""
     if source.startswith("hf:"):
         return _dataset_text(source[3:]), "hf"
     p = Path(source).expanduser()
     if p.is_file():
-        return p.read_text(encoding="utf-8", errors="replace"), "file"
+        return _read_utf8(p, what), "file"
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
         if not files:
-            raise UserError(f"calibration folder {p} has no text files ({', '.join(TEXT_SUFFIXES)})")
-        return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files), "folder"
-    raise UserError(f"calibration source not found: {source} (a text file, a folder, hf:NAME[:CONFIG[:SPLIT]] or 'self')")
+            raise UserError(f"{what} folder {p} has no text files ({', '.join(TEXT_SUFFIXES)})")
+        return "\n\n".join(_read_utf8(f, what) for f in files), "folder"
+    raise UserError(f"{what} not found: {source} (a text file, a folder, hf:NAME[:CONFIG[:SPLIT]]"
+                    + (" or 'self')" if what == "calibration source" else ")"))
 
 
 def _dataset_text(spec: str) -> str:

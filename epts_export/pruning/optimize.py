@@ -9,6 +9,7 @@ stopped and produces the same artifact as an uninterrupted run.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,13 +20,13 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..artifact.folder import ARTIFACT, ELASTIC_FILE, MODEL_DIR, library_versions, tensor_key
+from ..artifact.folder import ARTIFACT, ELASTIC_FILE, METHODS, MODEL_DIR, library_versions, tensor_key
 from ..core.levels import Group, Level, build_groups
 from ..errors import UserError
-from ..fsutil import atomic_path, file_hashes, sha256_bytes, staged_dir, write_json
+from ..fsutil import atomic_path, check_destination, file_hashes, sha256_bytes, staged_dir, write_json
 from ..models.families import Family, family_for, get_blocks, iter_prunable, measured_sparsity, prunable_linears
 from ..progress import Progress
-from .baselines import METHODS, prune_block_calibrated, prune_magnitude
+from .baselines import prune_block_calibrated, prune_magnitude
 from .blockloop import capture_block_inputs, to_device
 from .calibration import CalibSpec, build_calibration
 from .epts import BlockResult, TrainConfig, cost_per_block, optimize_block
@@ -71,6 +72,12 @@ def _check_spec(spec: OptimizeSpec) -> None:
         raise UserError(f"--method {spec.method} prunes to one level per run; got {len(spec.levels)} levels")
     if spec.train.epochs < 1 or spec.train.rank < 1:
         raise UserError("--epochs and --rank must be >= 1")
+    if not (math.isfinite(spec.train.lr) and spec.train.lr > 0):
+        raise UserError(f"--lr must be a positive number, got {spec.train.lr}")
+    if not math.isfinite(spec.train.scale):
+        raise UserError(f"the LoRA scale must be a finite number, got {spec.train.scale}")
+    if spec.calib.nsamples < 1 or spec.calib.seqlen < 2:
+        raise UserError("--nsamples must be >= 1 and --seqlen >= 2")
     if spec.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {spec.device}: no CUDA device is available here; use --device cpu")
     if spec.device != "cpu" and not spec.device.startswith("cuda"):
@@ -111,6 +118,8 @@ def optimize(spec: OptimizeSpec, progress: Progress | None = None, on_block_done
     if spec.threads:
         torch.set_num_threads(spec.threads)
     t0 = time.time()
+    local = [spec.model] if Path(spec.model).expanduser().exists() else []
+    check_destination(out, overwrite=spec.overwrite, inputs=local)
     try:
         with staged_dir(out, overwrite=spec.overwrite, resumable=epts, resume=spec.resume) as tmp:
             run = _load(spec, progress)
@@ -135,6 +144,7 @@ def optimize(spec: OptimizeSpec, progress: Progress | None = None, on_block_done
 
 def _load(spec: OptimizeSpec, progress: Progress) -> _Run:
     """Resolve and load the model, check the levels against it, build the calibration set."""
+    from ..artifact.evaluate import check_context
     from ..models import load_model, resolve_model
 
     with progress.status(f"loading model {spec.model}"):
@@ -142,6 +152,7 @@ def _load(spec: OptimizeSpec, progress: Progress) -> _Run:
         model, tok = load_model(resolved)
     fam = family_for(model)
     _check_nm(model, fam, spec.levels)
+    check_context(spec.calib.seqlen, model.config)
     calib = None
     if spec.method != "magnitude":
         with progress.status(f"building calibration set from {spec.calib.source}"):
@@ -211,11 +222,14 @@ def _resume_state(run: _Run, ckpt: Path) -> tuple[int, list[dict], list, list, d
     if not state_file.exists():
         inps = capture_block_inputs(run.model, run.fam, samples)
         return 0, [], inps.hidden, [h.clone() for h in inps.hidden], inps.kwargs
-    state = json.loads(state_file.read_text())
-    if state.get("fingerprint") != run.fingerprint:
+    try:
+        state = json.loads(state_file.read_text())
+    except (ValueError, OSError) as e:
+        raise UserError(f"{state_file} is corrupted ({e}): delete {ckpt.parent} to start over") from None
+    if not isinstance(state, dict) or state.get("fingerprint") != run.fingerprint:
         raise UserError(f"{ckpt.parent} was started with a different model, calibration or settings; "
                         "delete it or re-run with the original arguments")
-    streams = load_file(ckpt / "streams.safetensors")
+    streams = _load_checkpoint(ckpt / "streams.safetensors")
     kwargs = capture_block_inputs(run.model, run.fam, samples[:1]).kwargs
     return (int(state["done"]), state["metrics"], list(streams["dense"].unbind(0)), list(streams["sparse"].unbind(0)),
             kwargs)
@@ -255,6 +269,15 @@ def _block_tensors(i: int, res: BlockResult) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint file of an interrupted run; UserError when it is missing or truncated."""
+    try:
+        return load_file(path)
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: the file cannot be trusted either way
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:120]}): "
+                        f"delete {path.parent.parent} to start over") from None
+
+
 def _save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -263,7 +286,7 @@ def _save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> No
 def _merge_block_files(ckpt: Path, dest: Path, nblocks: int) -> None:
     tensors, flags = {}, []
     for i in range(nblocks):
-        part = load_file(ckpt / f"block_{i:04d}.safetensors")
+        part = _load_checkpoint(ckpt / f"block_{i:04d}.safetensors")
         flags.append(bool(part.pop(f"blocks.{i}.low_group_lora").item()))
         tensors.update(part)
     tensors["low_group_lora"] = torch.tensor(flags)

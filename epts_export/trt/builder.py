@@ -1,36 +1,51 @@
 """The device-side TensorRT engine builder: it ships in bundles and needs only TensorRT's bindings.
 
-Engine specs (``EngineSpec``, read from a bundle's ``engines.json``), the TensorRT status probe,
-the one TensorRT logger, the Python-API builder and the ``python -m epts_export.trt.builder
-build|report|status`` command line that a bundle's ``build_engines.py`` calls. The host side
-(trtexec commands, ``build_engines.sh``/``.py``, ``engines.json``) is ``epts_export.trt.scripts``;
-the sparse-tactic report is ``epts_export.trt.sparse``.
+Engine specs (``EngineSpec``, read from a bundle's ``engines.json``), the TensorRT import and
+status probe, the one TensorRT logger, the Python-API builder and the ``python -m
+epts_export.trt.builder build|report|status`` command line that a bundle's ``build_engines.py``
+calls. The host side (trtexec commands, ``build_engines.sh``/``.py``, ``engines.json``) is
+``epts_export.trt.scripts``; the sparse-tactic report is ``epts_export.trt.sparse``.
 
 Engines for a Jetson are built on the Jetson, which has TensorRT's Python bindings (JetPack:
 python3-libnvinfer) but neither epts-export nor torch nor numpy; so each bundle carries a copy of
 this module with the standard-library modules it imports (``_epts/epts_export/``), and this module
-uses relative imports of those only. ``tensorrt`` (and ``torch``, optional) are imported inside
+uses relative imports of those only. TensorRT (and ``torch``, optional) are imported inside
 functions, so the module also loads where TensorRT is absent.
 
-Facts this code relies on (sources in the notes of the project, shared/docs/tensorrt-notes.md):
+Facts this code relies on (sources in the notes of the project, shared/docs/tensorrt-notes.md;
+names checked against the real bindings of 8.6.1, 10.3.0 and 11.4.0.106 by the tests):
 
+* The module is ``tensorrt`` on JetPack and with NVIDIA's meta package, ``tensorrt_bindings`` when
+  only the PyPI bindings wheel is installed: both are accepted (``MODULE_NAMES``).
+* ``trt.Builder(logger)`` and ``trt.Runtime(logger)`` never return None: without a usable GPU,
+  driver or library they raise TypeError ("factory function returned nullptr"); ``start`` turns
+  that into one line.
 * Engines are not portable across GPUs, TensorRT versions or JetPack releases, and there is no
   x86 -> Jetson cross build: Jetson engines are built on the device.
-* TensorRT >= 10 builds *strongly typed* networks (precision comes from the ONNX dtypes; TensorRT
-  11 has no other mode and no FP16/BF16 builder flags). On TensorRT 8.x the builder flag named
-  after ``EngineSpec.precision`` is set instead.
+* TensorRT 10 builds *strongly typed* networks (precision comes from the ONNX dtypes); TensorRT 11
+  has no other mode: no FP16/BF16/INT8 builder flags, ``STRONGLY_TYPED`` deprecated and ignored,
+  no ``EXPLICIT_BATCH``. On TensorRT 8.x the builder flag named after ``EngineSpec.precision`` is
+  set instead.
 * Builder flags are set by name (``trt.BuilderFlag.SPARSE_WEIGHTS``); their integer values moved
   between releases. trtexec has no tactic-DRAM pool: ``tactic_dram_mb`` is applied here only.
+* TensorRT has no kernels for unstructured sparsity: unstructured levels run the same dense math
+  with other weights, so one *refittable* engine serves them all (``EngineSpec.refit_from``).
+  REFIT_INDIVIDUAL (TensorRT >= 10) with only the weights that differ between the levels marked
+  keeps TensorRT free to fold the rest; REFIT (every weight) otherwise. Never REFIT_IDENTICAL: it
+  lets TensorRT optimize for the build level's weight values, which a level switch would break.
+  2:4 levels keep their own SPARSE_WEIGHTS engines (refit into a sparse tactic accepts only 2:4
+  weights).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -44,7 +59,12 @@ INSTALL_HINT = "pip install 'epts-export[tensorrt]' (NVIDIA's index)"
 NOT_INSTALLED = f"tensorrt is not installed: {INSTALL_HINT}; on Jetson it ships with JetPack (python3-libnvinfer)"
 NO_GPU = "no CUDA GPU visible"
 ENGINES_FORMAT = "epts-trt-engines"
-ENGINES_VERSION = 1
+# 2: each entry serves "levels" and says how their weights get in ("weights": "baked" | "refit");
+# 1: one "level" per entry, weights baked (still read)
+ENGINES_VERSION = 2
+WEIGHTS_BAKED, WEIGHTS_REFIT = "baked", "refit"
+# the module's name on JetPack / with NVIDIA's meta package, then with the PyPI bindings wheel alone
+MODULE_NAMES = ("tensorrt", "tensorrt_bindings")
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,11 +73,18 @@ ENGINES_VERSION = 1
 
 @dataclass
 class EngineSpec:
-    """What one engine is built from and where its files go (paths absolute or relative to the cwd)."""
+    """What one engine is built from, which levels it serves and where its files go (paths absolute
+    or relative to the cwd).
 
-    onnx: Path  # model.onnx (external data model.onnx_data may sit beside it)
+    A *baked* engine serves one level with that level's weights in the plan. A *refit* engine
+    (``refit_from`` set) serves several unstructured levels: it is built from ``onnx`` (the graph of
+    its first level) with refittable weights, and the runtime switches level by refitting the
+    weights of ``refit_from[level]``.
+    """
+
+    onnx: Path  # the graph the engine is built from (external data model.onnx_data may sit beside it)
     engine: Path  # where to write the .engine (plan) file
-    level: str  # "0.5", "2:4"
+    levels: list[str]  # the levels it serves: ["2:4"], or ["0.3", "0.5", "0.7"] for a refit engine
     sparse: bool  # set SPARSE_WEIGHTS
     precision: str  # "fp16" | "bf16" | "fp32": informational for strongly typed networks
     profiles: list[ShapeRange]
@@ -66,43 +93,86 @@ class EngineSpec:
     tactic_dram_mb: int | None
     timing_cache: Path  # persistent per target: loaded if it exists, saved back after the build
     layer_info: Path  # where the engine inspector JSON goes
+    refit_from: dict[str, Path] = field(default_factory=dict)  # level -> the graph holding its weights
+    # the initializers whose values differ between the levels (marked refittable with
+    # REFIT_INDIVIDUAL); None: unknown, every weight is made refittable
+    refit_weights: list[str] | None = None
+    # {"max_tokens", "target_max_context", "model_max_positions", "capped"}: where the profiles' context came from
+    context: dict | None = None
+    note: str | None = None  # why a level that could share a refit engine has its own
+
+    @property
+    def refit(self) -> bool:
+        """Whether the levels' weights are refit at run time (several levels, one engine)."""
+        return bool(self.refit_from)
+
+    @property
+    def weights(self) -> str:
+        """How the levels' weights reach the engine: "refit" or "baked"."""
+        return WEIGHTS_REFIT if self.refit else WEIGHTS_BAKED
+
+    @property
+    def label(self) -> str:
+        """"level 2:4" or "levels 0.3, 0.5, 0.7", for messages."""
+        return ("level " if len(self.levels) == 1 else "levels ") + ", ".join(self.levels)
 
 
 def profile_shapes(spec: EngineSpec) -> dict[str, list[tuple[str, tuple, tuple, tuple]]]:
     """profile name -> [(input name, min shape, opt shape, max shape)] for every input of the graph
     ``spec`` builds (``interface.profile_shapes`` of its profiles and KV layout). UserError for ranges
-    TensorRT would reject, naming the level."""
-    return interface.profile_shapes(spec.profiles, spec.kv, what=f"engine for level {spec.level}")
+    TensorRT would reject, naming the levels."""
+    return interface.profile_shapes(spec.profiles, spec.kv, what=f"engine for {spec.label}")
 
 
-def spec_from_dict(d: dict, root: Path) -> EngineSpec:
-    """The EngineSpec of one ``engines.json`` entry (as ``scripts.spec_to_dict`` writes it), its
-    relative paths resolved against ``root`` (the bundle folder). UserError for a malformed entry or
-    a path that leaves the bundle."""
+def _levels_and_sources(d: dict, version: int, path) -> tuple[list[str], dict[str, Path]]:
+    """(levels, refit_from) of one engines.json entry of ``version``; KeyError/TypeError when malformed."""
+    if version < 2:
+        return [str(d["level"])], {}
+    levels = [str(x) for x in d["levels"]]
+    weights = d.get("weights", WEIGHTS_BAKED)
+    if weights == WEIGHTS_REFIT:
+        sources = {str(k): path(v, f"refit_from.{k}") for k, v in d["refit_from"].items()}
+        if sorted(sources) != sorted(levels):
+            raise KeyError(f"refit_from must give a graph for each of the levels {levels}")
+        return levels, sources
+    if weights != WEIGHTS_BAKED or len(levels) != 1:
+        raise TypeError(f"weights {weights!r} with levels {levels}: a baked engine serves one level, refit several")
+    return levels, {}
+
+
+def spec_from_dict(d: dict, root: Path, version: int = ENGINES_VERSION) -> EngineSpec:
+    """The EngineSpec of one ``engines.json`` entry of format ``version`` (as ``scripts.spec_to_dict``
+    writes it; version 1 entries name one ``level``), its relative paths resolved against ``root``
+    (the bundle folder). UserError for a malformed entry or a path that leaves the bundle."""
     root = Path(root)
-    try:
-        def path(key: str) -> Path:
-            rel = Path(d[key])
-            if rel.is_absolute() or ".." in rel.parts:
-                raise UserError(f"{ENGINES_JSON}: {key} {d[key]!r} must be a path inside the bundle")
-            return root / rel
 
+    def path(value, key: str) -> Path:
+        rel = Path(value)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise UserError(f"{ENGINES_JSON}: {key} {value!r} must be a path inside the bundle")
+        return root / rel
+
+    try:
+        levels, sources = _levels_and_sources(d, version, path)
         return EngineSpec(
-            onnx=path("onnx"), engine=path("engine"), level=str(d["level"]), sparse=bool(d["sparse"]),
+            onnx=path(d["onnx"], "onnx"), engine=path(d["engine"], "engine"), levels=levels, sparse=bool(d["sparse"]),
             precision=str(d.get("precision", "fp16")),
             profiles=[ShapeRange(str(p["name"]), triple(p["batch"], "batch"), triple(p["seq"], "seq"),
                                  triple(p["past"], "past")) for p in d["profiles"]],
             kv=KVLayout(int(d["kv"]["layers"]), int(d["kv"]["kv_heads"]), int(d["kv"]["head_dim"])),
             workspace_mb=int(d["workspace_mb"]),
             tactic_dram_mb=None if d.get("tactic_dram_mb") is None else int(d["tactic_dram_mb"]),
-            timing_cache=path("timing_cache"), layer_info=path("layer_info"))
-    except (KeyError, TypeError) as e:
+            timing_cache=path(d["timing_cache"], "timing_cache"), layer_info=path(d["layer_info"], "layer_info"),
+            refit_from=sources,
+            refit_weights=None if d.get("refit_weights") is None else [str(w) for w in d["refit_weights"]],
+            context=dict(d["context"]) if d.get("context") else None, note=d.get("note"))
+    except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{ENGINES_JSON} is malformed ({type(e).__name__}: {e}): regenerate the bundle") from None
 
 
 def load_specs(bundle: Path) -> list[EngineSpec]:
-    """The engine specs listed in ``<bundle>/engines.json``, paths resolved against ``bundle``.
-    UserError when the file is missing, not JSON, another format or a newer version."""
+    """The engine specs listed in ``<bundle>/engines.json`` (format version 1 or 2), paths resolved
+    against ``bundle``. UserError when the file is missing, not JSON, another format or a newer version."""
     path = Path(bundle) / ENGINES_JSON
     if not path.is_file():
         raise UserError(f"{path} is missing: pass a bundle folder made by epts-export (it holds {ENGINES_JSON})")
@@ -112,9 +182,39 @@ def load_specs(bundle: Path) -> list[EngineSpec]:
         raise UserError(f"{path} is not valid JSON ({e}): regenerate the bundle") from None
     if not isinstance(doc, dict) or doc.get("format") != ENGINES_FORMAT:
         raise UserError(f"{path} is not an epts-export engine list: regenerate the bundle")
-    if int(doc.get("version", 0)) > ENGINES_VERSION:
-        raise UserError(f"{path} has version {doc.get('version')}, this code reads {ENGINES_VERSION}: update epts-export")
-    return [spec_from_dict(d, bundle) for d in doc.get("engines", [])]
+    version = int(doc.get("version", 0))
+    if version > ENGINES_VERSION:
+        raise UserError(f"{path} has version {doc.get('version')}, this code reads up to {ENGINES_VERSION}: update epts-export")
+    return [spec_from_dict(d, bundle, version) for d in doc.get("engines", [])]
+
+
+def spec_for_level(specs: list[EngineSpec], level: str) -> EngineSpec | None:
+    """The spec that serves ``level`` (a level name as engines.json writes it), or None."""
+    return next((s for s in specs if level in s.levels), None)
+
+
+def plan_problems(specs: list[EngineSpec], levels: list[str] | None = None) -> list[str]:
+    """What is wrong with a bundle's engine plan: a level of ``levels`` served by no engine or by
+    several, an engine serving a level the bundle lacks (when ``levels`` is given), a refit engine
+    whose source graphs are missing or that is not built from one of them. Empty when it is sound."""
+    problems = []
+    served: dict[str, list[str]] = {}
+    for s in specs:
+        for lv in s.levels:
+            served.setdefault(lv, []).append(Path(s.engine).name)
+    for lv in levels or []:
+        engines = served.get(lv, [])
+        if len(engines) != 1:
+            problems.append(f"level {lv} is served by {len(engines)} engine specs ({', '.join(engines) or 'none'}), "
+                            f"not exactly one")
+    if levels is not None:
+        problems += [f"{ENGINES_JSON} lists level {lv}, which the bundle does not hold" for lv in served if lv not in levels]
+    for s in specs:
+        if s.refit and Path(s.onnx) not in [Path(p) for p in s.refit_from.values()]:
+            problems.append(f"{Path(s.engine).name} is built from {s.onnx}, which is none of its levels' graphs")
+        problems += [f"the graph level {lv} is refit from, {p}, is missing" for lv, p in s.refit_from.items()
+                     if not Path(p).is_file()]
+    return problems
 
 
 def build_record_path(engine: Path) -> Path:
@@ -141,16 +241,34 @@ def compute_capability() -> str | None:
         return None
 
 
+def _import_tensorrt():
+    """The first module of MODULE_NAMES that imports. ModuleNotFoundError naming "tensorrt" when none
+    is installed; a module that is installed but fails to load raises what its import raised."""
+    for name in MODULE_NAMES:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name not in (None, name):
+                raise  # installed, but something it needs is missing
+    raise ModuleNotFoundError(f"No module named {' or '.join(MODULE_NAMES)}", name=MODULE_NAMES[0])
+
+
+def _import_error(e: Exception) -> str:
+    """Why TensorRT cannot be imported, and what to do, for an exception of _import_tensorrt."""
+    if isinstance(e, ModuleNotFoundError):
+        if e.name in (None, *MODULE_NAMES):
+            return NOT_INSTALLED
+        return f"tensorrt is installed but incomplete (no module {e.name}): reinstall it with {INSTALL_HINT}"
+    # a broken install: bindings without their libnvinfer, wrong CUDA, ...
+    return f"tensorrt is installed but does not load ({type(e).__name__}: {' '.join(str(e).split())}): reinstall it with {INSTALL_HINT}"
+
+
 def tensorrt_status() -> tuple[bool, str]:
     """(True, "TensorRT X.Y.Z, <GPU> (sm_XY)") when TensorRT imports and a CUDA GPU is visible, else (False, why)."""
     try:
-        import tensorrt as trt
-    except ModuleNotFoundError as e:
-        if e.name in (None, "tensorrt"):
-            return False, NOT_INSTALLED
-        return False, f"tensorrt is installed but incomplete (no module {e.name}): reinstall it with {INSTALL_HINT}"
-    except Exception as e:  # a broken install: wheel without its libnvinfer, wrong CUDA, ...
-        return False, f"tensorrt is installed but does not load ({type(e).__name__}: {e}): reinstall it with {INSTALL_HINT}"
+        trt = _import_tensorrt()
+    except Exception as e:
+        return False, _import_error(e)
     version = getattr(trt, "__version__", "?")
     try:
         import torch
@@ -169,26 +287,39 @@ def tensorrt_status() -> tuple[bool, str]:
             pass  # fall through to TensorRT's own probe
     # no torch, or a CPU-only torch: ask TensorRT itself (a builder needs a CUDA device)
     try:
-        logger = trt.Logger(trt.Logger.ERROR)
-        builder = trt.Builder(logger)
-        if builder is None:
-            return False, f"{NO_GPU} (TensorRT could not create a builder)"
+        start(trt, "Builder", make_logger(trt, lambda m: None))  # errors kept in its tail, not printed
+    except UserError as e:  # the real bindings: TypeError from the constructor, as start words it
+        return False, str(e)
     except Exception as e:
-        return False, f"{NO_GPU} (TensorRT could not create a builder: {e})"
+        return False, f"{NO_GPU} (TensorRT could not create a builder: {' '.join(str(e).split())})"
     return True, f"TensorRT {version}, CUDA GPU (install torch to see its name and compute capability)"
 
 
 def import_trt():
-    """The ``tensorrt`` module; UserError saying how to install it when it is missing or broken."""
+    """The TensorRT module (``tensorrt``, else ``tensorrt_bindings``); UserError saying how to
+    install it when it is missing or broken."""
     try:
-        import tensorrt as trt
-    except ModuleNotFoundError as e:
-        if e.name in (None, "tensorrt"):
-            raise UserError(NOT_INSTALLED) from None
-        raise UserError(f"tensorrt is installed but incomplete (no module {e.name}): reinstall it with {INSTALL_HINT}") from None
+        return _import_tensorrt()
     except Exception as e:
-        raise UserError(f"tensorrt does not load ({type(e).__name__}: {e}): reinstall it with {INSTALL_HINT}") from None
-    return trt
+        raise UserError(_import_error(e)) from None
+
+
+def start(trt, kind: str, logger):
+    """``trt.Builder(logger)`` or ``trt.Runtime(logger)`` (``kind`` names the class). The real
+    bindings raise TypeError ("factory function returned nullptr") when TensorRT cannot start here
+    (no GPU, a broken driver or library): UserError in one line instead, with TensorRT's last
+    messages."""
+    version = getattr(trt, "__version__", "?")
+    try:
+        obj = getattr(trt, kind)(logger)
+        why = "it returned None"
+    except TypeError as e:
+        obj, why = None, " ".join(str(e).split())
+    if obj is None:
+        said = list(getattr(logger, "tail", []))[-3:]
+        raise UserError(f"TensorRT {version} could not create a {kind} ({why}): {NO_GPU}, or its driver or "
+                        f"libraries are broken (check nvidia-smi)" + (f"; TensorRT said: {' | '.join(said)}" if said else ""))
+    return obj
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,24 +445,39 @@ def _check_inputs(spec: EngineSpec, network_inputs: dict[str, tuple], shapes: di
     return missing
 
 
+def _creation_flags(trt) -> tuple[int, bool]:
+    """(create_network flags, strongly typed?). TensorRT 11 (no FP16 builder flag) has strongly typed
+    networks only and ignores STRONGLY_TYPED (deprecated): no flag. TensorRT 10: STRONGLY_TYPED.
+    TensorRT 8.x: EXPLICIT_BATCH, weakly typed."""
+    creation = trt.NetworkDefinitionCreationFlag
+    if not hasattr(trt.BuilderFlag, "FP16"):
+        return 0, True
+    if hasattr(creation, "STRONGLY_TYPED"):
+        return 1 << int(creation.STRONGLY_TYPED), True
+    if hasattr(creation, "EXPLICIT_BATCH"):
+        return 1 << int(creation.EXPLICIT_BATCH), False
+    return 0, False
+
+
 def _parse_network(trt, builder, logger, onnx: Path):
     """(network, parser, strongly typed?) for the ONNX graph; the parser must outlive the build
     (it owns the weights the network points at). RuntimeError with TensorRT's parse errors."""
-    # strongly typed where TensorRT has it (>= 10; mandatory in 11), else explicit batch
-    creation = trt.NetworkDefinitionCreationFlag
-    strongly_typed = hasattr(creation, "STRONGLY_TYPED")
-    flags = 0
-    if strongly_typed:
-        flags |= 1 << int(creation.STRONGLY_TYPED)
-    elif hasattr(creation, "EXPLICIT_BATCH"):
-        flags |= 1 << int(creation.EXPLICIT_BATCH)
+    flags, strongly_typed = _creation_flags(trt)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx)):
-        errors = [str(parser.get_error(i)) for i in range(int(parser.num_errors))]
+        errors = [_parser_error(parser.get_error(i)) for i in range(int(parser.num_errors))]
         detail = "; ".join(errors) if errors else _tail(logger)
         raise RuntimeError(f"TensorRT {getattr(trt, '__version__', '?')} could not parse {onnx}: {detail}")
     return network, parser, strongly_typed
+
+
+def _parser_error(err) -> str:
+    """One line for a TensorRT ParserError (its ``desc()`` and ``node()``), or str() of anything else."""
+    try:
+        return f"node {int(err.node())}: {err.desc()}"
+    except Exception:  # not a ParserError (a plain message)
+        return str(err)
 
 
 def _configure(trt, builder, spec: EngineSpec, strongly_typed: bool, log: Callable[[str], None]):
@@ -356,6 +502,27 @@ def _configure(trt, builder, spec: EngineSpec, strongly_typed: bool, log: Callab
         raise RuntimeError(f"TensorRT {version} has no SPARSE_WEIGHTS builder flag")
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     return config
+
+
+def _enable_refit(trt, config, network, spec: EngineSpec, log: Callable[[str], None]) -> str:
+    """Make the weights of a refit spec refittable; returns "individual" or "all".
+
+    REFIT_INDIVIDUAL (TensorRT >= 10) with only ``spec.refit_weights`` marked (the weights that
+    differ between its levels, by their ONNX initializer names, which the parser gives the
+    network's weights): TensorRT may still fold and fuse everything else. Otherwise (8.x, or a name
+    the network does not know) REFIT: every weight stays refittable. Never REFIT_IDENTICAL, which
+    optimizes for the build level's values."""
+    flags = trt.BuilderFlag
+    mark = getattr(network, "mark_weights_refittable", None)
+    if spec.refit_weights and mark is not None and hasattr(flags, "REFIT_INDIVIDUAL"):
+        unknown = [w for w in spec.refit_weights if not mark(w)]
+        if not unknown:
+            config.set_flag(flags.REFIT_INDIVIDUAL)
+            return "individual"
+        log(f"{len(unknown)} of the {len(spec.refit_weights)} weights to refit are not weights of the parsed network "
+            f"(first: {unknown[0]}): making every weight refittable instead (REFIT)")
+    config.set_flag(flags.REFIT)
+    return "all"
 
 
 def _add_profiles(builder, config, shapes: dict, skip: set[str]) -> None:
@@ -391,29 +558,40 @@ def _build_plan(trt, builder, network, config, logger, spec: EngineSpec) -> tupl
     plan = builder.build_serialized_network(network, config)
     build_s = time.perf_counter() - t0
     if plan is None:
-        raise RuntimeError(f"TensorRT {version} failed to build the engine for level {spec.level}: {_tail(logger)}")
+        raise RuntimeError(f"TensorRT {version} failed to build the engine for {spec.label}: {_tail(logger)}")
     data = _host_bytes(plan)
     if not data:
-        raise RuntimeError(f"TensorRT {version} built an empty engine for level {spec.level}: {_tail(logger)}")
+        raise RuntimeError(f"TensorRT {version} built an empty engine for {spec.label}: {_tail(logger)}")
     return data, build_s
 
 
 def _inspect(trt, logger, data: bytes, spec: EngineSpec) -> str:
     """The engine inspector's JSON for the plan ``data`` (RuntimeError when the plan does not load)."""
-    engine = trt.Runtime(logger).deserialize_cuda_engine(data)
+    engine = start(trt, "Runtime", logger).deserialize_cuda_engine(data)
     if engine is None:
         raise RuntimeError(f"TensorRT {getattr(trt, '__version__', '?')} cannot load the engine it just built "
-                           f"for level {spec.level}: {_tail(logger)}")
+                           f"for {spec.label}: {_tail(logger)}")
     inspector = engine.create_engine_inspector()
     return inspector.get_engine_information(trt.LayerInformationFormat.JSON) or ""
 
 
+def context_note(spec: EngineSpec) -> str | None:
+    """The line saying that the profiles were capped at the model's context, when they were."""
+    c = spec.context or {}
+    if not c.get("capped"):
+        return None
+    return (f"profiles capped at {c['max_tokens']} tokens, the model's max_position_embeddings "
+            f"(the target allows {c['target_max_context']})")
+
+
 def build_engine(spec: EngineSpec, log: Callable[[str], None] = print) -> dict:
     """Build the engine for ``spec`` with TensorRT's Python API; write the plan, the timing cache and
-    the inspector JSON atomically. Returns {"engine", "bytes", "build_s", "tensorrt", "sparse_report"}.
+    the inspector JSON atomically. Returns {"engine", "bytes", "build_s", "tensorrt", "levels",
+    "weights", "refittable" (None, "individual" or "all"), "sparse_report"}.
 
-    UserError for what the user can fix (no TensorRT, missing ONNX, profiles that do not fit the
-    graph); RuntimeError when TensorRT fails (parse errors, a failed build), with its messages.
+    UserError for what the user can fix (no TensorRT or no GPU for it, missing ONNX, profiles that
+    do not fit the graph); RuntimeError when TensorRT fails (parse errors, a failed build), with
+    its messages.
     """
     trt = import_trt()
     onnx = Path(spec.onnx)
@@ -423,18 +601,20 @@ def build_engine(spec: EngineSpec, log: Callable[[str], None] = print) -> dict:
     version = getattr(trt, "__version__", "?")
 
     logger = make_logger(trt, log, keep_lines=True)
-    builder = trt.Builder(logger)
-    if builder is None:
-        raise UserError(f"TensorRT {version} could not create a builder: {NO_GPU}")
+    builder = start(trt, "Builder", logger)
     network, parser, strongly_typed = _parse_network(trt, builder, logger, onnx)
     skip = _check_inputs(spec, _network_inputs(network), shapes)
     config = _configure(trt, builder, spec, strongly_typed, log)
+    refittable = _enable_refit(trt, config, network, spec, log) if spec.refit else None
     _add_profiles(builder, config, shapes, skip)
     cache_path = Path(spec.timing_cache)
     _attach_timing_cache(config, cache_path, log)
 
-    log(f"building the TensorRT {version} engine for level {spec.level}"
-        f"{' with sparse weights' if spec.sparse else ''} ({', '.join(shapes)} profiles)")
+    if context_note(spec):
+        log(context_note(spec))
+    how = (" with sparse weights" if spec.sparse else
+           f", refittable ({'the weights that differ' if refittable == 'individual' else 'every weight'})" if refittable else "")
+    log(f"building the TensorRT {version} engine for {spec.label}{how} ({', '.join(shapes)} profiles)")
     data, build_s = _build_plan(trt, builder, network, config, logger, spec)
     write_bytes(Path(spec.engine), data, fsync=True)
     write_bytes(cache_path, _host_bytes(config.get_timing_cache().serialize()), fsync=True)
@@ -444,18 +624,20 @@ def build_engine(spec: EngineSpec, log: Callable[[str], None] = print) -> dict:
     layer_json = _inspect(trt, logger, data, spec)
     write_bytes(Path(spec.layer_info), layer_json.encode("utf-8"), fsync=True)
     report = sparse_report(layer_json, list(getattr(logger, "lines", [])))
-    return {"engine": str(spec.engine), "bytes": len(data), "build_s": round(build_s, 3),
-            "tensorrt": version, "sparse_report": report}
+    return {"engine": str(spec.engine), "bytes": len(data), "build_s": round(build_s, 3), "tensorrt": version,
+            "levels": list(spec.levels), "weights": spec.weights, "refittable": refittable, "sparse_report": report}
 
 
 # --------------------------------------------------------------------------------------------
 # command line: python -m epts_export.trt.builder build <bundle> | report <layers.json> | status
 
 
-def _print_report(level: str, result: dict, out) -> None:
+def _print_report(spec: EngineSpec, result: dict, out) -> None:
     r = result["sparse_report"]
-    print(f"level {level}: {result['engine']} ({result['bytes'] / 2**20:.1f} MiB, {result['build_s']:.1f} s, "
+    print(f"{spec.label}: {result['engine']} ({result['bytes'] / 2**20:.1f} MiB, {result['build_s']:.1f} s, "
           f"TensorRT {result['tensorrt']})", file=out)
+    if spec.refit:
+        print(f"  weights: {spec.levels[0]}'s in the plan; the others are refit at run time from their graphs", file=out)
     print(f"  sparse: {len(r['picked'])} layer(s) picked a sparse kernel of {len(r['eligible'])} eligible, "
           f"{r['layers']} engine layers (source: {r['source']})", file=out)
     for name in r["picked"]:
@@ -468,7 +650,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build every engine listed in <bundle>/engines.json")
     b.add_argument("bundle", type=Path)
-    b.add_argument("--level", action="append", default=None, help="only this level (repeatable)")
+    b.add_argument("--level", action="append", default=None,
+                   help="only the engine serving this level (repeatable; one refit engine serves several levels)")
     r = sub.add_parser("report", help="sparse report from an inspector JSON and/or a build log")
     r.add_argument("layer_info", type=Path, nargs="?")
     r.add_argument("--log", type=Path, default=None, help="a trtexec or TensorRT build log")
@@ -477,21 +660,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build_bundle(bundle: Path, levels: list[str] | None) -> int:
-    """Build the engines of ``bundle`` (those of ``levels`` when given), each with its build record."""
+    """Build the engines of ``bundle`` (those serving ``levels`` when given), each with its build record."""
     specs = load_specs(bundle)
+    served = [lv for s in specs for lv in s.levels]
     if levels:
-        unknown = set(levels) - {s.level for s in specs}
+        unknown = set(levels) - set(served)
         if unknown:
             raise UserError(f"no engine for level(s) {', '.join(sorted(unknown))} in {bundle / ENGINES_JSON}: "
-                            f"choose from {', '.join(s.level for s in specs)}")
-        specs = [s for s in specs if s.level in levels]
+                            f"choose from {', '.join(served)}")
+        specs = [s for s in specs if set(s.levels) & set(levels)]
+    problems = plan_problems(specs)
+    if problems:
+        raise UserError(f"{bundle / ENGINES_JSON}: " + "; ".join(problems) + ": copy the whole bundle, or regenerate it")
     ok, why = tensorrt_status()
     if not ok:
         raise UserError(f"cannot build engines here: {why}")
     print(why)
     for s in specs:
         result = build_engine(s)
-        _print_report(s.level, result, sys.stdout)
+        _print_report(s, result, sys.stdout)
         # what verify and run check on the device: the TensorRT and GPU this engine is for
         record = {**result, "engine": Path(s.engine).name, "compute_capability": compute_capability()}
         write_bytes(build_record_path(s.engine), (json.dumps(record, indent=2) + "\n").encode(), fsync=True)

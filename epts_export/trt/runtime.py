@@ -5,11 +5,21 @@ exactly as they drive an ONNX graph.
     dec = TrtDecoder(Path("engines/level-2of4.engine"))
     tokens = greedy(dec.step, dec.empty_past(1), prompt, 32)
 
+    dec = TrtDecoder(Path("engines/unstructured.engine"))   # one engine, levels 0.3, 0.5, 0.7
+    dec.set_level("0.7")                                      # refit from level-0.7/model.onnx
+    # -> {"level": "0.7", "switched": True, "refit_s": 0.8, "onnx": ..., "weights": 84}
+
 TensorRT >= 10 Python API, name-based I/O (``num_io_tensors``, ``get_tensor_name``, ``get_tensor_mode``,
 ``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``). The engines have optimization
-profiles (``prefill`` = 0, ``decode`` = 1 in epts-export bundles); each step runs on the first
-profile whose [min, max] ranges hold every input shape, switching the context's profile only when
-it changes.
+profiles (``prefill`` = 0, ``decode`` = 1, ``continue`` = 2 in epts-export bundles: an empty cache,
+one new token, several new tokens on a cache); each step runs on the first profile whose [min, max]
+ranges hold every input shape, switching the context's profile only when it changes.
+
+A bundle's engine for several unstructured levels is refittable: ``set_level`` loads another
+level's weights from its baked ONNX graph (TensorRT >= 10: ``OnnxParserRefitter``; 8.x:
+``Refitter.set_named_weights`` with the graph's initializers), ``refit_from`` any graph of the
+same model. Which levels an engine serves, and each level's graph, come from the bundle's
+``engines.json`` next to the engine.
 
 Device memory goes through ``_TorchCudaBuffers`` (torch CUDA tensors), a small class so that the
 rest of this module runs, and is tested, without a GPU: tests hand ``TrtDecoder`` a CPU
@@ -19,17 +29,18 @@ module level.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from ..errors import UserError
-from ..interface import ENGINES_JSON, ID_INPUTS, PAST_RE, PRESENT_RE
-from .builder import import_trt, make_logger, tensorrt_status
+from ..interface import ID_INPUTS, PAST_RE, PRESENT_RE
+from .builder import EngineSpec, import_trt, load_specs, make_logger, start, tensorrt_status
+from .refit import read_initializers
 
 # TensorRT DataType member name -> our dtype name (the buffers speak these names)
 _TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
@@ -143,27 +154,24 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def _profile_names_from_bundle(engine_path: Path, count: int) -> list[str] | None:
-    """Profile names of ``engine_path`` from the engines.json of its bundle (the engine's folder or the
-    one above it), when it lists this engine with ``count`` profiles."""
-    target = engine_path.resolve()
-    for folder in (engine_path.parent, engine_path.parent.parent):
-        path = folder / ENGINES_JSON
+def bundle_spec(engine_path: Path) -> EngineSpec | None:
+    """The engines.json spec of ``engine_path`` from its bundle (the engine's folder or the one above
+    it), or None when no readable engines.json lists it."""
+    target = Path(engine_path).resolve()
+    for folder in (Path(engine_path).parent, Path(engine_path).parent.parent):
         try:
-            if not path.is_file():
-                continue
-            doc = json.loads(path.read_text())
-            for e in doc.get("engines", []):
-                if (folder / e["engine"]).resolve() == target:
-                    names = [str(p["name"]) for p in e["profiles"]]
-                    return names if len(names) == count else None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            for spec in load_specs(folder):
+                if Path(spec.engine).resolve() == target:
+                    return spec
+        except (UserError, OSError):
             continue
     return None
 
 
 def _default_profile_names(count: int) -> list[str]:
-    if count == 2:  # what epts-export bundles build: prefill first, decode second
+    if count == 3:  # what epts-export bundles build: an empty cache, one new token, several on a cache
+        return ["prefill", "decode", "continue"]
+    if count == 2:  # bundles before the continue profile
         return ["prefill", "decode"]
     if count == 1:
         return ["default"]
@@ -179,14 +187,22 @@ class TrtDecoder:
     ``empty_past(batch)``, ``step(input_ids, attention_mask, position_ids, past) -> (logits float32
     (B, S, V), presents)`` and the attributes ``past_dtype``, ``kv_heads``, ``head_dim``.
 
+    Levels: ``levels`` are the levels the engine serves (from its bundle's engines.json; empty for
+    an engine outside a bundle), ``level`` the one whose weights are loaded (None when unknown).
+    ``set_level(name)`` switches a refittable engine to another of its levels, ``refit_from(onnx)``
+    loads the weights of any graph of the same model.
+
     ``device`` is the CUDA device index; ``log`` gets TensorRT's warnings and errors (stderr by
     default). ``buffers`` replaces the torch-CUDA device memory (tests pass a CPU stand-in).
+    ``level``: serve that level from the start (``set_level``; its report is ``load_switch``) --
+    what a caller must pass, or do, for an engine that serves several levels, whose plan holds
+    only the first one's weights.
     UserError when TensorRT or a GPU is missing, or the plan does not load here (an engine is tied
     to the GPU and TensorRT version that built it).
     """
 
     def __init__(self, engine_path: Path, device: int = 0, log: Callable[[str], None] | None = None,
-                 *, buffers=None):
+                 *, buffers=None, level: str | None = None):
         self.engine_path = Path(engine_path)
         self.log = log or _stderr
         if not self.engine_path.is_file():
@@ -202,7 +218,7 @@ class TrtDecoder:
         self.buffers = buffers if buffers is not None else _TorchCudaBuffers(self.device)
 
         self._logger = make_logger(trt, self.log)  # warnings and errors, a 20-line tail
-        self.runtime = trt.Runtime(self._logger)
+        self.runtime = start(trt, "Runtime", self._logger)
         engine = self.runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if engine is None:
             raise UserError(f"TensorRT {self.version} cannot load {self.engine_path} ({self._tail()}): engines only "
@@ -213,10 +229,17 @@ class TrtDecoder:
         if self.context is None:
             raise RuntimeError(f"TensorRT {self.version} could not create an execution context for "
                                f"{self.engine_path} (out of device memory?): {self._tail()}")
+        self.spec = bundle_spec(self.engine_path)
+        self.levels: list[str] = list(self.spec.levels) if self.spec else []
+        # the plan holds the weights of the graph it was built from (a refit engine's first level)
+        built_from = [lv for lv, p in self.spec.refit_from.items() if Path(p) == Path(self.spec.onnx)] if self.spec else []
+        self.level: str | None = (built_from or self.levels or [None])[0]
+        self.refits = 0
         self._discover_io()
         self._read_profiles()
         self._profile = 0  # a fresh context starts on profile 0
         self.profile_switches = 0
+        self.load_switch = self.set_level(level) if level is not None else None
 
     # ---- discovery
 
@@ -272,7 +295,8 @@ class TrtDecoder:
                 mn, opt, mx = (_dims(s) for s in self.engine.get_tensor_profile_shape(name, p))
                 ranges[name] = (mn, opt, mx)
             self.profiles.append(ranges)
-        self.profile_names = _profile_names_from_bundle(self.engine_path, count) or _default_profile_names(count)
+        names = [p.name for p in self.spec.profiles] if self.spec else []
+        self.profile_names = names if len(names) == count else _default_profile_names(count)
         # fixed kv dims from the profile when the engine shape leaves them dynamic
         mn = self.profiles[0][self.past_names[0]][0]
         if self.kv_heads < 0:
@@ -322,7 +346,9 @@ class TrtDecoder:
         ctx, buf = self.context, self.buffers
         stream = buf.stream_handle()
         if index != self._profile:
-            ctx.set_optimization_profile_async(index, stream)
+            if not ctx.set_optimization_profile_async(index, stream):
+                raise RuntimeError(f"TensorRT refused to switch {self.engine_path} to profile {self.profile_names[index]} "
+                                   f"({index}): {self._tail()}")
             self._profile = index
             self.profile_switches += 1
 
@@ -379,7 +405,103 @@ class TrtDecoder:
                 "inputs": dict(self.inputs), "outputs": dict(self.outputs),
                 "kv": {"layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
                        "dtype": self.kv_dtype},
-                "profiles": profiles, "active_profile": self._profile}
+                "profiles": profiles, "active_profile": self._profile,
+                "levels": list(self.levels), "level": self.level, "refittable": self.refittable, "refits": self.refits}
+
+    # ---- levels: refit
+
+    @property
+    def refittable(self) -> bool:
+        """Whether the engine was built with refittable weights (it can switch level)."""
+        return bool(getattr(self.engine, "refittable", False))
+
+    def set_level(self, level: str, onnx: Path | None = None) -> dict:
+        """Serve ``level``: refit the engine with that level's weights, unless they are loaded.
+
+        ``onnx`` is the level's baked graph; by default the one the bundle's engines.json names for
+        it. Returns {"level", "switched" (False when already loaded), "refit_s", "onnx", "weights"
+        (how many weights TensorRT took)}. UserError when the engine does not serve ``level`` or
+        is not refittable (a level with its own engine: open that engine instead).
+        """
+        level = str(level)
+        if self.levels and level not in self.levels:
+            raise UserError(f"the TensorRT engine {self.engine_path} serves level(s) {', '.join(self.levels)}, not {level}: "
+                            f"open the engine the bundle lists for {level}")
+        if level == self.level:
+            return {"level": level, "switched": False, "refit_s": 0.0, "onnx": None, "weights": 0}
+        if onnx is None:
+            if self.spec is None or level not in self.spec.refit_from:
+                raise UserError(f"no graph to refit {self.engine_path} with for level {level}: pass the level's "
+                                f"model.onnx (the engine is not listed as refittable in its bundle's engines.json)")
+            onnx = self.spec.refit_from[level]
+        return {**self.refit_from(onnx, level), "switched": True}
+
+    def refit_from(self, onnx: Path, level: str | None = None) -> dict:
+        """Load the weights of the ONNX graph ``onnx`` (a graph of the model the engine was built
+        from, like another level's) into the engine, and call them ``level``. Waits for the GPU to
+        be idle first. Returns {"level", "onnx", "weights", "refit_s"}. UserError when the engine is
+        not refittable or the graph does not fit it; RuntimeError when TensorRT fails to refit."""
+        onnx = Path(onnx)
+        if not self.refittable:
+            raise UserError(f"the TensorRT engine {self.engine_path} was built without refittable weights: it serves "
+                            f"only its own level (rebuild it with build_engines.py to switch levels in one engine)")
+        if not onnx.is_file():
+            raise UserError(f"{onnx} is missing: the refit needs the level's graph (copy the whole bundle)")
+        self.buffers.sync()  # no step may run while the weights change
+        t0 = time.perf_counter()
+        refitter = self._refitter()
+        count, keep = self._set_weights(refitter, onnx)
+        missing = [str(m) for m in refitter.get_missing_weights()]
+        if missing:
+            raise UserError(f"{onnx} leaves {len(missing)} weight(s) of {self.engine_path} unset (first: {missing[0]}): "
+                            f"it is not a graph of this engine's model")
+        if not refitter.refit_cuda_engine():
+            raise RuntimeError(f"TensorRT {self.version} failed to refit {self.engine_path} from {onnx}: {self._tail()}")
+        del keep  # the weights were copied into the engine: the host arrays may go
+        elapsed = time.perf_counter() - t0
+        self.level = level
+        self.refits += 1
+        return {"level": level, "onnx": str(onnx), "weights": count, "refit_s": round(elapsed, 3)}
+
+    def _refitter(self):
+        try:
+            refitter = self.trt.Refitter(self.engine, self._logger)
+        except TypeError as e:  # pybind11: the factory returned nullptr
+            refitter, why = None, " ".join(str(e).split())
+        else:
+            why = "it returned None"
+        if refitter is None:
+            raise UserError(f"TensorRT {self.version} could not create a refitter for {self.engine_path} ({why}): "
+                            f"{self._tail()}")
+        return refitter
+
+    def _set_weights(self, refitter, onnx: Path) -> tuple[int, object]:
+        """Hand the graph's weights to ``refitter``; (how many, what must stay alive until the refit).
+        TensorRT >= 10: its ONNX refitter maps the graph's initializers to the engine's weights (it
+        knows what the parser did with them). 8.x has none: each refittable weight is set by the
+        initializer name the parser gave it, then the ones TensorRT fused with them."""
+        trt = self.trt
+        if hasattr(trt, "OnnxParserRefitter"):
+            parser = trt.OnnxParserRefitter(refitter, self._logger)
+            if not parser.refit_from_file(str(onnx)):
+                errors = [str(parser.get_error(i).desc()) for i in range(int(parser.num_errors))]
+                raise UserError(f"TensorRT {self.version} could not refit {self.engine_path} from {onnx}: "
+                                + ("; ".join(errors) or self._tail()))
+            return len(refitter.get_all_weights()), parser
+        refittable = [str(n) for n in refitter.get_all_weights()]
+        wanted = [w for w in (self.spec.refit_weights if self.spec and self.spec.refit_weights else refittable)
+                  if w in refittable]
+        keep: dict[str, tuple] = {}
+        for names in (wanted, None):  # then what TensorRT fused with them (known once those are set)
+            if names is None:
+                names = [str(m) for m in refitter.get_missing_weights() if str(m) not in keep]
+            for name, array in read_initializers(onnx, names, require=False).items():
+                weights = trt.Weights(np.ascontiguousarray(array))
+                if not refitter.set_named_weights(name, weights):
+                    raise UserError(f"TensorRT {self.version} rejected the weights {name} of {onnx} "
+                                    f"({array.dtype}{list(array.shape)}): {self._tail()}")
+                keep[name] = (array, weights)
+        return len(keep), keep
 
     # ---- internals
 

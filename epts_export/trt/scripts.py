@@ -1,7 +1,8 @@
 """The host side of TensorRT engine building: what a bundle needs to build its engines on the device.
 
 ``write_build_script`` writes, into a bundle, ``engines.json`` (the engine specs, paths relative to
-the bundle), ``build_engines.sh`` (one trtexec command per level, ``trtexec_command``),
+the bundle: which engine serves which levels, and whether their weights are baked into it or refit
+from each level's graph), ``build_engines.sh`` (one trtexec command per engine, ``trtexec_command``),
 ``build_engines.py`` (TensorRT's Python API through ``epts_export.trt.builder``) and ``_epts/``, a
 minimal copy of the epts_export package holding the device-side builder and the standard-library
 modules it imports, so that ``build_engines.py`` runs on a Jetson without epts-export. Nothing here
@@ -15,6 +16,8 @@ Facts this code relies on (sources in the notes of the project, shared/docs/tens
   ``--profile`` cannot express two profiles: ``build_engines.sh`` checks ``trtexec --help`` and
   points to ``build_engines.py`` (Python API, any TensorRT >= 8.5) instead.
 * trtexec's ``--sparsity=force`` overwrites weights and is never used.
+* ``--refit`` makes every weight refittable (trtexec cannot mark single weights, as the Python
+  builder's REFIT_INDIVIDUAL does): the engine that serves several unstructured levels.
 * trtexec's ``--memPoolSize`` knows ``workspace``, ``dlaSRAM``, ``dlaLocalDRAM``, ``dlaGlobalDRAM``
   and ``tacticSharedMem`` (an unknown pool name is an error); it has no tactic-DRAM pool, so
   ``tactic_dram_mb`` is applied by the Python builder only.
@@ -29,7 +32,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..fsutil import write_bytes, write_json, write_text
 from ..interface import ENGINES_JSON
-from .builder import ENGINES_FORMAT, ENGINES_VERSION, EngineSpec, profile_shapes
+from .builder import ENGINES_FORMAT, ENGINES_VERSION, EngineSpec, context_note, profile_shapes
 
 JETPACK_TRTEXEC = "/usr/src/tensorrt/bin/trtexec"
 VENDOR_DIR = "_epts"  # the package copy inside a bundle: <bundle>/_epts/epts_export/...
@@ -53,17 +56,39 @@ def _relative(p: Path, root: Path) -> str:
 
 
 def spec_to_dict(spec: EngineSpec, root: Path) -> dict:
-    """The ``engines.json`` entry of ``spec`` (JSON-ready, read back by ``builder.spec_from_dict``),
-    its paths relative to ``root`` (the bundle folder). UserError for a path outside ``root``."""
-    return {
-        "level": spec.level, "sparse": bool(spec.sparse), "precision": spec.precision,
+    """The ``engines.json`` entry of ``spec`` (format version 2, JSON-ready, read back by
+    ``builder.spec_from_dict``), its paths relative to ``root`` (the bundle folder). UserError for a
+    path outside ``root``."""
+    d = {
+        "levels": list(spec.levels), "weights": spec.weights, "sparse": bool(spec.sparse), "precision": spec.precision,
         "onnx": _relative(spec.onnx, root), "engine": _relative(spec.engine, root),
+    }
+    if spec.refit:
+        d["refit_from"] = {lv: _relative(p, root) for lv, p in spec.refit_from.items()}
+        d["refit_weights"] = None if spec.refit_weights is None else list(spec.refit_weights)
+    d.update({
         "timing_cache": _relative(spec.timing_cache, root), "layer_info": _relative(spec.layer_info, root),
         "profiles": [{"name": p.name, **p.to_dict()} for p in spec.profiles],
         "kv": {"layers": spec.kv.layers, "kv_heads": spec.kv.kv_heads, "head_dim": spec.kv.head_dim},
         "workspace_mb": int(spec.workspace_mb),
         "tactic_dram_mb": None if spec.tactic_dram_mb is None else int(spec.tactic_dram_mb),
-    }
+        "context": spec.context,
+    })
+    if spec.note:
+        d["note"] = spec.note
+    return d
+
+
+def unique_specs(specs) -> list[EngineSpec]:
+    """``specs`` (a list, or a level -> spec dict's values) with each engine once, in order: one
+    refit spec serves several levels."""
+    out, seen = [], set()
+    for s in specs:
+        key = Path(s.engine).resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(s)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +117,8 @@ def trtexec_command(spec: EngineSpec, root: Path | None = None, trtexec: str = "
     >= 10) takes precision from the ONNX dtypes, so no ``--fp16``. ``--sparsity=enable`` only for
     sparse specs (never ``force``: it overwrites the weights). ``--memPoolSize`` sizes are MiB with an
     explicit ``M``; trtexec has no tactic-DRAM pool, so ``tactic_dram_mb`` is left to the Python
-    builder. ``--skipInference`` stops after the build (layer info is still exported).
+    builder. ``--refit`` for a spec serving several levels (every weight refittable).
+    ``--skipInference`` stops after the build (layer info is still exported).
     """
     shapes = profile_shapes(spec)
     argv = [trtexec, f"--onnx={_path_arg(spec.onnx, root)}", f"--saveEngine={_path_arg(spec.engine, root)}",
@@ -105,6 +131,8 @@ def trtexec_command(spec: EngineSpec, root: Path | None = None, trtexec: str = "
                  f"--maxShapes={_shapes_arg(rows, 3)}"]
     if spec.sparse:
         argv.append("--sparsity=enable")
+    if spec.refit:
+        argv.append("--refit")
     argv += [f"--memPoolSize=workspace:{int(spec.workspace_mb)}M",
              f"--timingCacheFile={_path_arg(spec.timing_cache, root)}",
              "--profilingVerbosity=detailed",
@@ -129,7 +157,8 @@ _SH_HEADER = """#!/usr/bin/env bash
 # the device itself. Copy the whole bundle there and run:  bash build_engines.sh
 # Paths are relative to this folder, so the bundle can be moved.
 # Without a recent trtexec (one with --profile), run  python3 build_engines.py  instead
-# (TensorRT's Python API; it also applies the tactic-DRAM cap that trtexec cannot set).
+# (TensorRT's Python API; it also applies the tactic-DRAM cap that trtexec cannot set, and makes
+# only the weights that differ between levels refittable where trtexec's --refit makes them all).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -148,7 +177,7 @@ if [ -z "$TRTEXEC" ]; then
 fi
 help_text="$("$TRTEXEC" --help 2>&1 || true)"
 if ! grep -Eq -- '--profile([= ]|$)' <<<"$help_text" || ! grep -q -- '--stronglyTyped' <<<"$help_text"; then
-  echo "$TRTEXEC lacks --profile/--stronglyTyped (TensorRT 10+), needed for the prefill and decode profiles." >&2
+  echo "$TRTEXEC lacks --profile/--stronglyTyped (TensorRT 10+), needed for the prefill, decode and continue profiles." >&2
   echo "Run  python3 build_engines.py  instead (TensorRT's Python API)." >&2
   exit 1
 fi
@@ -160,8 +189,8 @@ _PY_SCRIPT = '''#!/usr/bin/env python3
 Engines are tied to the GPU, the TensorRT version and the JetPack release that built them; Jetson
 engines must be built on the device itself. Reads engines.json next to this file.
 
-    python3 build_engines.py                 # every level
-    python3 build_engines.py --level 2:4     # one level
+    python3 build_engines.py                 # every engine
+    python3 build_engines.py --level 2:4     # the engine that serves level 2:4
 
 Uses epts_export.trt.builder when epts-export is installed, else the copy shipped in this bundle
 (_epts/epts_export), which needs only TensorRT's Python bindings (JetPack: python3-libnvinfer).
@@ -193,17 +222,25 @@ if __name__ == "__main__":
 '''
 
 
-def _level_commands(s: EngineSpec, out_dir: Path, trtexec_var: str) -> list[str]:
-    """The build_engines.sh lines that build one level with trtexec and keep its log."""
+def _engine_commands(s: EngineSpec, out_dir: Path, trtexec_var: str) -> list[str]:
+    """The build_engines.sh lines that build one engine with trtexec and keep its log."""
     argv = trtexec_command(s, root=out_dir, trtexec="trtexec")
     engine_rel = _relative(s.engine, out_dir)
     log_rel = engine_rel + ".log"
     dirs = sorted({os.path.dirname(_relative(p, out_dir)) or "." for p in (s.engine, s.layer_info, s.timing_cache)})
-    kind = "sparse weights, sparse tactics enabled" if s.sparse else "dense"
-    parts = [f"\necho {_sh(f'== level {s.level}: {kind} -> {engine_rel}')}\n",
+    if s.sparse:
+        kind = "sparse weights, sparse tactics enabled"
+    elif s.refit:
+        kind = f"dense, refittable: built with {s.levels[0]}'s weights, the others are refit from their graphs at run time"
+    else:
+        kind = "dense"
+    parts = [f"\necho {_sh(f'== {s.label}: {kind} -> {engine_rel}')}\n",
              "mkdir -p " + " ".join(_sh(d) for d in dirs) + "\n"]
     if s.tactic_dram_mb is not None:
         parts.append(f"# tactic_dram_mb={s.tactic_dram_mb}: trtexec has no such pool; build_engines.py applies it\n")
+    if s.refit and s.refit_weights:
+        parts.append(f"# --refit makes every weight refittable; build_engines.py marks only the {len(s.refit_weights)} "
+                     f"that differ between the levels (REFIT_INDIVIDUAL), which leaves TensorRT more to fold\n")
     cmd = " \\\n  ".join([f'"{trtexec_var}"'] + [_sh(a) for a in argv[1:]])
     parts.append(f"{cmd} \\\n  2>&1 | tee {_sh(log_rel)}\n")
     if s.sparse:
@@ -224,19 +261,22 @@ def vendor_builder(out_dir: Path) -> Path:
 
 
 def write_build_script(specs: list[EngineSpec], out_dir: Path, *, trtexec_var: str = "$TRTEXEC") -> tuple[Path, Path]:
-    """Write ``build_engines.sh`` (trtexec, one command per level), ``build_engines.py`` (Python API),
-    ``engines.json`` (the specs, paths relative to ``out_dir``) and ``_epts/`` (the device-side
-    builder for devices without epts-export, see vendor_builder) into ``out_dir``.
+    """Write ``build_engines.sh`` (trtexec, one command per engine), ``build_engines.py`` (Python API),
+    ``engines.json`` (the specs, each engine once, paths relative to ``out_dir``) and ``_epts/``
+    (the device-side builder for devices without epts-export, see vendor_builder) into ``out_dir``.
     Returns (sh path, py path). Every path in the specs must lie inside ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    specs = unique_specs(specs)
     doc = {"format": ENGINES_FORMAT, "version": ENGINES_VERSION,
            "engines": [spec_to_dict(s, out_dir) for s in specs]}
     write_json(out_dir / ENGINES_JSON, doc)
 
     parts = [_SH_HEADER.replace("__JETPACK__", JETPACK_TRTEXEC)]
+    notes = sorted({n for n in (context_note(s) for s in specs) if n})
+    parts += [f"echo {_sh(n)}\n" for n in notes]
     for s in specs:
-        parts += _level_commands(s, out_dir, trtexec_var)
+        parts += _engine_commands(s, out_dir, trtexec_var)
     parts.append('\necho "engines built; layer info (HasSparseWeights, TacticName) is in the *.layers.json files"\n')
     sh = out_dir / "build_engines.sh"
     write_text(sh, "".join(parts))

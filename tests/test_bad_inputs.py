@@ -1,0 +1,275 @@
+"""Bad input, table-driven: one row per case. Each gets one `error: ...` line (no traceback), its
+exit code, the text that must appear, and leaves nothing half-written (no .partial, .tmp or output).
+
+A row's arguments are a function of the `ws` fixture (the workspace: a tiny artifact, an export, a
+bundle, bad files), so the table reads as the commands a careless or hostile user would type.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from typer.testing import CliRunner
+
+from epts_export.cli import app
+from epts_export.core.levels import parse_levels
+from epts_export.deploy.pipeline import BuildSpec, build
+from epts_export.onnx.export import ExportSpec, export
+from epts_export.pruning.optimize import optimize
+from test_pipeline import spec_for
+
+runner = CliRunner()
+
+
+@dataclass
+class WS:
+    root: Path
+    model: Path  # a tiny LLaMA folder
+    opt_model: Path  # a tiny OPT folder (max_position_embeddings 256)
+    art: Path
+    onnx: Path
+    bundle: Path
+    text: Path
+
+    def copy(self, what: Path, name: str) -> Path:
+        dest = self.root / name
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(what, dest)
+        return dest
+
+    def file(self, name: str, data: bytes | str) -> Path:
+        p = self.root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data.encode() if isinstance(data, str) else data)
+        return p
+
+    def manifest(self, what: Path, name: str, edit: Callable[[dict], object]) -> Path:
+        """A copy of ``what`` whose manifest.json was changed in place by ``edit(manifest)``."""
+        dest = self.copy(what, name)
+        m = json.loads((dest / "manifest.json").read_text())
+        edit(m)
+        (dest / "manifest.json").write_text(json.dumps(m))
+        return dest
+
+    def raw_manifest(self, what: Path, name: str, data: bytes) -> Path:
+        dest = self.copy(what, name)
+        (dest / "manifest.json").write_bytes(data)
+        return dest
+
+    def tar(self, name: str, add: Callable[[tarfile.TarFile], None], compress: bool = True) -> Path:
+        p = self.root / name
+        with tarfile.open(p, "w:gz" if compress else "w") as t:
+            add(t)
+        return p
+
+
+@pytest.fixture(scope="module")
+def ws(tiny_dirs, text_file, tmp_path_factory) -> WS:
+    root = tmp_path_factory.mktemp("bad")
+    art = optimize(spec_for(tiny_dirs["llama"], root / "art", text_file, levels="0.5,2:4"))
+    onnx = export(ExportSpec(artifact=art, out=root / "onnx", levels=parse_levels("0.5")))
+    bundle = build(BuildSpec(source=str(art), target="rtx", out=root / "dist", levels=parse_levels("0.5,2:4")))
+    return WS(root, tiny_dirs["llama"], tiny_dirs["opt"], art, onnx, bundle, text_file)
+
+
+def _truncated_model(ws: WS) -> Path:
+    d = ws.copy(ws.model, "model-truncated")
+    f = next(d.glob("*.safetensors"))
+    f.write_bytes(f.read_bytes()[:1000])
+    return d
+
+
+def _tar_with_extra(ws: WS, name: str, extra: Callable[[tarfile.TarFile], None]) -> Path:
+    def add(t):
+        t.add(ws.bundle, arcname="rtx-ada")
+        extra(t)
+    return ws.tar(name, add)
+
+
+def _add_bytes(t: tarfile.TarFile, name: str, data: bytes) -> None:
+    import io
+
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    t.addfile(info, io.BytesIO(data))
+
+
+def _truncated_tar(ws: WS) -> Path:
+    p = _tar_with_extra(ws, "whole.tar.gz", lambda t: None)
+    cut = ws.root / "truncated.tar.gz"
+    cut.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    return cut
+
+
+def _two_bundles(ws: WS) -> Path:
+    def add(t):
+        t.add(ws.bundle, arcname="a")
+        t.add(ws.bundle, arcname="b")
+    return ws.tar("two.tar.gz", add)
+
+
+def _read_only_dir(ws: WS) -> Path:
+    d = ws.root / "ro"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+# (id, argv(ws), exit code, text that must appear, extra paths that must not exist afterwards)
+ROWS = [
+    # --- artifacts and manifests
+    ("info: not a folder", lambda ws: ["info", ws.file("x.txt", "hi")], 1, "is a file", []),
+    ("info: manifest not UTF-8", lambda ws: ["info", ws.raw_manifest(ws.art, "a-bin", b"\xff\xfe{")], 1, "not UTF-8", []),
+    ("info: manifest a list", lambda ws: ["info", ws.raw_manifest(ws.art, "a-list", b"[1, 2]")], 1, "not an epts-export artifact", []),
+    ("info: manifest without groups", lambda ws: ["info", ws.manifest(ws.art, "a-nogroups", lambda m: m.pop("groups"))], 1,
+     "'groups' is missing", []),
+    ("info: groups of the wrong type", lambda ws: ["info", ws.manifest(ws.art, "a-groups-str", lambda m: m.update(groups="x"))], 1,
+     "'groups' must be a list", []),
+    ("info: empty groups", lambda ws: ["info", ws.manifest(ws.art, "a-groups-empty", lambda m: m.update(groups=[]))], 1,
+     "needs its sparsity groups", []),
+    ("info: malformed level", lambda ws: ["info", ws.manifest(ws.art, "a-abc", lambda m: m.update(levels=["abc"]))], 1,
+     "malformed levels", []),
+    ("materialize: malformed level", lambda ws: ["materialize", ws.manifest(ws.art, "a-abc2", lambda m: m.update(levels=["abc"])),
+                                                 "--level", "0.5", "--out", ws.root / "m-abc"], 1, "malformed levels", ["m-abc"]),
+    ("info: schema 99", lambda ws: ["info", ws.manifest(ws.art, "a-99", lambda m: m.update(schema_version=99))], 1,
+     "newer than the version 1", []),
+    ("info: settings without rank", lambda ws: ["info", ws.manifest(ws.art, "a-norank", lambda m: m["settings"].pop("rank"))], 1,
+     "training configuration", []),
+    ("optimize: truncated safetensors", lambda ws: ["optimize", _truncated_model(ws), "--out", ws.root / "o-trunc", "--calib",
+                                                    ws.text, "--nsamples", 2, "--seqlen", 16, "-q"], 1, "could not load model", ["o-trunc"]),
+    # --- numbers
+    ("optimize: --lr -1", lambda ws: ["optimize", ws.model, "--out", ws.root / "o-lr", "--lr", "-1", "-q"], 1,
+     "--lr must be a positive number", ["o-lr"]),
+    ("optimize: --lr nan", lambda ws: ["optimize", ws.model, "--out", ws.root / "o-nan", "--lr", "nan", "-q"], 1,
+     "--lr must be a positive number", ["o-nan"]),
+    ("optimize: seqlen past the context", lambda ws: ["optimize", ws.opt_model, "--out", ws.root / "o-ctx", "--calib", ws.text,
+                                                     "--nsamples", 1, "--seqlen", 1024, "-q"], 1, "context of 256", ["o-ctx"]),
+    ("eval: --max-windows -1", lambda ws: ["eval", ws.art, "--data", ws.text, "--max-windows", "-1"], 1, "--max-windows must be >= 1", []),
+    ("eval: --max-windows 0", lambda ws: ["eval", ws.art, "--data", ws.text, "--max-windows", "0"], 1, "--max-windows must be >= 1", []),
+    ("eval: seqlen past an OPT context", lambda ws: ["eval", ws.opt_model, "--data", ws.text, "--seqlen", 1024], 1, "context of 256", []),
+    ("eval: seqlen past a LLaMA context", lambda ws: ["eval", ws.art, "--data", ws.text, "--seqlen", 1024], 1, "context of 256", []),
+    ("eval: binary data", lambda ws: ["eval", ws.art, "--data", ws.file("bin.dat", bytes(range(256)) * 8), "--seqlen", 64], 1,
+     "not UTF-8 text (invalid byte at offset 128)", []),
+    ("optimize: binary calibration", lambda ws: ["optimize", ws.model, "--out", ws.root / "o-bin", "--calib",
+                                                ws.file("bin2.dat", b"ab\xff" * 999), "-q"], 1, "not UTF-8 text", ["o-bin"]),
+    # --- levels
+    ("materialize: two levels", lambda ws: ["materialize", ws.art, "--level", "0.5,0.6", "--out", ws.root / "m-two"], 1,
+     "one level per folder", ["m-two"]),
+    ("materialize: empty --level", lambda ws: ["materialize", ws.art, "--level", "", "--out", ws.root / "m-empty"], 1,
+     "--level is empty", ["m-empty"]),
+    ("build: empty --levels", lambda ws: ["build", ws.art, "--target", "rtx", "--out", ws.root / "d-empty", "--levels", ""], 1,
+     "--levels is empty", ["d-empty/rtx-ada"]),
+    ("run: empty --level", lambda ws: ["run", ws.bundle, "--level", "", "--prompt", "w1"], 1, "--level is empty", []),
+    ("run: level not in the bundle", lambda ws: ["run", ws.bundle, "--level", "0.7", "--prompt", "Hello"], 1, "not in bundle", []),
+    ("optimize: level 'abc'", lambda ws: ["optimize", ws.model, "--out", ws.root / "o-abc", "--levels", "abc", "-q"], 1,
+     "malformed level 'abc'", ["o-abc"]),
+    ("optimize: level 1:1", lambda ws: ["optimize", ws.model, "--out", ws.root / "o-11", "--levels", "1:1", "-q"], 1,
+     "N:M needs 0 < N < M", ["o-11"]),
+    ("optimize: level 95%", lambda ws: ["optimize", ws.model, "--out", ws.root / "o-95", "--levels", "95%", "-q"], 1,
+     "out of range", ["o-95"]),
+    ("build: unknown target", lambda ws: ["build", ws.art, "--target", "tpu-v5", "--out", ws.root / "d-tpu"], 1,
+     "unknown target 'tpu-v5'", ["d-tpu"]),
+    ("export: level above the range", lambda ws: ["export", ws.art, "--out", ws.root / "x-high", "--levels", "0.8"], 1,
+     "above the trained range", ["x-high"]),
+    # --- outputs
+    ("materialize: --out under a file", lambda ws: ["materialize", ws.art, "--level", "0.5", "--out", ws.file("f1", "x") / "sub"], 1,
+     "is a file, not a folder", []),
+    ("materialize: --out is a file", lambda ws: ["materialize", ws.art, "--level", "0.5", "--out", ws.file("f2", "x"), "--overwrite"], 1,
+     "is a file: give the path of a folder", []),
+    ("export: --out equal to the input", lambda ws: ["export", ws.copy(ws.art, "a-self"), "--out", ws.root / "a-self", "--overwrite"], 1,
+     "would overwrite or nest inside the input", []),
+    ("materialize: --out inside the input", lambda ws: ["materialize", ws.art, "--level", "0.5", "--out", ws.art / "model" / "x"], 1,
+     "would overwrite or nest inside the input", []),
+    ("optimize: --out exists", lambda ws: ["optimize", ws.model, "--out", ws.art, "-q"], 1, "already exists", []),
+    ("eval: --json is a folder", lambda ws: ["eval", ws.art, "--data", ws.text, "--json", ws.root], 1, "is a folder", []),
+    ("validate: --report is a folder", lambda ws: ["validate", ws.onnx, "--report", ws.root], 1, "--report", []),
+    ("validate: --junit under a file", lambda ws: ["validate", ws.onnx, "--junit", ws.file("f3", "x") / "j.xml"], 1, "is a file", []),
+    # --- build
+    ("build: missing --eval-data", lambda ws: ["build", ws.art, "--target", "rtx", "--out", ws.root / "d-ev", "--eval-data",
+                                               ws.root / "nope.txt"], 1, "evaluation text not found", ["d-ev/rtx-ada"]),
+    ("build: bf16 target", lambda ws: ["build", ws.art, "--target", ws.file("bf16/rtx-ada.toml", _bf16_target()),
+                                       "--out", ws.root / "d-bf16"], 1, "bf16 is not supported yet", ["d-bf16/rtx-ada"]),
+    # --- bundles
+    ("verify: a file the manifest does not list", lambda ws: ["verify", _with_file(ws, "b-injected", "tensorrt.py", "import os")], 3,
+     "tensorrt.py is not listed", []),
+    ("verify: schema 42", lambda ws: ["verify", ws.manifest(ws.bundle, "b-42", lambda m: m.update(schema_version=42))], 1,
+     "newer than the version 1", []),
+    ("verify: levels of the wrong type", lambda ws: ["verify", ws.manifest(ws.bundle, "b-lv", lambda m: m.update(levels={}))], 3,
+     "'levels' must be a list", []),
+    ("verify: tar member not in the manifest", lambda ws: ["verify", _tar_with_extra(
+        ws, "extra.tar.gz", lambda t: _add_bytes(t, "rtx-ada/tensorrt.py", b"import os"))], 3, "is not listed", []),
+    ("verify: tar with a large unlisted member", lambda ws: ["verify", _tar_with_extra(
+        ws, "big.tar.gz", lambda t: _add_bytes(t, "rtx-ada/pad.bin", bytes(8 << 20)))], 3, "pad.bin' is not listed", []),
+    ("verify: truncated tar", lambda ws: ["verify", _truncated_tar(ws)], 3, "truncated or corrupted", []),
+    ("verify: two bundles in one tar", lambda ws: ["verify", _two_bundles(ws)], 3, "holds 2 bundles", []),
+    ("run: a swapped graph", lambda ws: ["run", _with_file(ws, "b-swapped", "level-0.5/model.onnx", "not a graph"),
+                                         "--level", "0.5", "--prompt", "w1"], 3, "does not match its sha256", []),
+    ("run: prompt past the context", lambda ws: ["run", ws.bundle, "--level", "0.5", "--prompt", " ".join(["w1"] * 400)], 1,
+     "context is 256", []),
+]
+
+
+def _with_file(ws: WS, name: str, rel: str, text: str) -> Path:
+    b = ws.copy(ws.bundle, name)
+    (b / rel).write_text(text)
+    return b
+
+
+def _bf16_target() -> str:
+    from epts_export.deploy.targets import targets_dir
+
+    return (targets_dir() / "rtx-ada.toml").read_text().replace('precision = "fp16"', 'precision = "bf16"')
+
+
+@pytest.mark.parametrize("case, argv, code, text, absent", ROWS, ids=[r[0] for r in ROWS])
+def test_bad_input(ws, case, argv, code, text, absent):
+    before = {p for p in ws.root.rglob("*") if p.name.endswith((".partial", ".tmp"))}
+    r = runner.invoke(app, [str(a) for a in argv(ws)])
+    out = " ".join(r.output.split())
+    assert r.exit_code == code, f"{case}: exit {r.exit_code}\n{r.output}\n{r.exception!r}"
+    assert text in out, f"{case}: {r.output}"
+    assert "Traceback" not in r.output and "error:" in out and out.count("error:") == 1, r.output
+    assert not isinstance(r.exception, Exception) or isinstance(r.exception, SystemExit), repr(r.exception)
+    stray = {p for p in ws.root.rglob("*") if p.name.endswith((".partial", ".tmp")) or ".tmp." in p.name} - before
+    assert not stray, stray
+    for rel in absent:
+        assert not (ws.root / rel).exists(), rel
+
+
+def test_the_table_counts_what_the_readme_says():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert f"{len(ROWS)} cases" in readme, f"README's reliability paragraph should say {len(ROWS)} cases"
+
+
+def test_read_only_output_folder(ws, monkeypatch):
+    """root writes anywhere, so the permission check is exercised through os.access."""
+    ro = _read_only_dir(ws)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    r = runner.invoke(app, ["materialize", str(ws.art), "--level", "0.5", "--out", str(ro / "m")])
+    assert r.exit_code == 1 and "permission denied" in " ".join(r.output.split()), r.output
+    assert not (ro / "m").exists() and not (ro / "m.partial").exists()
+
+
+def test_concurrent_builds_into_one_out_both_finish(ws):
+    """Two builds into the same --out at once: the second waits for the stage lock, then reuses."""
+    import subprocess
+    import sys
+
+    out = ws.root / "d-race"
+    code = ("import sys; from epts_export.deploy.pipeline import BuildSpec, build; from epts_export.core.levels import parse_levels;"
+            f"build(BuildSpec(source={str(ws.art)!r}, target=sys.argv[1], out={str(out)!r}, levels=parse_levels('0.5')))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", code, t], env=env, stderr=subprocess.PIPE, text=True)
+             for t in ("rtx-ada", "hopper")]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errs
+    assert (out / "rtx-ada" / "manifest.json").is_file() and (out / "hopper" / "manifest.json").is_file()
+    assert len([p for p in (out / ".stages").iterdir() if p.name.startswith("onnx-")]) == 1
