@@ -273,3 +273,43 @@ def test_concurrent_builds_into_one_out_both_finish(ws):
     assert all(p.returncode == 0 for p in procs), errs
     assert (out / "rtx-ada" / "manifest.json").is_file() and (out / "hopper" / "manifest.json").is_file()
     assert len([p for p in (out / ".stages").iterdir() if p.name.startswith("onnx-")]) == 1
+
+
+def test_bundle_scripts_import_nothing_added_beside_them(ws, tmp_path):
+    """A tensorrt.py (or epts_export/) dropped next to build_engines.py or run.py is never imported."""
+    import subprocess
+    import sys
+
+    b = ws.copy(ws.bundle, "b-scripts")
+    marker = tmp_path / "imported"
+    for name in ("tensorrt.py", "tensorrt_bindings.py", "onnxruntime.py"):
+        (b / name).write_text(f"open({str(marker)!r}, 'w').write('{name}')\n")
+    (b / "epts_export").mkdir()
+    (b / "epts_export" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('epts_export')\n")
+    r = subprocess.run([sys.executable, str(b / "build_engines.py")], capture_output=True, text=True, cwd=b)
+    assert r.returncode == 1 and "cannot build engines here" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, str(b / "run.py"), "--level", "0.5", "--prompt", "w1", "--max-new-tokens", "2"],
+                       capture_output=True, text=True, cwd=b)
+    assert r.returncode == 0, r.stderr
+    assert not marker.exists(), marker.read_text()
+    r = runner.invoke(app, ["verify", str(b)])
+    assert r.exit_code == 3 and "tensorrt.py is not listed" in " ".join(r.output.split())
+
+
+def test_resume_with_a_truncated_checkpoint(ws, tmp_path):
+    from epts_export.errors import UserError
+
+    out = tmp_path / "art"
+
+    def interrupt(i):
+        raise KeyboardInterrupt
+
+    with pytest.raises(UserError):
+        optimize(spec_for(ws.model, out, ws.text, levels="0.5"), on_block_done=interrupt)
+    block = next((tmp_path / "art.partial" / "ckpt").glob("block_*.safetensors"))
+    block.write_bytes(block.read_bytes()[:100])
+    streams = tmp_path / "art.partial" / "ckpt" / "streams.safetensors"
+    streams.write_bytes(streams.read_bytes()[:100])
+    with pytest.raises(UserError, match="unreadable.*delete"):
+        optimize(spec_for(ws.model, out, ws.text, levels="0.5", resume=True))
+    assert not out.exists()

@@ -30,6 +30,7 @@ def test_optimize_prints_summary(cli_artifact):
     r = run("info", cli_artifact)
     assert r.exit_code == 0, r.output
     assert "any sparsity in [0, 0.6] and 2:4" in r.output
+    assert "wrote" not in r.output  # info writes nothing
 
 
 def test_eval_json(cli_artifact, eval_file, tmp_path):

@@ -199,6 +199,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# never import from this folder (a script's folder comes first on sys.path): only the copy in
+# _epts/, hashed in manifest.json, belongs to this bundle
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 
 def _builder():
