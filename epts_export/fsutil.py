@@ -96,6 +96,20 @@ def normalize_modes(folder: Path) -> None:
             pass
 
 
+def vendor_package(dest: Path, files) -> Path:
+    """Copy ``files`` (paths relative to the epts_export package) into ``dest/epts_export/``, with
+    empty ``__init__.py`` files for the subpackages they use (the real ones may import more): the
+    minimal package a bundle's scripts import on a device without epts-export. Returns ``dest``."""
+    package = Path(__file__).resolve().parent
+    for rel in files:
+        write_bytes(Path(dest) / "epts_export" / rel, (package / rel).read_bytes())
+    for sub in sorted({Path(rel).parent for rel in files} - {Path(".")}):
+        init = Path(dest) / "epts_export" / sub / "__init__.py"
+        if not init.exists():
+            write_text(init, "")
+    return Path(dest)
+
+
 # --------------------------------------------------------------------------------------------
 # one staged folder
 

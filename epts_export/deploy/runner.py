@@ -187,15 +187,9 @@ if __name__ == "__main__":
 
 def write_runner(bundle: Path) -> Path:
     """Write ``run.py`` and the package files it imports (``_epts/epts_export/...``) into ``bundle``."""
-    from ..fsutil import write_text
+    from ..fsutil import vendor_package, write_text
 
-    src = Path(__file__).resolve().parents[1]  # the epts_export package
-    dest = Path(bundle) / VENDOR_DIR / "epts_export"
-    for rel in RUNNER_FILES:
-        write_text(dest / rel, (src / rel).read_text())
-    for package in ("core", "onnx", "deploy", "trt"):  # empty: the real ones may import more
-        if not (dest / package / "__init__.py").exists():
-            write_text(dest / package / "__init__.py", "")
+    vendor_package(Path(bundle) / VENDOR_DIR, RUNNER_FILES)
     script = Path(bundle) / RUN_SCRIPT
     write_text(script, _RUN_PY)
     script.chmod(script.stat().st_mode | 0o111)

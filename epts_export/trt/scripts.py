@@ -30,7 +30,7 @@ import shlex
 from pathlib import Path
 
 from ..errors import UserError
-from ..fsutil import write_bytes, write_json, write_text
+from ..fsutil import vendor_package, write_json, write_text
 from ..interface import ENGINES_JSON
 from .builder import ENGINES_FORMAT, ENGINES_VERSION, EngineSpec, context_note, profile_shapes
 
@@ -38,7 +38,6 @@ JETPACK_TRTEXEC = "/usr/src/tensorrt/bin/trtexec"
 VENDOR_DIR = "_epts"  # the package copy inside a bundle: <bundle>/_epts/epts_export/...
 
 # the installed package whose files are copied; the device-side builder imports only these
-_PACKAGE = Path(__file__).resolve().parent.parent
 VENDORED_FILES = ("__init__.py", "errors.py", "fsutil.py", "interface.py", "trt/builder.py", "trt/sparse.py")
 
 
@@ -256,11 +255,7 @@ def vendor_builder(out_dir: Path) -> Path:
     """Copy the device-side builder with the modules it imports into ``<out_dir>/_epts/epts_export``
     (``trt/__init__.py`` written empty, so nothing else is pulled in). Returns the ``_epts`` folder,
     the one to put first on sys.path."""
-    root = Path(out_dir) / VENDOR_DIR
-    for rel in VENDORED_FILES:
-        write_bytes(root / "epts_export" / rel, (_PACKAGE / rel).read_bytes())
-    write_text(root / "epts_export" / "trt" / "__init__.py", "")
-    return root
+    return vendor_package(Path(out_dir) / VENDOR_DIR, VENDORED_FILES)
 
 
 def write_build_script(specs: list[EngineSpec], out_dir: Path, *, trtexec_var: str = "$TRTEXEC") -> tuple[Path, Path]:
