@@ -1,17 +1,27 @@
-"""ONNX export benchmark: export time, file sizes and ONNX Runtime CPU latency, baked vs dynamic
-vs the dense model exported by optimum-cli. Prints a markdown table (the one in BENCHMARKS.md).
+"""ONNX export benchmark: file sizes, level switch and ONNX Runtime CPU latency of the three
+forms of one artifact, in one run. Prints the markdown tables of BENCHMARKS.md.
 
-    # the dense reference, in an environment with the optimum extra (it needs transformers 4.57)
-    optimum-cli export onnx --model runs/smol/model --task text-generation-with-past bench-out/onnx/optimum-dense
-    # ours
-    epts-export export runs/smol --out bench-out/onnx/baked --mode baked   --levels 0.3,0.5,0.7,2:4
-    epts-export export runs/smol --out bench-out/onnx/dyn   --mode dynamic --levels 0.3,0.5,0.7,2:4
-    python -m benchmarks.onnx_bench --baked bench-out/onnx/baked --dynamic bench-out/onnx/dyn \\
-        --dense bench-out/onnx/optimum-dense --json benchmarks/results/onnx_smollm2-135m.json
+    epts-export export runs/smol --out bench-out/onnx/baked-fp32 --mode baked
+    epts-export export runs/smol --out bench-out/onnx/dynamic-fp32 --mode dynamic
+    epts-export export runs/smol --out bench-out/onnx/baked-fp16 --mode baked --dtype fp16
+    epts-export export runs/smol --out bench-out/onnx/dynamic-fp16 --mode dynamic --dtype fp16
+    python -m benchmarks.onnx_bench --baked bench-out/onnx/baked-fp32 --dynamic bench-out/onnx/dynamic-fp32 \
+        --baked-fp16 bench-out/onnx/baked-fp16 --dynamic-fp16 bench-out/onnx/dynamic-fp16 \
+        --json benchmarks/results/onnx_smollm2-135m.json
 
-Latency: batch 1, a 128-token prefill from an empty past, then per-token decode steps on top of
-it; median of --repeats runs after a warm-up. In dynamic mode an ORT profile of decode steps
-splits the time into building the level's weights and the decoder itself.
+The forms, per level of the baked export:
+- baked: the level's own graph (``level-<L>/model.onnx``); "load s" is opening it, which is
+  what switching level costs with baked graphs;
+- whole graph: the dynamic export's ``model.onnx`` with ``sparsity_level`` as an input, which
+  builds every weight on every call (what dynamic mode was before the split);
+- switch: ``weights.onnx`` + ``decoder.onnx`` through ``ElasticDecoder``, opened once; "switch
+  ms" is ``set_level`` into the level (median of 3, each from another level), then the latency
+  at that level, and the largest |logit| difference from the baked graph on the prefill.
+
+Latency: batch 1, a 128-token prefill from an empty past (median of --repeats after a warm-up),
+then --decode single-token steps on top of it (median of all but the first). With --dense (an
+optimum-cli export of the dense model) sizes are relative to it, else to a baked level (the
+same bytes: a baked level is the dense graph with zeros in it).
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from epts_export.onnx.reader import OnnxExport
-from epts_export.onnx.runtime import OrtDecoder, positions
+from epts_export.onnx.runtime import ElasticDecoder, OrtDecoder, positions
 
 
 def folder_bytes(graph: Path) -> int:
@@ -83,55 +93,108 @@ def weight_build_share(graph: Path, level: int, prefill: int, steps: int) -> dic
     return {"weight_build_share": round(build / max(build + other, 1), 3)}
 
 
+def prefill_logits(dec, n: int = 64) -> np.ndarray:
+    ids = np.random.default_rng(1).integers(10, 1000, (1, n))
+    mask = np.ones_like(ids)
+    return dec.step(ids, mask, positions(mask, 0), dec.empty_past(1))[0]
+
+
+def export_mb(folder: Path, names) -> float:
+    return sum((folder / n).stat().st_size for n in names if (folder / n).exists()) / 1e6
+
+
+def compare_forms(baked_dir: Path, dyn_dir: Path, args, label: str) -> list[dict]:
+    """One row per level: baked, whole graph and switch form, measured one after the other."""
+    baked, dyn = OnnxExport.open(baked_dir, verify="skip"), OnnxExport.open(dyn_dir, verify="skip")
+    t = time.perf_counter()
+    sw = ElasticDecoder(dyn.path, level=len(dyn.levels) - 1)
+    open_s = time.perf_counter() - t
+    print(f"{label}: ElasticDecoder opened in {open_s:.2f} s ({sw.optimization})", flush=True)
+    rows = []
+    for lv in baked.levels:
+        idx, other = dyn.level_index(lv), (dyn.level_index(lv) + 1) % len(dyn.levels)
+        t = time.perf_counter()
+        bdec = OrtDecoder(baked.graph_path(lv))
+        row = {"dtype": label, "level": lv.name, "baked_load_s": round(time.perf_counter() - t, 2)}
+        row["baked"] = latency(bdec, args.prefill, args.decode, args.repeats)
+        ref = prefill_logits(bdec)
+        del bdec
+        if not args.skip_whole:
+            row["whole"] = {**latency(OrtDecoder(dyn.path / "model.onnx", level=idx), args.prefill, args.decode, args.repeats),
+                            **weight_build_share(dyn.path / "model.onnx", idx, args.prefill, 8)}
+        switches = []
+        for _ in range(3):
+            sw.set_level(other)
+            switches.append(sw.set_level(idx))
+        row["switch_ms"] = round(statistics.median(switches) * 1e3, 1)
+        row["switch"] = latency(sw, args.prefill, args.decode, args.repeats)
+        row["max_abs_vs_baked"] = float(np.abs(prefill_logits(sw) - ref).max())
+        rows.append(row)
+        print(row, flush=True)
+    return [{"open_s": round(open_s, 2), "optimization": sw.optimization}] + rows
+
+
+def print_latency(rows: list[dict], prefill: int) -> None:
+    head = rows[0]
+    print(f"\nswitch form opened once in {head['open_s']:.2f} s (graph optimization {head['optimization']})\n")
+    print(f"| level | baked: load s | prefill {prefill} ms | decode ms | whole graph: prefill ms | decode ms | "
+          f"switch: switch ms | prefill ms (x baked) | decode ms (x baked) | max abs logit diff vs baked |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows[1:]:
+        b, s = r["baked"], r["switch"]
+        whole = (f"{r['whole']['prefill_ms']:.1f} | {r['whole']['decode_ms']:.1f}" if "whole" in r else " | ")
+        print(f"| {r['level']} | {r['baked_load_s']:.2f} | {b['prefill_ms']:.1f} | {b['decode_ms']:.2f} | {whole} | "
+              f"{r['switch_ms']:.0f} | {s['prefill_ms']:.1f} ({s['prefill_ms'] / b['prefill_ms']:.2f}) | "
+              f"{s['decode_ms']:.2f} ({s['decode_ms'] / b['decode_ms']:.2f}) | {r['max_abs_vs_baked']:.2e} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--baked", type=Path, required=True)
-    ap.add_argument("--dynamic", type=Path)
+    ap.add_argument("--baked", type=Path, required=True, help="baked fp32 export (the levels to measure)")
+    ap.add_argument("--dynamic", type=Path, required=True, help="dynamic fp32 export of the same artifact")
+    ap.add_argument("--baked-fp16", type=Path)
+    ap.add_argument("--dynamic-fp16", type=Path)
     ap.add_argument("--dense", type=Path, help="optimum-cli export of the dense model (folder with model.onnx)")
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--decode", type=int, default=33)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--skip-whole", action="store_true", help="do not measure the whole graph (slow)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    rows = []
-    if args.dense:
-        g = args.dense / "model.onnx"
-        rows.append({"variant": "dense (optimum-cli)", "level": "dense", "mb": folder_bytes(g) / 1e6, "export_s": None,
-                     **latency(OrtDecoder(g), args.prefill, args.decode, args.repeats)})
-        print(rows[-1], flush=True)
-    baked = OnnxExport.open(args.baked, verify="skip")
-    for lv in baked.levels:
-        g = baked.graph_path(lv)
-        rows.append({"variant": "baked", "level": lv.name, "mb": folder_bytes(g) / 1e6,
-                     "export_s": baked.manifest["export_seconds"][lv.name],
-                     **latency(OrtDecoder(g), args.prefill, args.decode, args.repeats)})
-        print(rows[-1], flush=True)
-    if args.dynamic:
-        dyn = OnnxExport.open(args.dynamic, verify="skip")
-        for lv in dyn.levels:
-            g = dyn.graph_path(lv)
-            idx = dyn.level_index(lv)
-            rows.append({"variant": "dynamic", "level": lv.name, "mb": folder_bytes(g) / 1e6,
-                         "export_s": dyn.manifest["export_seconds"]["all"],
-                         **latency(OrtDecoder(g, level=idx), args.prefill, args.decode, args.repeats),
-                         **weight_build_share(g, idx, args.prefill, 8)})
-            print(rows[-1], flush=True)
+    # sizes: everything a user downloads for the form (graphs, tensors, level table; not configs/tokenizer)
+    dyn_files = ("model.onnx", "model.onnx_data", "weights.onnx", "decoder.onnx", "levels.json")
+    sizes = []
+    for dtype, baked_dir, dyn_dir in (("fp32", args.baked, args.dynamic), ("fp16", args.baked_fp16, args.dynamic_fp16)):
+        if baked_dir is None or dyn_dir is None:
+            continue
+        baked, dyn = OnnxExport.open(baked_dir, verify="skip"), OnnxExport.open(dyn_dir, verify="skip")
+        g = baked.graph_path(baked.levels[0])
+        level_mb = folder_bytes(g) / 1e6
+        dense_mb = folder_bytes(args.dense / "model.onnx") / 1e6 if (args.dense and dtype == "fp32") else level_mb
+        mb = export_mb(dyn.path, dyn_files)
+        sizes.append({"dtype": dtype, "levels": [lv.name for lv in dyn.levels], "baked_level_mb": round(level_mb, 1),
+                      "dense_mb": round(dense_mb, 1), "dynamic_mb": round(mb, 1), "ratio": round(mb / dense_mb, 3),
+                      "baked_all_levels_mb": round(level_mb * len(baked.levels), 1),
+                      "code_fields": dyn.manifest.get("code_fields")})
+        print(sizes[-1], flush=True)
+    results = {"fp32": compare_forms(args.baked, args.dynamic, args, "fp32")}
+    if args.baked_fp16 and args.dynamic_fp16:
+        results["fp16"] = compare_forms(args.baked_fp16, args.dynamic_fp16, args, "fp16")
 
-    # sizes relative to the dense optimum export, or (without one) to a baked level: same bytes
-    base_mb, base = (rows[0]["mb"], "x dense") if args.dense else (next(r["mb"] for r in rows if r["variant"] == "baked"), "x baked")
-    print(f"\n| variant | level | file MB | {base} | export s | prefill {args.prefill} ms | decode ms/token | decode tok/s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        ratio = f"{r['mb'] / base_mb:.3f}"
-        exp = f"{r['export_s']:.1f}" if r["export_s"] is not None else ""
-        extra = f" ({100 * r['weight_build_share']:.0f}% building weights)" if "weight_build_share" in r else ""
-        print(f"| {r['variant']} | {r['level']} | {r['mb']:.1f} | {ratio} | {exp} | {r['prefill_ms']:.1f} | "
-              f"{r['decode_ms']:.2f}{extra} | {r['decode_tok_s']:.1f} |")
+    print("\n| dtype | levels | dense MB | dynamic export MB | x dense | baked, all levels MB | code fields |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    for r in sizes:
+        fields = ", ".join(f"{f['name']} {f['bits']} bits" for f in r["code_fields"] or [])
+        print(f"| {r['dtype']} | {', '.join(r['levels'])} | {r['dense_mb']:.1f} | {r['dynamic_mb']:.1f} | {r['ratio']:.3f} | "
+              f"{r['baked_all_levels_mb']:.1f} | {fields} |")
+    for dtype, rows in results.items():
+        print(f"\n{dtype}:")
+        print_latency(rows, args.prefill)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"prefill_tokens": args.prefill, "decode_steps": args.decode,
-                                         "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"prefill_tokens": args.prefill, "decode_steps": args.decode, "repeats": args.repeats,
+                                         "sizes": sizes, "latency": results}, indent=2) + "\n")
         print(f"wrote {args.json}")
 
 

@@ -208,6 +208,9 @@ def export_cmd(
         sp = f"{r['measured_sparsity']:.3f}" if "measured_sparsity" in r else "at run time"
         t.add_row(r["name"], rel, sp, f"{size / 1e6:.1f}")
     console.print(t)
+    if m["mode"] == "dynamic":
+        console.print("level switch in one session: weights.onnx + decoder.onnx (`epts-export run` or "
+                      "epts_export.onnx.runtime.ElasticDecoder; levels.json holds the table)", highlight=False)
     console.print(f"wrote {path}")
 
 
@@ -322,18 +325,21 @@ def verify(bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz."))
 @app.command("run")
 @_boundary
 def run_cmd(
-    bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz."),
-    level: str = typer.Option(..., help="Level(s) to run, e.g. 0.5, 2:4 or 0.5,0.7 (one after the other)."),
+    source: Path = typer.Argument(..., help="Bundle (folder or .tar.gz) or ONNX export folder."),
+    level: list[str] = typer.Option(..., help="Level(s) to run, one after the other from one load: 0.5, 2:4, "
+                                    "0.5,0.7, or --level 0.5 --level 0.7. A dynamic export switches level in place."),
     prompt: str = typer.Option(..., help="Prompt text."),
     max_new_tokens: int = typer.Option(64, help="Tokens to generate (greedy; capped at the model's context)."),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads."),
     runtime: str = typer.Option("auto", help="auto (the level's TensorRT engine when it can run here, else ONNX Runtime), trt or ort."),
 ):
-    """Generate text from a bundle, streaming tokens (KV cache); the level's files are hash-checked first."""
-    from .deploy.runner import generate
+    """Generate text from a bundle or an export, streaming tokens (KV cache); the level's files are hash-checked first."""
+    from .deploy.runner import Runner, describe
 
+    levels = [lv for text in level for lv in _levels(text, "--level")]
+    runner = Runner(source, runtime, threads)
     out = Console(highlight=False)
-    for lv in _levels(level, "--level"):
+    for lv in levels:
         started = []
 
         def show(text: str) -> None:
@@ -342,11 +348,10 @@ def run_cmd(
                 started.append(True)
             out.print(text, end="", soft_wrap=True)
 
-        r = generate(bundle, lv, prompt, max_new_tokens, on_text=show, threads=threads, runtime=runtime,
-                     on_note=lambda s: console.print(f"[yellow]note:[/] {escape(s)}", highlight=False))
+        r = runner.generate(lv, prompt, max_new_tokens, on_text=show,
+                            on_note=lambda s: console.print(f"[yellow]note:[/] {escape(s)}", highlight=False))
         out.print()
-        console.print(f"level {r['level']} on {r['runtime']}: {len(r['tokens'])} tokens, load {r['load_s']:.2f} s, "
-                      f"prefill {r['prefill_s']:.3f} s, {r['decode_tok_s']} tokens/s", highlight=False)
+        console.print(describe(r), highlight=False)
 
 
 @app.command()

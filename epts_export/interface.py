@@ -24,6 +24,11 @@ from .errors import UserError
 
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"  # external weights, beside the graph
+# dynamic mode also writes the whole graph in two parts that share DATA_FILE, and its level table
+WEIGHTS_GRAPH = "weights.onnx"  # sparsity_level -> the level's prunable weights
+DECODER_GRAPH = "decoder.onnx"  # the decoder, its prunable weights supplied by the runtime
+LEVELS_FILE = "levels.json"  # {"input": "sparsity_level", "levels": [names]}: index -> level name
+LEVELS_METADATA = "epts.levels"  # the same table in the graphs' metadata_props (JSON list of names)
 ENGINES_JSON = "engines.json"  # the engine specs of a bundle
 
 ID_INPUTS = ("input_ids", "attention_mask", "position_ids")

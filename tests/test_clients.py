@@ -226,3 +226,33 @@ def test_run_refuses_a_prompt_past_the_context_and_caps_new_tokens(bundle):
     assert r.exit_code == 0 and r.output.count("tokens/s") == 2, r.output
     r = runner.invoke(app, ["run", str(bundle), "--level", "0.7", "--prompt", "Hello"])
     assert r.exit_code == 1 and "Hello" not in r.output  # nothing printed before the inputs are checked
+
+
+# --------------------------------------------------------------------------------------------
+# the README's example: a dynamic export served with onnxruntime and numpy alone
+
+
+def _readme_example(marker: str) -> str:
+    """The ```python block that follows ``marker`` in README.md, dedented."""
+    import textwrap
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start = readme.index("```python", readme.index(marker)) + len("```python")
+    return textwrap.dedent(readme[start:readme.index("```", start)])
+
+
+def test_readme_plain_onnxruntime_example_switches_levels(exports, tmp_path, monkeypatch):
+    from epts_export.onnx.runtime import ElasticDecoder
+
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "smol-dyn").symlink_to(exports["llama-dynamic"])
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(_readme_example("Serving a dynamic export with nothing but onnxruntime and numpy"), "README.md", "exec"), ns)
+    ids = np.array([[1, 2, 3]])
+    mask = np.ones_like(ids)
+    for level, index in (("logits_05", 0), ("logits_24", 1)):
+        dec = ElasticDecoder(exports["llama-dynamic"], level=index)
+        want, _ = dec.step(ids, mask, positions(mask, 0), dec.empty_past(1))
+        assert np.abs(ns[level] - want).max() < 1e-5, level
+    assert np.abs(ns["logits_05"] - ns["logits_24"]).max() > 1e-3  # the switch changed the weights

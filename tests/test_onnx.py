@@ -22,7 +22,7 @@ from epts_export.artifact.materialize import ElasticModel
 from epts_export.interface import io_names, level_dirname
 from epts_export.onnx.export import ExportSpec, export
 from epts_export.onnx.reader import OnnxExport
-from epts_export.onnx.runtime import OrtDecoder, TorchDecoder, greedy, positions
+from epts_export.onnx.runtime import ElasticDecoder, OrtDecoder, TorchDecoder, greedy, positions
 from epts_export.pruning.optimize import optimize
 from epts_export.onnx.parity import validate, write_junit
 from test_pipeline import spec_for
@@ -210,13 +210,29 @@ def test_code_packing_by_hand():
     assert dynamic._slot_width(3, {64, 128}) == 4 and dynamic._slot_width(1, {12}) == 2
 
 
+def test_int8_adapter_rows_by_hand():
+    """fp16 exports store adapter rows as int8 times one float16 scale per row (max |row| / 127):
+    the error is at most half a step; a zero row stays zero; the NaN row keeps a NaN scale."""
+    rows = np.array([[0.5, -1.27, 0.01], [0.0, 0.0, 0.0], [np.nan, np.nan, np.nan]], np.float32)
+    q, scale = dynamic._int8_rows({"w": rows})
+    assert q["w"].dtype == np.int8 and scale["w"].dtype == np.float16
+    assert q["w"][0].tolist() == [50, -127, 1] and abs(float(scale["w"][0]) - 0.01) < 1e-5
+    back = q["w"].astype(np.float32) * scale["w"].astype(np.float32)[:, None]
+    assert np.abs(back[0] - rows[0]).max() <= float(scale["w"][0]) / 2 + 1e-6
+    assert (back[1] == 0).all() and np.isnan(scale["w"][2]) and np.isnan(back[2]).all()
+
+
 def test_dynamic_out_of_range_level_gives_nan(exports):
     path = exports("llama", "dynamic") / "model.onnx"
     ids = np.array([[5, 6, 7]])
     mask = np.ones_like(ids)
     for bad in (-1, 4, 99):
-        logits, presents = _step_outputs(OrtDecoder(path, level=bad), ids, mask)
+        logits, presents = _step_outputs(OrtDecoder(path, level=bad, allow_out_of_range=True), ids, mask)
         assert np.isnan(logits).all() and all(np.isnan(p).all() for p in presents), bad
+        with pytest.raises(UserError, match=rf"sparsity_level {bad} is outside the level table .*\(0=0.3, 1=0.5, 2=0.7, 3=2:4\)"):
+            OrtDecoder(path, level=bad)  # the runtime refuses it before running
+        with pytest.raises(UserError, match="outside the level table"):
+            ElasticDecoder(path.parent, level=bad)
 
 
 def test_dynamic_stores_dense_weights_once(exports, arts, tmp_path):
@@ -225,12 +241,14 @@ def test_dynamic_stores_dense_weights_once(exports, arts, tmp_path):
     few = export(ExportSpec(artifact=arts["llama"], out=tmp_path / "few", mode="dynamic", levels=parse_levels("0.7,2:4")))
     many = export(ExportSpec(artifact=arts["llama"], out=tmp_path / "many", mode="dynamic",
                              levels=parse_levels("0.1,0.3,0.5,0.6,0.65,0.7,2:4")))
-    for out, bits in ((few, 1 + 1), (many, 4 + 1)):  # 1 level -> 1 bucket bit; 6 levels -> 3, padded to 4
+    # 1 unstructured level -> 1 bucket bit, + 1 N:M bit: one 2-bit field; 6 unstructured levels -> 3 bits,
+    # + 1 N:M bit: one 4-bit field (two fields would take 4 + 1)
+    for out, bits in ((few, 2), (many, 4)):
         m = json.loads((out / "manifest.json").read_text())
         g = onnx.load(str(out / "model.onnx"))
         arrays = {t.name: numpy_helper.to_array(t) for t in g.graph.initializer}
         numel = sum(arrays[w + ".dense"].size for w in m["weights"])
-        codes = sum(a.nbytes for n, a in arrays.items() if n.endswith((".bucket", ".nm")))
+        codes = sum(a.nbytes for n, a in arrays.items() if n.endswith((".code", ".bucket", ".nm")))
         assert codes == numel * bits // 8
         floats = sum(a.nbytes for n, a in arrays.items() if a.dtype == np.float32 and ".lora_" not in n)
         assert floats <= m["dense_initializer_bytes"] + 64 * len(m["weights"])  # the dense weights once, plus scalars
@@ -243,6 +261,158 @@ def test_dynamic_needs_an_elastic_artifact(tiny_dirs, text_file, tmp_path):
         export(ExportSpec(artifact=art, out=tmp_path / "x", mode="dynamic"))
     out = export(ExportSpec(artifact=art, out=tmp_path / "baked"))  # a baseline's one level exports baked
     assert validate(out)["passed"]
+
+
+# ------------------------------------------------------------------------------- dynamic: the level switch
+
+
+def _prefill(dec, ids):
+    mask = np.ones_like(ids)
+    return dec.step(ids, mask, positions(mask, 0), dec.empty_past(len(ids)))
+
+
+@pytest.mark.parametrize("fam", ["llama", "opt"])
+def test_elastic_decoder_switches_in_place_like_baked(exports, fam):
+    """One ElasticDecoder visits every level in turn (and back): after each set_level its outputs
+    are the baked graph's at that level, and a generation equals a fresh session's."""
+    dyn, baked = OnnxExport.open(exports(fam, "dynamic")), OnnxExport.open(exports(fam))
+    ids = np.random.default_rng(5).integers(4, 200, (2, 6))
+    dec = ElasticDecoder(dyn.path, level=3)
+    assert dec.levels == ["0.3", "0.5", "0.7", "2:4"] and not dec.dynamic
+    buffers = {n: v.data_ptr() for n, v in dec.buffers.items()}
+    for lv in [*dyn.levels, dyn.levels[0]]:
+        seconds = dec.set_level(dyn.level_index(lv))
+        assert 0 < seconds < 30
+        got, want = _prefill(dec, ids), _prefill(OrtDecoder(baked.graph_path(lv)), ids)
+        assert np.abs(got[0] - want[0]).max() < 1e-4, lv
+        assert all(np.abs(x - y).max() < 1e-4 for x, y in zip(got[1], want[1]))
+    assert {n: v.data_ptr() for n, v in dec.buffers.items()} == buffers  # rebuilt in place, not reallocated
+    dec.set_level(2)
+    fresh = ElasticDecoder(dyn.path, level=2)
+    prompt = [5, 9, 13, 17]
+    assert greedy(dec.step, dec.empty_past(1), prompt, 12) == greedy(fresh.step, fresh.empty_past(1), prompt, 12)
+
+
+def test_prepacked_weights_would_hide_the_switch(exports):
+    """Why ElasticDecoder turns ONNX Runtime's pre-packing off: with it on, the decoder packs its
+    weights into its own buffers at load, and rewriting ours changes nothing, silently. If this
+    starts failing, ORT changed how it holds user initializers: re-check ElasticDecoder."""
+    import onnxruntime as ort
+
+    folder = exports("llama", "dynamic")
+    builder = ort.InferenceSession(str(folder / "weights.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in builder.get_outputs()]
+    at = {i: builder.run(None, {"sparsity_level": np.array(i, np.int64)}) for i in (0, 2)}
+    ids = np.array([[5, 6, 7, 8]])
+
+    def logits_after_rewrite(prepack: bool) -> tuple[np.ndarray, np.ndarray]:
+        arrays = [a.copy() for a in at[0]]
+        opts = ort.SessionOptions()
+        if not prepack:
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        for n, v in zip(names, values):
+            opts.add_initializer(n, v)
+        dec = OrtDecoder.__new__(OrtDecoder)
+        dec._attach(ort.InferenceSession(str(folder / "decoder.onnx"), opts, providers=["CPUExecutionProvider"]))
+        dec.dynamic = False
+        before = _prefill(dec, ids)[0]
+        for v, a in zip(values, at[2]):
+            v.update_inplace(a)
+        return before, _prefill(dec, ids)[0]
+
+    want = _prefill(OrtDecoder(folder / "model.onnx", level=2), ids)[0]
+    before, after = logits_after_rewrite(prepack=False)
+    assert np.abs(after - want).max() < 1e-4 and np.abs(before - want).max() > 1e-3
+    before, after = logits_after_rewrite(prepack=True)
+    assert np.array_equal(before, after)  # the rewrite never reached the packed copy
+
+
+def test_decoder_alone_does_not_load(exports):
+    """decoder.onnx holds no prunable weights (they point at an empty placeholder): a client that
+    loads it without supplying them fails instead of running something else."""
+    folder = exports("opt", "dynamic")
+    assert (folder / "decoder.needs-level-weights").stat().st_size == 0
+    with pytest.raises(UserError, match="ONNX Runtime cannot load .*decoder.onnx"):
+        OrtDecoder(folder / "decoder.onnx")
+    files = json.loads((folder / "manifest.json").read_text())["files"]
+    assert {"model.onnx", "model.onnx_data", "weights.onnx", "decoder.onnx", "levels.json"} <= set(files)
+    refs = {}
+    for name in ("model.onnx", "weights.onnx", "decoder.onnx"):  # every tensor of 1 KB and more lies in model.onnx_data
+        g = onnx.load(str(folder / name), load_external_data=False)
+        for t in g.graph.initializer:
+            if t.data_location == TensorProto.EXTERNAL:
+                where = {e.key: e.value for e in t.external_data}
+                refs.setdefault(t.name, set()).add((where["location"], where.get("offset")))
+            else:
+                assert len(t.raw_data) < 1024, (name, t.name)
+    by_file = {loc for places in refs.values() for loc, _ in places}
+    assert by_file == {"model.onnx_data", "decoder.needs-level-weights"}
+    assert all(len(places) == 1 for name, places in refs.items() if not name.endswith(".weight_t"))  # shared, not copied
+
+
+def test_level_table_survives_tools_that_drop_metadata(exports, tmp_path):
+    """Polygraphy's sanitize and onnx-graphsurgeon drop metadata_props: levels.json answers then;
+    with neither, an index cannot be checked and is refused."""
+    src = exports("llama", "dynamic")
+    folder = tmp_path / "stripped"
+    shutil.copytree(src, folder)
+    for name in ("model.onnx", "weights.onnx", "decoder.onnx"):
+        g = onnx.load(str(folder / name), load_external_data=False)
+        del g.metadata_props[:]
+        (folder / name).write_bytes(g.SerializeToString())
+    assert ElasticDecoder(folder, level=3).levels == ["0.3", "0.5", "0.7", "2:4"]
+    assert OrtDecoder(folder / "model.onnx", level=1).levels == ["0.3", "0.5", "0.7", "2:4"]
+    with pytest.raises(UserError, match="outside the level table"):
+        ElasticDecoder(folder, level=4)
+    (folder / "levels.json").unlink()
+    with pytest.raises(UserError, match="has no level table"):
+        ElasticDecoder(folder, level=0)
+    (folder / "levels.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        OrtDecoder(folder / "model.onnx", level=0)
+
+
+def test_validate_fails_when_the_switch_does_not_reach_the_weights(exports, monkeypatch):
+    """The switch checks can fail: a set_level that does not rebuild the weights is caught (exit 3)."""
+    from epts_export.onnx import runtime
+
+    def stale(self, level):
+        self.level = level
+        return 0.0
+
+    monkeypatch.setattr(runtime.ElasticDecoder, "set_level", stale)
+    report = validate(exports("llama", "dynamic"))
+    assert not report["passed"]
+    assert any("switched/" in f for f in report["failures"])
+    assert all(e["checks"]["prefill"]["passed"] for e in report["levels"])  # model.onnx itself is fine
+
+
+def test_run_generates_from_export_folders_and_switches_in_place(exports, tmp_path):
+    dyn, baked = exports("llama", "dynamic"), exports("llama")
+    r = cli("run", dyn, "--level", "0.3", "--level", "0.7,2:4", "--prompt", "w1 w2 w3", "--max-new-tokens", "5")
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("level ")]
+    assert len(lines) == 3 and "load " in lines[0] and all(" switch " in ln and " ms," in ln for ln in lines[1:])
+    from epts_export.deploy.runner import Runner
+
+    runner = Runner(dyn)
+    switched = [runner.generate(parse_level(x), "w1 w2 w3", 6)["tokens"] for x in ("0.3", "0.7", "2:4")]
+    for x, tokens in zip(("0.3", "0.7", "2:4"), switched):
+        assert Runner(baked).generate(parse_level(x), "w1 w2 w3", 6)["tokens"] == tokens, x
+    r = cli("run", baked, "--level", "0.5,2:4", "--prompt", "w1", "--max-new-tokens", "3")
+    assert r.exit_code == 0 and r.output.count("load ") == 2, r.output
+    for args, code, msg in (
+        (["--level", "0.6"], 1, "level 0.6 is not in export"),
+        (["--level", "0.5", "--runtime", "trt"], 1, "has no TensorRT engines"),
+    ):
+        r = cli("run", dyn, *args, "--prompt", "w1")
+        assert r.exit_code == code and msg in r.output, r.output
+    bad = tmp_path / "bad"
+    shutil.copytree(dyn, bad)
+    (bad / "decoder.onnx").write_bytes(b"not a graph")
+    r = cli("run", bad, "--level", "0.5", "--prompt", "w1")
+    assert r.exit_code == 3 and "failed verification for level 0.5" in r.output and "decoder.onnx" in r.output, r.output
 
 
 # ------------------------------------------------------------------------------- fp16
@@ -284,13 +454,16 @@ def test_validate_passes_and_records_parity(exports, tmp_path):
     rep = json.loads((tmp_path / "p.json").read_text())
     assert rep["passed"] and rep["out_of_range"]["passed"]
     lv = rep["levels"][0]
-    assert set(lv["checks"]) == {"integrity", "prefill", "decode", "generate"}
+    assert set(lv["checks"]) == {"integrity", "prefill", "decode", "generate", "switched/prefill", "switched/decode",
+                                 "switched/generate", "switch"}
+    assert all(e["checks"]["switch"]["fresh"] == e["checks"]["switch"]["switched"] for e in rep["levels"])
+    assert rep["out_of_range"]["all_nan"] == {"-1": True, "4": True, "weights.onnx -1": True, "weights.onnx 4": True}
     assert lv["checks"]["decode"]["shape"] == {"batch": 3, "seq": 1, "past": 9}
     assert lv["checks"]["generate"]["match"] and len(lv["checks"]["generate"]["onnx"]) == 32
     logits = lv["checks"]["prefill"]["outputs"]["logits"]
     assert {"max_abs", "max_rel", "required_atol", "atol", "rtol", "passed"} <= set(logits)
     suite = ET.parse(tmp_path / "p.xml").getroot().find("testsuite")
-    assert int(suite.get("tests")) == 4 * 4 + 1 and suite.get("failures") == "0"
+    assert int(suite.get("tests")) == 4 * 8 + 1 and suite.get("failures") == "0"  # + switched/{3 checks}, switch
     assert json.loads((out / "manifest.json").read_text())["parity"]["passed"] is True
 
 

@@ -1,4 +1,5 @@
-"""Generating from a bundle: the loop behind `epts-export run` and the bundle's own ``run.py``.
+"""Generating from a bundle or an ONNX export: the loop behind `epts-export run` and the bundle's
+own ``run.py`` (bundles only).
 
 A bundle carries a copy of this module and the few it imports (``_epts/``: standard library,
 numpy, ``tokenizers`` and ONNX Runtime; TensorRT's bindings for ``--runtime trt``), so that a
@@ -99,62 +100,175 @@ def open_decoder(b: Bundle, level: Level, runtime: str, threads: int | None):
     return OrtDecoder(folder / GRAPH_FILE, threads=threads), "onnxruntime"
 
 
+EXPORT_FORMAT = "epts-onnx"  # onnx.reader.EXPORT's format name (not imported: run.py ships without it)
+
+
+class _ExportSource:
+    """An ONNX export folder (from `epts-export export`) as a source of decoders: a baked level's
+    graph, or a dynamic export's one ``ElasticDecoder`` that switches level in place."""
+
+    def __init__(self, path: Path):
+        from ..onnx.reader import OnnxExport
+
+        self.exp = OnnxExport.open(path, verify="skip")  # files are hash-checked per level, before use
+        self.path = self.exp.path
+        self.switcher = None
+
+    @property
+    def levels(self) -> list[Level]:
+        return self.exp.levels
+
+    def folder(self, level: Level) -> Path:
+        return self.exp.graph_path(self._known(level)).parent
+
+    def _known(self, level: Level) -> Level:
+        if level not in self.exp.levels:
+            have = ", ".join(lv.name for lv in self.exp.levels)
+            raise UserError(f"level {level.name} is not in export {self.path} (it has {have})")
+        return level
+
+    def level_errors(self, level: Level):
+        from ..fsutil import hash_errors
+
+        files = self.exp.manifest.get("files", {})
+        if self.exp.mode == "baked":
+            where = self.exp.graph_path(self._known(level)).parent.name + "/"
+            files = {rel: digest for rel, digest in files.items() if rel.startswith(where)}
+        return hash_errors(self.path, files)  # dynamic: every file serves every level
+
+    def decoder(self, level: Level, runtime: str, threads: int | None):
+        """(decoder, runtime name, seconds the level switch took or None when a decoder was opened)."""
+        from ..onnx.runtime import ElasticDecoder, OrtDecoder
+
+        if runtime == "trt":
+            raise UserError(f"{self.path} is an ONNX export, which has no TensorRT engines: run a bundle (epts-export build) "
+                            "or use --runtime ort")
+        idx = self.exp.level_index(self._known(level))
+        if self.exp.mode == "baked":
+            return OrtDecoder(self.exp.graph_path(level), threads=threads), "onnxruntime", None
+        if self.switcher is not None:
+            if isinstance(self.switcher, ElasticDecoder):
+                return self.switcher, "onnxruntime", self.switcher.set_level(idx)
+            self.switcher.level = idx  # an older export's whole graph: the level is just an input
+            return self.switcher, "onnxruntime", 0.0
+        if self.exp.has_parts:
+            self.switcher = ElasticDecoder(self.path, idx, threads=threads)
+        else:
+            self.switcher = OrtDecoder(self.path / GRAPH_FILE, level=idx, threads=threads)
+        return self.switcher, "onnxruntime", None
+
+
+class _BundleSource:
+    def __init__(self, path: Path):
+        self.bundle = Bundle.open(path)
+        self.path = self.bundle.path
+        self.decoders: dict[Level, tuple] = {}
+
+    @property
+    def levels(self) -> list[Level]:
+        return self.bundle.levels
+
+    def folder(self, level: Level) -> Path:
+        return self.path / self.bundle.level_record(level)["dir"]
+
+    def level_errors(self, level: Level):
+        return self.bundle.level_errors(level)
+
+    def decoder(self, level: Level, runtime: str, threads: int | None):
+        dec, used = open_decoder(self.bundle, level, runtime, threads)
+        return dec, used, None
+
+
+class Runner:
+    """A bundle or an ONNX export folder, opened once, that generates at any of its levels in
+    turn. A dynamic export keeps one session and switches it to each level (one weight build);
+    a bundle or a baked export opens each level's graph or engine."""
+
+    def __init__(self, path: str | Path, runtime: str = "auto", threads: int | None = None):
+        if runtime not in RUNTIMES:
+            raise UserError(f"unknown --runtime {runtime!r}: auto, trt or ort")
+        p = Path(path)
+        self.runtime, self.threads = runtime, threads
+        self.source = _ExportSource(p) if _manifest_format(p) == EXPORT_FORMAT else _BundleSource(p)
+
+    def generate(self, level: Level, prompt: str, max_new_tokens: int = 64, on_text: Callable[[str], None] | None = None,
+                 on_note: Callable[[str], None] | None = None) -> dict:
+        """Greedy generation at ``level`` with the KV cache, streaming decoded text to ``on_text``.
+        The level's files are hash-checked first (UserError, exit 3); a prompt longer than the
+        model's context is refused and ``max_new_tokens`` is capped to what is left (said through
+        ``on_note``). Returns tokens, text and timings (load or switch, prefill, tokens/s)."""
+        from ..onnx.runtime import greedy
+
+        if max_new_tokens < 1:
+            raise UserError("--max-new-tokens must be >= 1")
+        src = self.source
+        folder = src.folder(level)
+        bad = src.level_errors(level)
+        if bad:
+            raise UserError(f"{src.path} failed verification for level {level.name}: "
+                            + "; ".join(map(str, bad[:5])) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""),
+                            EXIT_INTEGRITY)
+        tok = TextTokenizer(folder)
+        ids = tok.encode(prompt)
+        if not ids:
+            raise UserError("the prompt tokenizes to nothing: pass some text with --prompt")
+        context = context_length(folder)
+        if context is not None:
+            if len(ids) >= context:
+                raise UserError(f"the prompt is {len(ids)} tokens, the model's context is {context}: shorten the prompt")
+            if len(ids) + max_new_tokens > context:
+                max_new_tokens = context - len(ids)
+                if on_note:
+                    on_note(f"--max-new-tokens capped at {max_new_tokens}: the model's context is {context} tokens")
+        t0 = time.perf_counter()
+        dec, used, switch_s = src.decoder(level, self.runtime, self.threads)
+        load_s = time.perf_counter() - t0
+        produced: list[int] = []
+        shown = ""
+        stamps: list[float] = []
+
+        def on_token(t: int) -> None:
+            nonlocal shown
+            stamps.append(time.perf_counter())
+            produced.append(t)
+            text = tok.decode(produced)
+            if on_text and text.startswith(shown):
+                on_text(text[len(shown):])
+            shown = text
+
+        start = time.perf_counter()
+        out = greedy(dec.step, dec.empty_past(1), ids, max_new_tokens, on_token, stop=tok.eos)
+        decode_s = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
+        return {"level": level.name, "prompt_tokens": len(ids), "tokens": out, "text": shown,
+                "load_s": None if switch_s is not None else round(load_s, 3),
+                "switch_s": None if switch_s is None else round(switch_s, 4),
+                "prefill_s": round(stamps[0] - start, 3) if stamps else None,
+                "decode_tok_s": round((len(stamps) - 1) / decode_s, 2) if decode_s > 0 else None,
+                "runtime": used}
+
+
+def _manifest_format(path: Path) -> str | None:
+    """The format named by a folder's manifest.json (None for anything else: a bundle archive, a
+    missing or unreadable manifest, which Bundle.open then reports)."""
+    m = path / "manifest.json"
+    try:
+        return json.loads(m.read_text(encoding="utf-8")).get("format") if path.is_dir() and m.is_file() else None
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def generate(path: str | Path, level: Level, prompt: str, max_new_tokens: int = 64,
              on_text: Callable[[str], None] | None = None, threads: int | None = None, runtime: str = "auto",
              on_note: Callable[[str], None] | None = None) -> dict:
-    """Greedy generation from a bundle's level with the KV cache, streaming decoded text to
-    ``on_text``. ``runtime``: "trt" (the level's engine; needs TensorRT and a GPU), "ort"
-    (ONNX Runtime on the level's graph), or "auto" (the engine when it can run here, else ORT).
-    The level's files are hash-checked first (UserError, exit 3); a prompt longer than the model's
-    context is refused and ``max_new_tokens`` is capped to what is left (said through ``on_note``).
-    Returns tokens, text and timings (load, prefill, tokens/s)."""
-    from ..onnx.runtime import greedy
+    """One generation from a bundle or export folder (``Runner.generate``)."""
+    return Runner(path, runtime, threads).generate(level, prompt, max_new_tokens, on_text, on_note)
 
-    if max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be >= 1")
-    b = Bundle.open(path)
-    rec = b.level_record(level)
-    bad = b.level_errors(level)
-    if bad:
-        raise UserError(f"bundle {b.path} failed verification for level {level.name}: "
-                        + "; ".join(map(str, bad[:5])) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""),
-                        EXIT_INTEGRITY)
-    folder = b.path / rec["dir"]
-    tok = TextTokenizer(folder)
-    ids = tok.encode(prompt)
-    if not ids:
-        raise UserError("the prompt tokenizes to nothing: pass some text with --prompt")
-    context = context_length(folder)
-    if context is not None:
-        if len(ids) >= context:
-            raise UserError(f"the prompt is {len(ids)} tokens, the model's context is {context}: shorten the prompt")
-        if len(ids) + max_new_tokens > context:
-            max_new_tokens = context - len(ids)
-            if on_note:
-                on_note(f"--max-new-tokens capped at {max_new_tokens}: the model's context is {context} tokens")
-    t0 = time.perf_counter()
-    dec, used = open_decoder(b, level, runtime, threads)
-    load_s = time.perf_counter() - t0
-    produced: list[int] = []
-    shown = ""
-    stamps: list[float] = []
 
-    def on_token(t: int) -> None:
-        nonlocal shown
-        stamps.append(time.perf_counter())
-        produced.append(t)
-        text = tok.decode(produced)
-        if on_text and text.startswith(shown):
-            on_text(text[len(shown):])
-        shown = text
-
-    start = time.perf_counter()
-    out = greedy(dec.step, dec.empty_past(1), ids, max_new_tokens, on_token, stop=tok.eos)
-    decode_s = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
-    return {"level": level.name, "prompt_tokens": len(ids), "tokens": out, "text": shown, "load_s": round(load_s, 3),
-            "prefill_s": round(stamps[0] - start, 3) if stamps else None,
-            "decode_tok_s": round((len(stamps) - 1) / decode_s, 2) if decode_s > 0 else None,
-            "runtime": used}
+def describe(r: dict) -> str:
+    """The one line printed after a generation."""
+    how = f"switch {1e3 * r['switch_s']:.0f} ms" if r.get("switch_s") is not None else f"load {r['load_s']:.2f} s"
+    return (f"level {r['level']} on {r['runtime']}: {len(r['tokens'])} tokens, {how}, prefill {r['prefill_s']:.3f} s, "
+            f"{r['decode_tok_s']} tokens/s")
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,7 +313,7 @@ def write_runner(bundle: Path) -> Path:
 def main(argv: list[str] | None = None, bundle: Path | None = None) -> int:
     """``run.py``'s command line; returns the exit code (1 bad input, 3 a file does not match)."""
     ap = argparse.ArgumentParser(prog="run.py", description="Generate text from this bundle (greedy, KV cache, streamed).")
-    ap.add_argument("--level", required=True, help="level(s) to run, e.g. 0.5 or 0.5,2:4")
+    ap.add_argument("--level", required=True, action="append", help="level(s) to run, e.g. 0.5 or 0.5,2:4 (repeatable)")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--runtime", default="auto", choices=RUNTIMES)
@@ -207,14 +321,13 @@ def main(argv: list[str] | None = None, bundle: Path | None = None) -> int:
     ap.add_argument("--bundle", type=Path, default=bundle, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     try:
-        levels = parse_levels(args.level)
+        levels = [lv for text in args.level for lv in parse_levels(text)]
+        runner = Runner(args.bundle, args.runtime, args.threads)
         for lv in levels:
-            r = generate(args.bundle, lv, args.prompt, args.max_new_tokens, threads=args.threads, runtime=args.runtime,
-                         on_text=lambda s: print(s, end="", flush=True),
-                         on_note=lambda s: print(f"note: {s}", file=sys.stderr))
+            r = runner.generate(lv, args.prompt, args.max_new_tokens, on_text=lambda s: print(s, end="", flush=True),
+                                on_note=lambda s: print(f"note: {s}", file=sys.stderr))
             print()
-            print(f"level {r['level']} on {r['runtime']}: {len(r['tokens'])} tokens, load {r['load_s']:.2f} s, "
-                  f"prefill {r['prefill_s']:.3f} s, {r['decode_tok_s']} tokens/s; tokens {r['tokens']}", file=sys.stderr)
+            print(f"{describe(r)}; tokens {r['tokens']}", file=sys.stderr)
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,22 +1,30 @@
-"""Dynamic mode: one graph with a ``sparsity_level`` input that builds each level's weights.
+"""Dynamic mode: one set of tables that builds any exported level's weights from ``sparsity_level``.
 
 ``make_elastic`` replaces each prunable initializer ``W_t`` (in, out) by a subgraph that builds the
-selected level's weight on every run:
+selected level's weight:
 
     keep = AND over code fields of  (packed << shl[level]) >= thr[level]      (uint8)
     W_t  = Gemm(A[rows(level)]^T, B_t[rows(level)], W_dense_t) * Cast(keep)
 
-The codes hold every exported level's mask in a few bits per weight, in two fields: "bucket"
+The codes hold every exported level's mask in a few bits per weight. Two subfields: "bucket"
 counts the unstructured levels that keep the weight (masks are nested, so "kept at the j-th
-least sparse level" is "bucket >= j"; 2 bits for 3 levels, 4 bits for up to 15), and "nm" has
-one bit per N:M level. Each field is packed ``8 // width`` slots per byte along axis 0, so one
-shift (a uint8 Mul by 2**shl) over a broadcast (k, K/k, N) view, one compare and a free Reshape
-unpack it. ``shl`` and ``thr`` select one level's bits (thr 0: the field does not constrain that
-level). The adapters are the stacked A/B_t of the groups some exported level uses (scale folded
-into B_t); ``rows(level)`` lists a block's adapter rows for the level (``core.rule``: none for a
-low-group level in a block whose low-group check failed), padded with a zero row and cut by
-``Slice``. Gemm adds A B to W in one pass; the mask is applied with Mul (ONNX Runtime's Where is
-several times slower).
+least sparse level" is "bucket >= j"; 2 bits for 3 levels, 3 for up to 7), and one bit per N:M
+level. They are packed either as one field (nm bits low, bucket on top: 4 bits for the default
+5 + 1 levels) or as two, whichever is smaller; a field is packed ``8 // width`` slots per byte
+along axis 0, so one shift (a uint8 Mul by 2**shl) over a broadcast (k, K/k, N) view, one compare
+and a free Reshape unpack it. ``shl`` moves the level's subfield to the top of the byte and
+``thr`` is its threshold there (0: the field does not constrain that level). The adapters are
+the stacked A/B_t of the groups some exported level uses (scale folded into B_t); ``rows(level)``
+lists a block's adapter rows for the level (``core.rule``: none for a low-group level in a block
+whose low-group check failed), padded with a zero row and cut by ``Slice``. Gemm adds A B to W in
+one pass; the mask is applied with Mul (ONNX Runtime's Where is several times slower).
+
+An index outside the table selects a row of NaN adapters, so every built weight, and with them
+every output of the whole graph, is NaN: a wrong index can never pass for a real level's output.
+
+``split_graphs`` cuts the whole graph in two that share its tensors: ``weights.onnx``
+(``sparsity_level`` -> every prunable weight) and ``decoder.onnx`` (the decoder with those weights
+as initializers that a runtime supplies; see ``onnx.runtime.ElasticDecoder``).
 """
 
 from __future__ import annotations
@@ -52,14 +60,21 @@ class CodeField:
     j * in/k + c live in byte row c, slot j), and per level the shift and threshold that turn
     a slot into that level's keep bit: keep = (p << shl[level, j]) >= thr[level].
 
-    The shift moves the level's bits to the top of the byte; whatever lower slots land below
-    them is smaller than one unit of the field, so comparing the whole byte against the
-    threshold placed in the top bits compares the field (one shift instead of two)."""
+    A slot holds the bucket subfield (``bucket_bits`` bits at bit ``bucket_at``) and/or one bit
+    per N:M level (level t at bit ``nm_at + t``). The shift moves the level's subfield to the top
+    of the byte; what lies above it wraps away, and whatever lands below it is smaller than one
+    unit of the subfield, so comparing the whole byte against the threshold placed in the top
+    bits compares the subfield (one shift instead of two). Tables have one row per level plus
+    one for an out-of-range index (no constraint: its weights are NaN anyway)."""
 
-    name: str  # "bucket" (unstructured levels) or "nm" (one bit per N:M level)
+    name: str  # "code" (both subfields), "bucket" or "nm"
     width: int
-    shl: np.ndarray  # (levels, k, 1, 1) uint8
-    thr: np.ndarray  # (levels,) uint8, already shifted to the top bits; 0 = no constraint
+    bucket_bits: int  # 0: no bucket subfield in this field
+    bucket_at: int
+    nm_count: int  # 0: no N:M bits in this field
+    nm_at: int
+    shl: np.ndarray  # (levels + 1, k, 1, 1) uint8
+    thr: np.ndarray  # (levels + 1,) uint8, already shifted to the top bits; 0 = no constraint
 
     @property
     def slots(self) -> int:
@@ -76,27 +91,38 @@ def _pack(code: torch.Tensor, width: int) -> np.ndarray:
     return packed.numpy()
 
 
-def _code_fields(levels: list[Level], rows: set[int]) -> list[CodeField]:
-    """The bucket field (unstructured levels) and the nm field (N:M levels) for ``levels``."""
+def _field(name: str, levels: list[Level], rows: set[int], bucket: bool, nm: bool) -> CodeField:
     unstructured = sorted((lv for lv in levels if not lv.is_nm), key=lambda lv: lv.sparsity)
     nm_levels = [lv for lv in levels if lv.is_nm]
-    L, fields = len(levels), []
-    if unstructured:
-        ub = len(unstructured).bit_length()  # "kept at how many unstructured levels": 0..u
-        w = _slot_width(ub, rows)
-        shl = np.zeros((L, 8 // w, 1, 1), np.uint8)
-        shl[:, :, 0, 0] = [8 - j * w - ub for j in range(8 // w)]
-        thr = np.array([0 if lv.is_nm else (unstructured.index(lv) + 1) << (8 - ub) for lv in levels], np.uint8)
-        fields.append(CodeField("bucket", w, shl, thr))
-    if nm_levels:
-        w = _slot_width(len(nm_levels), rows)
-        shl = np.zeros((L, 8 // w, 1, 1), np.uint8)
-        for idx, lv in enumerate(levels):
-            t = nm_levels.index(lv) if lv.is_nm else 0
-            shl[idx, :, 0, 0] = [8 - j * w - t - 1 for j in range(8 // w)]
-        thr = np.array([128 if lv.is_nm else 0 for lv in levels], np.uint8)
-        fields.append(CodeField("nm", w, shl, thr))
-    return fields
+    ub = len(unstructured).bit_length() if bucket else 0  # "kept at how many unstructured levels": 0..u
+    nmc = len(nm_levels) if nm else 0
+    w = _slot_width(ub + nmc, rows)
+    k, L = 8 // w, len(levels)
+    shl = np.zeros((L + 1, k, 1, 1), np.uint8)
+    thr = np.zeros(L + 1, np.uint8)
+    for idx, lv in enumerate(levels):
+        if lv.is_nm and nmc:  # bit nm_at + t of slot j (nm_at = 0) to bit 7
+            t = nm_levels.index(lv)
+            shl[idx, :, 0, 0] = [7 - j * w - t for j in range(k)]
+            thr[idx] = 128
+        elif not lv.is_nm and ub:  # the bucket's top bit (bit nmc + ub - 1 of slot j) to bit 7
+            shl[idx, :, 0, 0] = [8 - j * w - nmc - ub for j in range(k)]
+            thr[idx] = (unstructured.index(lv) + 1) << (8 - ub)
+    return CodeField(name, w, ub, nmc, nmc, 0, shl, thr)
+
+
+def _code_fields(levels: list[Level], rows: set[int]) -> list[CodeField]:
+    """One field holding the bucket (unstructured levels) and the N:M bits, or one field for each,
+    whichever stores fewer bits per weight (the single field on a tie: fewer nodes to run)."""
+    has_u, has_nm = any(not lv.is_nm for lv in levels), any(lv.is_nm for lv in levels)
+    if not (has_u and has_nm):
+        return [_field("bucket" if has_u else "nm", levels, rows, has_u, has_nm)]
+    two = [_field("bucket", levels, rows, True, False), _field("nm", levels, rows, False, True)]
+    if two[0].bucket_bits + two[1].nm_count > 8:
+        return two
+    one = [_field("code", levels, rows, True, True)]
+    two = [_field("bucket", levels, rows, True, False), _field("nm", levels, rows, False, True)]
+    return one if sum(8 // f.slots for f in one) <= sum(8 // f.slots for f in two) else two
 
 
 def _codes(order: torch.Tensor, levels: list[Level], fields: list[CodeField]) -> dict[str, np.ndarray]:
@@ -104,12 +130,14 @@ def _codes(order: torch.Tensor, levels: list[Level], fields: list[CodeField]) ->
     out = {}
     for f in fields:
         code = torch.zeros(order.shape, dtype=torch.uint8)
-        if f.name == "bucket":
+        if f.bucket_bits:
+            bucket = torch.zeros(order.shape, dtype=torch.uint8)
             for lv in (lv for lv in levels if not lv.is_nm):
-                code += level_mask(order, lv).to(torch.uint8)
-        else:
+                bucket += level_mask(order, lv).to(torch.uint8)
+            code |= bucket << f.bucket_at
+        if f.nm_count:
             for t, lv in enumerate(lv for lv in levels if lv.is_nm):
-                code |= level_mask(order, lv).to(torch.uint8) << t
+                code |= level_mask(order, lv).to(torch.uint8) << (f.nm_at + t)
         out[f.name] = _pack(code.t().contiguous(), f.width)  # along the rows of W_t (in, out)
     return out
 
@@ -121,11 +149,14 @@ class ElasticTables:
     levels: list[Level]
     fields: list[CodeField]
     codes: dict[str, dict[str, np.ndarray]]  # weight name -> field name -> packed (K/k, N) uint8
-    lora_a: dict[str, np.ndarray]  # weight name -> (R+1, in), last row zero
-    lora_b_t: dict[str, np.ndarray]  # weight name -> (R+1, out), scale folded, last row zero
+    lora_a: dict[str, np.ndarray]  # weight name -> (R+2, in): row R zero, row R+1 NaN
+    lora_b_t: dict[str, np.ndarray]  # weight name -> (R+2, out), scale folded: row R zero, row R+1 NaN
     block_of: dict[str, int]  # weight name -> block
-    rank_idx: list[np.ndarray]  # per block (levels, max_r) int64, padded with R (the zero row)
-    rank_cnt: list[np.ndarray]  # per block (levels,) int64, >= 1
+    rank_idx: list[np.ndarray]  # per block (levels + 1, max_r) int64, padded with R; the last row: [R+1] (NaN)
+    rank_cnt: list[np.ndarray]  # per block (levels + 1,) int64, >= 1
+    # fp16 exports: lora_a/lora_b_t hold int8 rows and these their per-row float16 scales (R+2,), NaN at R+1
+    lora_a_scale: dict[str, np.ndarray] | None = None
+    lora_b_scale: dict[str, np.ndarray] | None = None
 
     @classmethod
     @torch.no_grad()
@@ -146,7 +177,7 @@ class ElasticTables:
         R = len(used) * r
         rank_idx, rank_cnt = [], []
         for b in range(len(elastic.low_flags)):
-            per_level = [elastic.rule(b, lv).rank_rows(r, slot) or [R] for lv in levels]
+            per_level = [elastic.rule(b, lv).rank_rows(r, slot) or [R] for lv in levels] + [[R + 1]]
             width = max(len(x) for x in per_level)
             rank_idx.append(np.array([x + [R] * (width - len(x)) for x in per_level], dtype=np.int64))
             rank_cnt.append(np.array([len(x) for x in per_level], dtype=np.int64))
@@ -158,10 +189,33 @@ class ElasticTables:
             codes[name] = _codes(elastic.order(i, n), levels, fields)
             B, A = elastic.lora(i, n)
             A, B = A[sel], B[:, sel] * elastic.scale  # (R, in), (out, R)
-            lora_a[name] = torch.cat([A, torch.zeros(1, A.shape[1])]).numpy().astype(np_dtype)  # (R+1, in)
-            lora_b_t[name] = torch.cat([B.t(), torch.zeros(1, B.shape[0])]).numpy().astype(np_dtype)  # (R+1, out)
+            pad_a = torch.stack([torch.zeros(A.shape[1]), torch.full((A.shape[1],), float("nan"))])
+            pad_b = torch.stack([torch.zeros(B.shape[0]), torch.full((B.shape[0],), float("nan"))])
+            lora_a[name] = torch.cat([A, pad_a]).numpy().astype(np_dtype)  # (R+2, in)
+            lora_b_t[name] = torch.cat([B.t(), pad_b]).numpy().astype(np_dtype)  # (R+2, out)
             block_of[name] = i
-        return cls(levels, fields, codes, lora_a, lora_b_t, block_of, rank_idx, rank_cnt)
+        tables = cls(levels, fields, codes, lora_a, lora_b_t, block_of, rank_idx, rank_cnt)
+        if dtype == torch.float16:
+            tables.lora_a, tables.lora_a_scale = _int8_rows(lora_a)
+            tables.lora_b_t, tables.lora_b_scale = _int8_rows(lora_b_t)
+        return tables
+
+
+def _int8_rows(tables: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Symmetric int8 per row: (R+2, n) float rows -> (int8 rows, float16 scales (R+2,)). fp16
+    exports store adapters so: half the bytes, with a rounding error (1/254 of a row's largest
+    entry) of the order of float16's own rounding of the merged weight. The NaN row becomes
+    zeros with a NaN scale, which still makes every built weight NaN."""
+    q, scales = {}, {}
+    for name, rows in tables.items():
+        r = rows.astype(np.float32)
+        finite = np.isfinite(r).all(axis=1)
+        amax = np.where(finite, np.abs(np.where(np.isfinite(r), r, 0)).max(axis=1), 0)
+        scale = (amax / 127).astype(np.float16).astype(np.float32)  # the scale the graph multiplies by
+        safe = np.where(scale > 0, scale, 1)[:, None]
+        q[name] = np.where(finite[:, None], np.clip(np.rint(np.where(np.isfinite(r), r, 0) / safe), -127, 127), 0).astype(np.int8)
+        scales[name] = np.where(finite, scale, np.nan).astype(np.float16)
+    return q, scales
 
 
 class _Builder:
@@ -180,13 +234,13 @@ class _Builder:
         return output
 
 
-def _level_index(b: _Builder, n_levels: int) -> tuple[str, str]:
-    """(valid, idx): whether sparsity_level is in [0, n) and the index to gather with (0 if not)."""
+def _level_index(b: _Builder, n_levels: int) -> str:
+    """The row to gather: sparsity_level when it is in [0, n), else n (the NaN adapters' row)."""
     p, lvl = PREFIX, LEVEL_INPUT
     ge = b.node("GreaterOrEqual", [lvl, b.const(p + "zero_i64", np.array(0, np.int64))], p + "ge0")
     lt = b.node("Less", [lvl, b.const(p + "n_levels", np.array(n_levels, np.int64))], p + "lt_n")
     valid = b.node("And", [ge, lt], p + "valid")
-    return valid, b.node("Where", [valid, lvl, p + "zero_i64"], p + "idx")
+    return b.node("Where", [valid, lvl, p + "n_levels"], p + "idx")
 
 
 def _selectors(b: _Builder, tables: ElasticTables, idx: str) -> tuple[dict, dict]:
@@ -225,53 +279,91 @@ def _weight_subgraph(b: _Builder, tables: ElasticTables, name: str, dense: onnx.
     # rows of A (R+1, in) and of B_t (R+1, out): contiguous gathers; Gemm(transA) = A_sel^T B_sel + W_t
     a = b.node("Gather", [b.const(name + ".lora_a", tables.lora_a[name]), rows], name + "/a", axis=0)
     bt = b.node("Gather", [b.const(name + ".lora_b_t", tables.lora_b_t[name]), rows], name + "/b", axis=0)
+    if tables.lora_a_scale is not None:  # int8 rows: Cast, times their scale (r, 1)
+        for key, scales in (("a", tables.lora_a_scale), ("b", tables.lora_b_scale)):
+            sc = b.node("Gather", [b.const(f"{name}.lora_{key}_scale", scales[name][:, None]), rows],
+                        f"{name}/{key}_scale", axis=0)
+            raw = b.node("Cast", [a if key == "a" else bt], f"{name}/{key}_f", to=dense.data_type)
+            out = b.node("Mul", [raw, sc], f"{name}/{key}_rows")
+            a, bt = (out, bt) if key == "a" else (a, out)
     merged = b.node("Gemm", [a, bt, dense.name], name + "/merged", transA=1)  # W + A B in one pass over W
     b.node("Mul", [merged, mask], name)  # the tensor the MatMul consumed as an initializer before
 
 
-def _nan_guard(b: _Builder, g: onnx.GraphProto, valid: str) -> None:
-    """Route every graph output through ``+ (valid ? 0 : NaN)``."""
-    p, guard = PREFIX, {}
-    for o in g.output:
-        et = o.type.tensor_type.elem_type
-        if et not in guard:
-            nan = b.const(f"{p}nan_{et}", np.array(np.nan, helper.tensor_dtype_to_np_dtype(et)))
-            z = b.const(f"{p}zero_{et}", np.array(0, helper.tensor_dtype_to_np_dtype(et)))
-            guard[et] = b.node("Where", [valid, z, nan], f"{p}guard_{et}")
-    raw = {o.name: o.name + "/unguarded" for o in g.output}
-    for nd in g.node:
-        for i, x in enumerate(nd.output):
-            if x in raw:
-                nd.output[i] = raw[x]
-        for i, x in enumerate(nd.input):
-            if x in raw:
-                nd.input[i] = raw[x]
-    for o in g.output:
-        b.node("Add", [raw[o.name], guard[o.type.tensor_type.elem_type]], o.name)
-
-
-def make_elastic(graph: onnx.ModelProto, tables: ElasticTables) -> None:
+def make_elastic(graph: onnx.ModelProto, tables: ElasticTables) -> set[str]:
     """Add the ``sparsity_level`` input and replace every prunable initializer by its run-time
-    subgraph (module docstring). Out-of-range levels: the weights of level 0 are built, and every
-    output is NaN, so a wrong index can never pass for a real level's output."""
+    subgraph (module docstring). Returns the names of the nodes added: the weight builder."""
     g = graph.graph
     inits = {t.name: t for t in g.initializer}
     b = _Builder()
     g.input.append(helper.make_tensor_value_info(LEVEL_INPUT, TensorProto.INT64, []))
-    valid, idx = _level_index(b, len(tables.levels))
+    idx = _level_index(b, len(tables.levels))
     sel, rows = _selectors(b, tables, idx)
     for name in tables.codes:
         dense = inits[name]
         dense.name = name + ".dense"  # same data, new name: the dense W_t (in, out)
         _weight_subgraph(b, tables, name, dense, sel, rows[tables.block_of[name]])
-    out_names = [o.name for o in g.output]
-    _nan_guard(b, g, valid)
-    # the weight subgraphs must run before their consumers: put them first (inputs only depend on
-    # initializers and sparsity_level); the guards go last
-    weight_nodes, tail = [], []
-    for n in b.nodes:
-        (tail if n.name.startswith(PREFIX + "guard") or n.output[0] in out_names else weight_nodes).append(n)
+    # the weight subgraphs must run before their consumers: put them first (they only depend on
+    # initializers and sparsity_level)
     rest = list(g.node)
     del g.node[:]
-    g.node.extend(weight_nodes + rest + tail)
+    g.node.extend(b.nodes + rest)
     g.initializer.extend(b.inits)
+    return {n.name for n in b.nodes}
+
+
+PLACEHOLDER = "decoder.needs-level-weights"  # empty: decoder.onnx's prunable weights point here
+
+
+def split_graphs(whole: onnx.ModelProto, builder_nodes: set[str], weights: list[str]) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(weights graph, decoder graph) from the whole dynamic graph, loaded without its external
+    data so that both reuse its tensors where they lie (``model.onnx_data``):
+
+    - weights.onnx: ``sparsity_level`` -> every prunable ``W_t`` (in, out), the builder nodes;
+    - decoder.onnx: the other nodes, ``sparsity_level`` gone, each ``W_t`` an initializer whose
+      external data is ``PLACEHOLDER`` (zero bytes): a runtime supplies them (ONNX Runtime's
+      ``SessionOptions.add_initializer``); a client that does not fails to load it instead of
+      running some other weights."""
+    g = whole.graph
+    inits = {t.name: t for t in g.initializer}
+    types = {}
+    for name in weights:
+        dense = inits[name + ".dense"]
+        types[name] = (dense.data_type, list(dense.dims))
+
+    def used_inits(nodes) -> list[onnx.TensorProto]:
+        need = {x for n in nodes for x in n.input}
+        return [t for t in g.initializer if t.name in need]
+
+    wnodes = [n for n in g.node if n.name in builder_nodes]
+    dnodes = [n for n in g.node if n.name not in builder_nodes]
+    level_in = [i for i in g.input if i.name == LEVEL_INPUT]
+    wgraph = helper.make_graph(wnodes, "epts_level_weights", level_in,
+                               [helper.make_tensor_value_info(n, *types[n]) for n in weights], used_inits(wnodes))
+    placeholders = []
+    for name in weights:
+        dt, dims = types[name]
+        t = onnx.TensorProto(name=name, data_type=dt, dims=dims, data_location=onnx.TensorProto.EXTERNAL)
+        nbytes = int(np.prod(dims)) * helper.tensor_dtype_to_np_dtype(dt).itemsize
+        for k, v in (("location", PLACEHOLDER), ("offset", "0"), ("length", str(nbytes))):
+            t.external_data.add(key=k, value=v)
+        placeholders.append(t)
+    dgraph = helper.make_graph(dnodes, g.name or "epts_decoder", [i for i in g.input if i.name != LEVEL_INPUT],
+                               list(g.output), used_inits(dnodes) + placeholders, value_info=list(g.value_info))
+    out = []
+    for graph_proto, role in ((wgraph, "weights"), (dgraph, "decoder")):
+        m = helper.make_model(graph_proto, opset_imports=list(whole.opset_import), ir_version=whole.ir_version,
+                              producer_name=whole.producer_name, producer_version=whole.producer_version)
+        for prop in whole.metadata_props:
+            m.metadata_props.add(key=prop.key, value=prop.value)
+        m.metadata_props.add(key="epts.role", value=ROLES[role])
+        out.append(m)
+    return out[0], out[1]
+
+
+ROLES = {
+    "weights": "builds the prunable weights of the level sparsity_level indexes (epts.levels); "
+               "feed them to decoder.onnx as initializers",
+    "decoder": "the decoder without its prunable weights: supply them from weights.onnx "
+               "(onnxruntime SessionOptions.add_initializer); they are not stored in this file",
+}

@@ -6,7 +6,12 @@ mode's surgery is ``onnx.dynamic``.
     <out>/level-<name>/model.onnx    baked: one folder per level (2:4 -> level-2of4), with
                                      config.json, generation_config.json and the tokenizer, so
                                      optimum's ORTModelForCausalLM loads it as is
-    <out>/model.onnx                 dynamic: the one graph, with the same configs and tokenizer
+    <out>/model.onnx                 dynamic: the whole graph (``sparsity_level`` input), with the same
+                                     configs and tokenizer; its tensors in model.onnx_data
+    <out>/weights.onnx               dynamic: ``sparsity_level`` -> the level's prunable weights
+    <out>/decoder.onnx               dynamic: the decoder, its prunable weights supplied at run time
+                                     (both parts reuse model.onnx_data: nothing is stored twice)
+    <out>/levels.json                dynamic: the level table, also in the graphs' metadata
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from ..artifact.folder import Artifact, library_versions
 from ..core.levels import Level
 from ..errors import UserError
 from ..fsutil import MANIFEST, check_destination, file_hashes, sha256_file, staged_dir, write_json
-from ..interface import GRAPH_FILE, io_names, level_dirname
+from ..interface import DECODER_GRAPH, GRAPH_FILE, LEVEL_INPUT, LEVELS_FILE, LEVELS_METADATA, WEIGHTS_GRAPH, io_names, level_dirname
 from ..progress import Progress
 from . import graph as onnx_graph
 from .reader import EXPORT
@@ -56,6 +61,9 @@ def _check_spec(spec: ExportSpec) -> None:
         raise UserError(f"--opset {spec.opset} is out of range: use 14..21 (17 parses on TensorRT 8.5 and later)")
     if spec.external_data not in ("auto", "always", "never"):
         raise UserError(f"unknown external-data setting {spec.external_data!r}: auto, always or never")
+    if spec.mode == "dynamic" and spec.external_data == "never":
+        raise UserError("dynamic mode keeps its tensors in model.onnx_data, shared by model.onnx, weights.onnx and "
+                        "decoder.onnx: leave out --external-data never")
 
 
 def _write_hf_side_files(model, tokenizer, folder: Path) -> None:
@@ -151,8 +159,11 @@ def _export_baked(em, art: Artifact, spec: ExportSpec, levels: list[Level], tmp:
 
 def _export_dynamic(em, art: Artifact, spec: ExportSpec, levels: list[Level], tmp: Path, scratch: Path,
                     progress: Progress) -> tuple[list[dict], dict, dict]:
-    """One graph: trace the dense model, then replace each prunable weight by its level subgraph."""
-    from .dynamic import ElasticTables, make_elastic
+    """The whole graph: trace the dense model, then replace each prunable weight by its level
+    subgraph; then the same graph in two parts (weights, decoder) over the same tensor file."""
+    import onnx
+
+    from .dynamic import PLACEHOLDER, ElasticTables, make_elastic, split_graphs
 
     model, fam, fp16 = em.model, em.family, spec.dtype == "fp16"
     weights = prunable_weight_names(model, fam)
@@ -167,12 +178,21 @@ def _export_dynamic(em, art: Artifact, spec: ExportSpec, levels: list[Level], tm
         by_module = {module: name for name, module in weights.items()}
         initializers = {(i, n): by_module[f"{fam.blocks}.{i}.{n}"] for (i, n) in em.dense}
         tables = ElasticTables.build(em.elastic, levels, initializers, torch.float16 if fp16 else torch.float32)
-        make_elastic(graph, tables)
-        onnx_graph.save(graph, tmp / GRAPH_FILE, spec.external_data)
+        builder = make_elastic(graph, tables)
+        onnx_graph.save(graph, tmp / GRAPH_FILE, "always")
+        del graph
+        whole = onnx.load(str(tmp / GRAPH_FILE), load_external_data=False)  # tensors as references into model.onnx_data
+        parts = split_graphs(whole, builder, list(tables.codes))
+        (tmp / PLACEHOLDER).write_bytes(b"")
+        for part, name in zip(parts, (WEIGHTS_GRAPH, DECODER_GRAPH)):
+            onnx_graph.save_references(part, tmp / name)
+        write_json(tmp / LEVELS_FILE, {"input": LEVEL_INPUT, "levels": [lv.name for lv in levels]})
         _write_hf_side_files(model, em.tokenizer, tmp)
         elapsed = round(time.time() - t, 2)
     records = [{"name": lv.name, "index": i, "pattern": _pattern(lv), "sparsity": lv.sparsity} for i, lv in enumerate(levels)]
-    return records, {"all": elapsed}, {"dense_initializer_bytes": dense_bytes}
+    fields = [{"name": f.name, "bits": f.width} for f in tables.fields]
+    return records, {"all": elapsed}, {"dense_initializer_bytes": dense_bytes, "code_fields": fields,
+                                       "parts": {"weights": WEIGHTS_GRAPH, "decoder": DECODER_GRAPH, "levels": LEVELS_FILE}}
 
 
 def _pattern(level: Level) -> str:
@@ -188,8 +208,8 @@ def _onnx_versions() -> dict[str, str]:
 def _metadata(art: Artifact, spec: ExportSpec, levels: list[Level]) -> dict[str, str]:
     meta = {"epts.format": EXPORT.format, "epts.mode": spec.mode, "epts.dtype": spec.dtype,
             "epts.source_manifest_sha256": sha256_file(art.path / MANIFEST),
-            "epts.levels": json.dumps([lv.name for lv in levels])}
+            LEVELS_METADATA: json.dumps([lv.name for lv in levels])}
     if spec.mode == "dynamic":
-        meta["epts.sparsity_level"] = ("int64 scalar input: index into epts.levels; an index outside "
-                                       "[0, len(levels)) makes every output NaN")
+        meta["epts.sparsity_level"] = ("int64 scalar input: index into epts.levels (also in levels.json); an "
+                                       "index outside [0, len(levels)) makes every output NaN")
     return meta

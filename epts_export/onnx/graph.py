@@ -50,6 +50,15 @@ def save(graph: onnx.ModelProto, path: Path, external: str = "auto") -> None:
     onnx.checker.check_model(str(path))
 
 
+def save_references(graph: onnx.ModelProto, path: Path) -> None:
+    """Write a graph whose tensors already point into an external data file beside ``path``
+    (``onnx.dynamic.split_graphs``), as it is: no tensor data is written or moved."""
+    from ..fsutil import write_bytes
+
+    write_bytes(path, graph.SerializeToString())
+    onnx.checker.check_model(str(path))
+
+
 def consumers(graph: onnx.ModelProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
     """tensor name -> [(node, input index)] over the main graph."""
     out: dict[str, list] = {}

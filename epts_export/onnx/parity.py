@@ -8,7 +8,13 @@ For every level of an export (baked folders or the dynamic graph) the checks are
     prefill    batch 2 x 11 tokens, empty past, one row left-padded by 3
     decode     batch 3 x 1 token after a 9-token past computed by the reference
     generate   32 greedy tokens from a fixed prompt, with the KV cache
-    out_of_range  (dynamic) sparsity_level = -1 and = len(levels) give all-NaN outputs
+    switched/prefill, switched/decode, switched/generate
+               (dynamic) the same three checks on weights.onnx + decoder.onnx (``ElasticDecoder``),
+               one session that has just switched to the level from another one
+    switch     (dynamic) that switched session generates the same tokens, with the same prefill
+               logits, as a session opened at the level
+    out_of_range  (dynamic) sparsity_level = -1 and = len(levels) give all-NaN outputs from
+               model.onnx and all-NaN weights from weights.onnx
 
 Shapes differ from the export's dummy shapes on purpose. Element-wise outputs pass when
 |onnx - ref| <= atol + rtol * |ref| (numpy.allclose); the report also gives the smallest atol
@@ -32,10 +38,11 @@ import numpy as np
 from ..core.levels import Level
 from ..errors import UserError
 from ..fsutil import atomic_path, write_json
+from ..interface import LEVEL_INPUT, WEIGHTS_GRAPH
 from ..progress import Progress
 from . import graph as onnx_graph
 from .reader import OnnxExport
-from .runtime import OrtDecoder, TorchDecoder, greedy, positions
+from .runtime import ElasticDecoder, OrtDecoder, TorchDecoder, greedy, positions
 
 PROMPT = "Once upon a time, in a quiet town by the sea,"
 NEW_TOKENS = 32
@@ -267,9 +274,11 @@ def validate(export_dir: str | Path, levels: list[Level] | None = None, artifact
         info = {"graph": graph_path.relative_to(exp.path).as_posix()}
         return OrtDecoder(graph_path, level=exp.level_index(lv), threads=threads), info
 
-    def sparsity(lv: Level, model) -> dict:
-        if exp.mode != "baked":
-            return {}
+    switcher: list = []  # the one ElasticDecoder that switches through every level (dynamic mode)
+
+    def after(lv: Level, model) -> dict:
+        if exp.mode == "dynamic":
+            return _switch_checks(exp, lv, model, em, switcher, threads)
         try:
             graph = onnx_graph.load(exp.graph_path(lv))
             res = onnx_graph.check_sparsity(graph, weights, lv, _expected_zeros(model, weights, exp.dtype))
@@ -278,7 +287,7 @@ def validate(export_dir: str | Path, levels: list[Level] | None = None, artifact
             return {"sparsity": {"passed": False, "failures": [str(e)]}}
 
     entries, level_failures = check_levels(em, todo, open_graph, exp.dtype, exp.manifest["io"]["outputs"],
-                                           label="validating levels", progress=progress, before=integrity, after=sparsity)
+                                           label="validating levels", progress=progress, before=integrity, after=after)
     failures = [f"integrity: {e}" for e in exp.integrity_errors] + level_failures
     oor = _out_of_range(exp, threads) if exp.mode == "dynamic" else None
     if oor and not oor["passed"]:
@@ -294,17 +303,59 @@ def validate(export_dir: str | Path, levels: list[Level] | None = None, artifact
     return report
 
 
+SWITCH_ATOL = 1e-5  # the same weights in the same kernels: a switched session computes what a fresh one does
+
+
+def _switch_checks(exp: OnnxExport, lv: Level, model, em, switcher: list, threads: int | None) -> dict:
+    """The level served by ``ElasticDecoder`` right after a switch from another level: the
+    prefill/decode/generate checks against PyTorch, and the same tokens and prefill logits as a
+    session opened at the level. The first call opens the switching session at the last level."""
+    if not exp.has_parts:
+        return {}
+    idx = exp.level_index(lv)
+    try:
+        if not switcher:
+            switcher.append(ElasticDecoder(exp.path, level=len(exp.levels) - 1, threads=threads))
+        sw = switcher[0]
+        seconds = sw.set_level(idx)
+        fresh = ElasticDecoder(exp.path, level=idx, threads=threads)
+    except UserError as e:
+        return {"switch": {"passed": False, "error": str(e)}}
+    prompt = prompt_ids(em.tokenizer)
+    checks = {f"switched/{k}": v for k, v in compare(TorchDecoder(model), sw, exp.dtype, model.config.vocab_size, prompt,
+                                                      exp.manifest["io"]["outputs"]).items()}
+    ids = np.array([prompt], np.int64)
+    mask = np.ones_like(ids)
+    diff = float(np.abs(sw.step(ids, mask, positions(mask, 0), sw.empty_past(1))[0]
+                        - fresh.step(ids, mask, positions(mask, 0), fresh.empty_past(1))[0]).max())
+    tokens = greedy(fresh.step, fresh.empty_past(1), prompt, NEW_TOKENS)
+    switched = checks["switched/generate"]["onnx"]
+    passed = tokens == switched and diff <= SWITCH_ATOL
+    reason = None if passed else (f"after a switch the prefill logits differ from a fresh session's by {diff:.3g} > {SWITCH_ATOL:g}"
+                                  if tokens == switched else "after a switch the tokens differ from a fresh session's")
+    checks["switch"] = {"passed": passed, "switch_s": round(seconds, 4), "max_abs": diff, "fresh": tokens,
+                        "switched": switched, **({"reason": reason} if reason else {})}
+    return checks
+
+
 def _out_of_range(exp: OnnxExport, threads: int | None) -> dict:
-    """The defined behaviour for a bad sparsity_level: every output is NaN."""
+    """The defined behaviour for a bad sparsity_level: every output is NaN (model.onnx), every
+    built weight is NaN (weights.onnx)."""
+    import onnxruntime as ort
+
     n = len(exp.levels)
     results = {}
     for bad in (-1, n):
         try:
-            sess = OrtDecoder(exp.path / "model.onnx", level=bad, threads=threads)
+            sess = OrtDecoder(exp.path / "model.onnx", level=bad, threads=threads, allow_out_of_range=True)
             ids = np.array([[5, 6, 7]], np.int64)
             mask = np.ones_like(ids)
             logits, presents = sess.step(ids, mask, positions(mask, 0), sess.empty_past(1))
             results[str(bad)] = bool(np.isnan(logits).all() and all(np.isnan(p).all() for p in presents))
+            if exp.has_parts:
+                builder = ort.InferenceSession(str(exp.path / WEIGHTS_GRAPH), providers=["CPUExecutionProvider"])
+                built = builder.run(None, {LEVEL_INPUT: np.array(bad, np.int64)})
+                results[f"{WEIGHTS_GRAPH} {bad}"] = bool(all(np.isnan(w).all() for w in built))
         except Exception as e:  # noqa: BLE001 - any failure to produce the NaN contract is a failed check
             results[str(bad)] = False
             results[f"{bad}_error"] = str(e).splitlines()[0][:200]

@@ -9,7 +9,7 @@ from ..artifact.folder import Artifact
 from ..core.levels import Level, parse_level
 from ..errors import UserError
 from ..fsutil import MANIFEST, HashError, ManifestFormat, hash_errors, read_manifest, sha256_file, verify_hashes, write_json
-from ..interface import GRAPH_FILE, level_dirname
+from ..interface import DECODER_GRAPH, GRAPH_FILE, WEIGHTS_GRAPH, level_dirname
 
 EXPORT = ManifestFormat("epts-onnx", 1, "ONNX export", "create one with `epts-export export`",
                         fields=(("mode", str), ("dtype", str), ("levels", list), ("io", dict), ("weights", dict),
@@ -68,6 +68,11 @@ class OnnxExport:
         if self.mode == "dynamic":
             return self.path / GRAPH_FILE
         return self.path / level_dirname(level) / GRAPH_FILE
+
+    @property
+    def has_parts(self) -> bool:
+        """A dynamic export with weights.onnx and decoder.onnx (the fast level switch)."""
+        return self.mode == "dynamic" and {WEIGHTS_GRAPH, DECODER_GRAPH} <= set(self.manifest.get("files", {}))
 
     def level_index(self, level: Level) -> int | None:
         """The ``sparsity_level`` value of ``level`` in dynamic mode (None in baked mode)."""

@@ -6,46 +6,99 @@ runs in the bundle's standalone runner, on devices without torch."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from ..errors import UserError
+from ..interface import DECODER_GRAPH, LEVEL_INPUT, LEVELS_FILE, LEVELS_METADATA, WEIGHTS_GRAPH
 
 # step(input_ids, attention_mask, position_ids, past) -> (logits (B, S, V) float32, presents [2 * layers])
 StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]], tuple[np.ndarray, list[np.ndarray]]]
 
 
+def _options(threads: int | None, profile_prefix: str | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if profile_prefix:  # ORT's per-node profile; session.end_profiling() returns its file
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    if threads:
+        opts.intra_op_num_threads = threads
+    return opts
+
+
+def _session(path: Path, opts, providers: Sequence[str]):
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+    except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
+        raise UserError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}") from None
+
+
+def level_table(session, folder: Path) -> list[str] | None:
+    """The level names a dynamic graph's ``sparsity_level`` indexes: the graph's ``epts.levels``
+    metadata, else ``levels.json`` beside it (graph tools such as Polygraphy's sanitize drop
+    metadata); None when neither is there."""
+    meta = session.get_modelmeta().custom_metadata_map.get(LEVELS_METADATA)
+    try:
+        if meta is not None:
+            names = json.loads(meta)
+        elif (Path(folder) / LEVELS_FILE).is_file():
+            names = json.loads((Path(folder) / LEVELS_FILE).read_text(encoding="utf-8")).get("levels")
+        else:
+            return None
+    except (ValueError, AttributeError):
+        raise UserError(f"the level table of {folder} ({LEVELS_METADATA} or {LEVELS_FILE}) is not valid JSON") from None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise UserError(f"the level table of {folder} ({LEVELS_METADATA} or {LEVELS_FILE}) is not a list of level names")
+    return names
+
+
+def check_level_index(levels: list[str] | None, index, where: Path) -> int:
+    """``index`` when it is a valid ``sparsity_level`` for ``levels``; else one UserError line
+    (the graph itself would return NaN everywhere, which a generation loop turns into token 0)."""
+    if levels is None:
+        raise UserError(f"{where} has no level table ({LEVELS_METADATA} metadata or {LEVELS_FILE}): "
+                        "cannot tell which level an index selects")
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < len(levels):
+        table = ", ".join(f"{i}={n}" for i, n in enumerate(levels))
+        raise UserError(f"sparsity_level {index!r} is outside the level table of {where} ({table})")
+    return int(index)
+
+
 class OrtDecoder:
     """An ONNX Runtime session over one exported graph. ``level`` is the ``sparsity_level`` fed to
-    a dynamic graph (ignored by a baked one)."""
+    a dynamic graph (ignored by a baked one); an index outside the graph's level table is refused
+    unless ``allow_out_of_range`` (to check the graph's all-NaN contract)."""
 
     def __init__(self, path: str | Path, level: int | None = None, threads: int | None = None,
-                 providers: Sequence[str] = ("CPUExecutionProvider",), profile_prefix: str | None = None):
-        import onnxruntime as ort
+                 providers: Sequence[str] = ("CPUExecutionProvider",), profile_prefix: str | None = None,
+                 allow_out_of_range: bool = False):
+        path = Path(path)
+        self._attach(_session(path, _options(threads, profile_prefix), providers))
+        self.dynamic = LEVEL_INPUT in self.inputs
+        self.level = level
+        self.levels = level_table(self.session, path.parent) if self.dynamic else None
+        if self.dynamic and level is None:
+            raise UserError(f"{path} is a dynamic-mode graph: pass the level index to run")
+        if self.dynamic and not allow_out_of_range:
+            check_level_index(self.levels, level, path)
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if profile_prefix:  # ORT's per-node profile; session.end_profiling() returns its file
-            opts.enable_profiling = True
-            opts.profile_file_prefix = profile_prefix
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
-        except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
-            raise UserError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}") from None
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
+    def _attach(self, session) -> None:
+        self.session = session
+        self.inputs = {i.name: i for i in session.get_inputs()}
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
         first = self.inputs[self.past_names[0]]
         self.past_dtype = np.float16 if first.type == "tensor(float16)" else np.float32
         self.kv_heads, self.head_dim = first.shape[1], first.shape[3]
-        self.dynamic = "sparsity_level" in self.inputs
-        self.level = level
-        if self.dynamic and level is None:
-            raise UserError(f"{path} is a dynamic-mode graph: pass the level index to run")
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), self.past_dtype) for _ in self.past_names]
@@ -55,9 +108,73 @@ class OrtDecoder:
                  "position_ids": position_ids.astype(np.int64)}
         feeds.update({n: p.astype(self.past_dtype, copy=False) for n, p in zip(self.past_names, past)})
         if self.dynamic:
-            feeds["sparsity_level"] = np.array(self.level, dtype=np.int64)
+            feeds[LEVEL_INPUT] = np.array(self.level, dtype=np.int64)
         outs = self.session.run(None, feeds)
         return outs[0], list(outs[1:])
+
+
+class ElasticDecoder(OrtDecoder):
+    """A dynamic export served one level at a time, at a baked graph's speed, switching level in
+    place. ``weights.onnx`` builds a level's prunable weights straight into buffers this object
+    owns (IOBinding); ``decoder.onnx`` takes those buffers as its initializers
+    (``SessionOptions.add_initializer``) with ONNX Runtime's pre-packing off, so each run reads
+    the buffers themselves and not a copy packed at load. ``set_level`` rewrites the buffers:
+    one weight build, no new session.
+
+    CPU: measured (tests, ``benchmarks/onnx_bench.py``). Another provider (CUDA) gets buffers on
+    its device, which ONNX Runtime is documented to use without a copy; that path has not run."""
+
+    def __init__(self, folder: str | Path, level: int, threads: int | None = None,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)):
+        import onnxruntime as ort
+
+        self.folder = folder = Path(folder)
+        for name in (WEIGHTS_GRAPH, DECODER_GRAPH):
+            if not (folder / name).is_file():
+                raise UserError(f"{folder / name} is missing: the level switch needs {WEIGHTS_GRAPH} and {DECODER_GRAPH} "
+                                "(a dynamic export from an earlier epts-export has only model.onnx: export it again)")
+        self.builder = _session(folder / WEIGHTS_GRAPH, _options(threads), providers)
+        self.levels = level_table(self.builder, folder)
+        check_level_index(self.levels, level, folder)
+        device = "cuda" if list(providers)[0] == "CUDAExecutionProvider" else "cpu"
+        t = time.perf_counter()
+        built = self.builder.run(None, {LEVEL_INPUT: np.array(level, np.int64)})
+        self.first_build_s = time.perf_counter() - t
+        self.buffers = {o.name: ort.OrtValue.ortvalue_from_numpy(a, device, 0)
+                        for o, a in zip(self.builder.get_outputs(), built)}
+        self._arrays = built  # the CPU buffers' memory: kept alive as long as the sessions use it
+        opts = _options(threads)
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        for name, value in self.buffers.items():
+            opts.add_initializer(name, value)
+        # the placeholders make any load-time copy of these weights fail loudly (they hold no bytes):
+        # ORT's CPU provider runs float16 MatMuls through inserted Casts, which its level-3 (ALL)
+        # optimizations fold into float32 copies. Then load at level 2 (EXTENDED), which keeps them.
+        opts.log_severity_level = 4  # that first failure is expected: not an error to print
+        try:
+            session = _session(folder / DECODER_GRAPH, opts, providers)
+        except UserError:
+            opts.log_severity_level = 3
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            session = _session(folder / DECODER_GRAPH, opts, providers)
+        self.optimization = str(opts.graph_optimization_level).rsplit(".", 1)[-1]
+        self._attach(session)
+        self.dynamic = False  # the decoder has no sparsity_level input: the level is in the buffers
+        self.binding = self.builder.io_binding()
+        for name, value in self.buffers.items():
+            self.binding.bind_ortvalue_output(name, value)
+        self.level = level
+
+    def set_level(self, level: int) -> float:
+        """Build level ``level``'s weights into the decoder's buffers; returns the seconds it took.
+        Call it between generations (never while a step runs in another thread)."""
+        check_level_index(self.levels, level, self.folder)
+        t = time.perf_counter()
+        self.binding.bind_cpu_input(LEVEL_INPUT, np.array(level, np.int64))
+        self.builder.run_with_iobinding(self.binding)
+        self.binding.synchronize_outputs()
+        self.level = level
+        return time.perf_counter() - t
 
 
 class TorchDecoder:
