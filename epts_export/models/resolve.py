@@ -489,8 +489,8 @@ def weight_params(folder: Path) -> int | None:
                         count *= d
                     total += count
         except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"cannot read the safetensors header of {f} ({type(e).__name__}): "
-                            "the file is truncated or not safetensors") from None
+            raise UserError(f"could not load model from {folder}: the safetensors header of {f.name} is unreadable "
+                            f"({type(e).__name__}); the file is truncated or not safetensors") from None
     return total
 
 
