@@ -115,15 +115,6 @@ class Dist:
             raise (UserError if self.is_main else SharedError)(*value)
         return value
 
-    def main_first(self, fn: Callable[[], T]) -> T:
-        """``fn()`` on rank 0, then on the others (a download or a conversion into a shared cache
-        happens once); UserError on every rank if any rank failed."""
-        first = self.on_main(fn)
-        if self.is_main:
-            self.agree(lambda: None)
-            return first
-        return self.agree(fn)
-
     def agree(self, fn: Callable[[], T]) -> T:
         """``fn()`` on every rank; if any rank raised a UserError, every rank raises the message of
         the lowest such rank, so rank 0 (the one that prints) knows it."""
