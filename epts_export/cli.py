@@ -80,21 +80,82 @@ def optimize(
     rank: Optional[int] = typer.Option(None, help="LoRA rank per sparsity group."),
     lr: Optional[float] = typer.Option(None, help="Adam learning rate (cosine-decayed to 0)."),
     seed: int = typer.Option(0, help="Seed for calibration sampling and every random draw."),
-    device: str = typer.Option("cpu", help="cpu or cuda[:N]; one block at a time moves to the device."),
+    device: str = typer.Option("cpu", help="cpu or cuda[:N]; one block at a time moves to the device "
+                               "(under torchrun: cuda, each rank on cuda:LOCAL_RANK)."),
+    batch: Optional[int] = typer.Option(None, help="Calibration windows per optimizer step (default 1); under "
+                                        "torchrun a multiple of the world size. The same --batch gives the same "
+                                        "artifact on any number of processes."),
+    streams: str = typer.Option("auto", help="Where a GPU run keeps the calibration streams between blocks: auto "
+                                "(on the GPU when they fit), device, cpu."),
+    host_memory: Optional[float] = typer.Option(None, help="GiB of host memory per machine the run may use "
+                                                "(default: what the OS reports available)."),
+    device_memory: Optional[float] = typer.Option(None, help="GiB of device memory per rank the run may use "
+                                                  "(default: the device's free memory)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the memory estimate per rank and exit: 0 when "
+                                 "the run fits, 1 (with what to change) when it does not."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
-    resume: bool = typer.Option(False, help="Continue an interrupted run from its last finished block."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run from its last finished block "
+                                "(with the same number of processes)."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
-    """Optimize MODEL with EPTS (or a baseline) into an elastic artifact."""
-    from .pruning.optimize import OptimizeSpec, optimize as run
+    """Optimize MODEL with EPTS (or a baseline) into an elastic artifact.
 
-    spec = OptimizeSpec.from_preset(model, out, _levels(levels), preset, calib=calib, nsamples=nsamples, seqlen=seqlen,
-                                    epochs=epochs, rank=rank, lr=lr, seed=seed, method=method, device=device,
-                                    resume=resume, overwrite=overwrite, threads=threads)
-    path = run(spec, progress=Progress(enabled=not quiet))
-    _summary_artifact(path)
-    console.print(f"wrote {path}")
+    On several GPUs or machines: torchrun --nproc-per-node N -m epts_export optimize ... --batch N
+    """
+    from .pruning.distributed import SharedError, rank_from_env
+    from .pruning.optimize import OptimizeSpec, optimize as run, plan_optimize
+
+    rank_id = rank_from_env()
+    main_rank = rank_id == 0  # under torchrun only rank 0 prints
+    spec = None
+    try:
+        spec = OptimizeSpec.from_preset(model, out, _levels(levels), preset, calib=calib, nsamples=nsamples,
+                                        seqlen=seqlen, epochs=epochs, rank=rank, lr=lr, seed=seed, batch=batch,
+                                        method=method, device=device, resume=resume, overwrite=overwrite,
+                                        threads=threads, streams=streams, host_memory_gib=host_memory,
+                                        device_memory_gib=device_memory)
+        if dry_run:
+            if main_rank:  # under torchrun rank 0 plans for the launch (every rank would print the same)
+                _summary_plan(plan_optimize(spec, Progress(enabled=not quiet)))
+            return
+        path = run(spec, progress=Progress(enabled=not quiet))
+    except UserError as e:
+        if main_rank:
+            raise
+        if e.exit_code == 130:  # Ctrl-C reaches every rank; rank 0 says where the checkpoints are
+            raise typer.Exit(130) from None
+        if spec is None or isinstance(e, SharedError):
+            # rank 0 raises the same error (the same flags, or a shared one): it prints it and fails the job
+            raise typer.Exit(0) from None
+        raise UserError(f"rank {rank_id}: {e}", e.exit_code) from None
+    if main_rank:
+        _summary_artifact(path)
+        console.print(f"wrote {path}")
+
+
+def _summary_plan(estimate) -> None:
+    from .pruning.preflight import fmt_bytes
+
+    r = estimate.run
+    t = Table(title=f"memory per rank: {r.method}, {r.nsamples} x {r.seqlen} tokens, {r.world} process(es), "
+                    f"--device {r.device}", show_header=False)
+    for where, parts in (("host", estimate.host), ("device", estimate.device)):
+        for k, v in parts.items():
+            t.add_row(where, k, fmt_bytes(v))
+    t.add_row("host", "per rank" + (f" x {r.local_world} per machine" if r.local_world > 1 else ""),
+              fmt_bytes(estimate.host_per_machine))
+    if estimate.host_available is not None:
+        t.add_row("host", "available", fmt_bytes(estimate.host_available))
+    if r.device != "cpu":
+        t.add_row("device", "per rank", fmt_bytes(estimate.device_per_rank))
+        if estimate.device_available is not None:
+            t.add_row("device", "available", fmt_bytes(estimate.device_available))
+    if r.method != "magnitude":
+        t.add_row("streams", "on the GPU" if estimate.streams_on == "device" else "on the CPU",
+                  f"{estimate.windows_per_rank} windows per rank")
+    console.print(t)
+    console.print("fits", highlight=False)
 
 
 def _summary_artifact(path: Path) -> None:
@@ -112,6 +173,11 @@ def _summary_artifact(path: Path) -> None:
     if isinstance(m.get("block_metrics"), list):
         off = [b.get("block") for b in m["block_metrics"] if isinstance(b, dict) and not b.get("low_group_lora", True)]
         t.add_row("low group without LoRA", ", ".join(map(str, off)) or "none")
+    if isinstance(m.get("parallel"), dict) and m["parallel"].get("world_size", 1) > 1:
+        t.add_row("processes", f"{m['parallel']['world_size']} ({m['parallel'].get('backend')})")
+    est = m.get("memory_estimate")
+    if isinstance(est, dict) and m["method"] != "magnitude":
+        t.add_row("streams", f"on the {'GPU' if est.get('streams_on') == 'device' else 'CPU'}")
     if isinstance(m.get("elapsed_s"), (int, float)):
         t.add_row("time", f"{m['elapsed_s']:.0f} s")
     console.print(t)

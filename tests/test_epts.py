@@ -10,8 +10,8 @@ from torch.func import functional_call
 from conftest import tiny_llama, tiny_opt
 from epts_export.pruning.blockloop import block_output, capture_block_inputs
 from epts_export.core.rule import LevelRule, level_rule
-from epts_export.pruning.epts import (BlockMerger, TrainConfig, group_level, mix_weights, msfm_mix, optimize_block,
-                                     stratified_draws)
+from epts_export.pruning.epts import (BlockMerger, TrainConfig, group_level, minibatches, mix_weights, msfm_mix,
+                                     optimize_block, steps_per_epoch, stratified_draws)
 from epts_export.models.families import family_for, get_blocks, prunable_linears
 from epts_export.core.levels import Level, build_groups, parse_level, parse_levels
 
@@ -102,3 +102,38 @@ def test_same_seed_same_block_result():
     b = optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, groups, TrainConfig(rank=2, epochs=1), seed=7)
     assert all(torch.equal(a.lora_A[n], b.lora_A[n]) and torch.equal(a.lora_B[n], b.lora_B[n]) for n in a.lora_A)
     assert all(torch.equal(x, y) for x, y in zip(a.sparse_out, b.sparse_out))
+
+
+def test_batch_one_schedule_is_one_shuffle_of_all_windows():
+    """--batch 1 (the default) draws exactly what the batch-1 loop always drew: one randperm."""
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert minibatches(7, 1, a) == [[j] for j in torch.randperm(7, generator=b).tolist()]
+    assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))  # the same draws follow
+
+
+@pytest.mark.parametrize("n, batch, world", [(5, 2, 2), (8, 4, 2), (9, 4, 4), (3, 8, 2)])
+def test_minibatches_cover_each_window_once_and_split_evenly(n, batch, world):
+    steps = minibatches(n, batch, torch.Generator().manual_seed(0))
+    assert sorted(j for s in steps for j in s) == list(range(n))
+    assert len(steps) == steps_per_epoch(n, batch) and all(len(s) <= batch for s in steps)
+    for s in steps[:n // batch]:  # every full step: batch / world windows on each rank (window j on rank j % world)
+        assert sorted(j % world for j in s) == sorted(list(range(world)) * (batch // world))
+
+
+def test_batch_of_two_is_one_step_on_both_windows():
+    """--batch 2 on 2 windows takes one step on both windows' losses: the adapters do not depend
+    on which window comes first (to float rounding). --batch 1 takes two steps, whose order does."""
+    block, lins, inps = _block_setup(tiny_llama, n=2)
+    groups = build_groups(parse_levels("0.5"))
+    rev = inps.hidden[::-1]
+
+    def run(hidden, batch):
+        return optimize_block(block, lins, hidden, hidden, inps.kwargs, groups, TrainConfig(rank=2, epochs=1, lr=1e-2,
+                                                                                             batch=batch), seed=0)
+
+    n = "mlp.down_proj"
+    two, two_rev = run(inps.hidden, 2), run(rev, 2)
+    assert torch.allclose(two.lora_A[n], two_rev.lora_A[n], atol=1e-6)
+    assert torch.allclose(two.lora_B[n], two_rev.lora_B[n], atol=1e-6)
+    one, one_rev = run(inps.hidden, 1), run(rev, 1)
+    assert not torch.allclose(one.lora_B[n], one_rev.lora_B[n], atol=1e-4)

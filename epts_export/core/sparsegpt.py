@@ -20,6 +20,7 @@ weights with the smallest saliency are pruned per block.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -55,6 +56,18 @@ class HessianAccumulator:
         self.nsamples += t
         x = math.sqrt(2 / self.nsamples) * x  # (t, in)
         self._H += x.t() @ x  # (in, t) @ (t, in) -> (in, in)
+
+    def combine(self, all_reduce: Callable[[torch.Tensor], None]) -> None:
+        """Merge the accumulators of disjoint token sets, one per process, into the Hessian of all
+        their tokens: H = sum_r n_r H_r / sum_r n_r, which is 2/n X^T X over every token, as one
+        accumulator fed all of them would hold (up to float rounding). ``all_reduce(t)`` sums a
+        tensor over the processes in place (``torch.distributed.all_reduce``)."""
+        n = torch.tensor([float(self.nsamples)], dtype=torch.float64, device=self._H.device)
+        self._H *= self.nsamples  # (in, in) = 2 X_r^T X_r, float32 like the running mean itself
+        all_reduce(self._H)
+        all_reduce(n)
+        self.nsamples = int(n.item())
+        self._H /= max(self.nsamples, 1)
 
     @property
     def H(self) -> torch.Tensor:

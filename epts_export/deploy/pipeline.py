@@ -243,20 +243,9 @@ def _version() -> str:
 
 def _param_count(model_dir: Path) -> int:
     """Parameters of a Hugging Face folder's model, read from its safetensors headers (no weights loaded)."""
-    import struct
+    from ..models.resolve import weight_params
 
-    total = 0
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            header = json.loads(fh.read(n))
-        for name, meta in header.items():
-            if name != "__metadata__":
-                count = 1
-                for d in meta["shape"]:
-                    count *= d
-                total += count
-    return total
+    return weight_params(model_dir) or 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .blockloop import run_block
+from .distributed import LOCAL, Dist
 from ..core.levels import Level
 from ..core.masks import level_mask, magnitude_mask, importance_order, wanda_scores
 from ..core.sparsegpt import HessianAccumulator, sparsegpt_prune
@@ -27,8 +28,11 @@ def prune_magnitude(linears: dict[str, nn.Linear], level: Level) -> None:
 
 @torch.no_grad()
 def prune_block_calibrated(method: str, block: nn.Module, linears: dict[str, nn.Linear], inputs: list[torch.Tensor],
-                           kwargs: dict, level: Level, device, advance=lambda n: None) -> list[torch.Tensor]:
-    """Prune one block (on ``device``) with Wanda or SparseGPT; return the next block's inputs (CPU)."""
+                           kwargs: dict, level: Level, device, advance=lambda n: None, *, dist: Dist = LOCAL,
+                           streams_device="cpu") -> list[torch.Tensor]:
+    """Prune one block (on ``device``) with Wanda or SparseGPT; return the next block's inputs (on
+    ``streams_device``). ``inputs``: this rank's windows; the statistics are summed over the ranks
+    before any mask is chosen, so every rank prunes the block the same way."""
     if method == "wanda":
         stats = {n: [torch.zeros(l.in_features, dtype=torch.float64, device=device), 0] for n, l in linears.items()}
 
@@ -50,6 +54,13 @@ def prune_block_calibrated(method: str, block: nn.Module, linears: dict[str, nn.
     run_block(block, inputs, kwargs, device, advance)  # the hooks gather the statistics; outputs unused
     for h in handles:
         h.remove()
+    if dist.world > 1:
+        for n in linears:
+            if method == "wanda":
+                dist.all_reduce_(stats[n][0])
+                stats[n][1] = int(dist.sum_floats([float(stats[n][1])])[0])
+            else:
+                stats[n].combine(dist.all_reduce_)
     for n, lin in linears.items():
         if method == "wanda":
             ssum, count = stats[n]
@@ -59,4 +70,5 @@ def prune_block_calibrated(method: str, block: nn.Module, linears: dict[str, nn.
             nm = (level.n, level.m) if level.is_nm else None
             lin.weight.copy_(sparsegpt_prune(lin.weight, stats[n].H, sparsity=level.sparsity, nm=nm,
                                              blocksize=SPARSEGPT_BLOCKSIZE, percdamp=SPARSEGPT_PERCDAMP))
-    return run_block(block, inputs, kwargs, device, advance)  # the next block's inputs, from the pruned block
+    # the next block's inputs, from the pruned block
+    return run_block(block, inputs, kwargs, device, advance, out_device=streams_device)

@@ -7,7 +7,8 @@
 2. The caller walks the blocks one at a time: move the block to the device, do its work,
    compute the next block's inputs, move it back (``inps, outs = outs, inps``).
 
-Only one block and its cached inputs live on the device at a time, so a 7B model fits one GPU.
+Only one block lives on the device at a time; its cached inputs live there too when they fit
+(``preflight.plan`` decides), so a 7B model fits one GPU.
 """
 
 from __future__ import annotations
@@ -97,11 +98,11 @@ def block_output(out: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, device: torch.device | str,
-              advance=lambda n: None) -> list[torch.Tensor]:
-    """Forward every cached sequence through ``block`` on ``device``; outputs come back to the CPU.
-    ``advance(1)`` is called after each sequence (progress)."""
+              advance=lambda n: None, out_device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Forward every cached sequence through ``block`` on ``device``; outputs go to ``out_device``
+    (the CPU unless the streams stay on the GPU). ``advance(1)`` is called after each sequence."""
     outs = []
     for h in hidden:
-        outs.append(block_output(block(h.to(device), **kwargs)).float().cpu())
+        outs.append(block_output(block(h.to(device), **kwargs)).float().to(out_device))
         advance(1)
     return outs

@@ -21,6 +21,7 @@ from ..core.levels import Group, Level
 from ..core.masks import importance_order, wanda_scores
 from ..core.rule import LevelRule, level_rule
 from .blockloop import block_output
+from .distributed import LOCAL, Dist
 
 LOW_CHECK_SPARSITY = 0.3  # where the low-group check compares with / without group-0 adapters
 
@@ -32,6 +33,7 @@ class TrainConfig:
     lr: float = 1e-3
     scale: float = 1.0  # LoRA scale (alpha / r)
     mix_weights: tuple[float, ...] | None = None  # MSFM weight per group; None = derived (mix_weights())
+    batch: int = 1  # windows per optimizer step (the reference: 1); the loss is their mean
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -39,7 +41,7 @@ class TrainConfig:
         other settings (levels, calibration sizes) are ignored."""
         mix = d.get("mix_weights")
         return cls(rank=int(d["rank"]), epochs=int(d["epochs"]), lr=float(d["lr"]), scale=float(d["scale"]),
-                   mix_weights=tuple(float(w) for w in mix) if mix else None)
+                   mix_weights=tuple(float(w) for w in mix) if mix else None, batch=int(d.get("batch", 1)))
 
 
 @dataclass
@@ -48,8 +50,8 @@ class BlockResult:
     lora_B: dict[str, torch.Tensor]  # linear name -> (out, G*r)
     lora_A: dict[str, torch.Tensor]  # linear name -> (G*r, in)
     low_group_lora: bool  # False: levels in group 0 are served without adapters in this block
-    dense_out: list[torch.Tensor]  # next block's dense-stream inputs (CPU)
-    sparse_out: list[torch.Tensor]  # next block's sparse-stream inputs, MSFM-mixed (CPU)
+    dense_out: list[torch.Tensor]  # next block's dense-stream inputs (on the streams' device)
+    sparse_out: list[torch.Tensor]  # next block's sparse-stream inputs, MSFM-mixed (on the streams' device)
     metrics: dict = field(default_factory=dict)
 
 
@@ -71,6 +73,26 @@ def stratified_draws(lo: float, hi: float, count: int, gen: torch.Generator) -> 
 
 def group_level(group: Group, s: float) -> Level:
     return Level(sparsity=group.lo, n=group.n, m=group.m) if group.is_nm else Level(sparsity=float(s))
+
+
+def minibatches(nwindows: int, batch: int, gen: torch.Generator) -> list[list[int]]:
+    """One epoch's optimizer steps, each a list of window ids.
+
+    Windows are dealt into ``batch`` classes (window j into class j % batch); each class is shuffled
+    on its own, and step i takes the i-th window of every class that still has one. With batch 1
+    this is one ``randperm`` of all windows (the reference's shuffled batch-1 loop). The schedule
+    depends on the window count, the batch and the generator, never on the world size; when the
+    batch is a multiple of the world size, class c lies wholly on rank c % world (window j is on
+    rank j % world), so every step has batch / world windows on each rank.
+    """
+    classes = [list(range(c, nwindows, batch)) for c in range(min(batch, nwindows))]
+    perms = [torch.randperm(len(members), generator=gen).tolist() for members in classes]
+    return [[members[p[i]] for members, p in zip(classes, perms) if i < len(members)]
+            for i in range(len(classes[0]))]
+
+
+def steps_per_epoch(nwindows: int, batch: int) -> int:
+    return -(-nwindows // batch)
 
 
 def cost_per_block(nsamples: int, epochs: int, ngroups: int) -> int:
@@ -125,16 +147,26 @@ def optimize_block(
     seed: int,
     device: torch.device | str = "cpu",
     advance: Callable[[int], None] = lambda n: None,
+    *,
+    dist: Dist = LOCAL,
+    nwindows: int | None = None,
+    streams_device: torch.device | str = "cpu",
 ) -> BlockResult:
-    """Run EPTS on one block that already sits on ``device`` (inputs are on the CPU).
+    """Run EPTS on one block that already sits on ``device``.
 
-    dense_in / sparse_in: N tensors (1, T, C), the teacher and student streams entering the block.
-    ``seed`` seeds every random draw of this block, so a resumed run repeats it exactly.
-    ``advance(n)`` reports n forward-equivalents of progress.
+    dense_in / sparse_in: tensors (1, T, C), the teacher and student streams entering the block,
+    for this rank's windows (global ids ``dist.owned(nwindows)``; all ``nwindows`` of them in a
+    single process). They may live on the CPU or on ``device``; the next block's streams are
+    returned on ``streams_device``. ``seed`` seeds every random draw of this block (the same on
+    every rank), so a resumed or distributed run repeats it exactly.
+    ``advance(n)`` reports n forward-equivalents of this rank's progress.
     """
     gen = torch.Generator().manual_seed(seed)
     G, r = len(groups), cfg.rank
-    N = len(dense_in)
+    N = len(dense_in) if nwindows is None else nwindows
+    ids = dist.owned(N)
+    assert len(ids) == len(dense_in) == len(sparse_in), f"rank {dist.rank} holds {len(dense_in)} windows, owns {len(ids)}"
+    local = {j: k for k, j in enumerate(ids)}  # global window id -> index in this rank's lists
     for p in block.parameters():
         p.requires_grad_(False)
     block.eval()
@@ -154,10 +186,13 @@ def optimize_block(
     teacher = []
     with torch.no_grad():
         for x in dense_in:
-            teacher.append(block_output(block(x.to(device), **kwargs)).float())
+            teacher.append(block_output(block(x.to(device), **kwargs)).float().to(streams_device))
             advance(1)
     for h in handles:
         h.remove()
+    # every rank's sums and counts, then the single-process normalisation
+    dist.all_reduce_(*sq_sum.values())
+    tokens = dict(zip(tokens, (int(c) for c in dist.sum_floats([float(c) for c in tokens.values()]))))
     weights = {n: lin.weight.detach().float() for n, lin in linears.items()}
     order = {n: importance_order(wanda_scores(weights[n], (sq_sum[n] / max(tokens[n], 1)).float())) for n in linears}
 
@@ -169,7 +204,7 @@ def optimize_block(
         A[n] = a.to(device).requires_grad_(True)
     merge = BlockMerger(weights, order, B, A, r, cfg.scale)
     params = [t for n in linears for t in (B[n], A[n])]
-    steps = cfg.epochs * N
+    steps = cfg.epochs * steps_per_epoch(N, cfg.batch)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
     draws = [stratified_draws(g.lo, g.hi, steps, gen) for g in groups]
@@ -177,28 +212,38 @@ def optimize_block(
     step = 0
     for epoch in range(cfg.epochs):
         last_epoch.zero_()
-        for j in torch.randperm(N, generator=gen).tolist():
-            x, t = sparse_in[j].to(device), teacher[j]
-            y0 = None
-            for g in groups:
-                rule = level_rule(groups, group_level(g, float(draws[g.index][step])))
-                y = block_output(functional_call(block, merge(rule), (x,), kwargs))
-                if g.index == 0:
-                    loss = F.mse_loss(y, t)
-                    y0 = y.detach()
-                else:  # higher groups: match the teacher and the group-0 student equally
-                    loss = 0.5 * F.mse_loss(y, t) + 0.5 * F.mse_loss(y, y0)
-                loss.backward()  # per group: same gradient as the sum, a fraction of the memory
-                last_epoch[g.index] += loss.item()
+        for batch in minibatches(N, cfg.batch, gen):
+            # the step's loss is the mean over its windows, wherever they are: each rank adds the
+            # gradients of its own windows, the all-reduce adds the ranks
+            weight = 1.0 / len(batch)
+            for j in batch:
+                if j not in local:
+                    continue
+                x, t = sparse_in[local[j]].to(device), teacher[local[j]].to(device)
+                y0 = None
+                for g in groups:
+                    rule = level_rule(groups, group_level(g, float(draws[g.index][step])))
+                    y = block_output(functional_call(block, merge(rule), (x,), kwargs))
+                    if g.index == 0:
+                        loss = F.mse_loss(y, t)
+                        y0 = y.detach()
+                    else:  # higher groups: match the teacher and the group-0 student equally
+                        loss = 0.5 * F.mse_loss(y, t) + 0.5 * F.mse_loss(y, y0)
+                    # per group: same gradient as the sum, a fraction of the memory
+                    (loss if len(batch) == 1 else loss * weight).backward()
+                    last_epoch[g.index] += loss.item()
+                advance(3 * G)
+            if dist.world > 1:
+                _all_reduce_grads(params, dist)
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
             step += 1
-            advance(3 * G)
-    last_epoch /= N
+    last_epoch = torch.tensor(dist.sum_floats(last_epoch.tolist()), dtype=torch.float64) / N
 
     B = {n: b.detach() for n, b in B.items()}
     A = {n: a.detach() for n, a in A.items()}
+    dist.broadcast_(*B.values(), *A.values())  # identical already; rank 0's copy rules out any drift
     merge = BlockMerger(weights, order, B, A, r, cfg.scale)
 
     with torch.no_grad():
@@ -208,24 +253,27 @@ def optimize_block(
         err_with = err_without = 0.0
         with_w, without_w = merge(level_rule(groups, low, True)), merge(level_rule(groups, low, False))
         for x, t in zip(sparse_in, teacher):
-            xd = x.to(device)
-            err_with += F.mse_loss(block_output(functional_call(block, with_w, (xd,), kwargs)), t).item()
-            err_without += F.mse_loss(block_output(functional_call(block, without_w, (xd,), kwargs)), t).item()
+            xd, td = x.to(device), t.to(device)
+            err_with += F.mse_loss(block_output(functional_call(block, with_w, (xd,), kwargs)), td).item()
+            err_without += F.mse_loss(block_output(functional_call(block, without_w, (xd,), kwargs)), td).item()
             advance(2)
+        err_with, err_without = dist.sum_floats([err_with, err_without])
         low_group_lora = err_with <= err_without
 
         # 4. MSFM: the next block's sparse input mixes this block's outputs, one draw per group.
         wts = list(cfg.mix_weights) if cfg.mix_weights else mix_weights(groups)
         assert len(wts) == G, f"{len(wts)} mix weights for {G} groups"
+        # every rank draws for every window, in window order, so the generator agrees everywhere
+        mix_draws = [[float(g.lo + (g.hi - g.lo) * torch.rand((), generator=gen, dtype=torch.float64)) for g in groups]
+                     for _ in range(N)]
         mixed = []
-        for x in sparse_in:
+        for j, x in zip(ids, sparse_in):
             xd = x.to(device)
             outs = []
-            for g in groups:
-                s = float(g.lo + (g.hi - g.lo) * torch.rand((), generator=gen, dtype=torch.float64))
+            for g, s in zip(groups, mix_draws[j]):
                 rule = level_rule(groups, group_level(g, s), low_group_lora)
                 outs.append(block_output(functional_call(block, merge(rule), (xd,), kwargs)))
-            mixed.append(msfm_mix(outs, wts).float().cpu())
+            mixed.append(msfm_mix(outs, wts).float().to(streams_device))
             advance(G)
 
     return BlockResult(
@@ -233,10 +281,22 @@ def optimize_block(
         lora_B={n: v.cpu() for n, v in B.items()},
         lora_A={n: v.cpu() for n, v in A.items()},
         low_group_lora=bool(low_group_lora),
-        dense_out=[t.cpu() for t in teacher],
+        dense_out=teacher,
         sparse_out=mixed,
         metrics={
             "final_epoch_loss": [round(float(v), 8) for v in last_epoch],
             "low_check": {"sparsity": low.sparsity, "with_lora": err_with / N, "without_lora": err_without / N},
         },
     )
+
+
+def _all_reduce_grads(params: list[torch.Tensor], dist: Dist) -> None:
+    """Sum the adapters' gradients over the ranks in one flat all-reduce. A rank with no window in
+    this step (the last, short step of an epoch) contributes zeros."""
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce_(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset: offset + n].view_as(p).clone()
+        offset += n

@@ -4,13 +4,22 @@ The walk over blocks exists once per method shape: capture block-0 inputs, then 
 move it to the device, do the method's work, carry the next inputs forward. EPTS checkpoints after
 every block into ``<out>.partial/ckpt`` so ``resume=True`` continues where an interrupted run
 stopped and produces the same artifact as an uninterrupted run.
+
+Under ``torchrun`` the same walk runs data-parallel (``distributed.py``): each rank holds its share
+of the windows and their streams, the collectives make every rank's block result the same, and
+rank 0 alone writes the block checkpoints, the state and the artifact; each rank writes its own
+streams. Before anything heavy is loaded, ``plan_optimize`` estimates the memory per rank
+(``preflight.py``) and refuses a run that cannot fit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
+import struct
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -23,13 +32,15 @@ from safetensors.torch import load_file, save_file
 from ..artifact.folder import ARTIFACT, ELASTIC_FILE, METHODS, MODEL_DIR, library_versions, tensor_key
 from ..core.levels import Group, Level, build_groups
 from ..errors import UserError
-from ..fsutil import atomic_path, check_destination, file_hashes, sha256_bytes, staged_dir, write_json
+from ..fsutil import atomic_path, check_destination, file_hashes, partial_path, sha256_bytes, staged_dir, write_json
 from ..models.families import Family, family_for, get_blocks, iter_prunable, measured_sparsity, prunable_linears
 from ..progress import Progress
 from .baselines import prune_block_calibrated, prune_magnitude
 from .blockloop import capture_block_inputs, to_device
 from .calibration import CalibSpec, build_calibration
+from .distributed import LOCAL, Dist, SharedError, init_distributed, rank_from_env, world_from_env
 from .epts import BlockResult, TrainConfig, cost_per_block, optimize_block
+from .preflight import GIB, STREAMS, ModelShape, Plan, RunShape, measure_device_available, measure_host_available, plan
 from .presets import load_preset
 
 
@@ -45,14 +56,18 @@ class OptimizeSpec:
     resume: bool = False
     overwrite: bool = False
     threads: int | None = None
+    streams: str = "auto"  # where the calibration streams live on a GPU run: auto | device | cpu
+    host_memory_gib: float | None = None  # host memory per machine the run may use (default: MemAvailable)
+    device_memory_gib: float | None = None  # device memory per rank (default: the device's free memory)
 
     @classmethod
     def from_preset(cls, model: str, out: Path, levels: list[Level], preset: str = "default", *,
                     calib: str | None = None, nsamples: int | None = None, seqlen: int | None = None,
                     epochs: int | None = None, rank: int | None = None, lr: float | None = None, seed: int = 0,
-                    **rest) -> "OptimizeSpec":
+                    batch: int | None = None, **rest) -> "OptimizeSpec":
         """The spec of a preset (calibration/<preset>.toml), with any setting given here winning
-        over the preset's. ``rest``: method, device, resume, overwrite, threads."""
+        over the preset's. ``rest``: method, device, resume, overwrite, threads, streams,
+        host_memory_gib, device_memory_gib."""
         p = load_preset(preset)
 
         def pick(value, key):
@@ -61,7 +76,8 @@ class OptimizeSpec:
         return cls(model=model, out=Path(out), levels=levels,
                    calib=CalibSpec(source=pick(calib, "calib"), nsamples=pick(nsamples, "nsamples"),
                                    seqlen=pick(seqlen, "seqlen"), seed=seed),
-                   train=TrainConfig(rank=pick(rank, "rank"), epochs=pick(epochs, "epochs"), lr=pick(lr, "lr")),
+                   train=TrainConfig(rank=pick(rank, "rank"), epochs=pick(epochs, "epochs"), lr=pick(lr, "lr"),
+                                     batch=batch if batch is not None else p.get("batch", 1)),
                    **rest)
 
 
@@ -70,8 +86,8 @@ def _check_spec(spec: OptimizeSpec) -> None:
         raise UserError(f"unknown method {spec.method!r}: choose one of {', '.join(METHODS)}")
     if spec.method != "epts" and len(spec.levels) != 1:
         raise UserError(f"--method {spec.method} prunes to one level per run; got {len(spec.levels)} levels")
-    if spec.train.epochs < 1 or spec.train.rank < 1:
-        raise UserError("--epochs and --rank must be >= 1")
+    if spec.train.epochs < 1 or spec.train.rank < 1 or spec.train.batch < 1:
+        raise UserError("--epochs, --rank and --batch must be >= 1")
     if not (math.isfinite(spec.train.lr) and spec.train.lr > 0):
         raise UserError(f"--lr must be a positive number, got {spec.train.lr}")
     if not math.isfinite(spec.train.scale):
@@ -82,6 +98,25 @@ def _check_spec(spec: OptimizeSpec) -> None:
         raise UserError(f"--device {spec.device}: no CUDA device is available here; use --device cpu")
     if spec.device != "cpu" and not spec.device.startswith("cuda"):
         raise UserError(f"--device must be cpu or cuda[:N], got {spec.device!r}")
+    if spec.streams not in STREAMS:
+        raise UserError(f"--streams must be one of {', '.join(STREAMS)}, got {spec.streams!r}")
+    if spec.streams == "device" and spec.device == "cpu":
+        raise UserError("--streams device keeps the streams on the GPU: it needs --device cuda")
+    for flag, v in (("--host-memory", spec.host_memory_gib), ("--device-memory", spec.device_memory_gib)):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise UserError(f"{flag} must be a positive number of GiB, got {v}")
+
+
+def _check_parallel(spec: OptimizeSpec, world: int) -> None:
+    """What a run over ``world`` processes needs beyond a single-process one."""
+    if world == 1:
+        return
+    if spec.method == "epts" and spec.train.batch % world:
+        raise UserError(f"--batch {spec.train.batch} does not split over {world} processes: pass --batch {world} "
+                        f"(or another multiple of {world}) here and to the one-process run it must match")
+    if spec.method != "magnitude" and spec.calib.nsamples < world:
+        raise UserError(f"--nsamples {spec.calib.nsamples} gives some of the {world} processes no window: "
+                        f"use at least {world} windows or fewer processes")
 
 
 def _check_nm(model, fam, levels: list[Level]) -> None:
@@ -109,54 +144,147 @@ class _Run:
 def optimize(spec: OptimizeSpec, progress: Progress | None = None, on_block_done: Callable[[int], None] | None = None) -> Path:
     """Run ``spec.method`` and write the artifact folder at ``spec.out``; returns its path.
 
-    ``on_block_done(i)`` is called after block i is checkpointed (tests use it to interrupt).
+    Under torchrun (``WORLD_SIZE`` > 1) every rank calls this; it returns on every rank once rank 0
+    has written the artifact. ``on_block_done(i)`` is called after block i is checkpointed (tests
+    use it to interrupt).
     """
-    _check_spec(spec)
+    try:
+        _check_spec(spec)
+        _check_parallel(spec, world_from_env())
+    except UserError as e:
+        if rank_from_env() != 0:  # the same flags, the same error on rank 0
+            raise SharedError(str(e), e.exit_code) from None
+        raise
+    with init_distributed(spec.device) as (dist, device):
+        if not dist.is_main:
+            progress = None  # one progress display: rank 0's
+        return _optimize(spec, dist, device, progress or Progress(enabled=False), on_block_done)
+
+
+def plan_optimize(spec: OptimizeSpec, progress: Progress | None = None) -> Plan:
+    """The memory pre-flight of ``spec`` alone (``--dry-run``): resolves the model (its config and
+    weight headers; no weights are loaded) and returns the estimate per rank for the launch in the
+    environment (torchrun's WORLD_SIZE / LOCAL_WORLD_SIZE, or one process). UserError, with the
+    numbers and what to change, when the run cannot fit. ``optimize`` runs the same check first."""
     progress = progress or Progress(enabled=False)
+    _check_spec(spec)
+    world = world_from_env()
+    _check_parallel(spec, world)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return _plan(spec, _resolve(spec, progress, LOCAL), LOCAL, spec.device, world, local_world)
+
+
+def _resolve(spec: OptimizeSpec, progress: Progress, dist: Dist):
+    """The resolved model: rank 0 resolves it first (a download or a conversion happens once); a
+    rank that sees rank 0's folder takes it as is (hashing 140 GB once is enough), a rank on
+    another machine resolves its own copy, which must have rank 0's sha256."""
+    from ..models import resolve_model
+
+    first = dist.on_main(lambda: resolve_model(spec.model, progress=progress.enabled))
+
+    def mine():
+        if dist.is_main or Path(first.path).is_dir():
+            return first
+        r = resolve_model(spec.model, progress=False)
+        if r.source.get("sha256") != first.source.get("sha256"):
+            raise UserError(f"the model {spec.model} on this machine ({r.path}) is not rank 0's (sha256 "
+                            f"{str(r.source.get('sha256'))[:12]} vs {str(first.source.get('sha256'))[:12]}): "
+                            "give every machine the same weights")
+        return r
+
+    return dist.agree(mine)
+
+
+def _plan(spec: OptimizeSpec, resolved, dist: Dist, device: str, world: int, local_world: int) -> Plan:
+    def check() -> Plan:
+        shape = ModelShape.from_folder(resolved.path)
+        groups = build_groups(spec.levels) if spec.method == "epts" else []
+        run = RunShape(method=spec.method, nsamples=spec.calib.nsamples, seqlen=spec.calib.seqlen, groups=len(groups),
+                       rank=spec.train.rank, nm_levels=sum(1 for lv in spec.levels if lv.is_nm), world=world,
+                       local_world=local_world, device="cuda" if device.startswith("cuda") else "cpu",
+                       streams=spec.streams)
+        host = spec.host_memory_gib * GIB if spec.host_memory_gib else measure_host_available()
+        dev = spec.device_memory_gib * GIB if spec.device_memory_gib else measure_device_available(device)
+        p = plan(shape, run, int(host) if host else None, int(dev) if dev else None)
+        if not p.fits:
+            raise UserError(p.refusal())
+        return p
+
+    return dist.agree(check)  # each rank measures its own machine and device; rank 0 prints the first refusal
+
+
+def _optimize(spec: OptimizeSpec, dist: Dist, device: str, progress: Progress, on_block_done) -> Path:
     out = Path(spec.out)
     epts = spec.method == "epts"
     if spec.threads:
         torch.set_num_threads(spec.threads)
     t0 = time.time()
     local = [spec.model] if Path(spec.model).expanduser().exists() else []
-    check_destination(out, overwrite=spec.overwrite, inputs=local)
+    dist.on_main(lambda: check_destination(out, overwrite=spec.overwrite, inputs=local))
+    resolved = _resolve(spec, progress, dist)
+    estimate = _plan(spec, resolved, dist, device, dist.world, dist.local_world)
+    _note(progress, estimate.summary() + (f"; {dist.world} processes ({dist.backend})" if dist.world > 1 else ""))
     try:
-        with staged_dir(out, overwrite=spec.overwrite, resumable=epts, resume=spec.resume) as tmp:
-            run = _load(spec, progress)
+        with contextlib.ExitStack() as stack:
+            # rank 0 owns <out>.partial (the lock on a resumable run, the final rename); the other
+            # ranks write their streams into <out>.partial/ckpt of their own machine
+            tmp = dist.on_main(lambda: stack.enter_context(
+                staged_dir(out, overwrite=spec.overwrite, resumable=epts, resume=spec.resume)))
+            if not dist.is_main and epts:
+                tmp = partial_path(out)
+                (tmp / "ckpt").mkdir(parents=True, exist_ok=True)
+            run = _load(spec, resolved, progress, dist)
             metrics: list[dict] = []
             if epts:
-                metrics = _run_epts(run, spec, tmp / "ckpt", progress, on_block_done)
+                metrics = _run_epts(run, spec, tmp / "ckpt", progress, on_block_done, dist, device, estimate)
             elif spec.method == "magnitude":
-                with torch.no_grad():
-                    for block in get_blocks(run.model, run.fam):
-                        prune_magnitude(prunable_linears(block, run.fam), spec.levels[0])
+                if dist.is_main:  # no data, nothing to share: rank 0 prunes, the others wait
+                    with torch.no_grad():
+                        for block in get_blocks(run.model, run.fam):
+                            prune_magnitude(prunable_linears(block, run.fam), spec.levels[0])
             else:
-                _run_baseline(run, spec, progress)
-            with progress.status("writing artifact"):
-                _write_artifact(tmp, run, spec, metrics, time.time() - t0)
+                _run_baseline(run, spec, progress, dist, device, estimate)
+            if dist.is_main:
+                with progress.status("writing artifact"):
+                    _write_artifact(tmp, run, spec, metrics, time.time() - t0, estimate, dist)
+            elif epts:
+                _drop_worker_files(tmp, dist)
     except KeyboardInterrupt:
         if epts:
             raise UserError(f"interrupted; the finished blocks are checkpointed in {out}.partial: "
                             "re-run with --resume to continue", exit_code=130) from None
         raise UserError("interrupted; nothing was written", exit_code=130) from None
+    dist.barrier()  # every rank returns once the artifact exists
     return out
 
 
-def _load(spec: OptimizeSpec, progress: Progress) -> _Run:
-    """Resolve and load the model, check the levels against it, build the calibration set."""
+def _note(progress: Progress, message: str) -> None:
+    if progress.enabled:
+        from ..progress import console
+
+        console.print(f"[green]✓[/] {message}", highlight=False)
+
+
+def _load(spec: OptimizeSpec, resolved, progress: Progress, dist: Dist = LOCAL) -> _Run:
+    """Load the resolved model, check the levels against it, build the calibration set (on rank 0,
+    shared with the others, so every rank calibrates on the same windows)."""
     from ..artifact.evaluate import check_context
-    from ..models import load_model, resolve_model
+    from ..models import load_model
 
     with progress.status(f"loading model {spec.model}"):
-        resolved = resolve_model(spec.model, progress=progress.enabled)
-        model, tok = load_model(resolved)
-    fam = family_for(model)
-    _check_nm(model, fam, spec.levels)
-    check_context(spec.calib.seqlen, model.config)
+        model, tok = dist.agree(lambda: load_model(resolved))
+
+    def checks() -> Family:
+        fam = family_for(model)
+        _check_nm(model, fam, spec.levels)
+        check_context(spec.calib.seqlen, model.config)
+        return fam
+
+    fam = dist.agree(checks)
     calib = None
     if spec.method != "magnitude":
         with progress.status(f"building calibration set from {spec.calib.source}"):
-            calib = build_calibration(spec.calib, tok, model, model_key=resolved.source.get("sha256"))
+            calib = dist.on_main(lambda: build_calibration(spec.calib, tok, model, model_key=resolved.source.get("sha256")))
     settings = {"method": spec.method, "levels": [lv.name for lv in spec.levels], **asdict(spec.train),
                 "nsamples": spec.calib.nsamples, "seqlen": spec.calib.seqlen, "seed": spec.calib.seed, "device": spec.device}
     fingerprint = sha256_bytes(json.dumps({"model": resolved.source.get("sha256"), "calib": calib.record if calib else None,
@@ -166,7 +294,8 @@ def _load(spec: OptimizeSpec, progress: Progress) -> _Run:
     return _Run(model, tok, fam, resolved.source, groups, calib, settings, fingerprint)
 
 
-def _write_artifact(tmp: Path, run: _Run, spec: OptimizeSpec, metrics: list[dict], elapsed: float) -> None:
+def _write_artifact(tmp: Path, run: _Run, spec: OptimizeSpec, metrics: list[dict], elapsed: float,
+                    estimate: Plan | None = None, dist: Dist = LOCAL) -> None:
     """model/, elastic.safetensors (EPTS) and manifest.json into the staged folder."""
     from ..models.hf import save_model, save_tokenizer
 
@@ -193,35 +322,46 @@ def _write_artifact(tmp: Path, run: _Run, spec: OptimizeSpec, metrics: list[dict
         "versions": library_versions(),
         "elapsed_s": round(elapsed, 1),
         "block_metrics": metrics,
+        "parallel": {"world_size": dist.world, "backend": dist.backend},
     }
+    if estimate is not None:
+        manifest["memory_estimate"] = estimate.to_dict()
     if spec.method != "epts":
         manifest["measured_sparsity"] = round(measured_sparsity(model), 6)
     manifest["files"] = file_hashes(tmp)
     write_json(tmp / "manifest.json", manifest)
 
 
-def _run_baseline(run: _Run, spec: OptimizeSpec, progress: Progress) -> None:
+def _streams_device(device: str, estimate: Plan) -> str:
+    return device if estimate.streams_on == "device" else "cpu"
+
+
+def _run_baseline(run: _Run, spec: OptimizeSpec, progress: Progress, dist: Dist = LOCAL, device: str = "cpu",
+                  estimate: Plan | None = None) -> None:
     blocks = get_blocks(run.model, run.fam)
-    samples = run.calib.samples
+    samples = run.calib.samples[dist.owned(len(run.calib.samples))]  # this rank's windows
+    streams_dev = _streams_device(device, estimate) if estimate else "cpu"
     inps = capture_block_inputs(run.model, run.fam, samples)
-    kwargs_dev = to_device(inps.kwargs, spec.device)
-    hidden = inps.hidden
+    kwargs_dev = to_device(inps.kwargs, device)
+    hidden = [h.to(streams_dev) for h in inps.hidden]
     with progress.task(f"{spec.method} {spec.levels[0].name}", total=2 * len(samples) * len(blocks)) as advance:
         for block in blocks:
-            block.to(spec.device)
+            block.to(device)
             hidden = prune_block_calibrated(spec.method, block, prunable_linears(block, run.fam), hidden, kwargs_dev,
-                                            spec.levels[0], spec.device, advance)
+                                            spec.levels[0], device, advance, dist=dist, streams_device=streams_dev)
             block.to("cpu")
 
 
-def _resume_state(run: _Run, ckpt: Path) -> tuple[int, list[dict], list, list, dict]:
-    """(first block to do, metrics so far, dense stream, sparse stream, block kwargs): from the
-    checkpoint of an interrupted run with the same fingerprint, or a fresh start."""
-    samples = run.calib.samples
+def _streams_file(ckpt: Path, dist: Dist) -> Path:
+    """This rank's streams checkpoint: one file per rank, on the rank's own machine."""
+    return ckpt / ("streams.safetensors" if dist.world == 1 else f"streams.rank{dist.rank}-of-{dist.world}.safetensors")
+
+
+def _read_state(run: _Run, ckpt: Path, dist: Dist) -> dict | None:
+    """The checkpoint state of an interrupted run (rank 0 reads it), or None for a fresh start."""
     state_file = ckpt / "state.json"
     if not state_file.exists():
-        inps = capture_block_inputs(run.model, run.fam, samples)
-        return 0, [], inps.hidden, [h.clone() for h in inps.hidden], inps.kwargs
+        return None
     try:
         state = json.loads(state_file.read_text())
     except (ValueError, OSError) as e:
@@ -229,34 +369,113 @@ def _resume_state(run: _Run, ckpt: Path) -> tuple[int, list[dict], list, list, d
     if not isinstance(state, dict) or state.get("fingerprint") != run.fingerprint:
         raise UserError(f"{ckpt.parent} was started with a different model, calibration or settings; "
                         "delete it or re-run with the original arguments")
-    streams = _load_checkpoint(ckpt / "streams.safetensors")
+    world = state.get("world_size", 1)
+    if world != dist.world:
+        how = "without torchrun" if world == 1 else f"under torchrun with {world} processes in all"
+        raise UserError(f"{ckpt.parent} was started with {world} process(es) and this run has {dist.world}: "
+                        f"its streams are saved per process; resume it {how}, or delete it to start over")
+    return state
+
+
+def _resume_state(run: _Run, ckpt: Path, dist: Dist = LOCAL, nblocks: int | None = None) -> tuple[int, list[dict], list, list, dict]:
+    """(first block to do, metrics so far, dense stream, sparse stream, block kwargs) for this rank's
+    windows: from the checkpoint of an interrupted run with the same fingerprint and world size,
+    or a fresh start."""
+    samples = run.calib.samples
+    ids = dist.owned(len(samples))
+    state = dist.on_main(lambda: _read_state(run, ckpt, dist))
+    if state is None:
+        inps = capture_block_inputs(run.model, run.fam, samples[ids])
+        return 0, [], inps.hidden, [h.clone() for h in inps.hidden], inps.kwargs
+    done = int(state["done"])
     kwargs = capture_block_inputs(run.model, run.fam, samples[:1]).kwargs
-    return (int(state["done"]), state["metrics"], list(streams["dense"].unbind(0)), list(streams["sparse"].unbind(0)),
-            kwargs)
+    if nblocks is not None and done >= nblocks:  # every block is done: only the artifact is left to write
+        return done, state["metrics"], [], [], kwargs
+    dense, sparse = dist.agree(lambda: _load_streams(_streams_file(ckpt, dist), done, len(ids)))
+    return done, state["metrics"], dense, sparse, kwargs
 
 
-def _run_epts(run: _Run, spec: OptimizeSpec, ckpt: Path, progress: Progress, on_block_done) -> list[dict]:
+def _run_epts(run: _Run, spec: OptimizeSpec, ckpt: Path, progress: Progress, on_block_done, dist: Dist = LOCAL,
+              device: str = "cpu", estimate: Plan | None = None) -> list[dict]:
     blocks = get_blocks(run.model, run.fam)
     nblocks = len(blocks)
+    nwindows = len(run.calib.samples)
     ckpt.mkdir(parents=True, exist_ok=True)
-    start, metrics, dense, sparse, kwargs = _resume_state(run, ckpt)
-    kwargs_dev = to_device(kwargs, spec.device)
-    per_block = cost_per_block(len(run.calib.samples), spec.train.epochs, len(run.groups))
+    start, metrics, dense, sparse, kwargs = _resume_state(run, ckpt, dist, nblocks)
+    streams_dev = _streams_device(device, estimate) if estimate else "cpu"
+    dense, sparse = [h.to(streams_dev) for h in dense], [h.to(streams_dev) for h in sparse]
+    kwargs_dev = to_device(kwargs, device)
+    per_block = cost_per_block(len(dist.owned(nwindows)), spec.train.epochs, len(run.groups))
     with progress.task("EPTS", total=per_block * nblocks, completed=per_block * start) as advance:
         for i in range(start, nblocks):
             progress.describe(f"EPTS block {i + 1}/{nblocks}")
-            block = blocks[i].to(spec.device)
+            block = blocks[i].to(device)
             res = optimize_block(block, prunable_linears(block, run.fam), dense, sparse, kwargs_dev, run.groups, spec.train,
-                                 seed=spec.calib.seed * 1_000_003 + i, device=spec.device, advance=advance)
+                                 seed=spec.calib.seed * 1_000_003 + i, device=device, advance=advance, dist=dist,
+                                 nwindows=nwindows, streams_device=streams_dev)
             blocks[i].to("cpu")
             dense, sparse = res.dense_out, res.sparse_out
-            _save_tensors(_block_tensors(i, res), ckpt / f"block_{i:04d}.safetensors")
-            _save_tensors({"dense": torch.stack(dense), "sparse": torch.stack(sparse)}, ckpt / "streams.safetensors")
+            if dist.is_main:
+                _save_tensors(_block_tensors(i, res), ckpt / f"block_{i:04d}.safetensors")
+            _save_streams(_streams_file(ckpt, dist), dense, sparse, done=i + 1)
             metrics.append({"block": i, "low_group_lora": res.low_group_lora, **res.metrics})
-            write_json(ckpt / "state.json", {"fingerprint": run.fingerprint, "done": i + 1, "metrics": metrics})
+            dist.barrier()  # every rank's streams are on disk before the state says block i is done
+            if dist.is_main:
+                write_json(ckpt / "state.json", {"fingerprint": run.fingerprint, "done": i + 1, "world_size": dist.world,
+                                                 "metrics": metrics})
             if on_block_done:
                 on_block_done(i)
     return metrics
+
+
+def _drop_worker_files(tmp: Path, dist: Dist) -> None:
+    """A rank other than 0, once every block is done: its streams are not needed any more. On
+    another machine than rank 0's, the folders it made are removed too once empty."""
+    ckpt = tmp / "ckpt"
+    _streams_file(ckpt, dist).unlink(missing_ok=True)
+    for folder in (ckpt, tmp):
+        with contextlib.suppress(OSError):  # not empty (rank 0's machine) or already gone
+            folder.rmdir()
+
+
+def _save_streams(path: Path, dense: list[torch.Tensor], sparse: list[torch.Tensor], done: int) -> None:
+    """One rank's two streams as a safetensors file ("dense.<k>", "sparse.<k>", k = the rank's k-th
+    window), written one window at a time: streams kept on the GPU pass through the host one
+    window at a time, and CPU streams are written without a copy (safetensors' save_file would
+    first build the whole file in memory)."""
+    tensors = [(f"{name}.{k}", t) for name, stream in (("dense", dense), ("sparse", sparse)) for k, t in enumerate(stream)]
+    header: dict = {"__metadata__": {"done": str(done), "windows": str(len(dense))}}
+    offset = 0
+    for key, t in tensors:
+        assert t.dtype == torch.float32, f"{key} is {t.dtype}"
+        nbytes = t.numel() * 4
+        header[key] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for _, t in tensors:
+            f.write(memoryview(t.detach().cpu().contiguous().numpy()).cast("B"))
+
+
+def _load_streams(path: Path, done: int, windows: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """This rank's streams after block ``done``, from ``_save_streams``; UserError when the file is
+    unreadable, or from another block or world size than the state says."""
+    from safetensors import safe_open
+
+    tensors = _load_checkpoint(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - load_file just read it
+        meta = {}
+    if meta.get("done") != str(done) or meta.get("windows") != str(windows):
+        raise UserError(f"checkpoint {path} holds the streams of {meta.get('windows', '?')} windows after block "
+                        f"{meta.get('done', '?')}, but the run is at block {done} with {windows} windows on this rank "
+                        f"(it was interrupted while saving): delete {path.parent.parent} to start over")
+    return ([tensors[f"dense.{k}"] for k in range(windows)], [tensors[f"sparse.{k}"] for k in range(windows)])
 
 
 def _block_tensors(i: int, res: BlockResult) -> dict[str, torch.Tensor]:

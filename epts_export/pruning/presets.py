@@ -8,7 +8,8 @@ from importlib import resources
 
 from ..errors import UserError
 
-PRESET_KEYS = {"description": str, "calib": str, "nsamples": int, "seqlen": int, "epochs": int, "rank": int, "lr": float}
+PRESET_KEYS = {"description": str, "calib": str, "nsamples": int, "seqlen": int, "epochs": int, "rank": int, "lr": float,
+               "batch": int}
 
 
 def available() -> list[str]:
