@@ -16,10 +16,14 @@ The forms, per level of the baked export:
   builds every weight on every call (what dynamic mode was before the split);
 - switch: ``weights.onnx`` + ``decoder.onnx`` through ``ElasticDecoder``, opened once; "switch
   ms" is ``set_level`` into the level (median of 3, each from another level), then the latency
-  at that level, and the largest |logit| difference from the baked graph on the prefill.
+  at that level in place, and the largest |logit| difference from the baked graph on the prefill;
+  "repacked": a second ElasticDecoder(repack=True) switched to the level, once its background
+  pre-packed session is ready ("repacked after s").
 
-Latency: batch 1, a 128-token prefill from an empty past (median of --repeats after a warm-up),
-then --decode single-token steps on top of it (median of all but the first). With --dense (an
+Latency: batch 1, a 128-token prefill from an empty past, then --decode single-token steps on
+top of it, repeated for --repeats rounds; decoders that are compared run in turns within each
+round (``paired``), so that the machine's drift hits them alike; medians over the rounds. The
+whole graph runs on its own (3 prefills, then the decode steps). With --dense (an
 optimum-cli export of the dense model) sizes are relative to it, else to a baked level (the
 same bytes: a baked level is the dense graph with zeros in it).
 """
@@ -103,49 +107,163 @@ def export_mb(folder: Path, names) -> float:
     return sum((folder / n).stat().st_size for n in names if (folder / n).exists()) / 1e6
 
 
+def paired(decs: dict, prefill: int, decode: int, rounds: int) -> dict[str, dict]:
+    """Latency of several decoders measured in turns (round r runs each once, in alternating
+    order), so that the machine's drift hits them alike: per round a prefill from an empty past,
+    then ``decode`` steps on top of it. Medians over all rounds."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(10, 1000, (1, prefill))
+    mask = np.ones_like(ids)
+    steps = rng.integers(10, 1000, (decode, 1, 1))
+    times = {n: ([], []) for n in decs}
+    for d in decs.values():  # warm-up
+        d.step(ids, mask, positions(mask, 0), d.empty_past(1))
+    for r in range(rounds):
+        for n in (list(decs) if r % 2 == 0 else list(reversed(decs))):
+            d, (pre, dec) = decs[n], times[n]
+            t = time.perf_counter()
+            _, past = d.step(ids, mask, positions(mask, 0), d.empty_past(1))
+            pre.append(time.perf_counter() - t)
+            m = mask
+            for i in range(decode):
+                m = np.concatenate([m, np.ones((1, 1), np.int64)], axis=1)
+                t = time.perf_counter()
+                _, past = d.step(steps[i], m, positions(m, prefill + i), past)
+                dec.append(time.perf_counter() - t)
+    out = {}
+    for n, (pre, dec) in times.items():
+        ms = statistics.median(dec) * 1e3
+        out[n] = {"prefill_ms": round(statistics.median(pre) * 1e3, 2), "decode_ms": round(ms, 2),
+                  "decode_tok_s": round(1e3 / ms, 1)}
+    return out
+
+
 def compare_forms(baked_dir: Path, dyn_dir: Path, args, label: str) -> list[dict]:
-    """One row per level: baked, whole graph and switch form, measured one after the other."""
+    """One row per level: baked and switch form measured in turns, the whole graph after them."""
     baked, dyn = OnnxExport.open(baked_dir, verify="skip"), OnnxExport.open(dyn_dir, verify="skip")
     t = time.perf_counter()
     sw = ElasticDecoder(dyn.path, level=len(dyn.levels) - 1)
     open_s = time.perf_counter() - t
     print(f"{label}: ElasticDecoder opened in {open_s:.2f} s ({sw.optimization})", flush=True)
+    packed = ElasticDecoder(dyn.path, level=len(dyn.levels) - 1, repack=True)
     rows = []
     for lv in baked.levels:
         idx, other = dyn.level_index(lv), (dyn.level_index(lv) + 1) % len(dyn.levels)
         t = time.perf_counter()
         bdec = OrtDecoder(baked.graph_path(lv))
         row = {"dtype": label, "level": lv.name, "baked_load_s": round(time.perf_counter() - t, 2)}
-        row["baked"] = latency(bdec, args.prefill, args.decode, args.repeats)
-        ref = prefill_logits(bdec)
-        del bdec
-        if not args.skip_whole:
-            row["whole"] = {**latency(OrtDecoder(dyn.path / "model.onnx", level=idx), args.prefill, args.decode, args.repeats),
-                            **weight_build_share(dyn.path / "model.onnx", idx, args.prefill, 8)}
         switches = []
         for _ in range(3):
             sw.set_level(other)
             switches.append(sw.set_level(idx))
         row["switch_ms"] = round(statistics.median(switches) * 1e3, 1)
-        row["switch"] = latency(sw, args.prefill, args.decode, args.repeats)
-        row["max_abs_vs_baked"] = float(np.abs(prefill_logits(sw) - ref).max())
+        row["max_abs_vs_baked"] = float(np.abs(prefill_logits(sw) - prefill_logits(bdec)).max())
+        packed.set_level(idx)
+        packed.wait_packed()
+        row["repack_s"] = round(packed.repack_s, 2) if packed.repack_s else None
+        lat = paired({"baked": bdec, "switch": sw, "packed": packed}, args.prefill, args.decode, args.repeats)
+        assert packed.packed, "the packed session was not taken"
+        row["baked"], row["switch"], row["packed"] = lat["baked"], lat["switch"], lat["packed"]
+        del bdec
+        if not args.skip_whole:
+            row["whole"] = {**latency(OrtDecoder(dyn.path / "model.onnx", level=idx), args.prefill, args.decode, 3),
+                            **weight_build_share(dyn.path / "model.onnx", idx, args.prefill, 8)}
         rows.append(row)
         print(row, flush=True)
     return [{"open_s": round(open_s, 2), "optimization": sw.optimization}] + rows
+
+
+class _WeightsAsInputs:
+    """The rejected alternative: decoder.onnx with its prunable weights as graph inputs, bound once
+    per step through IOBinding (no copy), so that a switch is one weight build too."""
+
+    def __init__(self, folder: Path, level: int):
+        import onnx
+        import onnxruntime as ort
+
+        builder = ort.InferenceSession(str(folder / "weights.onnx"), providers=["CPUExecutionProvider"])
+        names = [o.name for o in builder.get_outputs()]
+        self.weights = {n: ort.OrtValue.ortvalue_from_numpy(w)
+                        for n, w in zip(names, builder.run(None, {"sparsity_level": np.array(level, np.int64)}))}
+        g = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
+        dims = {t.name: (t.data_type, list(t.dims)) for t in g.graph.initializer if t.name in self.weights}
+        kept = [t for t in g.graph.initializer if t.name not in self.weights]
+        del g.graph.initializer[:]
+        g.graph.initializer.extend(kept)
+        g.graph.input.extend(onnx.helper.make_tensor_value_info(n, *dims[n]) for n in names)
+        # beside model.onnx_data (ORT refuses external data outside the graph's folder, links too)
+        graph = folder / f".bench-weights-as-inputs-{os.getpid()}.onnx"
+        graph.write_bytes(g.SerializeToString())
+        try:
+            self.session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        finally:
+            graph.unlink()
+        self.inner = OrtDecoder.__new__(OrtDecoder)
+        self.inner._attach(self.session)
+
+    def empty_past(self, batch):
+        return self.inner.empty_past(batch)
+
+    def step(self, input_ids, attention_mask, position_ids, past):
+        b = self.session.io_binding()
+        for n, v in (("input_ids", input_ids), ("attention_mask", attention_mask), ("position_ids", position_ids)):
+            b.bind_cpu_input(n, np.ascontiguousarray(v, dtype=np.int64))
+        for n, pv in zip(self.inner.past_names, past):
+            b.bind_cpu_input(n, np.ascontiguousarray(pv, dtype=self.inner.past_dtype))
+        for n, w in self.weights.items():
+            b.bind_ortvalue_input(n, w)
+        for o in self.inner.output_names:
+            b.bind_output(o)
+        self.session.run_with_iobinding(b)
+        outs = b.copy_outputs_to_cpu()
+        return outs[0], list(outs[1:])
+
+
+def alternatives(baked_dir: Path, dyn_dir: Path, args) -> dict:
+    """The designs at the first level, measured in turns: the baked graph, a new decoder session
+    per switch (ORT's add_initializer overrides, pre-packing on as usual), the weights as graph
+    inputs, and ElasticDecoder (pre-packing off)."""
+    import onnxruntime as ort
+
+    baked, dyn = OnnxExport.open(baked_dir, verify="skip"), OnnxExport.open(dyn_dir, verify="skip")
+    lv = baked.levels[0]
+    level = dyn.level_index(lv)
+    folder = dyn.path
+    builder = ort.InferenceSession(str(folder / "weights.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in builder.get_outputs()]
+    t = time.perf_counter()
+    values = [ort.OrtValue.ortvalue_from_numpy(w) for w in builder.run(None, {"sparsity_level": np.array(level, np.int64)})]
+    opts = ort.SessionOptions()
+    for n, v in zip(names, values):
+        opts.add_initializer(n, v)
+    session = ort.InferenceSession(str(folder / "decoder.onnx"), opts, providers=["CPUExecutionProvider"])
+    new_session_s = time.perf_counter() - t
+    per_level = OrtDecoder.__new__(OrtDecoder)
+    per_level._attach(session)
+    per_level.dynamic = False
+    decs = {"baked": OrtDecoder(baked.graph_path(lv)), "new_session": per_level,
+            "weights_as_inputs": _WeightsAsInputs(folder, level), "switch": ElasticDecoder(folder, level=level)}
+    out = paired(decs, args.prefill, args.decode, args.repeats)
+    out["new_session"]["switch_s"] = round(new_session_s, 2)
+    out["level"] = lv.name
+    return out
 
 
 def print_latency(rows: list[dict], prefill: int) -> None:
     head = rows[0]
     print(f"\nswitch form opened once in {head['open_s']:.2f} s (graph optimization {head['optimization']})\n")
     print(f"| level | baked: load s | prefill {prefill} ms | decode ms | whole graph: prefill ms | decode ms | "
-          f"switch: switch ms | prefill ms (x baked) | decode ms (x baked) | max abs logit diff vs baked |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"switch ms | in place: prefill ms (x baked) | decode ms (x baked) | repacked after s | "
+          f"repacked: prefill ms (x baked) | decode ms (x baked) | max abs logit diff vs baked |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows[1:]:
-        b, s = r["baked"], r["switch"]
+        b, s, k = r["baked"], r["switch"], r["packed"]
         whole = (f"{r['whole']['prefill_ms']:.1f} | {r['whole']['decode_ms']:.1f}" if "whole" in r else " | ")
         print(f"| {r['level']} | {r['baked_load_s']:.2f} | {b['prefill_ms']:.1f} | {b['decode_ms']:.2f} | {whole} | "
               f"{r['switch_ms']:.0f} | {s['prefill_ms']:.1f} ({s['prefill_ms'] / b['prefill_ms']:.2f}) | "
-              f"{s['decode_ms']:.2f} ({s['decode_ms'] / b['decode_ms']:.2f}) | {r['max_abs_vs_baked']:.2e} |")
+              f"{s['decode_ms']:.2f} ({s['decode_ms'] / b['decode_ms']:.2f}) | {r['repack_s']} | "
+              f"{k['prefill_ms']:.1f} ({k['prefill_ms'] / b['prefill_ms']:.2f}) | "
+              f"{k['decode_ms']:.2f} ({k['decode_ms'] / b['decode_ms']:.2f}) | {r['max_abs_vs_baked']:.2e} |")
 
 
 def main() -> None:
@@ -156,8 +274,8 @@ def main() -> None:
     ap.add_argument("--dynamic-fp16", type=Path)
     ap.add_argument("--dense", type=Path, help="optimum-cli export of the dense model (folder with model.onnx)")
     ap.add_argument("--prefill", type=int, default=128)
-    ap.add_argument("--decode", type=int, default=33)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--decode", type=int, default=16, help="decode steps per round")
+    ap.add_argument("--repeats", type=int, default=6, help="rounds (each runs every decoder once)")
     ap.add_argument("--skip-whole", action="store_true", help="do not measure the whole graph (slow)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -179,6 +297,8 @@ def main() -> None:
                       "code_fields": dyn.manifest.get("code_fields")})
         print(sizes[-1], flush=True)
     results = {"fp32": compare_forms(args.baked, args.dynamic, args, "fp32")}
+    alt = alternatives(args.baked, args.dynamic, args)
+    print(alt, flush=True)
     if args.baked_fp16 and args.dynamic_fp16:
         results["fp16"] = compare_forms(args.baked_fp16, args.dynamic_fp16, args, "fp16")
 
@@ -191,10 +311,27 @@ def main() -> None:
     for dtype, rows in results.items():
         print(f"\n{dtype}:")
         print_latency(rows, args.prefill)
+    first = results["fp32"][1]
+    print(f"\nthe designs at level {alt['level']} (fp32, measured in turns):\n")
+    print(f"| design | level switch | prefill {args.prefill} ms | decode ms/token |")
+    print("|---|---:|---:|---:|")
+    print(f"| baked graphs: open the level's graph | {first['baked_load_s']:.2f} s | {alt['baked']['prefill_ms']:.1f} | "
+          f"{alt['baked']['decode_ms']:.2f} |")
+    if "whole" in first:
+        print(f"| whole graph, level as input | 0 | {first['whole']['prefill_ms']:.1f} | {first['whole']['decode_ms']:.2f} |")
+    n = alt["new_session"]
+    print(f"| build + a new decoder session (add_initializer, pre-packing on) | {n['switch_s']:.2f} s | "
+          f"{n['prefill_ms']:.1f} | {n['decode_ms']:.2f} |")
+    w = alt["weights_as_inputs"]
+    print(f"| build + weights as graph inputs (IOBinding) | one build | {w['prefill_ms']:.1f} | {w['decode_ms']:.2f} |")
+    print(f"| build into the decoder's own buffers (ElasticDecoder) | {first['switch_ms']:.0f} ms | "
+          f"{alt['switch']['prefill_ms']:.1f} | {alt['switch']['decode_ms']:.2f} |")
+    print(f"| the same, repack=True, once the packed session is ready ({first['repack_s']} s later) | {first['switch_ms']:.0f} ms | "
+          f"{first['packed']['prefill_ms']:.1f} | {first['packed']['decode_ms']:.2f} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"prefill_tokens": args.prefill, "decode_steps": args.decode, "repeats": args.repeats,
-                                         "sizes": sizes, "latency": results}, indent=2) + "\n")
+                                         "sizes": sizes, "latency": results, "alternatives": alt}, indent=2) + "\n")
         print(f"wrote {args.json}")
 
 

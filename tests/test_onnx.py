@@ -293,6 +293,27 @@ def test_elastic_decoder_switches_in_place_like_baked(exports, fam):
     assert greedy(dec.step, dec.empty_past(1), prompt, 12) == greedy(fresh.step, fresh.empty_past(1), prompt, 12)
 
 
+def test_repack_takes_a_packed_session_at_the_next_generation(exports):
+    """repack=True: after a switch a pre-packed session of the new level is built in the
+    background; the next generation (a step from an empty past) takes it, a running one never does."""
+    dyn, baked = OnnxExport.open(exports("llama", "dynamic")), OnnxExport.open(exports("llama"))
+    ids = np.array([[5, 6, 7, 8]])
+    dec = ElasticDecoder(dyn.path, level=0, repack=True)
+    _, past = _prefill(dec, ids)  # (the packed session may or may not be ready yet)
+    dec.set_level(2)
+    assert not dec.packed and dec.wait_packed() and dec.repack_s > 0
+    mask = np.ones((1, 5), np.int64)
+    dec.step(np.array([[9]]), mask, positions(mask, 4), past)  # mid-generation: stays in place
+    assert not dec.packed
+    got = _prefill(dec, ids)
+    assert dec.packed
+    want = _prefill(OrtDecoder(baked.graph_path(parse_level("0.7"))), ids)
+    assert np.abs(got[0] - want[0]).max() < 1e-4
+    dec.set_level(3)  # a switch drops the packed session of the old level at once
+    assert not dec.packed
+    assert np.abs(_prefill(dec, ids)[0] - _prefill(OrtDecoder(baked.graph_path(parse_level("2:4"))), ids)[0]).max() < 1e-4
+
+
 def test_prepacked_weights_would_hide_the_switch(exports):
     """Why ElasticDecoder turns ONNX Runtime's pre-packing off: with it on, the decoder packs its
     weights into its own buffers at load, and rewriting ours changes nothing, silently. If this
@@ -386,6 +407,28 @@ def test_validate_fails_when_the_switch_does_not_reach_the_weights(exports, monk
     assert not report["passed"]
     assert any("switched/" in f for f in report["failures"])
     assert all(e["checks"]["prefill"]["passed"] for e in report["levels"])  # model.onnx itself is fine
+
+
+def test_a_dynamic_export_without_the_parts_still_runs_and_validates(exports, tmp_path):
+    """A dynamic export from before the split (model.onnx only): run drives the whole graph, and
+    validate checks it without the switch checks."""
+    from epts_export.deploy.runner import Runner
+
+    old = tmp_path / "old"
+    shutil.copytree(exports("opt", "dynamic"), old)
+    m = json.loads((old / "manifest.json").read_text())
+    for name in ("weights.onnx", "decoder.onnx", "levels.json", "decoder.needs-level-weights"):
+        (old / name).unlink()
+        del m["files"][name]
+    (old / "manifest.json").write_text(json.dumps(m))
+    runner = Runner(old)
+    assert [runner.generate(parse_level(x), "w1 w2", 4)["tokens"] for x in ("0.5", "2:4")] == \
+        [Runner(exports("opt", "dynamic")).generate(parse_level(x), "w1 w2", 4)["tokens"] for x in ("0.5", "2:4")]
+    report = validate(old)
+    assert report["passed"], report["failures"]
+    assert all("switch" not in e["checks"] for e in report["levels"])
+    with pytest.raises(UserError, match="weights.onnx is missing"):
+        ElasticDecoder(old, level=0)
 
 
 def test_run_generates_from_export_folders_and_switches_in_place(exports, tmp_path):

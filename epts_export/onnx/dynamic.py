@@ -14,13 +14,14 @@ level. They are packed either as one field (nm bits low, bucket on top: 4 bits f
 along axis 0, so one shift (a uint8 Mul by 2**shl) over a broadcast (k, K/k, N) view, one compare
 and a free Reshape unpack it. ``shl`` moves the level's subfield to the top of the byte and
 ``thr`` is its threshold there (0: the field does not constrain that level). The adapters are
-the stacked A/B_t of the groups some exported level uses (scale folded into B_t); ``rows(level)``
-lists a block's adapter rows for the level (``core.rule``: none for a low-group level in a block
-whose low-group check failed), padded with a zero row and cut by ``Slice``. Gemm adds A B to W in
+the stacked A/B_t rows that some exported level of the block uses (scale folded into B_t);
+``rows(level)`` lists the block's rows for the level, cut by ``Slice``, and a per-block factor
+multiplies them: 1, or 0 for a level that uses none (``core.rule``: a low-group level in a block
+whose low-group check failed). Gemm adds A B to W in
 one pass; the mask is applied with Mul (ONNX Runtime's Where is several times slower).
 
-An index outside the table selects a row of NaN adapters, so every built weight, and with them
-every output of the whole graph, is NaN: a wrong index can never pass for a real level's output.
+An index outside the table multiplies the adapter rows by NaN, so every built weight, and with
+them every output of the whole graph, is NaN: a wrong index can never pass for a real level's output.
 
 ``split_graphs`` cuts the whole graph in two that share its tensors: ``weights.onnx``
 (``sparsity_level`` -> every prunable weight) and ``decoder.onnx`` (the decoder with those weights
@@ -149,12 +150,13 @@ class ElasticTables:
     levels: list[Level]
     fields: list[CodeField]
     codes: dict[str, dict[str, np.ndarray]]  # weight name -> field name -> packed (K/k, N) uint8
-    lora_a: dict[str, np.ndarray]  # weight name -> (R+2, in): row R zero, row R+1 NaN
-    lora_b_t: dict[str, np.ndarray]  # weight name -> (R+2, out), scale folded: row R zero, row R+1 NaN
+    lora_a: dict[str, np.ndarray]  # weight name -> (R_b, in): the adapter rows some level of its block uses
+    lora_b_t: dict[str, np.ndarray]  # weight name -> (R_b, out), scale folded
     block_of: dict[str, int]  # weight name -> block
-    rank_idx: list[np.ndarray]  # per block (levels + 1, max_r) int64, padded with R; the last row: [R+1] (NaN)
+    rank_idx: list[np.ndarray]  # per block (levels + 1, max_r) int64 rows into its R_b, padded with 0
     rank_cnt: list[np.ndarray]  # per block (levels + 1,) int64, >= 1
-    # fp16 exports: lora_a/lora_b_t hold int8 rows and these their per-row float16 scales (R+2,), NaN at R+1
+    factor: list[np.ndarray]  # per block (levels + 1,): 1; 0 for a level with no adapter rows; NaN out of range
+    # fp16 exports: lora_a/lora_b_t hold int8 rows and these their per-row float16 scales (R_b,)
     lora_a_scale: dict[str, np.ndarray] | None = None
     lora_b_scale: dict[str, np.ndarray] | None = None
 
@@ -175,12 +177,20 @@ class ElasticTables:
         used = sorted({g for lv in levels for g in level_rule(elastic.groups, lv).groups})
         slot = {g: k for k, g in enumerate(used)}
         R = len(used) * r
-        rank_idx, rank_cnt = [], []
+        rank_idx, rank_cnt, factor, kept = [], [], [], []
         for b in range(len(elastic.low_flags)):
-            per_level = [elastic.rule(b, lv).rank_rows(r, slot) or [R] for lv in levels] + [[R + 1]]
+            per_level = [elastic.rule(b, lv).rank_rows(r, slot) for lv in levels]
+            keep = sorted({x for rows_ in per_level for x in rows_}) or [0]  # the rows this block ever uses
+            local = {x: k for k, x in enumerate(keep)}
+            # a level with no rows gathers row 0 times 0; out of range: level 0's rows times NaN
+            per_level = [[local[x] for x in rows_] or [0] for rows_ in per_level]
+            per_level.append(per_level[0])
             width = max(len(x) for x in per_level)
-            rank_idx.append(np.array([x + [R] * (width - len(x)) for x in per_level], dtype=np.int64))
+            rank_idx.append(np.array([x + [0] * (width - len(x)) for x in per_level], dtype=np.int64))
             rank_cnt.append(np.array([len(x) for x in per_level], dtype=np.int64))
+            used_rows = [bool(elastic.rule(b, lv).rank_rows(r, slot)) for lv in levels]
+            factor.append(np.array([1.0 if u else 0.0 for u in used_rows] + [np.nan]))
+            kept.append(torch.tensor(keep, dtype=torch.long))
 
         np_dtype = np.float16 if dtype == torch.float16 else np.float32
         sel = torch.tensor([g * r + j for g in used for j in range(r)], dtype=torch.long)
@@ -189,12 +199,11 @@ class ElasticTables:
             codes[name] = _codes(elastic.order(i, n), levels, fields)
             B, A = elastic.lora(i, n)
             A, B = A[sel], B[:, sel] * elastic.scale  # (R, in), (out, R)
-            pad_a = torch.stack([torch.zeros(A.shape[1]), torch.full((A.shape[1],), float("nan"))])
-            pad_b = torch.stack([torch.zeros(B.shape[0]), torch.full((B.shape[0],), float("nan"))])
-            lora_a[name] = torch.cat([A, pad_a]).numpy().astype(np_dtype)  # (R+2, in)
-            lora_b_t[name] = torch.cat([B.t(), pad_b]).numpy().astype(np_dtype)  # (R+2, out)
+            lora_a[name] = A[kept[i]].numpy().astype(np_dtype)  # (R_b, in)
+            lora_b_t[name] = B.t()[kept[i]].numpy().astype(np_dtype)  # (R_b, out)
             block_of[name] = i
-        tables = cls(levels, fields, codes, lora_a, lora_b_t, block_of, rank_idx, rank_cnt)
+        factor = [f.astype(np_dtype) for f in factor]
+        tables = cls(levels, fields, codes, lora_a, lora_b_t, block_of, rank_idx, rank_cnt, factor)
         if dtype == torch.float16:
             tables.lora_a, tables.lora_a_scale = _int8_rows(lora_a)
             tables.lora_b_t, tables.lora_b_scale = _int8_rows(lora_b_t)
@@ -204,8 +213,8 @@ class ElasticTables:
 def _int8_rows(tables: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Symmetric int8 per row: (R+2, n) float rows -> (int8 rows, float16 scales (R+2,)). fp16
     exports store adapters so: half the bytes, with a rounding error (1/254 of a row's largest
-    entry) of the order of float16's own rounding of the merged weight. The NaN row becomes
-    zeros with a NaN scale, which still makes every built weight NaN."""
+    entry) of the order of float16's own rounding of the merged weight. A row that is not finite
+    becomes zeros with a NaN scale, so it stays NaN."""
     q, scales = {}, {}
     for name, rows in tables.items():
         r = rows.astype(np.float32)
@@ -235,7 +244,7 @@ class _Builder:
 
 
 def _level_index(b: _Builder, n_levels: int) -> str:
-    """The row to gather: sparsity_level when it is in [0, n), else n (the NaN adapters' row)."""
+    """The row to gather: sparsity_level when it is in [0, n), else n (the out-of-range row: NaN factor)."""
     p, lvl = PREFIX, LEVEL_INPUT
     ge = b.node("GreaterOrEqual", [lvl, b.const(p + "zero_i64", np.array(0, np.int64))], p + "ge0")
     lt = b.node("Less", [lvl, b.const(p + "n_levels", np.array(n_levels, np.int64))], p + "lt_n")
@@ -258,11 +267,14 @@ def _selectors(b: _Builder, tables: ElasticTables, idx: str) -> tuple[dict, dict
         row = b.node("Gather", [b.const(f"{p}block{k}/rank_idx_table", ri), idx], f"{p}block{k}/rank_idx_row")
         cnt = b.node("Gather", [b.const(f"{p}block{k}/rank_cnt_table", rc), idx], f"{p}block{k}/rank_cnt")
         cnt1 = b.node("Unsqueeze", [cnt, p + "axis0"], f"{p}block{k}/rank_cnt_1d")
-        rows[k] = b.node("Slice", [row, p + "starts", cnt1], f"{p}block{k}/ranks")
+        ranks = b.node("Slice", [row, p + "starts", cnt1], f"{p}block{k}/ranks")
+        fac = b.node("Gather", [b.const(f"{p}block{k}/factor_table", tables.factor[k]), idx], f"{p}block{k}/factor")
+        rows[k] = (ranks, fac)
     return sel, rows
 
 
-def _weight_subgraph(b: _Builder, tables: ElasticTables, name: str, dense: onnx.TensorProto, sel: dict, rows: str) -> None:
+def _weight_subgraph(b: _Builder, tables: ElasticTables, name: str, dense: onnx.TensorProto, sel: dict,
+                     rows: tuple[str, str]) -> None:
     """The nodes that compute initializer ``name`` (now renamed ``<name>.dense``) at the selected level."""
     p, packed = PREFIX, tables.codes[name]
     shape = b.const(name + ".shape", np.array(list(dense.dims), np.int64))
@@ -276,7 +288,8 @@ def _weight_subgraph(b: _Builder, tables: ElasticTables, name: str, dense: onnx.
         keeps.append(b.node("Reshape", [keep, shape], f"{name}/{f.name}_keep2d"))  # (K, N): row j*K/k + c
     keep = keeps[0] if len(keeps) == 1 else b.node("And", keeps, name + "/keep")
     mask = b.node("Cast", [keep], name + "/mask", to=dense.data_type)
-    # rows of A (R+1, in) and of B_t (R+1, out): contiguous gathers; Gemm(transA) = A_sel^T B_sel + W_t
+    # rows of A (R_b, in) and of B_t (R_b, out): contiguous gathers; Gemm(transA) = A_sel^T B_sel + W_t
+    rows, factor = rows
     a = b.node("Gather", [b.const(name + ".lora_a", tables.lora_a[name]), rows], name + "/a", axis=0)
     bt = b.node("Gather", [b.const(name + ".lora_b_t", tables.lora_b_t[name]), rows], name + "/b", axis=0)
     if tables.lora_a_scale is not None:  # int8 rows: Cast, times their scale (r, 1)
@@ -286,6 +299,7 @@ def _weight_subgraph(b: _Builder, tables: ElasticTables, name: str, dense: onnx.
             raw = b.node("Cast", [a if key == "a" else bt], f"{name}/{key}_f", to=dense.data_type)
             out = b.node("Mul", [raw, sc], f"{name}/{key}_rows")
             a, bt = (out, bt) if key == "a" else (a, out)
+    a = b.node("Mul", [a, factor], name + "/a_level")  # x 0 (no adapters at this level) or NaN (out of range)
     merged = b.node("Gemm", [a, bt, dense.name], name + "/merged", transA=1)  # W + A B in one pass over W
     b.node("Mul", [merged, mask], name)  # the tensor the MatMul consumed as an initializer before
 

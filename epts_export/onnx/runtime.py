@@ -114,18 +114,23 @@ class OrtDecoder:
 
 
 class ElasticDecoder(OrtDecoder):
-    """A dynamic export served one level at a time, at a baked graph's speed, switching level in
-    place. ``weights.onnx`` builds a level's prunable weights straight into buffers this object
-    owns (IOBinding); ``decoder.onnx`` takes those buffers as its initializers
-    (``SessionOptions.add_initializer``) with ONNX Runtime's pre-packing off, so each run reads
-    the buffers themselves and not a copy packed at load. ``set_level`` rewrites the buffers:
-    one weight build, no new session.
+    """A dynamic export served one level at a time, switching level in place. ``weights.onnx``
+    builds a level's prunable weights straight into buffers this object owns (IOBinding);
+    ``decoder.onnx`` takes those buffers as its initializers (``SessionOptions.add_initializer``)
+    with ONNX Runtime's pre-packing off, so each run reads the buffers themselves and not a copy
+    packed at load. ``set_level`` rewrites the buffers: one weight build, no new session.
+
+    Unpacked weights cost ONNX Runtime's CPU MatMul about 14% per decoded token. With
+    ``repack=True`` (CPU, long-lived serving) each level also gets a pre-packed session, built
+    in a background thread from the buffers after the switch (about a session load); generations
+    that start once it is ready use it, at a baked graph's speed. A generation never changes
+    session midway. ``wait_packed()`` waits for it.
 
     CPU: measured (tests, ``benchmarks/onnx_bench.py``). Another provider (CUDA) gets buffers on
     its device, which ONNX Runtime is documented to use without a copy; that path has not run."""
 
     def __init__(self, folder: str | Path, level: int, threads: int | None = None,
-                 providers: Sequence[str] = ("CPUExecutionProvider",)):
+                 providers: Sequence[str] = ("CPUExecutionProvider",), repack: bool = False):
         import onnxruntime as ort
 
         self.folder = folder = Path(folder)
@@ -157,24 +162,78 @@ class ElasticDecoder(OrtDecoder):
             opts.log_severity_level = 3
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
             session = _session(folder / DECODER_GRAPH, opts, providers)
+        self._opt_level = opts.graph_optimization_level
         self.optimization = str(opts.graph_optimization_level).rsplit(".", 1)[-1]
         self._attach(session)
+        self._in_place = session
         self.dynamic = False  # the decoder has no sparsity_level input: the level is in the buffers
         self.binding = self.builder.io_binding()
         for name, value in self.buffers.items():
             self.binding.bind_ortvalue_output(name, value)
         self.level = level
+        self._threads, self._providers = threads, list(providers)
+        self.repack = repack and device == "cpu"
+        self._generation, self._ready, self._thread, self.repack_s = 0, None, None, None
+        if self.repack:
+            self._start_repack()
+
+    @property
+    def packed(self) -> bool:
+        """Whether the session in use is the pre-packed one."""
+        return self.session is not self._in_place
+
+    def _start_repack(self) -> None:
+        import threading
+
+        import onnxruntime as ort
+
+        generation = self._generation
+
+        def work() -> None:
+            t = time.perf_counter()
+            opts = _options(self._threads)
+            opts.graph_optimization_level = self._opt_level
+            for name, value in self.buffers.items():
+                opts.add_initializer(name, value)
+            try:
+                session = ort.InferenceSession(str(self.folder / DECODER_GRAPH), sess_options=opts, providers=self._providers)
+            except Exception:  # noqa: BLE001 - the in-place session keeps serving
+                return
+            if generation == self._generation:  # no switch since: it packed this level's weights
+                self._ready = (generation, session)
+                self.repack_s = time.perf_counter() - t
+
+        self._thread = threading.Thread(target=work, name="epts-repack", daemon=True)
+        self._thread.start()
+
+    def wait_packed(self) -> bool:
+        """Wait for the background pre-packed session of the current level; True when it is ready."""
+        if self._thread is not None:
+            self._thread.join()
+        return self._ready is not None or self.packed
 
     def set_level(self, level: int) -> float:
         """Build level ``level``'s weights into the decoder's buffers; returns the seconds it took.
         Call it between generations (never while a step runs in another thread)."""
         check_level_index(self.levels, level, self.folder)
         t = time.perf_counter()
+        self._generation += 1  # a pre-packed session of the old level, ready or not, is dropped
+        self._ready = None
+        self.session = self._in_place
         self.binding.bind_cpu_input(LEVEL_INPUT, np.array(level, np.int64))
         self.builder.run_with_iobinding(self.binding)
         self.binding.synchronize_outputs()
         self.level = level
-        return time.perf_counter() - t
+        seconds = time.perf_counter() - t
+        if self.repack:
+            self._start_repack()
+        return seconds
+
+    def step(self, input_ids, attention_mask, position_ids, past):
+        ready = self._ready
+        if ready is not None and ready[0] == self._generation and (not past or past[0].shape[2] == 0):
+            self.session, self._ready = ready[1], None  # a new generation starts: take the packed session
+        return super().step(input_ids, attention_mask, position_ids, past)
 
 
 class TorchDecoder:
