@@ -211,15 +211,20 @@ def test_code_packing_by_hand():
 
 
 def test_int8_adapter_rows_by_hand():
-    """fp16 exports store adapter rows as int8 times one float16 scale per row (max |row| / 127):
-    the error is at most half a step; a zero row stays zero; the NaN row keeps a NaN scale."""
-    rows = np.array([[0.5, -1.27, 0.01], [0.0, 0.0, 0.0], [np.nan, np.nan, np.nan]], np.float32)
+    """fp16 exports store adapter rows as int8 times one float16 scale per 32 consecutive entries
+    (max |group| / 127): the error is at most half a step of the entry's own group, so an outlier
+    coarsens only its group; a zero group stays zero."""
+    rows = np.zeros((2, 64), np.float32)
+    rows[0, :32] = np.linspace(-0.01, 0.01, 32)
+    rows[0, 32:] = np.linspace(-1.27, 1.27, 32)  # an outlier group
     q, scale = dynamic._int8_rows({"w": rows})
-    assert q["w"].dtype == np.int8 and scale["w"].dtype == np.float16
-    assert q["w"][0].tolist() == [50, -127, 1] and abs(float(scale["w"][0]) - 0.01) < 1e-5
-    back = q["w"].astype(np.float32) * scale["w"].astype(np.float32)[:, None]
-    assert np.abs(back[0] - rows[0]).max() <= float(scale["w"][0]) / 2 + 1e-6
-    assert (back[1] == 0).all() and np.isnan(scale["w"][2]) and np.isnan(back[2]).all()
+    assert q["w"].dtype == np.int8 and scale["w"].dtype == np.float16 and scale["w"].shape == (2, 2, 1)
+    assert abs(float(scale["w"][0, 0, 0]) - 0.01 / 127) < 1e-7 and abs(float(scale["w"][0, 1, 0]) - 0.01) < 1e-5
+    assert q["w"][0, 0] == -127 and q["w"][0, 63] == 127
+    back = (q["w"].astype(np.float32).reshape(2, 2, 32) * scale["w"].astype(np.float32)).reshape(2, 64)
+    assert np.abs(back[0, :32] - rows[0, :32]).max() <= float(scale["w"][0, 0, 0]) / 2 + 1e-9  # fine despite the outlier
+    assert (back[1] == 0).all()
+    assert dynamic._group(576) == 32 and dynamic._group(48) == 16 and dynamic._group(7) == 1
 
 
 def test_dynamic_out_of_range_level_gives_nan(exports):
