@@ -44,3 +44,23 @@ def test_merge_is_differentiable_in_adapters_only_through_kept_weights():
     merged_weight(W, mask, B, A, [0], 2, 1.0).sum().backward()
     # d/dB[i,k] sum_ij mask_ij (B A)_ij = sum_j mask_ij A[k,j] = A[k,i] for the identity mask
     assert torch.allclose(B.grad, A.detach().T)
+
+
+def test_float_mask_multiplies_to_the_same_values_as_the_bool_mask():
+    """Training passes float 0/1 masks (a multiplication, fast on CPU), materialization bool ones
+    (torch.where, exact +0.0): the same values and the same gradients."""
+    import torch
+
+    from epts_export.core.hilora import merged_weight
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 8)
+    mask = torch.rand(6, 8) > 0.5
+    B = torch.randn(6, 4, requires_grad=True)
+    A = torch.randn(4, 8, requires_grad=True)
+    exact = merged_weight(w, mask, B, A, [0, 1], 2, 0.5)
+    fast = merged_weight(w, mask.float(), B, A, [0, 1], 2, 0.5)
+    assert torch.equal(exact, fast) and not torch.signbit(exact[~mask]).any()
+    g1 = torch.autograd.grad(exact.square().sum(), [B, A])
+    g2 = torch.autograd.grad(fast.square().sum(), [B, A])
+    assert all(torch.equal(x, y) for x, y in zip(g1, g2))

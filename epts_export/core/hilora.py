@@ -41,7 +41,10 @@ def merged_weight(weight: torch.Tensor, mask: torch.Tensor, B: torch.Tensor | No
                   active: list[int], rank: int, scale: float) -> torch.Tensor:
     """W_eff = mask * (W + scale * sum_{g in active} B_g A_g), in ``weight``'s dtype.
 
-    Differentiable in B and A (used in training); exact zeros wherever ``mask`` is False.
+    Differentiable in B and A (used in training). A bool ``mask`` gives exact +0.0 wherever it is
+    False (``torch.where``: what materialized and exported weights need); a float 0/1 mask
+    multiplies, the same values but a pruned entry may be -0.0, and 30x faster on the CPU than
+    where (training's per-step merges: a quarter of a block's time went to where).
     Active groups are taken as contiguous slices (a prefix, plus an N:M group), never gathered:
     slicing keeps the backward pass free of scatter-adds into the full B and A.
     """
@@ -50,4 +53,6 @@ def merged_weight(weight: torch.Tensor, mask: torch.Tensor, B: torch.Tensor | No
         for lo, hi in _runs(sorted(active)):
             # (out, in) + scale * (out, k) @ (k, in), fused
             w = torch.addmm(w, B[:, lo * rank: hi * rank].to(w.dtype), A[lo * rank: hi * rank].to(w.dtype), alpha=scale)
+    if mask.dtype != torch.bool:
+        return w * mask
     return torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))

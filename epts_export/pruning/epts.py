@@ -113,7 +113,8 @@ def msfm_mix(outputs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
 class BlockMerger:
     """Builds the parameter overrides {"<linear>.weight": W_eff} of a block for one LevelRule.
 
-    N:M masks do not depend on a draw, so they are computed once per level and kept."""
+    Masks are float 0/1 in the weights' dtype (``merged_weight`` multiplies: training only needs
+    the values). N:M masks do not depend on a draw, so they are computed once per level and kept."""
 
     def __init__(self, weights: dict[str, torch.Tensor], order: dict[str, torch.Tensor], B: dict, A: dict,
                  lora_rank: int, scale: float):
@@ -121,11 +122,12 @@ class BlockMerger:
         self._nm_masks: dict[tuple[str, Level], torch.Tensor] = {}
 
     def mask(self, name: str, rule: LevelRule) -> torch.Tensor:
+        dtype = self.weights[name].dtype
         if not rule.level.is_nm:
-            return rule.mask(self.order[name])
+            return rule.mask(self.order[name]).to(dtype)
         key = (name, rule.level)
         if key not in self._nm_masks:
-            self._nm_masks[key] = rule.mask(self.order[name])
+            self._nm_masks[key] = rule.mask(self.order[name]).to(dtype)
         return self._nm_masks[key]
 
     def __call__(self, rule: LevelRule) -> dict[str, torch.Tensor]:
