@@ -113,10 +113,7 @@ class _ExportSource:
         self.exp = OnnxExport.open(path, verify="skip")  # files are hash-checked per level, before use
         self.path = self.exp.path
         self.switcher = None
-
-    @property
-    def levels(self) -> list[Level]:
-        return self.exp.levels
+        self.verified = False  # dynamic: every file serves every level, so one check serves them all
 
     def folder(self, level: Level) -> Path:
         return self.exp.graph_path(self._known(level)).parent
@@ -133,8 +130,13 @@ class _ExportSource:
         files = self.exp.manifest.get("files", {})
         if self.exp.mode == "baked":
             where = self.exp.graph_path(self._known(level)).parent.name + "/"
-            files = {rel: digest for rel, digest in files.items() if rel.startswith(where)}
-        return hash_errors(self.path, files)  # dynamic: every file serves every level
+            return hash_errors(self.path, {rel: digest for rel, digest in files.items() if rel.startswith(where)})
+        self._known(level)
+        if self.verified:
+            return []
+        errors = hash_errors(self.path, files)
+        self.verified = not errors
+        return errors
 
     def decoder(self, level: Level, runtime: str, threads: int | None):
         """(decoder, runtime name, seconds the level switch took or None when a decoder was opened)."""
@@ -162,11 +164,6 @@ class _BundleSource:
     def __init__(self, path: Path):
         self.bundle = Bundle.open(path)
         self.path = self.bundle.path
-        self.decoders: dict[Level, tuple] = {}
-
-    @property
-    def levels(self) -> list[Level]:
-        return self.bundle.levels
 
     def folder(self, level: Level) -> Path:
         return self.path / self.bundle.level_record(level)["dir"]

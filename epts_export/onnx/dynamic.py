@@ -179,17 +179,16 @@ class ElasticTables:
         R = len(used) * r
         rank_idx, rank_cnt, factor, kept = [], [], [], []
         for b in range(len(elastic.low_flags)):
-            per_level = [elastic.rule(b, lv).rank_rows(r, slot) for lv in levels]
-            keep = sorted({x for rows_ in per_level for x in rows_}) or [0]  # the rows this block ever uses
+            global_rows = [elastic.rule(b, lv).rank_rows(r, slot) for lv in levels]
+            keep = sorted({x for rows_ in global_rows for x in rows_}) or [0]  # the rows this block ever uses
             local = {x: k for k, x in enumerate(keep)}
             # a level with no rows gathers row 0 times 0; out of range: level 0's rows times NaN
-            per_level = [[local[x] for x in rows_] or [0] for rows_ in per_level]
+            per_level = [[local[x] for x in rows_] or [0] for rows_ in global_rows]
             per_level.append(per_level[0])
             width = max(len(x) for x in per_level)
             rank_idx.append(np.array([x + [0] * (width - len(x)) for x in per_level], dtype=np.int64))
             rank_cnt.append(np.array([len(x) for x in per_level], dtype=np.int64))
-            used_rows = [bool(elastic.rule(b, lv).rank_rows(r, slot)) for lv in levels]
-            factor.append(np.array([1.0 if u else 0.0 for u in used_rows] + [np.nan]))
+            factor.append(np.array([1.0 if rows_ else 0.0 for rows_ in global_rows] + [np.nan]))
             kept.append(torch.tensor(keep, dtype=torch.long))
 
         np_dtype = np.float16 if dtype == torch.float16 else np.float32

@@ -185,8 +185,6 @@ class ElasticDecoder(OrtDecoder):
     def _start_repack(self) -> None:
         import threading
 
-        import onnxruntime as ort
-
         generation = self._generation
 
         def work() -> None:
@@ -196,8 +194,8 @@ class ElasticDecoder(OrtDecoder):
             for name, value in self.buffers.items():
                 opts.add_initializer(name, value)
             try:
-                session = ort.InferenceSession(str(self.folder / DECODER_GRAPH), sess_options=opts, providers=self._providers)
-            except Exception:  # noqa: BLE001 - the in-place session keeps serving
+                session = _session(self.folder / DECODER_GRAPH, opts, self._providers)
+            except UserError:  # the in-place session keeps serving
                 return
             if generation == self._generation:  # no switch since: it packed this level's weights
                 self._ready = (generation, session)
