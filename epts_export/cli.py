@@ -79,6 +79,11 @@ def optimize(
     epochs: Optional[int] = typer.Option(None, help="Passes over the calibration set per block."),
     rank: Optional[int] = typer.Option(None, help="LoRA rank per sparsity group."),
     lr: Optional[float] = typer.Option(None, help="Adam learning rate (cosine-decayed to 0)."),
+    precision: Optional[str] = typer.Option(None, help="fp32 | bf16 | auto: the student passes' precision "
+                                            "(auto: bf16 on a CUDA GPU or a CPU with AVX512-BF16/AMX, else fp32)."),
+    init: Optional[str] = typer.Option(None, help="zero (B = 0, the reference) | lsq (adapters start from the "
+                                       "closed-form least-squares solution)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps per block (default: --epochs x windows / --batch)."),
     seed: int = typer.Option(0, help="Seed for calibration sampling and every random draw."),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]; one block at a time moves to the device "
                                "(under torchrun: cuda, each rank on cuda:LOCAL_RANK)."),
@@ -112,6 +117,7 @@ def optimize(
     try:
         spec = OptimizeSpec.from_preset(model, out, _levels(levels), preset, calib=calib, nsamples=nsamples,
                                         seqlen=seqlen, epochs=epochs, rank=rank, lr=lr, seed=seed, batch=batch,
+                                        precision=precision, init=init, steps=steps,
                                         method=method, device=device, resume=resume, overwrite=overwrite,
                                         threads=threads, streams=streams, host_memory_gib=host_memory,
                                         device_memory_gib=device_memory)

@@ -38,21 +38,25 @@ def _runs(active: list[int]) -> list[tuple[int, int]]:
 
 
 def merged_weight(weight: torch.Tensor, mask: torch.Tensor, B: torch.Tensor | None, A: torch.Tensor | None,
-                  active: list[int], rank: int, scale: float) -> torch.Tensor:
+                  active: list[int], rank: int, scale: float, frozen: frozenset[int] | set[int] = frozenset()) -> torch.Tensor:
     """W_eff = mask * (W + scale * sum_{g in active} B_g A_g), in ``weight``'s dtype.
 
-    Differentiable in B and A (used in training). A bool ``mask`` gives exact +0.0 wherever it is
-    False (``torch.where``: what materialized and exported weights need); a float 0/1 mask
-    multiplies, the same values but a pruned entry may be -0.0, and 30x faster on the CPU than
-    where (training's per-step merges: a quarter of a block's time went to where).
-    Active groups are taken as contiguous slices (a prefix, plus an N:M group), never gathered:
-    slicing keeps the backward pass free of scatter-adds into the full B and A.
+    Differentiable in B and A (used in training), except for the groups in ``frozen``, which are
+    merged from detached views (their adapters get no gradient from this weight). A bool ``mask``
+    gives exact +0.0 wherever it is False (``torch.where``: what materialized and exported weights
+    need); a float 0/1 mask multiplies, the same values but a pruned entry may be -0.0, and 30x
+    faster on the CPU than where (training's per-step merges: a quarter of a block's time went to
+    where). Active groups are taken as contiguous slices (a prefix, plus an N:M group), never
+    gathered: slicing keeps the backward pass free of scatter-adds into the full B and A.
     """
     w = weight
     if B is not None and A is not None:
-        for lo, hi in _runs(sorted(active)):
-            # (out, in) + scale * (out, k) @ (k, in), fused
-            w = torch.addmm(w, B[:, lo * rank: hi * rank].to(w.dtype), A[lo * rank: hi * rank].to(w.dtype), alpha=scale)
+        live = sorted(g for g in active if g not in frozen)
+        fixed = sorted(g for g in active if g in frozen)
+        for groups, b, a in ((fixed, B.detach(), A.detach()), (live, B, A)):
+            for lo, hi in _runs(groups):
+                # (out, in) + scale * (out, k) @ (k, in), fused
+                w = torch.addmm(w, b[:, lo * rank: hi * rank].to(w.dtype), a[lo * rank: hi * rank].to(w.dtype), alpha=scale)
     if mask.dtype != torch.bool:
         return w * mask
     return torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))

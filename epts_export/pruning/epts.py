@@ -7,6 +7,7 @@ functions in ``masks.py`` and ``hilora.py``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ..core.closed_form import closed_form_adapters
 from ..core.hilora import init_lora, merged_weight
 from ..core.levels import Group, Level
 from ..core.masks import importance_order, wanda_scores
@@ -24,6 +26,8 @@ from .blockloop import block_output
 from .distributed import LOCAL, Dist
 
 LOW_CHECK_SPARSITY = 0.3  # where the low-group check compares with / without group-0 adapters
+PRECISIONS = ("fp32", "bf16")
+INITS = ("zero", "lsq")
 
 
 @dataclass(frozen=True)
@@ -34,14 +38,39 @@ class TrainConfig:
     scale: float = 1.0  # LoRA scale (alpha / r)
     mix_weights: tuple[float, ...] | None = None  # MSFM weight per group; None = derived (mix_weights())
     batch: int = 1  # windows per optimizer step (the reference: 1); the loss is their mean
+    # The cost levers (BENCHMARKS.md, "EPTS cost"); the defaults are the reference's behaviour.
+    precision: str = "fp32"  # "bf16": the student passes (training, low-group check, MSFM) under bf16 autocast
+    init: str = "zero"  # "lsq": adapters start from the closed-form least-squares solution (core/closed_form.py)
+    residual: bool = False  # True: group k's loss trains group k's adapters only; the groups it inherits are frozen in its pass
+    check_windows: int = 0  # windows of the low-group check (the first ones); 0 = all
+    steps: int = 0  # optimizer steps per block; 0 = epochs x steps per epoch (else the epochs run until this many)
+
+    def total_steps(self, nwindows: int) -> int:
+        return self.steps or self.epochs * steps_per_epoch(nwindows, self.batch)
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         """The config an artifact's ``settings`` recorded (written with ``dataclasses.asdict``);
-        other settings (levels, calibration sizes) are ignored."""
+        other settings (levels, calibration sizes) are ignored. Artifacts written before a field
+        existed get its default, which is what they ran."""
         mix = d.get("mix_weights")
         return cls(rank=int(d["rank"]), epochs=int(d["epochs"]), lr=float(d["lr"]), scale=float(d["scale"]),
-                   mix_weights=tuple(float(w) for w in mix) if mix else None, batch=int(d.get("batch", 1)))
+                   mix_weights=tuple(float(w) for w in mix) if mix else None, batch=int(d.get("batch", 1)),
+                   precision=str(d.get("precision", "fp32")), init=str(d.get("init", "zero")),
+                   residual=bool(d.get("residual", False)), check_windows=int(d.get("check_windows", 0)),
+                   steps=int(d.get("steps", 0)))
+
+    def autocast(self, device: torch.device | str):
+        """The context of the student passes: bf16 autocast, or nothing."""
+        if self.precision == "bf16":
+            return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
 
 @dataclass
@@ -95,10 +124,11 @@ def steps_per_epoch(nwindows: int, batch: int) -> int:
     return -(-nwindows // batch)
 
 
-def cost_per_block(nsamples: int, epochs: int, ngroups: int) -> int:
+def cost_per_block(nsamples: int, trained: int, ngroups: int, checked: int | None = None) -> int:
     """Work of one block in forward-pass equivalents (backward ~ 2 forwards): stats/teacher pass,
-    training steps, low-group check, MSFM pass. Drives an honest progress ETA."""
-    return nsamples * (1 + epochs * 3 * ngroups + 2 + ngroups)
+    training (``trained`` window passes), low-group check (over ``checked`` windows; None = all),
+    MSFM pass. Drives an honest progress ETA."""
+    return nsamples * (1 + ngroups) + 3 * ngroups * trained + 2 * (nsamples if checked is None else checked)
 
 
 def msfm_mix(outputs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -130,10 +160,13 @@ class BlockMerger:
             self._nm_masks[key] = rule.mask(self.order[name]).to(dtype)
         return self._nm_masks[key]
 
-    def __call__(self, rule: LevelRule) -> dict[str, torch.Tensor]:
+    def __call__(self, rule: LevelRule, train: int | None = None) -> dict[str, torch.Tensor]:
+        """``train``: the one group whose adapters get gradients (the others are merged detached);
+        None: every active group's."""
+        frozen = frozenset(g for g in rule.groups if g != train) if train is not None else frozenset()
         return {
             f"{n}.weight": merged_weight(w, self.mask(n, rule), self.B[n], self.A[n], list(rule.groups),
-                                         self.lora_rank, self.scale)
+                                         self.lora_rank, self.scale, frozen)
             for n, w in self.weights.items()
         }
 
@@ -173,15 +206,26 @@ def optimize_block(
         p.requires_grad_(False)
     block.eval()
 
-    # 1. Dense pass: Wanda statistics (sum of x^2 per input channel) and teacher outputs.
+    # 1. Dense pass: Wanda statistics (sum of x^2 per input channel) and teacher outputs; for the
+    # closed-form start also the inputs' second moments X^T X, once per distinct input (q, k and v
+    # read the same tensor).
     sq_sum = {n: torch.zeros(lin.in_features, dtype=torch.float64, device=device) for n, lin in linears.items()}
     tokens = {n: 0 for n in linears}
+    lsq = cfg.init == "lsq"
+    gram = {n: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32, device=device)
+            for n, lin in linears.items()} if lsq else {}
+    seen: dict = {}  # this window's inputs: (data_ptr, shape) -> x^T x
 
     def hook(name):
         def fn(_mod, inp, _out):
             x = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()  # (tokens, in)
             sq_sum[name] += x.pow(2).sum(0).double()
             tokens[name] += x.shape[0]
+            if lsq:
+                key = (inp[0].data_ptr(), tuple(inp[0].shape))
+                if key not in seen:
+                    seen[key] = x.t() @ x  # (in, in)
+                gram[name] += seen[key]
         return fn
 
     handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
@@ -189,6 +233,7 @@ def optimize_block(
     with torch.no_grad():
         for x in dense_in:
             teacher.append(block_output(block(x.to(device), **kwargs)).float().to(streams_device))
+            seen.clear()
             advance(1)
     for h in handles:
         h.remove()
@@ -198,23 +243,33 @@ def optimize_block(
     weights = {n: lin.weight.detach().float() for n, lin in linears.items()}
     order = {n: importance_order(wanda_scores(weights[n], (sq_sum[n] / max(tokens[n], 1)).float())) for n in linears}
 
-    # 2. MS-HiLoRA training.
+    # 2. MS-HiLoRA training, from B = 0 or from the closed-form least-squares adapters.
+    if lsq:
+        dist.all_reduce_(*gram.values())
     B, A = {}, {}
     for n, lin in linears.items():
-        b, a = init_lora(lin.out_features, lin.in_features, G, r, gen)
+        b, a = init_lora(lin.out_features, lin.in_features, G, r, gen)  # drawn in both cases: same generator state
+        if lsq:
+            b, a = closed_form_adapters(weights[n], gram[n] / max(tokens[n], 1), order[n], groups, r, cfg.scale)
         B[n] = b.to(device).requires_grad_(True)
         A[n] = a.to(device).requires_grad_(True)
+    gram.clear()
     merge = BlockMerger(weights, order, B, A, r, cfg.scale)
     params = [t for n in linears for t in (B[n], A[n])]
-    steps = cfg.epochs * steps_per_epoch(N, cfg.batch)
+    steps = cfg.total_steps(N)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
     draws = [stratified_draws(g.lo, g.hi, steps, gen) for g in groups]
     last_epoch = torch.zeros(G, dtype=torch.float64)
     step = 0
-    for epoch in range(cfg.epochs):
+    seen_last = 0  # windows trained in the last epoch (all of them unless --steps cut it short)
+    for epoch in range(-(-steps // steps_per_epoch(N, cfg.batch))):
         last_epoch.zero_()
+        seen_last = 0
         for batch in minibatches(N, cfg.batch, gen):
+            if step == steps:
+                break
+            seen_last += len(batch)
             # the step's loss is the mean over its windows, wherever they are: each rank adds the
             # gradients of its own windows, the all-reduce adds the ranks
             weight = 1.0 / len(batch)
@@ -225,7 +280,9 @@ def optimize_block(
                 y0 = None
                 for g in groups:
                     rule = level_rule(groups, group_level(g, float(draws[g.index][step])))
-                    y = block_output(functional_call(block, merge(rule), (x,), kwargs))
+                    with cfg.autocast(device):
+                        y = block_output(functional_call(block, merge(rule, g.index if cfg.residual else None), (x,), kwargs))
+                    y = y.float()
                     if g.index == 0:
                         loss = F.mse_loss(y, t)
                         y0 = y.detach()
@@ -241,7 +298,7 @@ def optimize_block(
             opt.zero_grad(set_to_none=True)
             sched.step()
             step += 1
-    last_epoch = torch.tensor(dist.sum_floats(last_epoch.tolist()), dtype=torch.float64) / N
+    last_epoch = torch.tensor(dist.sum_floats(last_epoch.tolist()), dtype=torch.float64) / max(seen_last, 1)
 
     B = {n: b.detach() for n, b in B.items()}
     A = {n: a.detach() for n, a in A.items()}
@@ -254,12 +311,18 @@ def optimize_block(
         low = Level(sparsity=min(LOW_CHECK_SPARSITY, g0.hi))
         err_with = err_without = 0.0
         with_w, without_w = merge(level_rule(groups, low, True)), merge(level_rule(groups, low, False))
-        for x, t in zip(sparse_in, teacher):
+        for j, x, t in zip(ids, sparse_in, teacher):
+            if cfg.check_windows and j >= cfg.check_windows:
+                continue
             xd, td = x.to(device), t.to(device)
-            err_with += F.mse_loss(block_output(functional_call(block, with_w, (xd,), kwargs)), td).item()
-            err_without += F.mse_loss(block_output(functional_call(block, without_w, (xd,), kwargs)), td).item()
+            with cfg.autocast(device):
+                y_with = block_output(functional_call(block, with_w, (xd,), kwargs))
+                y_without = block_output(functional_call(block, without_w, (xd,), kwargs))
+            err_with += F.mse_loss(y_with.float(), td).item()
+            err_without += F.mse_loss(y_without.float(), td).item()
             advance(2)
         err_with, err_without = dist.sum_floats([err_with, err_without])
+        nchecked = min(N, cfg.check_windows) if cfg.check_windows else N
         low_group_lora = err_with <= err_without
 
         # 4. MSFM: the next block's sparse input mixes this block's outputs, one draw per group.
@@ -274,7 +337,8 @@ def optimize_block(
             outs = []
             for g, s in zip(groups, mix_draws[j]):
                 rule = level_rule(groups, group_level(g, s), low_group_lora)
-                outs.append(block_output(functional_call(block, merge(rule), (xd,), kwargs)))
+                with cfg.autocast(device):
+                    outs.append(block_output(functional_call(block, merge(rule), (xd,), kwargs)).float())
             mixed.append(msfm_mix(outs, wts).float().to(streams_device))
             advance(G)
 
@@ -287,7 +351,7 @@ def optimize_block(
         sparse_out=mixed,
         metrics={
             "final_epoch_loss": [round(float(v), 8) for v in last_epoch],
-            "low_check": {"sparsity": low.sparsity, "with_lora": err_with / N, "without_lora": err_without / N},
+            "low_check": {"sparsity": low.sparsity, "with_lora": err_with / nchecked, "without_lora": err_without / nchecked},
         },
     )
 

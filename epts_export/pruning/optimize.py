@@ -39,7 +39,7 @@ from .baselines import prune_block_calibrated, prune_magnitude
 from .blockloop import capture_block_inputs, to_device
 from .calibration import CalibSpec, build_calibration
 from .distributed import LOCAL, Dist, SharedError, init_distributed, rank_from_env, world_from_env
-from .epts import BlockResult, TrainConfig, cost_per_block, optimize_block
+from .epts import BlockResult, TrainConfig, cost_per_block, optimize_block, steps_per_epoch
 from .preflight import GIB, STREAMS, ModelShape, Plan, RunShape, measure_device_available, measure_host_available, plan
 from .presets import load_preset
 
@@ -64,7 +64,8 @@ class OptimizeSpec:
     def from_preset(cls, model: str, out: Path, levels: list[Level], preset: str = "default", *,
                     calib: str | None = None, nsamples: int | None = None, seqlen: int | None = None,
                     epochs: int | None = None, rank: int | None = None, lr: float | None = None, seed: int = 0,
-                    batch: int | None = None, **rest) -> "OptimizeSpec":
+                    batch: int | None = None, precision: str | None = None, init: str | None = None,
+                    steps: int | None = None, **rest) -> "OptimizeSpec":
         """The spec of a preset (calibration/<preset>.toml), with any setting given here winning
         over the preset's. ``rest``: method, device, resume, overwrite, threads, streams,
         host_memory_gib, device_memory_gib."""
@@ -76,9 +77,35 @@ class OptimizeSpec:
         return cls(model=model, out=Path(out), levels=levels,
                    calib=CalibSpec(source=pick(calib, "calib"), nsamples=pick(nsamples, "nsamples"),
                                    seqlen=pick(seqlen, "seqlen"), seed=seed),
-                   train=TrainConfig(rank=pick(rank, "rank"), epochs=pick(epochs, "epochs"), lr=pick(lr, "lr"),
-                                     batch=batch if batch is not None else p.get("batch", 1)),
+                   train=_train_config(rank=pick(rank, "rank"), epochs=pick(epochs, "epochs"), lr=pick(lr, "lr"),
+                                       batch=batch if batch is not None else p.get("batch", 1),
+                                       precision=resolve_precision(precision or p.get("precision", "fp32"),
+                                                                   rest.get("device", "cpu")),
+                                       init=init or p.get("init", "zero"),
+                                       steps=steps if steps is not None else p.get("steps", 0),
+                                       check_windows=p.get("check_windows", 0), residual=p.get("residual", False)),
                    **rest)
+
+
+def resolve_precision(precision: str, device: str = "cpu") -> str:
+    """fp32 | bf16 as given; auto: bf16 where it is fast (a CUDA device, a CPU with AVX512-BF16 or
+    AMX), else fp32. On other CPUs bf16 matmuls are emulated and slower than fp32."""
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        return "bf16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+
+
+def _train_config(**kw) -> TrainConfig:
+    try:
+        return TrainConfig(**kw)
+    except ValueError as e:
+        raise UserError(f"--{str(e)}") from None
 
 
 def _check_spec(spec: OptimizeSpec) -> None:
@@ -88,6 +115,8 @@ def _check_spec(spec: OptimizeSpec) -> None:
         raise UserError(f"--method {spec.method} prunes to one level per run; got {len(spec.levels)} levels")
     if spec.train.epochs < 1 or spec.train.rank < 1 or spec.train.batch < 1:
         raise UserError("--epochs, --rank and --batch must be >= 1")
+    if spec.train.steps < 0 or spec.train.check_windows < 0:
+        raise UserError("--steps must be >= 1 (or 0: epochs x windows / batch), check_windows >= 0")
     if not (math.isfinite(spec.train.lr) and spec.train.lr > 0):
         raise UserError(f"--lr must be a positive number, got {spec.train.lr}")
     if not math.isfinite(spec.train.scale):
@@ -395,6 +424,12 @@ def _resume_state(run: _Run, ckpt: Path, dist: Dist = LOCAL, nblocks: int | None
     return done, state["metrics"], dense, sparse, kwargs
 
 
+def _trained_windows(train: TrainConfig, nwindows: int, owned: set[int]) -> int:
+    """Window passes of this rank's training in one block, for the progress bar: every epoch passes
+    each owned window once; --steps may stop the last epoch early (counted pro rata)."""
+    return round(len(owned) * train.total_steps(nwindows) / steps_per_epoch(nwindows, train.batch))
+
+
 def _run_epts(run: _Run, spec: OptimizeSpec, ckpt: Path, progress: Progress, on_block_done, dist: Dist = LOCAL,
               device: str = "cpu", estimate: Plan | None = None) -> list[dict]:
     blocks = get_blocks(run.model, run.fam)
@@ -405,7 +440,9 @@ def _run_epts(run: _Run, spec: OptimizeSpec, ckpt: Path, progress: Progress, on_
     streams_dev = _streams_device(device, estimate) if estimate else "cpu"
     dense, sparse = [h.to(streams_dev) for h in dense], [h.to(streams_dev) for h in sparse]
     kwargs_dev = to_device(kwargs, device)
-    per_block = cost_per_block(len(dist.owned(nwindows)), spec.train.epochs, len(run.groups))
+    owned, cw = dist.owned(nwindows), spec.train.check_windows
+    trained = _trained_windows(spec.train, nwindows, set(owned))
+    per_block = cost_per_block(len(owned), trained, len(run.groups), sum(1 for j in owned if not cw or j < cw))
     with progress.task("EPTS", total=per_block * nblocks, completed=per_block * start) as advance:
         for i in range(start, nblocks):
             progress.describe(f"EPTS block {i + 1}/{nblocks}")

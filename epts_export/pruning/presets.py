@@ -9,7 +9,7 @@ from importlib import resources
 from ..errors import UserError
 
 PRESET_KEYS = {"description": str, "calib": str, "nsamples": int, "seqlen": int, "epochs": int, "rank": int, "lr": float,
-               "batch": int}
+               "batch": int, "precision": str, "init": str, "steps": int, "check_windows": int, "residual": bool}
 
 
 def available() -> list[str]:
@@ -31,6 +31,6 @@ def load_preset(name: str) -> dict:
         want = PRESET_KEYS[key]
         if want is float and isinstance(value, int):
             value = data[key] = float(value)
-        if not isinstance(value, want) or isinstance(value, bool):
+        if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
             raise UserError(f"preset {name}: {key} must be {want.__name__}, got {value!r}")
     return data

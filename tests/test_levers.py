@@ -1,0 +1,143 @@
+"""The cost levers of EPTS training: the closed-form start, bf16 passes, residual groups, the
+step budget and the low-group check on a subset (benchmarks/block_levers.py measures them)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from conftest import tiny_llama, tiny_opt
+from epts_export.core.closed_form import closed_form_adapters, group_points, output_error
+from epts_export.core.hilora import merged_weight
+from epts_export.core.levels import build_groups, parse_levels
+from epts_export.core.masks import importance_order, wanda_scores
+from epts_export.core.rule import level_rule
+from epts_export.models.families import family_for, get_blocks, prunable_linears
+from epts_export.pruning.blockloop import block_output, capture_block_inputs
+from epts_export.pruning.epts import BlockMerger, TrainConfig, cost_per_block, optimize_block
+
+LEVELS = parse_levels("0.3,0.5,0.7,2:4")
+
+
+def _layer(out_f=48, in_f=64, tokens=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # correlated inputs with a few strong channels, as in LLM activations
+    X = torch.randn(tokens, in_f, generator=g) @ (torch.eye(in_f) + 0.3 * torch.randn(in_f, in_f, generator=g))
+    X[:, :3] *= 8
+    W = torch.randn(out_f, in_f, generator=g) * 0.05
+    H = X.t() @ X / tokens
+    return W, H, importance_order(wanda_scores(W, torch.diagonal(H)))
+
+
+def test_group_points_cover_each_range():
+    groups = build_groups(parse_levels("0.7,2:4"))
+    pts = [[round(lv.sparsity, 4) for lv in group_points(g)] for g in groups]
+    assert pts[0] == [0.05, 0.15, 0.25, 0.35]  # [0, 0.4]: 4 strata, capped
+    assert pts[1] == [0.4125, 0.4375]  # a 0.05 group: 2 strata
+    assert group_points(groups[-1])[0].is_nm
+
+
+def test_closed_form_cuts_every_levels_output_error_and_keeps_the_mask():
+    W, H, order = _layer()
+    groups = build_groups(parse_levels("0.7,2:4"))
+    B, A = closed_form_adapters(W, H, order, groups, rank=4, scale=1.0)
+    assert B.shape == (48, 4 * len(groups)) and A.shape == (4 * len(groups), 64)
+    for lv in LEVELS:
+        rule = level_rule(groups, lv)
+        M = rule.mask(order)
+        bare = output_error(W, H, merged_weight(W, M, None, None, [], 4, 1.0))
+        fixed = merged_weight(W, M, B, A, list(rule.groups), 4, 1.0)
+        assert output_error(W, H, fixed) < 0.95 * bare, lv.name
+        assert torch.equal(fixed == 0, ~M) or bool((fixed[~M] == 0).all())  # pruned stay exactly zero
+
+
+def test_closed_form_scale_is_carried_by_B():
+    W, H, order = _layer(seed=1)
+    groups = build_groups(parse_levels("0.5"))
+    B1, A1 = closed_form_adapters(W, H, order, groups, rank=2, scale=1.0)
+    B2, A2 = closed_form_adapters(W, H, order, groups, rank=2, scale=2.0)
+    assert torch.allclose(A1, A2) and torch.allclose(B1, 2 * B2, rtol=1e-4, atol=1e-7)
+
+
+def test_residual_merge_freezes_the_inherited_groups():
+    W = torch.randn(6, 8)
+    B = torch.randn(6, 4, requires_grad=True)
+    A = torch.randn(4, 8, requires_grad=True)
+    M = torch.ones(6, 8)
+    full = merged_weight(W, M, B, A, [0, 1], 2, 1.0)
+    res = merged_weight(W, M, B, A, [0, 1], 2, 1.0, frozenset({0}))
+    assert torch.allclose(full, res)  # the same weight ...
+    res.sum().backward()
+    assert bool((B.grad[:, :2] == 0).all()) and bool((B.grad[:, 2:] != 0).any())  # ... only group 1 learns
+
+
+def _setup(builder, n=4, t=32):
+    model = builder()
+    fam = family_for(model)
+    torch.manual_seed(0)
+    inps = capture_block_inputs(model, fam, torch.randint(4, 200, (n, t)))
+    block = get_blocks(model, fam)[0]
+    return block, prunable_linears(block, fam), inps
+
+
+def _err(block, lins, inps, res, groups, cfg, level):
+    merge = BlockMerger({n: lin.weight.detach().float() for n, lin in lins.items()}, res.order, res.lora_B,
+                        res.lora_A, cfg.rank, cfg.scale)
+    rule = level_rule(groups, level, res.low_group_lora)
+    return sum(F.mse_loss(block_output(functional_call(block, merge(rule), (x,), inps.kwargs)), t).item()
+               for x, t in zip(inps.hidden, res.dense_out))
+
+
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_opt])
+def test_closed_form_start_alone_beats_the_bare_mask(builder):
+    block, lins, inps = _setup(builder)
+    groups = build_groups(parse_levels("0.7"))
+    cfg = TrainConfig(rank=4, epochs=1, lr=1e-30, init="lsq")  # no training: the start as it is
+    res = optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, groups, cfg, seed=0)
+    bare = dataclasses.replace(cfg, init="zero")
+    res0 = optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, groups, bare, seed=0)
+    lv = parse_levels("0.7")[0]
+    assert _err(block, lins, inps, res, groups, cfg, lv) < 0.97 * _err(block, lins, inps, res0, groups, bare, lv)
+
+
+def test_bf16_training_runs_and_learns():
+    block, lins, inps = _setup(tiny_llama)
+    groups = build_groups(parse_levels("0.7"))
+    cfg = TrainConfig(rank=4, epochs=8, lr=1e-2, precision="bf16")
+    res = optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, groups, cfg, seed=0)
+    assert all(v.dtype == torch.float32 for v in res.lora_B.values())  # masters stay float32
+    assert all(x.dtype == torch.float32 for x in res.sparse_out)
+    bare = {n: torch.zeros_like(b) for n, b in res.lora_B.items()}
+    lv = parse_levels("0.7")[0]
+    assert _err(block, lins, inps, res, groups, cfg, lv) < 0.8 * _err(block, lins, inps, dataclasses.replace(res, lora_B=bare),
+                                                                       groups, cfg, lv)
+
+
+def test_steps_budget_and_check_subset():
+    block, lins, inps = _setup(tiny_opt, n=6)
+    groups = build_groups(parse_levels("0.5"))
+    done = []
+    cfg = TrainConfig(rank=2, epochs=1, steps=3, check_windows=2)
+    optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, groups, cfg, seed=0, advance=done.append)
+    G = len(groups)
+    assert sum(done) == cost_per_block(6, 3, G, 2) == 6 * (1 + G) + 3 * G * 3 + 2 * 2
+    # 9 steps over 6 windows: a second epoch, cut short
+    done.clear()
+    cfg = TrainConfig(rank=2, epochs=1, steps=9)
+    optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, groups, cfg, seed=0, advance=done.append)
+    assert sum(done) == cost_per_block(6, 9, G)
+
+
+def test_config_round_trip_and_refusals():
+    cfg = TrainConfig(rank=4, epochs=2, lr=1e-3, precision="bf16", init="lsq", residual=True, check_windows=8, steps=5)
+    assert TrainConfig.from_dict(dataclasses.asdict(cfg)) == cfg
+    old = {"rank": 8, "epochs": 1, "lr": 0.01, "scale": 1.0, "mix_weights": None}  # an artifact from before the levers
+    assert TrainConfig.from_dict(old) == TrainConfig(rank=8, epochs=1, lr=0.01)
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(ValueError, match="init"):
+        TrainConfig(init="svd")
