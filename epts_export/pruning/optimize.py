@@ -424,10 +424,10 @@ def _resume_state(run: _Run, ckpt: Path, dist: Dist = LOCAL, nblocks: int | None
     return done, state["metrics"], dense, sparse, kwargs
 
 
-def _trained_windows(train: TrainConfig, nwindows: int, owned: set[int]) -> int:
+def _trained_windows(train: TrainConfig, nwindows: int, owned: int) -> int:
     """Window passes of this rank's training in one block, for the progress bar: every epoch passes
-    each owned window once; --steps may stop the last epoch early (counted pro rata)."""
-    return round(len(owned) * train.total_steps(nwindows) / steps_per_epoch(nwindows, train.batch))
+    each of its ``owned`` windows once; --steps may stop the last epoch early (counted pro rata)."""
+    return round(owned * train.total_steps(nwindows) / steps_per_epoch(nwindows, train.batch))
 
 
 def _run_epts(run: _Run, spec: OptimizeSpec, ckpt: Path, progress: Progress, on_block_done, dist: Dist = LOCAL,
@@ -441,7 +441,7 @@ def _run_epts(run: _Run, spec: OptimizeSpec, ckpt: Path, progress: Progress, on_
     dense, sparse = [h.to(streams_dev) for h in dense], [h.to(streams_dev) for h in sparse]
     kwargs_dev = to_device(kwargs, device)
     owned, cw = dist.owned(nwindows), spec.train.check_windows
-    trained = _trained_windows(spec.train, nwindows, set(owned))
+    trained = _trained_windows(spec.train, nwindows, len(owned))
     per_block = cost_per_block(len(owned), trained, len(run.groups), sum(1 for j in owned if not cw or j < cw))
     with progress.task("EPTS", total=per_block * nblocks, completed=per_block * start) as advance:
         for i in range(start, nblocks):
