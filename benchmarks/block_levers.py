@@ -9,9 +9,7 @@ adapters do nothing.
     python -m benchmarks.block_levers                                  # every variant below
     python -m benchmarks.block_levers --variants base,bf16 --block 10 --json out.json
 
-A variant is a comma-free list of TrainConfig overrides joined by '+', e.g. ``bf16+lsq``:
-``bf16`` (precision), ``lsq`` (closed-form start), ``residual`` (each group trains only its own
-adapters), ``check8`` (low-group check on 8 windows), ``e2`` (2 epochs), ``lr3`` (lr 1e-3), ``lr0`` (no training: the start as it is).
+A variant is TrainConfig overrides joined by '+' (benchmarks/levers.py), e.g. ``bf16+lsq+lr3+g10``.
 """
 
 from __future__ import annotations
@@ -36,24 +34,10 @@ from epts_export.pruning.calibration import tokenize_text
 from epts_export.pruning.epts import BlockMerger, TrainConfig, optimize_block
 
 from . import docutils_docs, shakespeare
+from .levers import variant_config
 
 CORPORA = {"shakespeare": shakespeare.benchmark_texts, "docutils": docutils_docs.benchmark_texts}
 EVAL_LEVELS = "0.3,0.35,0.4,0.45,0.5,0.55,0.6,0.65,0.7,2:4"
-TOKENS = {"bf16": {"precision": "bf16"}, "lsq": {"init": "lsq"}, "residual": {"residual": True},
-          "check8": {"check_windows": 8}, "e2": {"epochs": 2}, "lr3": {"lr": 1e-3},
-          "lr0": {"lr": 1e-30}, "lr4": {"lr": 1e-4}, "s16": {"steps": 16}, "s8": {"steps": 8},
-          "lr3e3": {"lr": 3e-3}}
-
-
-def variant_config(name: str, base: TrainConfig) -> TrainConfig:
-    over: dict = {}
-    for tok in [] if name == "base" else name.split("+"):
-        if tok not in TOKENS:
-            raise SystemExit(f"unknown lever {tok!r} in variant {name!r} (known: {', '.join(TOKENS)})")
-        over.update(TOKENS[tok])
-    return dataclasses.replace(base, **over)
-
-
 def windows(path: Path, tok, n: int, seqlen: int, offset: int = 0) -> torch.Tensor:
     ids = tokenize_text(tok, path.read_text(encoding="utf-8"))
     step = (ids.numel() - seqlen) // max(n, 1)
@@ -89,7 +73,6 @@ def main() -> None:
         streams[name], kwargs = list(hidden), inputs.kwargs
     block = blocks[args.block]
     linears = prunable_linears(block, fam)
-    groups = build_groups(parse_levels(DEFAULT_LEVELS))
     levels = parse_levels(EVAL_LEVELS)
     with torch.no_grad():
         teacher = [block_output(block(x, **kwargs)).float() for x in streams["held"]]
@@ -97,6 +80,7 @@ def main() -> None:
     rows = []
     for name in args.variants.split(","):
         cfg = variant_config(name, base)
+        groups = build_groups(parse_levels(DEFAULT_LEVELS), cfg.group_width)
         t = time.perf_counter()
         res = optimize_block(block, linears, streams["calib"], streams["calib"], kwargs, groups, cfg, seed=args.block)
         secs = time.perf_counter() - t

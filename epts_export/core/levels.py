@@ -102,20 +102,23 @@ class Group:
         return cls(index=int(d["index"]), lo=float(d["lo"]), hi=float(d["hi"]), n=int(d.get("n", 0)), m=int(d.get("m", 0)))
 
 
-def build_groups(levels: list[Level]) -> list[Group]:
+def build_groups(levels: list[Level], width: float = GROUP_WIDTH) -> list[Group]:
     """Groups for a set of levels: unstructured groups tile [0, max], then one group per N:M level.
 
     With a top level of 0.7 this gives the reference's 7 groups
-    [0,.4] [.4,.45] ... [.65,.7]. A top level that is not on the 0.05 grid gets a last,
-    narrower group ending exactly at it, so the elastic range ends where the user asked.
+    [0,.4] [.4,.45] ... [.65,.7]; ``width`` 0.1 gives [0,.4] [.4,.5] [.5,.6] [.6,.7]. A top level
+    that is not on the ``width`` grid gets a last, narrower group ending exactly at it, so the
+    elastic range ends where the user asked.
     """
+    if not 0 < width <= 1:
+        raise UserError(f"group width must be in (0, 1], got {width:g}")
     top = max((lv.sparsity for lv in levels if not lv.is_nm), default=0.0)
     nm_levels = [lv for lv in levels if lv.is_nm]
     edges = [0.0]
     if top > 0:
         edges.append(min(LOW_GROUP_TOP, top))
         while edges[-1] < top - 1e-9:
-            edges.append(min(round(edges[-1] + GROUP_WIDTH, 6), top))
+            edges.append(min(round(edges[-1] + width, 6), top))
     if len(edges) == 1:  # only N:M levels (or 0): still a base group for the dense end
         edges.append(0.0)
     groups = [Group(i, edges[i], edges[i + 1]) for i in range(len(edges) - 1)]

@@ -19,7 +19,7 @@ from torch.func import functional_call
 
 from ..core.closed_form import closed_form_adapters
 from ..core.hilora import init_lora, merged_weight
-from ..core.levels import Group, Level
+from ..core.levels import GROUP_WIDTH, Group, Level
 from ..core.masks import importance_order, wanda_scores
 from ..core.rule import LevelRule, level_rule
 from .blockloop import block_output
@@ -44,6 +44,8 @@ class TrainConfig:
     residual: bool = False  # True: group k's loss trains group k's adapters only; the groups it inherits are frozen in its pass
     check_windows: int = 0  # windows of the low-group check (the first ones); 0 = all
     steps: int = 0  # optimizer steps per block; 0 = epochs x steps per epoch (else the epochs run until this many)
+    group_width: float = GROUP_WIDTH  # width of the unstructured groups above group 0 (core.levels.build_groups)
+    warmup: int = 0  # optimizer steps of linear lr warm-up before the cosine decay (0 = none, the reference)
 
     def total_steps(self, nwindows: int) -> int:
         return self.steps or self.epochs * steps_per_epoch(nwindows, self.batch)
@@ -53,6 +55,10 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if not 0 < self.group_width <= 1:
+            raise ValueError(f"group-width must be in (0, 1], got {self.group_width:g}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -64,7 +70,8 @@ class TrainConfig:
                    mix_weights=tuple(float(w) for w in mix) if mix else None, batch=int(d.get("batch", 1)),
                    precision=str(d.get("precision", "fp32")), init=str(d.get("init", "zero")),
                    residual=bool(d.get("residual", False)), check_windows=int(d.get("check_windows", 0)),
-                   steps=int(d.get("steps", 0)))
+                   steps=int(d.get("steps", 0)), group_width=float(d.get("group_width", GROUP_WIDTH)),
+                   warmup=int(d.get("warmup", 0)))
 
     def autocast(self, device: torch.device | str):
         """The context of the student passes: bf16 autocast, or nothing."""
@@ -118,6 +125,15 @@ def minibatches(nwindows: int, batch: int, gen: torch.Generator) -> list[list[in
     perms = [torch.randperm(len(members), generator=gen).tolist() for members in classes]
     return [[members[p[i]] for members, p in zip(classes, perms) if i < len(members)]
             for i in range(len(classes[0]))]
+
+
+def lr_factor(step: int, steps: int, warmup: int = 0) -> float:
+    """The learning rate of ``step`` (0-based) as a fraction of lr: cosine decay from 1 at step 0 to
+    0 at ``steps``, times a linear warm-up (step + 1) / (warmup + 1) over the first ``warmup`` steps.
+    Adam's first steps move every entry by about lr whatever the gradient; from a closed-form start
+    that is already good, the warm-up keeps them from knocking it off (BENCHMARKS.md)."""
+    cos = 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+    return cos * min(1.0, (step + 1) / (warmup + 1)) if warmup else cos
 
 
 def steps_per_epoch(nwindows: int, batch: int) -> int:
@@ -256,11 +272,15 @@ def optimize_block(
         B[n] = b.to(device).requires_grad_(True)
         A[n] = a.to(device).requires_grad_(True)
     gram.clear()
-    merge = BlockMerger(weights, order, B, A, r, cfg.scale)
+    # the student's merged weights in the dtype its matmuls run in: under bf16 autocast a float32
+    # merge would be cast to bf16 at every linear call anyway, so merging in bf16 computes the
+    # same weights with half the memory traffic and no casts
+    student_w = {n: w.to(torch.bfloat16) for n, w in weights.items()} if cfg.precision == "bf16" else weights
+    merge = BlockMerger(student_w, order, B, A, r, cfg.scale)
     params = [t for n in linears for t in (B[n], A[n])]
     steps = cfg.total_steps(N)
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, steps, cfg.warmup))
     draws = [stratified_draws(g.lo, g.hi, steps, gen) for g in groups]
     last_epoch = torch.zeros(G, dtype=torch.float64)
     step = 0
@@ -305,7 +325,7 @@ def optimize_block(
     B = {n: b.detach() for n, b in B.items()}
     A = {n: a.detach() for n, a in A.items()}
     dist.broadcast_(*B.values(), *A.values())  # identical already; rank 0's copy rules out any drift
-    merge = BlockMerger(weights, order, B, A, r, cfg.scale)
+    merge = BlockMerger(student_w, order, B, A, r, cfg.scale)
 
     with torch.no_grad():
         # 3. Low-group check: do group-0 adapters help at s = 0.3?

@@ -9,7 +9,8 @@ from importlib import resources
 from ..errors import UserError
 
 PRESET_KEYS = {"description": str, "calib": str, "nsamples": int, "seqlen": int, "epochs": int, "rank": int, "lr": float,
-               "batch": int, "precision": str, "init": str, "steps": int, "check_windows": int, "residual": bool}
+               "batch": int, "precision": str, "init": str, "steps": int, "check_windows": int, "residual": bool,
+               "group_width": float, "warmup": int}
 
 
 def available() -> list[str]:
