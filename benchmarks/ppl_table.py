@@ -173,6 +173,12 @@ def markdown(result: dict) -> str:
             continue
         cells = [f"{row['ppl'][n]:.2f}" if n in row["ppl"] else "-" for n in names]
         lines.append(f"| {label} | {row['time_s'] / 60:.1f} min | " + " | ".join(cells) + " |")
+    ref = result["rows"].get("sparsegpt")
+    if ref:  # each EPTS row against the six SparseGPT runs: perplexity ratio per level, time ratio
+        for label, row in result["rows"].items():
+            if label.startswith("epts"):
+                cells = [f"{row['ppl'][n] / ref['ppl'][n]:.3f}" if n in ref["ppl"] and n in row["ppl"] else "-" for n in names]
+                lines.append(f"| {label} / sparsegpt | {row['time_s'] / ref['time_s']:.2f}x | " + " | ".join(cells) + " |")
     for label, row in result["rows"].items():
         for key, title in (("nm_without_own_group", "without its own group"), ("nm_without_adapters", "without any adapter")):
             for n, v in row.get(key, {}).items():
