@@ -81,7 +81,7 @@ def closed_form_adapters(weight: torch.Tensor, H: torch.Tensor, order: torch.Ten
     Hb = Hd.to(torch.bfloat16)
     gen = torch.Generator(device=W.device).manual_seed(0)
     for g in groups:
-        masks, grads, errs, Es = [], [], [], []
+        masks, grads, errs = [], [], []
         for lv in group_points(g):
             rule = level_rule(groups, lv)
             prev = [k for k in rule.groups if k != g.index]
@@ -89,7 +89,6 @@ def closed_form_adapters(weight: torch.Tensor, H: torch.Tensor, order: torch.Ten
             E = W - merged_weight(W, M, B, A, prev, r, scale)  # (out, in): what the level loses
             EH = (E.to(torch.bfloat16) @ Hb).float()
             masks.append(M)
-            Es.append(E)
             errs.append(float((E * EH).sum()))  # tr(E H E^T): the point's output error before group g
             grads.append(M * EH)  # (out, in): minus half the loss's gradient in D at D = 0
         k = min(r, min(out_f, in_f))
@@ -109,9 +108,10 @@ def closed_form_adapters(weight: torch.Tensor, H: torch.Tensor, order: torch.Ten
         # the guard: bf16 normal equations of an ill-conditioned H can still miss; a group whose
         # solution does not lower the output error summed over its points (the objective it
         # minimizes) starts from B = 0 instead
+        # (E - D) H (E - D)^T with D = scale * M * (b V), zero where M is: <D, E H> = <D, M * E H>
         delta = [scale * M * (b @ V) for M in masks]  # (out, in) each: the correction at each point
-        after = [e0 - 2 * float((D * ((E.to(torch.bfloat16) @ Hb).float())).sum())
-                 + float((D * (D.to(torch.bfloat16) @ Hb).float()).sum()) for e0, E, D in zip(errs, Es, delta)]
+        after = [e0 - 2 * float((D * GE).sum()) + float((D * (D.to(torch.bfloat16) @ Hb).float()).sum())
+                 for e0, GE, D in zip(errs, grads, delta)]
         if not sum(after) < sum(errs):
             b = torch.zeros_like(b)
         # A's rows get the norm of init_lora's kaiming rows (sqrt(1/3)), so that Adam's steps of

@@ -130,8 +130,8 @@ def minibatches(nwindows: int, batch: int, gen: torch.Generator) -> list[list[in
 def lr_factor(step: int, steps: int, warmup: int = 0) -> float:
     """The learning rate of ``step`` (0-based) as a fraction of lr: cosine decay from 1 at step 0 to
     0 at ``steps``, times a linear warm-up (step + 1) / (warmup + 1) over the first ``warmup`` steps.
-    Adam's first steps move every entry by about lr whatever the gradient; from a closed-form start
-    that is already good, the warm-up keeps them from knocking it off (BENCHMARKS.md)."""
+    Adam's first steps move every entry by about lr whatever the gradient; a warm-up makes them
+    smaller (BENCHMARKS.md measures it; the presets do not use it)."""
     cos = 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
     return cos * min(1.0, (step + 1) / (warmup + 1)) if warmup else cos
 
