@@ -85,8 +85,13 @@ def optimize(
                                        "closed-form least-squares solution)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps per block (default: --epochs x windows / --batch)."),
     warmup: Optional[int] = typer.Option(None, help="Optimizer steps of linear lr warm-up per block (default 0)."),
-    group_width: Optional[float] = typer.Option(None, help="Width of the sparsity groups above [0, 0.4], each with "
+    group_width: Optional[float] = typer.Option(None, help="Width of the sparsity groups above group 0, each with "
                                                 "its own adapters (0.05: the reference's 7 groups up to 0.7; 0.1: 4)."),
+    low_top: Optional[float] = typer.Option(None, help="Where group 0, the one set of adapters for the lowest "
+                                            "sparsities, ends (default 0.4, the reference's; 0.35 with "
+                                            "--low-span 0.2 is better on text calibration: BENCHMARKS.md)."),
+    low_span: Optional[float] = typer.Option(None, help="Fit group 0 over its top LOW_SPAN only, e.g. 0.2: "
+                                             "[0.15, 0.35] (0: all of it, the reference)."),
     seed: int = typer.Option(0, help="Seed for calibration sampling and every random draw."),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]; one block at a time moves to the device "
                                "(under torchrun: cuda, each rank on cuda:LOCAL_RANK)."),
@@ -121,6 +126,7 @@ def optimize(
         spec = OptimizeSpec.from_preset(model, out, _levels(levels), preset, calib=calib, nsamples=nsamples,
                                         seqlen=seqlen, epochs=epochs, rank=rank, lr=lr, seed=seed, batch=batch,
                                         precision=precision, init=init, steps=steps, group_width=group_width, warmup=warmup,
+                                        low_top=low_top, low_span=low_span,
                                         method=method, device=device, resume=resume, overwrite=overwrite,
                                         threads=threads, streams=streams, host_memory_gib=host_memory,
                                         device_memory_gib=device_memory)

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from epts_export.cli import app
+from epts_export.core.levels import parse_levels
 
 runner = CliRunner()
 
@@ -66,6 +67,9 @@ def test_materialize(cli_artifact, tmp_path):
     (["optimize", "{llama}", "--out", "{tmp}/o", "--method", "obs"], "unknown method"),
     (["optimize", "{llama}", "--out", "{tmp}/o", "--group-width", "0"], "--group-width must be in (0, 1]"),
     (["optimize", "{llama}", "--out", "{tmp}/o", "--precision", "fp8"], "--precision must be one of"),
+    (["optimize", "{llama}", "--out", "{tmp}/o", "--low-top", "0"], "--low-top must be in (0, 1]"),
+    (["optimize", "{llama}", "--out", "{tmp}/o", "--low-top", "nan"], "--low-top must be in (0, 1]"),
+    (["optimize", "{llama}", "--out", "{tmp}/o", "--low-span", "1.5"], "--low-span must be in [0, 1]"),
     (["eval", "{art}", "--data", "{calib}", "--levels", "0.9"], "above the trained range"),
     (["eval", "{art}", "--data", "{calib}", "--levels", "4:8"], "not trained"),
     (["materialize", "{tmp}/nothing", "--level", "0.5", "--out", "{tmp}/m"], "artifact not found"),
@@ -87,15 +91,19 @@ def test_optimize_levers_reach_the_artifact(tiny_dirs, text_file, tmp_path):
     out = tmp_path / "levers"
     r = run("optimize", tiny_dirs["llama"], "--out", out, "--levels", "0.3,0.7,2:4", "--calib", text_file,
             "--nsamples", 4, "--seqlen", 32, "--rank", 2, "--group-width", 0.1, "--init", "lsq", "--precision", "bf16",
-            "--steps", 2, "--quiet")
+            "--steps", 2, "--low-top", 0.35, "--low-span", 0.2, "--quiet")
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "manifest.json").read_text())
     s = manifest["settings"]
     assert (s["group_width"], s["init"], s["precision"], s["steps"]) == (0.1, "lsq", "bf16", 2)
+    assert (s["low_top"], s["low_span"]) == (0.35, 0.2)
     r = run("info", out)
     assert r.exit_code == 0 and "any sparsity in [0, 0.7] and 2:4" in r.output, r.output
     from epts_export.artifact.folder import Artifact
-    assert [g.hi for g in Artifact.open(out).groups] == [0.4, 0.5, 0.6, 0.7, 0.5]  # 4 rungs + the 2:4 group
+    from epts_export.pruning.epts import TrainConfig
+    assert [g.hi for g in Artifact.open(out).groups] == [0.35, 0.45, 0.55, 0.65, 0.7, 0.5]  # 5 rungs + the 2:4 group
+    cfg = TrainConfig.from_dict(s)  # what a reader of the artifact gets back
+    assert (cfg.low_top, cfg.low_span, cfg.groups(parse_levels("0.7"))[0].hi) == (0.35, 0.2, 0.35)
 
 
 def test_existing_output_needs_overwrite(cli_artifact, tiny_dirs):

@@ -14,7 +14,7 @@ from conftest import tiny_llama, tiny_opt
 from epts_export.core.closed_form import closed_form_adapters, group_points, output_error
 from epts_export.core.hilora import merged_weight
 from epts_export.core.levels import build_groups, parse_levels
-from epts_export.core.masks import importance_order, wanda_scores
+from epts_export.core.masks import importance_order, obs_scores, wanda_scores
 from epts_export.core.rule import level_rule
 from epts_export.models.families import family_for, get_blocks, prunable_linears
 from epts_export.pruning.blockloop import block_output, capture_block_inputs
@@ -39,8 +39,15 @@ def test_group_points_cover_each_range():
     assert pts[0] == [0.1, 0.3]  # [0, 0.4]: 2 strata, capped
     assert pts[1] == [0.425]  # a 0.05 group: its midpoint
     wide = build_groups(parse_levels("0.7"), width=0.1)
-    assert [round(lv.sparsity, 4) for lv in group_points(wide[1])] == [0.425, 0.475]  # a 0.1 group: 2 strata
+    assert [round(lv.sparsity, 4) for lv in group_points(wide[1])] == [0.45]  # a 0.1 group: its midpoint
     assert group_points(groups[-1])[0].is_nm
+    # group 0 over its top 0.2 only: [0.15, 0.35], 2 strata; the other groups keep their ranges
+    low = build_groups(parse_levels("0.7"), width=0.1, low_top=0.35)
+    assert [g.name for g in low] == ["[0,0.35]", "[0.35,0.45]", "[0.45,0.55]", "[0.55,0.65]", "[0.65,0.7]"]
+    span = build_groups(parse_levels("0.7"), width=0.1, low_top=0.35, low_span=0.2)
+    assert [g.name for g in span] == ["[0.15,0.35]"] + [g.name for g in low[1:]]
+    assert [round(lv.sparsity, 4) for lv in group_points(span[0])] == [0.2, 0.3]
+    assert build_groups(parse_levels("0.7"), low_span=0.5)[0].name == "[0,0.4]"  # a span past 0 is all of it
 
 
 def test_closed_form_cuts_every_levels_output_error_and_keeps_the_mask():
@@ -163,7 +170,7 @@ def test_steps_budget_and_check_subset():
 
 def test_config_round_trip_and_refusals():
     cfg = TrainConfig(rank=4, epochs=2, lr=1e-3, precision="bf16", init="lsq", residual=True, check_windows=8, steps=5,
-                      group_width=0.1, warmup=3)
+                      group_width=0.1, warmup=3, low_top=0.35, low_span=0.2, importance="obs")
     assert TrainConfig.from_dict(dataclasses.asdict(cfg)) == cfg
     old = {"rank": 8, "epochs": 1, "lr": 0.01, "scale": 1.0, "mix_weights": None}  # an artifact from before the levers
     assert TrainConfig.from_dict(old) == TrainConfig(rank=8, epochs=1, lr=0.01)
@@ -175,6 +182,90 @@ def test_config_round_trip_and_refusals():
         TrainConfig(group_width=0)
     with pytest.raises(ValueError, match="warmup"):
         TrainConfig(warmup=-1)
+    with pytest.raises(ValueError, match="low-top"):
+        TrainConfig(low_top=0)
+    with pytest.raises(ValueError, match="low-span"):
+        TrainConfig(low_span=-0.1)
+    with pytest.raises(ValueError, match="importance"):
+        TrainConfig(importance="hessian")
+
+
+def test_obs_scores_see_what_a_correlated_channel_can_absorb():
+    """Uncorrelated inputs: the OBS score is Wanda's (H^-1 is diagonal). Channel 1 a near copy of
+    channel 0: removing either costs little (the other takes its place), so OBS ranks both below an
+    independent channel of the same energy, where Wanda ties all three."""
+    W = torch.ones(2, 3)
+    h = torch.tensor([4.0, 1.0, 9.0])
+    assert torch.allclose(obs_scores(W * torch.tensor([1.0, 3.0, 2.0]), torch.diag(h), damp=0.0),
+                          wanda_scores(W * torch.tensor([1.0, 3.0, 2.0]), h), rtol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    x0, x2 = torch.randn(4096, generator=g), torch.randn(4096, generator=g)
+    X = torch.stack([x0, x0 + 0.05 * torch.randn(4096, generator=g), x2], 1)
+    X[:, 1] *= x0.norm() / X[:, 1].norm()  # the same energy in every channel: Wanda cannot tell them apart
+    H = X.t() @ X / X.shape[0]
+    wanda = wanda_scores(W, torch.diagonal(H))
+    assert torch.allclose(wanda, wanda[:, :1].expand_as(wanda), rtol=0.05)
+    obs = obs_scores(W, H)
+    assert (obs[:, 2] > 3 * obs[:, 0]).all() and (obs[:, 2] > 3 * obs[:, 1]).all()
+    assert (importance_order(obs)[:, 2] == 0).all()
+
+
+def test_obs_importance_is_the_order_the_block_trains_and_stores():
+    block, lins, inps = _setup(tiny_llama, n=4)
+    groups = build_groups(LEVELS)
+    grams = {n: 0 for n in lins}
+    counts = {n: 0 for n in lins}
+
+    def hook(name):
+        def fn(_m, inp, _o):
+            x = inp[0].reshape(-1, inp[0].shape[-1]).float()
+            grams[name] = grams[name] + x.t() @ x
+            counts[name] += x.shape[0]
+        return fn
+
+    handles = [lin.register_forward_hook(hook(n)) for n, lin in lins.items()]
+    with torch.no_grad():
+        for x in inps.hidden:
+            block(x, **inps.kwargs)
+    for h in handles:
+        h.remove()
+    cfg = TrainConfig(rank=2, epochs=1, importance="obs")
+    res = optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, groups, cfg, seed=0)
+    wanda = optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, groups,
+                           dataclasses.replace(cfg, importance="wanda"), seed=0)
+    for n, lin in lins.items():
+        want = importance_order(obs_scores(lin.weight.detach().float(), grams[n] / counts[n]))
+        assert torch.equal(res.order[n], want), n
+    assert any(not torch.equal(res.order[n], wanda.order[n]) for n in lins)
+
+
+def test_low_span_fits_group_0_over_its_top(monkeypatch):
+    """Training draws (and the MSFM draws after them) of group 0 fall in [hi - span, hi]; the
+    other groups keep their ranges; a level below group 0 is served by the mask alone."""
+    import epts_export.pruning.epts as epts
+
+    block, lins, inps = _setup(tiny_opt, n=4)
+    cfg = TrainConfig(rank=2, epochs=1, low_top=0.35, low_span=0.2, group_width=0.1)
+    groups = cfg.groups(parse_levels("0.55"))
+    seen = []
+
+    def draws(lo, hi, count, gen):
+        seen.append((lo, hi))
+        return real(lo, hi, count, gen)
+
+    real = epts.stratified_draws
+    monkeypatch.setattr(epts, "stratified_draws", draws)
+    rules = []
+    real_rule = epts.level_rule
+    monkeypatch.setattr(epts, "level_rule", lambda g, lv, *a: rules.append(lv) or real_rule(g, lv, *a))
+    optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, groups, cfg, seed=0)
+    assert seen == [(0.15, 0.35), (0.35, 0.45), (0.45, 0.55)]
+    group0 = [lv.sparsity for lv in rules if lv.sparsity <= 0.35]
+    assert group0 and min(group0) >= 0.15  # no group-0 pass (training, check, MSFM) below its fit range
+    assert level_rule(groups, parse_levels("0.1")[0]).groups == ()  # below group 0: the mask alone
+    assert level_rule(groups, parse_levels("0.15")[0]).groups == (0,)
+    assert level_rule(groups, parse_levels("0.4")[0]).groups == (0, 1)
+    assert level_rule(groups, parse_levels("0.1")[0], False).groups == ()
 
 
 def test_lr_warmup_then_cosine():
@@ -185,3 +276,18 @@ def test_lr_warmup_then_cosine():
     assert ramp[0] == pytest.approx(0.2 * lr_factor(0, 32)) and ramp[3] == pytest.approx(0.8 * lr_factor(3, 32))
     assert all(a < b for a, b in zip(ramp[:4], ramp[1:5]))  # rises through the warm-up
     assert ramp[4] == pytest.approx(lr_factor(4, 32)) and ramp[5] == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 32)))
+
+
+def test_benchmark_variant_names():
+    """benchmarks/levers.py's names set the fields they say; mixeq's weights match the groups."""
+    from benchmarks.levers import variant_config
+
+    levels = parse_levels("0.3,0.5,0.7,2:4")
+    cfg = variant_config("bf16+lsq+g10+r16+low35+span20+obs+mixeq+lr3e3", TrainConfig(), levels)
+    assert (cfg.precision, cfg.init, cfg.group_width, cfg.rank, cfg.low_top, cfg.low_span, cfg.importance, cfg.lr) == \
+        ("bf16", "lsq", 0.1, 16, 0.35, 0.2, "obs", pytest.approx(3e-3))
+    G = len(cfg.groups(levels))
+    assert G == 6 and cfg.mix_weights == (1 / G,) * G
+    assert variant_config("base", TrainConfig()) == TrainConfig()
+    with pytest.raises(SystemExit, match="unknown lever 'x9'"):
+        variant_config("bf16+x9", TrainConfig())

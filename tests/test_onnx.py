@@ -194,6 +194,34 @@ def test_dynamic_graph_switches_levels_like_baked(exports, fam):
     assert np.abs(logits["0.3"] - logits["0.7"]).max() > 1e-3  # the input really switches weights
 
 
+def test_dynamic_serves_below_a_low_span_group_0_with_the_mask_alone(tiny_dirs, text_file, tmp_path):
+    """An artifact whose group 0 is fit over [0.15, 0.35] (--low-top 0.35 --low-span 0.2): the
+    dynamic graph's tables follow the same rule as PyTorch, so 0.1 is the mask alone in both."""
+    import dataclasses
+
+    from epts_export.pruning.epts import TrainConfig
+    spec = dataclasses.replace(spec_for(tiny_dirs["llama"], tmp_path / "a", text_file, levels="0.5"),
+                               train=TrainConfig(rank=2, epochs=1, lr=1e-2, init="lsq", group_width=0.1,
+                                                 low_top=0.35, low_span=0.2))
+    art = optimize(spec)
+    exp = OnnxExport.open(export(ExportSpec(artifact=art, out=tmp_path / "d", mode="dynamic",
+                                            levels=parse_levels("0.1,0.3,0.5"))))
+    em = ElasticModel(exp.source_artifact())
+    assert [(g.lo, g.hi) for g in em.artifact.groups] == [(0.15, 0.35), (0.35, 0.45), (0.45, 0.5)]
+    ids, mask = np.random.default_rng(3).integers(4, 200, (1, 6)), np.ones((1, 6), np.int64)
+    got = {}
+    for i, lv in enumerate(exp.levels):
+        got[lv.name] = _step_outputs(OrtDecoder(exp.graph_path(lv), level=i), ids, mask)[0]
+        ref = _step_outputs(TorchDecoder(em.at(lv)), ids, mask)[0]
+        assert np.abs(ref - got[lv.name]).max() < 1e-4, lv
+    blocks = range(len(em.elastic.low_flags))
+    assert all(em.elastic.rule(b, parse_level("0.1")).groups == () for b in blocks)  # the mask alone
+    assert all(em.elastic.rule(b, parse_level("0.3")).groups == ((0,) if em.elastic.low_flags[b] else ())
+               for b in blocks)
+    r = em.elastic.lora_rank
+    assert any(em.elastic.lora(b, n)[0][:, :r].abs().max() > 0 for (b, n) in em.dense)  # group 0 has adapters to leave out
+
+
 def test_code_packing_by_hand():
     """2-bit slots, 4 per byte along axis 0: byte row c holds rows c, c+2, c+4, c+6; the graph's
     (p << (8 - 2j - 2)) puts slot j in the top bits, where ">= t << 6" tests "slot >= t"."""

@@ -23,7 +23,7 @@ solved on its eigenvalues clipped at zero plus the ridge, and a group whose solu
 lower the output error summed over its points starts from B = 0 (the reference's start) instead.
 
 Groups are solved in index order, each on top of the groups it inherits, at the midpoints of equal
-strata of its range (group 0, [0, 0.4], at 0.1 and 0.3; a 0.1-wide group at its quarter points, a
+strata of its range (group 0, [0, 0.4], at 0.1 and 0.3, or [0.15, 0.35] at 0.2 and 0.3; a 0.1- or
 0.05-wide group at its midpoint; an N:M group at its pattern), the sparsities training draws from. Training then starts
 from these adapters instead of B = 0. Cost per layer and solve: one (out*r, in) x (in, in) product
 and an (out, in) SVD of rank r, against a block's forward passes over every calibration token.
@@ -39,8 +39,8 @@ from .hilora import merged_weight
 from .levels import Group, Level
 from .rule import level_rule
 
-POINT_WIDTH = 0.05  # one least-squares point per 0.05 of a group's range (a 0.1 group: 2)
-MAX_POINTS = 2  # block 5 of SmolLM2, rank 16: 2 points per group fit as well as 4 at half the cost (BENCHMARKS.md)
+POINT_WIDTH = 0.1  # one least-squares point per 0.1 of a group's range: a 0.1 group has 1 (as good as 2, BENCHMARKS.md)
+MAX_POINTS = 2  # block 5 of SmolLM2, rank 16: 2 points fit group 0 as well as 4 at half the cost (BENCHMARKS.md)
 RIDGE = 1e-2  # relative to the mean diagonal of each row's normal equations: a solution robust to the mask
 DAMP = 0.01  # H + DAMP * mean(diag H) * I, SparseGPT's dampening
 A_ROW_NORM = math.sqrt(1 / 3)  # the expected row norm of init_lora's A: in * bound^2 / 3 with bound = 1/sqrt(in)

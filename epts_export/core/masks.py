@@ -28,6 +28,23 @@ def wanda_scores(weight: torch.Tensor, act_sq_mean: torch.Tensor) -> torch.Tenso
     return weight.float().abs() * act_sq_mean.float().clamp_min(0).sqrt().unsqueeze(0)
 
 
+def obs_scores(weight: torch.Tensor, H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Second-order (OBS) importance |W_ij| / sqrt([H^-1]_jj), H = X^T X / n dampened as SparseGPT does.
+
+    The error of removing w_ij alone and re-fitting the rest of its row optimally is
+    w_ij^2 / [H^-1]_jj (Optimal Brain Surgeon); Wanda's |W_ij| sqrt(H_jj) is the same with the
+    correlations between input channels left out. One fixed order per row, so its masks nest.
+    weight: (out, in); H: (in, in). Returns (out, in) float32.
+    """
+    assert H.shape == (weight.shape[1],) * 2, f"H {tuple(H.shape)} vs weight {tuple(weight.shape)}"
+    Hd = H.double().clone()
+    diag = torch.diagonal(Hd)
+    diag[diag == 0] = 1.0  # a dead input channel
+    diag += damp * diag.mean()
+    hinv_diag = torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(Hd)))
+    return weight.float().abs() * hinv_diag.clamp_min(1e-30).rsqrt().float().unsqueeze(0)
+
+
 def importance_order(scores: torch.Tensor) -> torch.Tensor:
     """Per-row position of each weight by descending score; ties keep the lower column first.
 

@@ -19,8 +19,8 @@ from torch.func import functional_call
 
 from ..core.closed_form import closed_form_adapters
 from ..core.hilora import init_lora, merged_weight
-from ..core.levels import GROUP_WIDTH, Group, Level
-from ..core.masks import importance_order, wanda_scores
+from ..core.levels import GROUP_WIDTH, LOW_GROUP_TOP, Group, Level, build_groups
+from ..core.masks import importance_order, obs_scores, wanda_scores
 from ..core.rule import LevelRule, level_rule
 from .blockloop import block_output
 from .distributed import LOCAL, Dist
@@ -28,6 +28,7 @@ from .distributed import LOCAL, Dist
 LOW_CHECK_SPARSITY = 0.3  # where the low-group check compares with / without group-0 adapters
 PRECISIONS = ("fp32", "bf16")
 INITS = ("zero", "lsq")
+IMPORTANCES = ("wanda", "obs")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class TrainConfig:
     steps: int = 0  # optimizer steps per block; 0 = epochs x steps per epoch (else the epochs run until this many)
     group_width: float = GROUP_WIDTH  # width of the unstructured groups above group 0 (core.levels.build_groups)
     warmup: int = 0  # optimizer steps of linear lr warm-up before the cosine decay (0 = none, the reference)
+    low_top: float = LOW_GROUP_TOP  # where group 0 ends (core.levels.build_groups)
+    low_span: float = 0.0  # group 0 is [low_top - low_span, low_top] (core.levels.build_groups); 0: [0, low_top], the reference
+    importance: str = "wanda"  # the nested order: "wanda" |W| sqrt(E x^2), or "obs" |W| / sqrt([H^-1]_jj) (core.masks)
 
     def total_steps(self, nwindows: int) -> int:
         return self.steps or self.epochs * steps_per_epoch(nwindows, self.batch)
@@ -59,6 +63,16 @@ class TrainConfig:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if not 0 < self.group_width <= 1:
             raise ValueError(f"group-width must be in (0, 1], got {self.group_width:g}")
+        if not 0 < self.low_top <= 1:
+            raise ValueError(f"low-top must be in (0, 1], got {self.low_top:g}")
+        if self.importance not in IMPORTANCES:
+            raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
+        if not 0 <= self.low_span <= 1:
+            raise ValueError(f"low-span must be in [0, 1] (0: all of group 0), got {self.low_span:g}")
+
+    def groups(self, levels: list[Level]) -> list[Group]:
+        """The hierarchy this config trains for ``levels``."""
+        return build_groups(levels, self.group_width, self.low_top, self.low_span)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -71,7 +85,8 @@ class TrainConfig:
                    precision=str(d.get("precision", "fp32")), init=str(d.get("init", "zero")),
                    residual=bool(d.get("residual", False)), check_windows=int(d.get("check_windows", 0)),
                    steps=int(d.get("steps", 0)), group_width=float(d.get("group_width", GROUP_WIDTH)),
-                   warmup=int(d.get("warmup", 0)))
+                   warmup=int(d.get("warmup", 0)), low_top=float(d.get("low_top", LOW_GROUP_TOP)),
+                   low_span=float(d.get("low_span", 0.0)), importance=str(d.get("importance", "wanda")))
 
     def autocast(self, device: torch.device | str):
         """The context of the student passes: bf16 autocast, or nothing."""
@@ -228,8 +243,9 @@ def optimize_block(
     sq_sum = {n: torch.zeros(lin.in_features, dtype=torch.float64, device=device) for n, lin in linears.items()}
     tokens = {n: 0 for n in linears}
     lsq = cfg.init == "lsq"
+    need_gram = lsq or cfg.importance == "obs"  # the closed form and the second-order order need X^T X
     gram = {n: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32, device=device)
-            for n, lin in linears.items()} if lsq else {}
+            for n, lin in linears.items()} if need_gram else {}
     # this window's inputs: (data_ptr, shape) -> (the input, x^T x); holding the input keeps its
     # memory from being reused by a later input of the same shape (o_proj's) within the window
     seen: dict = {}
@@ -239,7 +255,7 @@ def optimize_block(
             x = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()  # (tokens, in)
             sq_sum[name] += x.pow(2).sum(0).double()
             tokens[name] += x.shape[0]
-            if lsq:
+            if need_gram:
                 key = (inp[0].data_ptr(), tuple(inp[0].shape))
                 if key not in seen:
                     seen[key] = (inp[0], x.t() @ x)  # (in, in)
@@ -259,11 +275,14 @@ def optimize_block(
     dist.all_reduce_(*sq_sum.values())
     tokens = dict(zip(tokens, (int(c) for c in dist.sum_floats([float(c) for c in tokens.values()]))))
     weights = {n: lin.weight.detach().float() for n, lin in linears.items()}
-    order = {n: importance_order(wanda_scores(weights[n], (sq_sum[n] / max(tokens[n], 1)).float())) for n in linears}
+    if need_gram:
+        dist.all_reduce_(*gram.values())
+    if cfg.importance == "obs":
+        order = {n: importance_order(obs_scores(weights[n], gram[n] / max(tokens[n], 1))) for n in linears}
+    else:
+        order = {n: importance_order(wanda_scores(weights[n], (sq_sum[n] / max(tokens[n], 1)).float())) for n in linears}
 
     # 2. MS-HiLoRA training, from B = 0 or from the closed-form least-squares adapters.
-    if lsq:
-        dist.all_reduce_(*gram.values())
     B, A = {}, {}
     for n, lin in linears.items():
         b, a = init_lora(lin.out_features, lin.in_features, G, r, gen)  # drawn in both cases: same generator state

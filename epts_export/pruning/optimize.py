@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..artifact.folder import ARTIFACT, ELASTIC_FILE, METHODS, MODEL_DIR, library_versions, tensor_key
-from ..core.levels import GROUP_WIDTH, Group, Level, build_groups
+from ..core.levels import GROUP_WIDTH, LOW_GROUP_TOP, Group, Level
 from ..errors import UserError
 from ..fsutil import atomic_path, check_destination, file_hashes, partial_path, sha256_bytes, staged_dir, write_json
 from ..models.families import Family, family_for, get_blocks, iter_prunable, measured_sparsity, prunable_linears
@@ -66,7 +66,7 @@ class OptimizeSpec:
                     epochs: int | None = None, rank: int | None = None, lr: float | None = None, seed: int = 0,
                     batch: int | None = None, precision: str | None = None, init: str | None = None,
                     steps: int | None = None, group_width: float | None = None, warmup: int | None = None,
-                    **rest) -> "OptimizeSpec":
+                    low_top: float | None = None, low_span: float | None = None, **rest) -> "OptimizeSpec":
         """The spec of a preset (calibration/<preset>.toml), with any setting given here winning
         over the preset's. ``rest``: method, device, resume, overwrite, threads, streams,
         host_memory_gib, device_memory_gib."""
@@ -87,7 +87,9 @@ class OptimizeSpec:
                                        check_windows=p.get("check_windows", 0), residual=p.get("residual", False),
                                        warmup=warmup if warmup is not None else p.get("warmup", 0),
                                        group_width=group_width if group_width is not None
-                                       else p.get("group_width", GROUP_WIDTH)),
+                                       else p.get("group_width", GROUP_WIDTH),
+                                       low_top=low_top if low_top is not None else p.get("low_top", LOW_GROUP_TOP),
+                                       low_span=low_span if low_span is not None else p.get("low_span", 0.0)),
                    **rest)
 
 
@@ -231,7 +233,7 @@ def _resolve(spec: OptimizeSpec, progress: Progress, dist: Dist):
 def _plan(spec: OptimizeSpec, resolved, dist: Dist, device: str, world: int, local_world: int) -> Plan:
     def check() -> Plan:
         shape = ModelShape.from_folder(resolved.path)
-        groups = build_groups(spec.levels, spec.train.group_width) if spec.method == "epts" else []
+        groups = spec.train.groups(spec.levels) if spec.method == "epts" else []
         run = RunShape(method=spec.method, nsamples=spec.calib.nsamples, seqlen=spec.calib.seqlen, groups=len(groups),
                        rank=spec.train.rank, nm_levels=sum(1 for lv in spec.levels if lv.is_nm), world=world,
                        local_world=local_world, device="cuda" if device.startswith("cuda") else "cpu",
@@ -323,7 +325,7 @@ def _load(spec: OptimizeSpec, resolved, progress: Progress, dist: Dist = LOCAL) 
     fingerprint = sha256_bytes(json.dumps({"model": resolved.source.get("sha256"), "calib": calib.record if calib else None,
                                            "settings": {k: v for k, v in settings.items() if k != "device"}},
                                           sort_keys=True).encode())
-    groups = build_groups(spec.levels, spec.train.group_width) if spec.method == "epts" else []
+    groups = spec.train.groups(spec.levels) if spec.method == "epts" else []
     return _Run(model, tok, fam, resolved.source, groups, calib, settings, fingerprint)
 
 
