@@ -3,18 +3,22 @@
 A fast proxy for the perplexity ablation (benchmarks/ppl_table.py runs the whole model): one block
 of SmolLM2-135M, trained on calibration windows of a benchmark corpus (both streams dense), then
 evaluated on held-out windows of the same corpus: the MSE of the block's output at each level
-against the dense block, relative to the mask alone (no adapters). Lower is better; 1.0 = the
-adapters do nothing.
+against the dense block, relative to Wanda's mask alone (no adapters). Lower is better; 1.0 = the
+adapters do nothing (on Wanda's order; a variant with another importance order, e.g. ``obs``, is
+measured against the same Wanda reference, so its rows show what the order and the adapters do together).
 
     python -m benchmarks.block_levers                                  # every variant below
     python -m benchmarks.block_levers --variants base,bf16 --block 10 --json out.json
 
 A variant is TrainConfig overrides joined by '+' (benchmarks/levers.py), e.g. ``bf16+lsq+lr3+g10``.
+The variant ``sparsegpt`` is the target: SparseGPT run on the block at each trained level (six
+one-level runs), its held-out MSE relative to Wanda's mask at that level (the mask EPTS starts from).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import time
@@ -24,11 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from epts_export.core.levels import DEFAULT_LEVELS, build_groups, parse_levels
+from epts_export.core.levels import DEFAULT_LEVELS, parse_levels
 from epts_export.core.rule import level_rule
 from epts_export.models.families import family_for, get_blocks, prunable_linears
 from epts_export.models.hf import load_model
 from epts_export.models.resolve import resolve_model
+from epts_export.pruning.baselines import prune_block_calibrated
 from epts_export.pruning.blockloop import block_output, capture_block_inputs, run_block
 from epts_export.pruning.calibration import tokenize_text
 from epts_export.pruning.epts import BlockMerger, TrainConfig, optimize_block
@@ -78,9 +83,34 @@ def main() -> None:
         teacher = [block_output(block(x, **kwargs)).float() for x in streams["held"]]
     base = TrainConfig(rank=8, epochs=1, lr=args.lr)
     rows = []
+    def held_error(blk) -> float:
+        with torch.no_grad():
+            return sum(F.mse_loss(block_output(blk(x, **kwargs)).float(), t).item() for x, t in zip(streams["held"], teacher))
+
+    wanda_err: dict[str, float] = {}
+
+    def wanda_error(lv) -> float:
+        """The held-out error of Wanda's mask alone at ``lv``: every row's denominator."""
+        if lv.name not in wanda_err:
+            blk = copy.deepcopy(block)
+            prune_block_calibrated("wanda", blk, prunable_linears(blk, fam), streams["calib"], kwargs, lv, "cpu")
+            wanda_err[lv.name] = held_error(blk)
+        return wanda_err[lv.name]
+
     for name in args.variants.split(","):
+        if name == "sparsegpt":
+            t = time.perf_counter()
+            rel = {}
+            for lv in parse_levels(DEFAULT_LEVELS):
+                blk = copy.deepcopy(block)
+                prune_block_calibrated("sparsegpt", blk, prunable_linears(blk, fam), streams["calib"], kwargs, lv, "cpu")
+                rel[lv.name] = round(held_error(blk) / wanda_error(lv), 4)
+            secs = time.perf_counter() - t
+            rows.append({"variant": name, "seconds": round(secs, 2), "relative_mse": rel})
+            print(f"{name:28s} {secs:6.1f} s  " + " ".join(f"{k} {v:.3f}" for k, v in rel.items()), flush=True)
+            continue
         cfg = variant_config(name, base)
-        groups = build_groups(parse_levels(DEFAULT_LEVELS), cfg.group_width)
+        groups = cfg.groups(parse_levels(DEFAULT_LEVELS))
         t = time.perf_counter()
         res = optimize_block(block, linears, streams["calib"], streams["calib"], kwargs, groups, cfg, seed=args.block)
         secs = time.perf_counter() - t
@@ -90,21 +120,18 @@ def main() -> None:
         with torch.no_grad():
             for lv in levels:
                 rule = level_rule(groups, lv, res.low_group_lora)
-                bare = dataclasses.replace(rule, groups=())
                 err = sum(F.mse_loss(block_output(functional_call(block, merge(rule), (x,), kwargs)).float(), t).item()
                           for x, t in zip(streams["held"], teacher))
-                err0 = sum(F.mse_loss(block_output(functional_call(block, merge(bare), (x,), kwargs)).float(), t).item()
-                           for x, t in zip(streams["held"], teacher))
-                rel[lv.name] = round(err / err0, 4)
+                rel[lv.name] = round(err / wanda_error(lv), 4)
         rows.append({"variant": name, "config": dataclasses.asdict(cfg), "seconds": round(secs, 2), "relative_mse": rel,
                      "low_group_lora": res.low_group_lora})
         print(f"{name:28s} {secs:6.1f} s  " + " ".join(f"{k} {v:.3f}" for k, v in rel.items()), flush=True)
     print(f"\nblock {args.block}, {args.corpus}, {args.nsamples} x {args.seqlen} calibration tokens, lr {args.lr:g}; "
-          "held-out MSE relative to the mask alone\n")
+          "held-out MSE relative to Wanda's mask alone\n")
     print("| variant | time s | " + " | ".join(lv.name for lv in levels) + " |")
     print("|---|---:|" + "---:|" * len(levels))
     for r in rows:
-        print(f"| {r['variant']} | {r['seconds']:.1f} | " + " | ".join(f"{r['relative_mse'][lv.name]:.3f}" for lv in levels) + " |")
+        print(f"| {r['variant']} | {r['seconds']:.1f} | " + " | ".join(f"{r['relative_mse'][lv.name]:.3f}" if lv.name in r['relative_mse'] else "-" for lv in levels) + " |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"block": args.block, "corpus": args.corpus, "nsamples": args.nsamples,

@@ -41,17 +41,25 @@ from epts_export.pruning.presets import load_preset
 from epts_export.progress import Progress
 
 from . import docutils_docs, shakespeare
-from .levers import lever_overrides
+from .levers import variant_config
 
 CORPORA = {"shakespeare": shakespeare.benchmark_texts, "docutils": docutils_docs.benchmark_texts}
 
 
 def run_optimize(work: Path, name: str, spec_kw: dict, progress: Progress) -> tuple[Path, float]:
+    """The artifact ``work/name``: optimized now, or reused from an earlier invocation when its
+    recorded training settings are the ones asked for (a preset edited since is refused, not reused;
+    a change of code is not in the settings: move the folder away to rerun it)."""
     out = work / name
     work.mkdir(parents=True, exist_ok=True)
     if not (out / "manifest.json").exists():
         optimize(OptimizeSpec(out=out, resume=(work / f"{name}.partial").exists(), **spec_kw), progress=progress)
-    return out, float(Artifact.open(out, verify=False).manifest["elapsed_s"])
+    manifest = Artifact.open(out, verify=False).manifest
+    train = spec_kw.get("train")
+    if manifest["method"] == "epts" and train is not None and TrainConfig.from_dict(manifest["settings"]) != train:
+        raise SystemExit(f"{out} was optimized with other settings than asked for now "
+                         f"({TrainConfig.from_dict(manifest['settings'])} != {train}); move it away to rerun it")
+    return out, float(manifest["elapsed_s"])
 
 
 def main() -> None:
@@ -116,7 +124,7 @@ def main() -> None:
         else:
             lr, _, lever = rest.partition(":")
             src = texts["calib"] if tag == "text" else tag
-            train = TrainConfig(epochs=args.epochs, lr=float(lr), **lever_overrides(lever))
+            train = variant_config(lever, TrainConfig(epochs=args.epochs, lr=float(lr)), levels)
             spec_kw = dict(common, train=train, levels=levels, calib=calib(src))
             work = args.work if tag == "text" else shared
             name = f"epts-{tag}-lr{lr}" + (f"-{lever}" if lever else "")

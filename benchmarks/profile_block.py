@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from epts_export.core.levels import DEFAULT_LEVELS, build_groups, parse_levels
+from epts_export.core.levels import DEFAULT_LEVELS, parse_levels
 from epts_export.models.families import family_for, get_blocks, prunable_linears
 from epts_export.models.hf import load_model
 from epts_export.models.resolve import resolve_model
@@ -48,7 +48,7 @@ def main() -> None:
     for i in range(args.block):  # the dense stream up to the profiled block
         hidden = run_block(blocks[i], hidden, inputs.kwargs, "cpu")
     cfg = variant_config(args.variant, TrainConfig(rank=8, epochs=1, lr=1e-2))
-    groups = build_groups(parse_levels(DEFAULT_LEVELS), cfg.group_width)
+    groups = cfg.groups(parse_levels(DEFAULT_LEVELS))
     block = blocks[args.block]
     run = lambda: optimize_block(block, prunable_linears(block, fam), list(hidden), list(hidden), inputs.kwargs,  # noqa: E731
                                  groups, cfg, seed=args.block)
