@@ -668,6 +668,9 @@ def test_ort_model_for_causal_lm_loads_a_baked_level(exports, fam):
     """optimum's ORTModelForCausalLM loads a level folder with no extra code and generates the
     same tokens as our greedy loop (optimum-onnx needs transformers 4.57: CI's second leg)."""
     ortm = pytest.importorskip("optimum.onnxruntime")
+    # optimum-onnx 0.1 imports transformers internals lazily that transformers 5 removed: an
+    # optimum left installed next to transformers 5 cannot load anything, ours or optimum's own
+    pytest.importorskip("optimum.exporters.onnx.convert", reason="this optimum does not import with this transformers")
     from transformers import AutoTokenizer
 
     folder = exports(fam) / "level-2of4"
