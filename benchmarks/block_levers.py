@@ -83,6 +83,7 @@ def main() -> None:
         teacher = [block_output(block(x, **kwargs)).float() for x in streams["held"]]
     base = TrainConfig(rank=8, epochs=1, lr=args.lr)
     rows = []
+
     def held_error(blk) -> float:
         with torch.no_grad():
             return sum(F.mse_loss(block_output(blk(x, **kwargs)).float(), t).item() for x, t in zip(streams["held"], teacher))

@@ -28,8 +28,9 @@ def wanda_scores(weight: torch.Tensor, act_sq_mean: torch.Tensor) -> torch.Tenso
     return weight.float().abs() * act_sq_mean.float().clamp_min(0).sqrt().unsqueeze(0)
 
 
-def obs_scores(weight: torch.Tensor, H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """Second-order (OBS) importance |W_ij| / sqrt([H^-1]_jj), H = X^T X / n dampened as SparseGPT does.
+def obs_scores(weight: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Second-order (OBS) importance |W_ij| / sqrt([H^-1]_jj); H: X^T X / n, dampened by the caller
+    (``core.closed_form.dampened``, SparseGPT's) so that it is positive definite.
 
     The error of removing w_ij alone and re-fitting the rest of its row optimally is
     w_ij^2 / [H^-1]_jj (Optimal Brain Surgeon); Wanda's |W_ij| sqrt(H_jj) is the same with the
@@ -37,11 +38,7 @@ def obs_scores(weight: torch.Tensor, H: torch.Tensor, damp: float = 0.01) -> tor
     weight: (out, in); H: (in, in). Returns (out, in) float32.
     """
     assert H.shape == (weight.shape[1],) * 2, f"H {tuple(H.shape)} vs weight {tuple(weight.shape)}"
-    Hd = H.double().clone()
-    diag = torch.diagonal(Hd)
-    diag[diag == 0] = 1.0  # a dead input channel
-    diag += damp * diag.mean()
-    hinv_diag = torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(Hd)))
+    hinv_diag = torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(H.double())))
     return weight.float().abs() * hinv_diag.clamp_min(1e-30).rsqrt().float().unsqueeze(0)
 
 

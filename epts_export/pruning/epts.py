@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..core.closed_form import closed_form_adapters
+from ..core.closed_form import closed_form_adapters, dampened
 from ..core.hilora import init_lora, merged_weight
 from ..core.levels import GROUP_WIDTH, LOW_GROUP_TOP, Group, Level, build_groups
 from ..core.masks import importance_order, obs_scores, wanda_scores
@@ -65,10 +65,10 @@ class TrainConfig:
             raise ValueError(f"group-width must be in (0, 1], got {self.group_width:g}")
         if not 0 < self.low_top <= 1:
             raise ValueError(f"low-top must be in (0, 1], got {self.low_top:g}")
-        if self.importance not in IMPORTANCES:
-            raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
         if not 0 <= self.low_span <= 1:
             raise ValueError(f"low-span must be in [0, 1] (0: all of group 0), got {self.low_span:g}")
+        if self.importance not in IMPORTANCES:
+            raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
 
     def groups(self, levels: list[Level]) -> list[Group]:
         """The hierarchy this config trains for ``levels``."""
@@ -278,7 +278,7 @@ def optimize_block(
     if need_gram:
         dist.all_reduce_(*gram.values())
     if cfg.importance == "obs":
-        order = {n: importance_order(obs_scores(weights[n], gram[n] / max(tokens[n], 1))) for n in linears}
+        order = {n: importance_order(obs_scores(weights[n], dampened(gram[n] / max(tokens[n], 1)))) for n in linears}
     else:
         order = {n: importance_order(wanda_scores(weights[n], (sq_sum[n] / max(tokens[n], 1)).float())) for n in linears}
 
