@@ -217,6 +217,8 @@ ROWS = [
         dir="../x")), "--level", "0.5", "--prompt", "w1"], 3, "must be a path inside the folder", []),
     ("run: a duplicated level record", lambda ws: ["run", ws.manifest(ws.bundle, "b-dup", lambda m: m["levels"].append(
         dict(m["levels"][-1]))), "--level", "0.5", "--prompt", "w1"], 3, "is listed twice", []),
+    ("build: an unknown layout", lambda ws: ["build", ws.art, "--target", "rtx", "--out", ws.root / "d-layout", "--layout",
+                                             "zip", "--quiet"], 1, "unknown --layout 'zip'", []),
     ("run: prompt past the context", lambda ws: ["run", ws.bundle, "--level", "0.5", "--prompt", " ".join(["w1"] * 400)], 1,
      "context is 256", []),
 ]

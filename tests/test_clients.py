@@ -266,3 +266,20 @@ def test_readme_plain_onnxruntime_example_switches_levels(exports, tmp_path, mon
         want, _ = dec.step(ids, mask, positions(mask, 0), dec.empty_past(1))
         assert np.abs(ns[level] - want).max() < 1e-5, level
     assert np.abs(ns["logits_05"] - ns["logits_24"]).max() > 1e-3  # the switch changed the weights
+
+
+def test_jetpack5_python_runs_a_baked_bundle_and_says_what_an_elastic_one_needs(bundle, baked_bundle, tmp_path):
+    """JetPack 5's Python 3.8 with the onnxruntime it can have (1.19, the last for 3.8): run.py runs a
+    baked bundle; an elastic bundle's weight builder needs onnxruntime 1.21 (uint8 arithmetic), which
+    run.py says in one line instead of failing inside ONNX Runtime."""
+    py38 = os.environ.get("EPTS_BARE38_PYTHON")
+    if not py38:
+        pytest.skip("EPTS_BARE38_PYTHON is not set: .ci/run makes a Python 3.8 venv with numpy, tokenizers, onnxruntime 1.19")
+    ours = generate(baked_bundle, parse_level("2:4"), "w1 w2 w3", 6)
+    r = subprocess.run([py38, str(baked_bundle / "run.py"), "--level", "2:4", "--prompt", "w1 w2 w3", "--max-new-tokens", "6"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and f"tokens {ours['tokens']}" in r.stderr, r.stderr
+    r = subprocess.run([py38, str(bundle / "run.py"), "--level", "0.3", "--prompt", "w1"], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 1 and "needs onnxruntime 1.21 or later" in r.stderr and "--layout baked" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

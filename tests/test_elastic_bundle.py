@@ -110,3 +110,31 @@ def test_run_py_switches_levels_from_one_load_with_the_baked_tokens(art, tmp_pat
             f.write(b"\0\0\0\0")
         res = subprocess.run([bare, str(b / "run.py"), "--level", "0.5", "--prompt", "w1"], capture_output=True, text=True)
         assert res.returncode == 3 and f"{rel} does not match its sha256" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_device_commands_refuse_bad_input_in_one_line(art, tmp_path):
+    """build_engines.py bake/clean and run.py on an elastic bundle, as a careless user types them:
+    a level the bundle lacks, a bake of a baked-layout bundle, a second clean; one line, no traceback."""
+    bare = os.environ.get("EPTS_BARE_PYTHON")
+    if not bare:
+        pytest.skip("EPTS_BARE_PYTHON is not set: .ci/run points it at a venv with only numpy, tokenizers, onnxruntime")
+    bundle = build(BuildSpec(source=str(art), target="jetson", out=tmp_path / "dist", levels=parse_levels("0.5,2:4")))
+
+    def run(script, *argv):
+        return subprocess.run([bare, str(bundle / script), *argv], capture_output=True, text=True, cwd=tmp_path)
+
+    res = run("build_engines.py", "bake", "0.9")
+    assert res.returncode == 1 and res.stderr.strip() == "error: level 0.9 is not in the weight builder's table (0.5, 2:4)"
+    res = run("build_engines.py", "bake", "2:4")
+    assert res.returncode == 0 and (bundle / "model" / "decoder.weights").stat().st_size > 0
+    assert subprocess.run([bare, "-c", "import onnxruntime as o, sys; o.InferenceSession(sys.argv[1])",
+                           str(bundle / "model" / "decoder.onnx")], capture_output=True).returncode == 0  # a plain graph now
+    for _ in range(2):
+        assert run("build_engines.py", "clean").returncode == 0
+    assert (bundle / "model" / "decoder.weights").stat().st_size == 0
+    res = run("run.py", "--level", "0.9", "--prompt", "w1")
+    assert res.returncode == 1 and "level 0.9 is not in bundle" in res.stderr and "Traceback" not in res.stderr
+    baked = build(BuildSpec(source=str(art), target="jetson", out=tmp_path / "baked", levels=parse_levels("0.5"),
+                            layout="baked"))
+    res = subprocess.run([bare, str(baked / "build_engines.py"), "bake", "0.5"], capture_output=True, text=True)
+    assert res.returncode == 1 and "holds one graph per level: there are no weights to bake" in res.stderr

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from .errors import UserError
 from .interface import DECODER_GRAPH, LEVEL_INPUT, LEVELS_FILE, LEVELS_METADATA, WEIGHTS_GRAPH
 
 # step(input_ids, attention_mask, position_ids, past) -> (logits (B, S, V) float32, presents [2 * layers])
-StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]], tuple[np.ndarray, list[np.ndarray]]]
+StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, List[np.ndarray]], Tuple[np.ndarray, List[np.ndarray]]]  # typing: Python 3.8
 
 
 def _options(threads: int | None, profile_prefix: str | None = None):
@@ -71,6 +71,21 @@ def check_level_index(levels: list[str] | None, index, where: Path) -> int:
         table = ", ".join(f"{i}={n}" for i, n in enumerate(levels))
         raise UserError(f"sparsity_level {index!r} is outside the level table of {where} ({table})")
     return int(index)
+
+
+BUILDER_ORT = (1, 21)  # the weight builder's uint8 Mul has a CPU kernel from onnxruntime 1.21 on (1.20 lacks it)
+
+
+def check_weight_builder_runtime(version: str) -> None:
+    """UserError unless ONNX Runtime ``version`` runs a dynamic export's weight builder."""
+    try:
+        have = tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return  # a development build: let it try
+    if have < BUILDER_ORT:
+        raise UserError(f"the elastic model's weight builder needs onnxruntime {BUILDER_ORT[0]}.{BUILDER_ORT[1]} or later "
+                        f"(its uint8 arithmetic), this Python has {version}: pip install -U onnxruntime (Python 3.10 or "
+                        f"later), or ship one graph per level (epts-export build --layout baked)")
 
 
 class OrtDecoder:
@@ -133,6 +148,7 @@ class ElasticDecoder(OrtDecoder):
                  providers: Sequence[str] = ("CPUExecutionProvider",), repack: bool = False):
         import onnxruntime as ort
 
+        check_weight_builder_runtime(ort.__version__)
         self.folder = folder = Path(folder)
         for name in (WEIGHTS_GRAPH, DECODER_GRAPH):
             if not (folder / name).is_file():

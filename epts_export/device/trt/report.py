@@ -73,9 +73,9 @@ def measure_engines(bundle: Path, specs: list[EngineSpec], open_engine: Callable
                  "sparse": bool(spec.sparse), "sparsity": _sparsity(spec, builds.get(Path(spec.engine).name))}
         try:
             dec = open_engine(spec, spec.build_level)
-        except UserError as e:
+        except UserError as e:  # the engine does not load here, or its build level drifts: none of its levels is served
             entry["error"] = str(e)
-            levels[spec.build_level] = {"engine": entry["engine"], "served": False, "why": str(e)}
+            levels.update({lv: {"engine": entry["engine"], "served": False, "why": str(e)} for lv in spec.levels})
             engines.append(entry)
             continue
         gpu, version = dec.buffers.device_name(), dec.version

@@ -454,7 +454,10 @@ class TrtDecoder:
         UserError (exit 3) when the level drifts."""
         ref = self.weights.reference(level)
         vocab = self.weights.vocab_size() or 256
-        seq = min(PROBE_TOKENS, max(r["input_ids"][2][1] for r in self.profiles if r[self.past_names[0]][0][2] == 0))
+        seq = min(PROBE_TOKENS, max((r["input_ids"][2][1] for r in self.profiles if r[self.past_names[0]][0][2] == 0),
+                                    default=0))
+        if seq < 1:
+            raise UserError(f"{self.engine_path} has no profile for a prefill from an empty cache: it cannot be checked")
         ids = np.random.default_rng(0).integers(4, max(vocab - 1, 5), (1, seq))
         mask = np.ones_like(ids)
         pos = positions(mask, 0)
