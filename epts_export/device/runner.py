@@ -72,13 +72,6 @@ def context_length(folder: Path) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
-def context_length(folder: Path) -> int | None:
-    """``max_position_embeddings`` of a level's config.json (None when it does not say)."""
-    path = Path(folder) / "config.json"
-    value = json.loads(path.read_text()).get("max_position_embeddings") if path.is_file() else None
-    return int(value) if isinstance(value, int) else None
-
-
 class _Switcher:
     """One ElasticDecoder over a dynamic export's or an elastic bundle's model folder, opened at
     the first level asked for and switched in place after that."""
