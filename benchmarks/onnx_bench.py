@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from epts_export.onnx.reader import OnnxExport
-from epts_export.onnx.runtime import ElasticDecoder, OrtDecoder, positions
+from epts_export.device.ort import ElasticDecoder, OrtDecoder, positions
 
 
 def folder_bytes(graph: Path) -> int:

@@ -291,7 +291,7 @@ def export_cmd(
     console.print(t)
     if m["mode"] == "dynamic":
         console.print("level switch in one session: weights.onnx + decoder.onnx (`epts-export run` or "
-                      "epts_export.onnx.runtime.ElasticDecoder; levels.json holds the table)", highlight=False)
+                      "epts_export.device.ort.ElasticDecoder; levels.json holds the table)", highlight=False)
     console.print(f"wrote {path}")
 
 
@@ -367,16 +367,20 @@ def build(
     preset: str = typer.Option("default", help="optimize preset when SOURCE is a model."),
     require_engines: bool = typer.Option(False, help="Exit 2 unless TensorRT engines were built here."),
     eval_data: Optional[str] = typer.Option(None, help="Text (file, folder, hf:NAME) for a perplexity per level in the manifest."),
+    layout: str = typer.Option("elastic", help="elastic: one copy of the weights for every level, switched in place on the "
+                               "device; baked: one plain ONNX folder per level (ONNX Runtime GenAI, optimum), N copies."),
     overwrite: bool = typer.Option(False, help="Replace an existing bundle."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Whole pipeline for one target: optimize (or reuse), export, validate, engines, bundle."""
     from .deploy.pipeline import BuildSpec, build as run
 
-    path = run(BuildSpec(source=source, target=target, out=out, levels=_levels(levels), preset=preset,
+    path = run(BuildSpec(source=source, target=target, out=out, levels=_levels(levels), preset=preset, layout=layout,
                          require_engines=require_engines, overwrite=overwrite, eval_data=eval_data), Progress(enabled=not quiet))
     m = json.loads((path / "manifest.json").read_text())
-    t = Table(title=f"bundle {path} for {m['target']['name']} ({m['target']['description']})")
+    size = m["onnx_bytes"]["total"] / 2**20
+    t = Table(title=f"bundle {path} for {m['target']['name']} ({m['target']['description']}): {m['layout']}, "
+                    f"{len(m['levels'])} levels in {size:.1f} MiB of ONNX")
     for col in ("level", "pattern", "sparse weights", "ppl", "parity", "engine"):
         t.add_column(col)
     for r in m["levels"]:
@@ -394,10 +398,10 @@ def build(
 @_boundary
 def verify(bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz.")):
     """Check a bundle's hashes, and that its engines match this GPU and TensorRT."""
-    from .deploy.bundle import verify as run
+    from .device.bundle import verify as run
 
     report = run(bundle)
-    console.print(f"bundle {report['bundle']} for {report['target']}: {report['files']} files, hashes ok")
+    console.print(f"bundle {report['bundle']} for {report['target']} ({report['layout']}): {report['files']} files, hashes ok")
     if report.get("plan"):
         console.print(f"engine plan: {escape(report['plan'])}", highlight=False)
     console.print(f"engines: {escape(report['engines'])}", highlight=False)
@@ -415,7 +419,7 @@ def run_cmd(
     runtime: str = typer.Option("auto", help="auto (the level's TensorRT engine when it can run here, else ONNX Runtime), trt or ort."),
 ):
     """Generate text from a bundle or an export, streaming tokens (KV cache); the level's files are hash-checked first."""
-    from .deploy.runner import Runner, describe
+    from .device.runner import Runner, describe
 
     levels = [lv for text in level for lv in _levels(text, "--level")]
     runner = Runner(source, runtime, threads)

@@ -1,15 +1,8 @@
-"""One error type for everything a user can fix; the CLI turns it into one line and an exit code."""
+"""The one error type for everything a user can fix (defined in ``device.errors``, which ships in
+bundles; host code imports it from here)."""
 
 from __future__ import annotations
 
+from .device.errors import UserError
 
-class UserError(Exception):
-    """Bad input: a missing path, a malformed level, a tampered artifact.
-
-    The CLI prints ``error: <message>`` and exits with ``exit_code`` (1 by default), without a
-    traceback unless ``EPTS_DEBUG`` is set. The message should say what is wrong and what to do.
-    """
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
+__all__ = ["UserError"]

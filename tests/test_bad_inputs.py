@@ -200,7 +200,7 @@ ROWS = [
     ("verify: a file the manifest does not list", lambda ws: ["verify", _with_file(ws, "b-injected", "tensorrt.py", "import os")], 3,
      "tensorrt.py is not listed", []),
     ("verify: schema 42", lambda ws: ["verify", ws.manifest(ws.bundle, "b-42", lambda m: m.update(schema_version=42))], 1,
-     "newer than the version 1", []),
+     "newer than the version 2", []),
     ("verify: levels of the wrong type", lambda ws: ["verify", ws.manifest(ws.bundle, "b-lv", lambda m: m.update(levels={}))], 3,
      "'levels' must be a list", []),
     ("verify: tar member not in the manifest", lambda ws: ["verify", _tar_with_extra(
@@ -209,8 +209,16 @@ ROWS = [
         ws, "big.tar.gz", lambda t: _add_bytes(t, "rtx-ada/pad.bin", bytes(8 << 20)))], 3, "pad.bin' is not listed", []),
     ("verify: truncated tar", lambda ws: ["verify", _truncated_tar(ws)], 3, "truncated or corrupted", []),
     ("verify: two bundles in one tar", lambda ws: ["verify", _two_bundles(ws)], 3, "holds 2 bundles", []),
-    ("run: a swapped graph", lambda ws: ["run", _with_file(ws, "b-swapped", "level-0.5/model.onnx", "not a graph"),
-                                         "--level", "0.5", "--prompt", "w1"], 3, "does not match its sha256", []),
+    ("run: a swapped weight builder", lambda ws: ["run", _with_file(ws, "b-swapped", "model/weights.onnx", "not a graph"),
+                                                  "--level", "0.5", "--prompt", "w1"], 3, "does not match its sha256", []),
+    ("run: a swapped decoder", lambda ws: ["run", _with_file(ws, "b-swapped-dec", "model/decoder.onnx", "not a graph"),
+                                           "--level", "2:4", "--prompt", "w1"], 3, "model/decoder.onnx does not match", []),
+    ("run: a level record outside the bundle", lambda ws: ["run", ws.manifest(ws.bundle, "b-out", lambda m: m["levels"][0].update(
+        dir="../x")), "--level", "0.5", "--prompt", "w1"], 3, "must be a path inside the folder", []),
+    ("run: a duplicated level record", lambda ws: ["run", ws.manifest(ws.bundle, "b-dup", lambda m: m["levels"].append(
+        dict(m["levels"][-1]))), "--level", "0.5", "--prompt", "w1"], 3, "is listed twice", []),
+    ("build: an unknown layout", lambda ws: ["build", ws.art, "--target", "rtx", "--out", ws.root / "d-layout", "--layout",
+                                             "zip", "--quiet"], 1, "unknown --layout 'zip'", []),
     ("run: prompt past the context", lambda ws: ["run", ws.bundle, "--level", "0.5", "--prompt", " ".join(["w1"] * 400)], 1,
      "context is 256", []),
 ]

@@ -15,11 +15,12 @@ from typer.testing import CliRunner
 
 from epts_export.deploy.pipeline import BuildSpec, build
 from epts_export.cli import app
-from epts_export.deploy.bundle import Bundle, verify
-from epts_export.deploy.runner import generate
+from epts_export.device.bundle import Bundle, verify
+from epts_export.device.runner import generate
 from epts_export.errors import UserError
+from epts_export.fsutil import sha256_bytes
 from epts_export.core.levels import parse_level, parse_levels
-from epts_export.onnx.runtime import OrtDecoder, greedy
+from epts_export.device.ort import OrtDecoder, greedy
 from epts_export.pruning.optimize import optimize
 from epts_export.deploy.targets import targets_dir
 from test_pipeline import spec_for
@@ -44,6 +45,13 @@ def dist(art, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def baked_dist(art, tmp_path_factory):
+    out = tmp_path_factory.mktemp("baked-dist")
+    build(BuildSpec(source=str(art), target="rtx", out=out, levels=parse_levels("0.5,2:4"), layout="baked"))
+    return out
+
+
+@pytest.fixture(scope="module")
 def jetson_dist(art, tmp_path_factory):
     """A Jetson bundle with three unstructured levels and 2:4 (engines are built on the device)."""
     out = tmp_path_factory.mktemp("jetson-dist")
@@ -52,21 +60,27 @@ def jetson_dist(art, tmp_path_factory):
 
 
 def test_jetson_bundle_shares_one_refit_engine(jetson_dist):
-    """Levels 0.3, 0.5, 0.7 and 2:4 for the Jetson: one refittable engine for the unstructured three
-    (TensorRT has no unstructured-sparse kernels), its own SPARSE_WEIGHTS engine for 2:4; the
-    scripts build exactly those two, and every profile fits the model's 256 positions."""
+    """Levels 0.3, 0.5, 0.7 and 2:4 for the Jetson, elastic: one refittable engine for the
+    unstructured three (TensorRT has no unstructured-sparse kernels), its own SPARSE_WEIGHTS engine
+    for 2:4, both built from the weight builder's decoder graph; the scripts build exactly those
+    two, and every profile fits the model's 256 positions."""
     bundle = jetson_dist / "jetson-orin"
     doc = json.loads((bundle / "engines.json").read_text())
-    assert doc["version"] == 2 and len(doc["engines"]) == 2
+    assert doc["version"] == 3 and len(doc["engines"]) == 2
+    assert doc["source"]["graph"] == "model/decoder.onnx" and doc["source"]["weights_file"] == "model/decoder.weights"
+    assert doc["source"]["levels"] == {"0.3": 0, "0.5": 1, "0.7": 2, "2:4": 3}
     refit, sparse = doc["engines"]
     assert refit["levels"] == ["0.3", "0.5", "0.7"] and refit["weights"] == "refit" and refit["sparse"] is False
-    assert refit["onnx"] == "level-0.3/model.onnx" and refit["engine"] == "engines/unstructured.engine"
-    assert refit["refit_from"] == {lv: f"level-{lv}/model.onnx" for lv in ("0.3", "0.5", "0.7")}
+    assert refit["onnx"] == "model/decoder.onnx" and refit["engine"] == "engines/unstructured.engine"
+    assert refit["build_level"] == "0.3"
     # only the pruned linears differ between levels: those are the weights to refit (REFIT_INDIVIDUAL)
     assert refit["refit_weights"] and all(w.endswith(".weight_t") for w in refit["refit_weights"])
     assert len(refit["refit_weights"]) == 2 * 7  # 2 blocks x (q, k, v, o, gate, up, down)
+    assert all(doc["source"]["tensors"][w]["file"] == "decoder.weights" for w in refit["refit_weights"])
+    others = {n: t for n, t in doc["source"]["tensors"].items() if n not in refit["refit_weights"]}
+    assert others and all(t["file"] == "model.onnx_data" for t in others.values())  # every other tensor, read by offset
     assert sparse["levels"] == ["2:4"] and sparse["weights"] == "baked" and sparse["sparse"] is True
-    assert "refit_from" not in sparse
+    assert sparse["onnx"] == "model/decoder.onnx" and sparse["build_level"] == "2:4"
     for e in doc["engines"]:
         assert [p["name"] for p in e["profiles"]] == ["prefill", "decode", "continue"]
         assert all(p["seq"][2] + p["past"][2] <= 256 for p in e["profiles"]) and e["context"]["capped"]
@@ -78,12 +92,15 @@ def test_jetson_bundle_shares_one_refit_engine(jetson_dist):
     assert "--refit" in blocks["levels 0.3, 0.5, 0.7"] and "--sparsity" not in blocks["levels 0.3, 0.5, 0.7"]
     assert "--sparsity=enable" in blocks["level 2:4"] and "--refit" not in blocks["level 2:4"]
     m = json.loads((bundle / "manifest.json").read_text())
+    assert m["layout"] == "elastic" and m["model"] == {"dir": "model", "dtype": "fp16"}
+    assert [(r["name"], r["index"], r["dir"]) for r in m["levels"]] == [("0.3", 0, "model"), ("0.5", 1, "model"),
+                                                                        ("0.7", 2, "model"), ("2:4", 3, "model")]
     engines = {r["name"]: r["trt_engine"] for r in m["levels"]}
-    assert {k: (v["engine"], v["weights"]) for k, v in engines.items()} == {
-        "0.3": ("engines/unstructured.engine", "refit"), "0.5": ("engines/unstructured.engine", "refit"),
-        "0.7": ("engines/unstructured.engine", "refit"), "2:4": ("engines/level-2of4.engine", "baked")}
-    assert engines["0.7"]["refit_onnx"] == "level-0.7/model.onnx" and "refit_onnx" not in engines["2:4"]
-    assert all(engines[lv]["refit_onnx"] in m["files"] for lv in ("0.3", "0.5", "0.7"))  # hashed
+    assert {k: (v["engine"], v["weights"], v["build_level"]) for k, v in engines.items()} == {
+        "0.3": ("engines/unstructured.engine", "refit", "0.3"), "0.5": ("engines/unstructured.engine", "refit", "0.3"),
+        "0.7": ("engines/unstructured.engine", "refit", "0.3"), "2:4": ("engines/level-2of4.engine", "baked", "2:4")}
+    assert m["files"]["model/decoder.weights"] == sha256_bytes(b"")  # shipped empty: decoder.onnx alone does not load
+    assert "model/model.onnx" not in m["files"] and not any(f.startswith("level-") for f in m["files"])
     assert m["engines"]["built"] is False and "on the device" in m["engines"]["reason"]
     report = verify(bundle)
     assert report["plan"] == ("2 engine(s) for 4 level(s): unstructured.engine (0.3, 0.5, 0.7: refit), "
@@ -102,40 +119,45 @@ def _rehash(bundle, rel: str) -> None:
 
 
 def test_verify_checks_the_engine_plan(jetson_dist, tmp_path):
-    """Every level has exactly one engine spec, and the graph each refit level comes from is in the
-    bundle and hashed: verify exits 3 otherwise, even when the hashes themselves are right."""
+    """Every level has exactly one engine spec with the index manifest.json gives it, and the graph
+    engines are built from is in the bundle and hashed: verify exits 3 otherwise, even when the
+    hashes themselves are right."""
     b = tmp_path / "b"
-    shutil.copytree(jetson_dist / "jetson-orin", b)
-    doc = json.loads((b / "engines.json").read_text())
-    doc["engines"][0]["levels"] = ["0.3", "0.5"]  # 0.7 served by none
-    doc["engines"][0]["refit_from"].pop("0.7")
-    (b / "engines.json").write_text(json.dumps(doc))
-    _rehash(b, "engines.json")
-    r = cli("verify", b)
-    assert r.exit_code == 3 and "level 0.7 is served by 0 engine specs" in " ".join(r.output.split())
+    for edit, want in ((lambda d: d["engines"][0].update(levels=["0.3", "0.5"]), "level 0.7 is served by 0 engine specs"),
+                       (lambda d: d["source"]["levels"].update({"0.5": 2, "0.7": 1}), "other indices than manifest.json")):
+        shutil.rmtree(b, ignore_errors=True)
+        shutil.copytree(jetson_dist / "jetson-orin", b)
+        doc = json.loads((b / "engines.json").read_text())
+        edit(doc)
+        (b / "engines.json").write_text(json.dumps(doc))
+        _rehash(b, "engines.json")
+        r = cli("verify", b)
+        assert r.exit_code == 3 and want in " ".join(r.output.split()), r.output
     shutil.rmtree(b)
     shutil.copytree(jetson_dist / "jetson-orin", b)
     m = json.loads((b / "manifest.json").read_text())
-    del m["files"]["level-0.5/model.onnx"]  # not hashed, so not checked: refused
+    del m["files"]["model/decoder.onnx"]  # not hashed, so not checked: refused
     (b / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(UserError, match="level-0.5/model.onnx"):
+    with pytest.raises(UserError, match="model/decoder.onnx"):
         verify(b)
 
 
-def test_build_writes_a_complete_bundle_for_on_device_engines(dist):
-    bundle = dist / "rtx-ada"  # the alias rtx resolves to rtx-ada
+def test_build_writes_a_complete_bundle_for_on_device_engines(dist, baked_dist):
+    """The baked layout (--layout baked): one plain ONNX folder per level, one engine per level from
+    its own graph (no refit engine: each level's weights are in its graph)."""
+    bundle = baked_dist / "rtx-ada"  # the alias rtx resolves to rtx-ada
     m = json.loads((bundle / "manifest.json").read_text())
-    assert m["format"] == "epts-bundle" and m["target"]["name"] == "rtx-ada"
+    assert m["format"] == "epts-bundle" and m["target"]["name"] == "rtx-ada" and m["layout"] == "baked"
     assert m["target"]["compute_capability"] == "8.9" and m["target"]["precision"] == "fp16"
     assert [r["name"] for r in m["levels"]] == ["0.5", "2:4"]
     assert [r["sparse_weights"] for r in m["levels"]] == [False, True]
     assert all(r["parity"]["passed"] for r in m["levels"])
     assert m["engines"]["built"] is False and m["engines"]["reason"]
     assert m["memory_estimate"]["fits"]
-    per_level = m["levels"][1]["files"]
+    per_level = Bundle.open(bundle).level_files(parse_level("2:4"))
     assert "level-2of4/model.onnx" in per_level and per_level["level-2of4/model.onnx"] == m["files"]["level-2of4/model.onnx"]
     assert not any(f.startswith("level-0.5/") for f in per_level)
-    for f in ("build_engines.sh", "build_engines.py", "engines.json", "parity.json",
+    for f in ("build_engines.sh", "build_engines.py", "run.py", "engines.json", "parity.json",
               "level-0.5/model.onnx", "level-2of4/model.onnx", "level-2of4/tokenizer.json"):
         assert f in m["files"], f
     script = (bundle / "build_engines.sh").read_text()
@@ -150,13 +172,13 @@ def test_build_writes_a_complete_bundle_for_on_device_engines(dist):
     # which engine serves each level, built or not; profiles cut to the tiny model's 256 positions
     assert [r["trt_engine"] for r in m["levels"]] == [
         {"engine": "engines/level-0.5.engine", "layer_info": "engines/level-0.5.layers.json", "levels": ["0.5"],
-         "weights": "baked", "sparse": False},
+         "build_level": "0.5", "weights": "baked", "sparse": False},
         {"engine": "engines/level-2of4.engine", "layer_info": "engines/level-2of4.layers.json", "levels": ["2:4"],
-         "weights": "baked", "sparse": True}]
+         "build_level": "2:4", "weights": "baked", "sparse": True}]
     assert m["engines"]["context"] == {"max_tokens": 256, "target_max_context": 4096, "model_max_positions": 256,
                                        "capped": True}
     doc = json.loads((bundle / "engines.json").read_text())
-    assert doc["version"] == 2 and all(e["context"] == m["engines"]["context"] for e in doc["engines"])
+    assert doc["version"] == 3 and all(e["context"] == m["engines"]["context"] for e in doc["engines"])
     profiles = {p["name"]: p for p in doc["engines"][0]["profiles"]}
     assert list(profiles) == ["prefill", "decode", "continue"]
     assert profiles["prefill"]["seq"][2] == 256 and profiles["decode"]["past"][2] == 255
@@ -210,10 +232,10 @@ def test_verify_folder_and_tarball(dist, tmp_path):
 def test_verify_catches_altered_and_missing_files(dist, tmp_path):
     b = tmp_path / "b"
     shutil.copytree(dist / "rtx-ada", b)
-    g = b / "level-2of4" / "model.onnx"
+    g = b / "model" / "weights.onnx"
     g.write_bytes(g.read_bytes()[:-10])
     r = cli("verify", b)
-    assert r.exit_code == 3 and "level-2of4/model.onnx does not match" in r.output.replace("\n", "")
+    assert r.exit_code == 3 and "model/weights.onnx does not match" in r.output.replace("\n", "")
     (b / "build_engines.sh").unlink()
     with pytest.raises(UserError, match="build_engines.sh is missing"):
         verify(b)
@@ -250,19 +272,23 @@ def test_unsafe_tarballs_are_refused(tmp_path, kind):
     assert not (tmp_path.parent / "evil.txt").exists()
 
 
-def test_run_generates_from_a_bundle(dist):
+def test_run_generates_from_a_bundle(dist, baked_dist):
+    """run on the elastic bundle: each level from one load, the same tokens as that level's own
+    graph in the baked bundle (fp16 here: the elastic weights are built from int8 adapters, and on
+    this tiny model no step is a near-tie)."""
     bundle = dist / "rtx-ada"
     r = cli("run", bundle, "--level", "2:4", "--prompt", "w1 w2 w3", "--max-new-tokens", 6)
     assert r.exit_code == 0, r.output
     assert "tokens/s" in r.output and "onnxruntime" in r.output
     out = generate(bundle, parse_level("2:4"), "w1 w2 w3", 6)
-    dec = OrtDecoder(bundle / "level-2of4" / "model.onnx")
     assert Bundle.open(bundle).levels == parse_levels("0.5,2:4")
     from transformers import AutoTokenizer
 
-    prompt = AutoTokenizer.from_pretrained(bundle / "level-2of4")("w1 w2 w3")["input_ids"]
-    want = greedy(dec.step, dec.empty_past(1), prompt, 6, stop=2)
-    assert out["tokens"] == want
+    for level, folder in (("2:4", "level-2of4"), ("0.5", "level-0.5")):
+        dec = OrtDecoder(baked_dist / "rtx-ada" / folder / "model.onnx")
+        prompt = AutoTokenizer.from_pretrained(bundle / "model")("w1 w2 w3")["input_ids"]
+        want = greedy(dec.step, dec.empty_past(1), prompt, 6, stop=2)
+        assert generate(bundle, parse_level(level), "w1 w2 w3", 6)["tokens"] == want, level
     r = cli("run", bundle, "--level", "0.7", "--prompt", "w1")
     assert r.exit_code == 1 and "not in bundle" in r.output
     r = cli("run", bundle, "--level", "2:4", "--prompt", "w1", "--runtime", "trt")
@@ -305,49 +331,63 @@ def test_build_records_perplexity_when_given_text(art, eval_file, tmp_path):
     assert p["0.5"]["dense"] < p["0.5"]["value"] * 10
 
 
-def test_verify_refuses_engines_for_another_device(dist, tmp_path, monkeypatch):
-    """An engine is tied to its TensorRT version and GPU: verify exits 4 on a mismatch."""
+def fake_device(monkeypatch, version: str = "10.3.0.30", cc: str = "8.9") -> None:
+    """A machine whose TensorRT is ``version`` (a stand-in module) on a GPU of compute capability ``cc``."""
     import sys
     import types
 
-    import torch
+    from epts_export.device.trt import probe
 
-    import epts_export.trt.builder as trt_engine
+    monkeypatch.setattr(probe, "tensorrt_status", lambda: (True, "fake"))
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=version))
+    monkeypatch.setattr(probe, "compute_capability", lambda: cc)
 
+
+def test_verify_refuses_engines_for_another_device(dist, tmp_path, monkeypatch):
+    """An engine is tied to its TensorRT version and GPU: verify exits 4 on a mismatch."""
     b = tmp_path / "b"
     shutil.copytree(dist / "rtx-ada", b)
     m = json.loads((b / "manifest.json").read_text())
     m["levels"][1]["engine"] = {"engine": "engines/level-2of4.engine", "tensorrt": "10.3.0.30"}
     (b / "manifest.json").write_text(json.dumps(m))
-    monkeypatch.setattr(trt_engine, "tensorrt_status", lambda: (True, "fake"))
-    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.13.0.35"))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 9))
+    fake_device(monkeypatch, "10.13.0.35")
     r = cli("verify", b)
     assert r.exit_code == 4 and "built with TensorRT 10.3.0.30" in " ".join(r.output.split())
-    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0.30"))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 7))
+    fake_device(monkeypatch, "10.3.0.30", "8.7")
     r = cli("verify", b)
     assert r.exit_code == 4 and "compute capability 8.9" in " ".join(r.output.split())
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 9))
+    fake_device(monkeypatch, "10.3.0.30", "8.9")
     r = cli("verify", b)
     assert r.exit_code == 0 and "match TensorRT 10.3.0.30" in " ".join(r.output.split())
 
 
 class FakeTrtDecoder:
-    """TensorRT faked: the 'engine' is ONNX Runtime on the graph the plan was 'built' from (the plan
-    file is a copy of it); set_level loads another level's graph, as a refit loads its weights."""
+    """TensorRT faked: the 'engine' runs on ONNX Runtime at the level it serves, through the weight
+    builder the real decoder refits from (``weights.reference``); set_level switches it, as a
+    refit loads the level's weights, and records the switch."""
 
     switches: list[str] = []
+    version = "10.99.0"
 
-    def __init__(self, path, **kw):
-        self.d = OrtDecoder(path)
-        self.level = None
+    class buffers:  # noqa: N801 - the DeviceBuffers interface the report reads
+        @staticmethod
+        def device_name():
+            return "Fake GPU (sm_89, cuda:0)"
 
-    def set_level(self, level, onnx=None):
+    def __init__(self, path, level=None, weights=None, **kw):
+        self.engine_path, self.weights, self.level, self.checked = path, weights, None, {}
+        self.load_switch = self.set_level(level) if level else None
+
+    def set_level(self, level):
+        if level == self.level:  # as the real one: the loaded level is not switched again
+            return {"level": level, "switched": False, "refit_s": 0.0, "weights": 0, "check": self.checked[level]}
         FakeTrtDecoder.switches.append(level)
-        self.d, self.level = OrtDecoder(onnx), level
-        return {"level": level, "switched": True, "refit_s": 0.01, "onnx": str(onnx), "weights": 12}
+        self.d, self.level = self.weights.reference(level), level
+        self.checked[level] = {"passed": True, "logits_max_abs": 0.0, "logits_atol": 10.0}
+        return {"level": level, "switched": True, "refit_s": 0.01, "weights": 12, "check": self.checked[level]}
+
+    def latency(self, batch, seq, past, repeats=20, warmup=3):
+        return 0.002 if seq > 1 else 0.001
 
     def empty_past(self, batch):
         return self.d.empty_past(batch)
@@ -356,46 +396,59 @@ class FakeTrtDecoder:
         return self.d.step(*a)
 
 
-def fake_build(spec, log=print):
-    spec.engine.write_bytes(spec.onnx.read_bytes())  # the "plan" is the graph it is built from
+def fake_build(spec, log=print, levels=None):
+    if spec.source is not None:
+        levels.bake(spec.build_level)  # the build level's weights beside the graph, as the real builder does
+    spec.engine.write_bytes(b"plan")
     spec.layer_info.write_text("{}")
-    return {"engine": str(spec.engine), "bytes": spec.engine.stat().st_size, "build_s": 0.0, "tensorrt": "10.99.0",
-            "levels": list(spec.levels), "weights": spec.weights, "refittable": "individual" if spec.refit else None,
-            "sparse_report": {"eligible": [], "picked": [], "layers": 0, "source": "fake"}}
+    return {"engine": str(spec.engine), "bytes": 4, "build_s": 0.0, "tensorrt": "10.99.0", "levels": list(spec.levels),
+            "build_level": spec.build_level, "weights": spec.weights, "refittable": "individual" if spec.refit else None,
+            "sparse_report": {"eligible": [], "picked": [], "layers": 0, "myelin": 0, "source": "fake"}}
 
 
 def test_build_with_engines_runs_tensorrt_parity(art, jetson_dist, monkeypatch):
     """The engine path of build, with TensorRT faked (FakeTrtDecoder). Checks the wiring: one refit
-    engine built once for the unstructured levels and switched to each in TensorRT parity (a
-    decoder left on the build level's weights fails parity for the others), engines recorded with
-    bundle-relative paths, and a failing engine fails the build (exit 3)."""
-    import epts_export.trt.builder as trt_engine
-    import epts_export.trt.runtime as trt_runtime
+    engine built once for the unstructured levels (with the weight builder's 0.3 weights written
+    for it, emptied after) and switched to each in TensorRT parity (a decoder left on the build
+    level's weights fails parity for the others), engines recorded with bundle-relative paths and
+    hashed, the latency report written, and a failing engine fails the build (exit 3)."""
+    import epts_export.device.trt.builder as trt_builder
+    import epts_export.device.trt.probe as probe
+    import epts_export.device.trt.runtime as trt_runtime
 
     built = []
-    monkeypatch.setattr(trt_engine, "tensorrt_status", lambda: (True, "fake TensorRT"))
-    monkeypatch.setattr(trt_engine, "build_engine", lambda spec, log=print: built.append(spec.engine.name) or fake_build(spec))
+    monkeypatch.setattr(probe, "tensorrt_status", lambda: (True, "fake TensorRT"))
+    monkeypatch.setattr(trt_builder, "build_engine",
+                        lambda spec, log=print, levels=None: built.append(spec.engine.name) or fake_build(spec, log, levels))
     monkeypatch.setattr(trt_runtime, "TrtDecoder", FakeTrtDecoder)
     FakeTrtDecoder.switches = []
     out = jetson_dist  # its stages: the export and its parity are reused
     r = cli("build", art, "--target", "rtx-ada", "--out", out, "--levels", "0.3,0.5,0.7,2:4", "--quiet")
     assert r.exit_code == 0, r.output
-    assert built == ["unstructured.engine", "level-2of4.engine"] and FakeTrtDecoder.switches == ["0.3", "0.5", "0.7"]
-    m = json.loads((out / "rtx-ada" / "manifest.json").read_text())
-    assert m["engines"]["built"] is True
+    assert built == ["unstructured.engine", "level-2of4.engine"]
+    assert FakeTrtDecoder.switches[:4] == ["0.3", "0.5", "0.7", "2:4"]  # parity: one engine at a time, switched
+    b = out / "rtx-ada"
+    m = json.loads((b / "manifest.json").read_text())
+    assert m["engines"]["built"] is True and m["files"]["model/decoder.weights"] == sha256_bytes(b"")  # emptied again
     for rec in m["levels"]:
         want = "engines/level-2of4.engine" if rec["name"] == "2:4" else "engines/unstructured.engine"
-        assert rec["engine"]["engine"] == want and (out / "rtx-ada" / want).is_file()
+        assert rec["engine"]["engine"] == want and (b / want).is_file()
         assert rec["engine"]["weights"] == ("baked" if rec["name"] == "2:4" else "refit")
-        assert rec["parity"]["tensorrt"]["passed"]
-        assert rec["engine"]["engine"] in rec["files"]
-    assert m["levels"][1]["engine"]["refit_onnx"] == "level-0.5/model.onnx"
-    report = json.loads((out / "rtx-ada" / "parity-tensorrt.json").read_text())
-    assert report["passed"] and [e.get("refit_s") for e in report["levels"]] == [0.01, 0.01, 0.01, None]
+        assert rec["parity"]["tensorrt"]["passed"] and rec["engine"]["engine"] in m["files"]
+    report = json.loads((b / "parity-tensorrt.json").read_text())
+    assert report["passed"] and [e.get("refit_s") for e in report["levels"]] == [0.0, 0.01, 0.01, 0.0]  # opened at 0.3, 2:4
+    lat = json.loads((b / "engines" / "report.json").read_text())
+    assert "engines/report.json" in m["files"] and lat["refused"] == [] and lat["gpu"] == "Fake GPU (sm_89, cuda:0)"
+    assert lat["verdicts"] == ["2:4 buys nothing on Fake GPU (sm_89, cuda:0) with TensorRT 10.99.0: prefill 1.00x, "
+                               "decode 1.00x the dense engine (level 0.5)"]
+    fake_device(monkeypatch, "10.99.0", "8.9")
+    assert verify(b)["engines"] == "2 engine(s) match TensorRT 10.99.0 on sm_89"
 
     class Stuck(FakeTrtDecoder):  # a refit engine that ignores the switch: 0.5 and 0.7 run 0.3's weights
-        def set_level(self, level, onnx=None):
-            return {"level": level, "switched": True, "refit_s": 0.0, "onnx": str(onnx), "weights": 0}
+        def set_level(self, level):
+            if self.level is None or level == self.level:
+                return super().set_level(level)
+            return {"level": level, "switched": True, "refit_s": 0.0, "weights": 0, "check": {"passed": True}}
 
     monkeypatch.setattr(trt_runtime, "TrtDecoder", Stuck)
     r = cli("build", art, "--target", "rtx-ada", "--out", out, "--levels", "0.3,0.5,0.7,2:4", "--quiet", "--overwrite")
@@ -414,45 +467,37 @@ def test_build_with_engines_runs_tensorrt_parity(art, jetson_dist, monkeypatch):
 
 def test_engines_built_on_the_device_are_found_by_verify_and_run(dist, tmp_path, monkeypatch):
     """build_engines.py writes engines/<level>.engine and a .build.json beside it; verify checks
-    them against this machine and run picks them up (TensorRT faked: the 'engine' runs on ORT)."""
-    import sys
-    import types
-
-    import torch
-
-    import epts_export.trt.builder as trt_engine
-    import epts_export.trt.runtime as trt_runtime
+    them against this machine and run picks them up (TensorRT faked: the 'engine' runs on ORT at
+    its level, through the bundle's weight builder)."""
+    import epts_export.device.trt.runtime as trt_runtime
 
     b = tmp_path / "jetson"
     shutil.copytree(dist / "rtx-ada", b)
     (b / "engines").mkdir()
-    shutil.copy(b / "level-2of4" / "model.onnx", b / "engines" / "level-2of4.engine")
+    (b / "engines" / "level-2of4.engine").write_bytes(b"plan")
     (b / "engines" / "level-2of4.build.json").write_text(json.dumps({"tensorrt": "10.3.0.30", "compute_capability": "8.7"}))
-    monkeypatch.setattr(trt_engine, "tensorrt_status", lambda: (True, "fake"))
-    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0.30"))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 7))
-    monkeypatch.setattr(trt_runtime, "TrtDecoder", lambda path, **kw: OrtDecoder(path))
+    fake_device(monkeypatch, "10.3.0.30", "8.7")
+    monkeypatch.setattr(trt_runtime, "TrtDecoder", FakeTrtDecoder)
     r = cli("verify", b)
     assert r.exit_code == 0 and "1 engine(s) match TensorRT 10.3.0.30 on sm_87" in " ".join(r.output.split())
     r = cli("run", b, "--level", "2:4", "--prompt", "w1 w2", "--max-new-tokens", 3)
     assert r.exit_code == 0 and "on tensorrt" in r.output
     r = cli("run", b, "--level", "0.5", "--prompt", "w1 w2", "--max-new-tokens", 3)  # no engine for 0.5: ORT
     assert r.exit_code == 0 and "on onnxruntime" in r.output
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    (b / "engines" / "level-2of4.build.json").write_text("{ not json")  # a garbage record: no version known, no crash
+    r = cli("verify", b)
+    assert r.exit_code == 0 and "built by trtexec without a record" in " ".join(r.output.split())
+    (b / "engines" / "level-2of4.build.json").write_text(json.dumps({"tensorrt": "10.3.0.30", "compute_capability": "8.7"}))
+    fake_device(monkeypatch, "10.3.0.30", "9.0")
     r = cli("verify", b)
     assert r.exit_code == 4 and "compute capability 8.7" in " ".join(r.output.split())
 
 
 def test_a_refit_engine_built_on_the_device_serves_its_levels(jetson_dist, tmp_path, monkeypatch):
     """build_engines.py on the Jetson writes one engine for 0.3, 0.5, 0.7: engine_for gives it to each
-    of them with the graph to refit from, and verify checks it once."""
-    import sys
-    import types
-
-    import torch
-
-    import epts_export.trt.builder as trt_engine
+    of them (built with 0.3's weights, the others refit from the weight builder), verify checks it
+    once, and run keeps it open and switches it from level to level."""
+    import epts_export.device.trt.runtime as trt_runtime
 
     b = tmp_path / "jetson"
     shutil.copytree(jetson_dist / "jetson-orin", b)
@@ -464,15 +509,17 @@ def test_a_refit_engine_built_on_the_device_serves_its_levels(jetson_dist, tmp_p
     for lv in ("0.3", "0.5", "0.7"):
         engine, record = bundle.engine_for(parse_level(lv))
         assert engine == b / "engines" / "unstructured.engine" and record["origin"] == "device"
-        assert record["weights"] == "refit" and record["refit_onnx"] == f"level-{lv}/model.onnx"
+        assert record["weights"] == "refit" and record["build_level"] == "0.3"
         assert record["levels"] == ["0.3", "0.5", "0.7"] and record["tensorrt"] == "10.3.0.30"
     assert bundle.engine_for(parse_level("2:4")) == (None, {})  # not built yet
-    monkeypatch.setattr(trt_engine, "tensorrt_status", lambda: (True, "fake"))
-    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0.30"))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 7))
+    fake_device(monkeypatch, "10.3.0.30", "8.7")
     assert verify(b)["engines"] == "1 engine(s) match TensorRT 10.3.0.30 on sm_87"
-    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.13.0.35"))
+    monkeypatch.setattr(trt_runtime, "TrtDecoder", FakeTrtDecoder)
+    FakeTrtDecoder.switches = []
+    r = cli("run", b, "--level", "0.3,0.7", "--prompt", "w1 w2", "--max-new-tokens", 3)
+    assert r.exit_code == 0 and r.output.count("on tensorrt") == 2 and "switch" in r.output, r.output
+    assert FakeTrtDecoder.switches == ["0.3", "0.7"]  # opened at 0.3, then switched: one engine
+    fake_device(monkeypatch, "10.13.0.35", "8.7")
     with pytest.raises(UserError, match=r"the engine for level\(s\) 0.3, 0.5, 0.7 .* built with TensorRT 10.3.0.30"):
         verify(b)
 

@@ -20,9 +20,9 @@ from conftest import BUILDERS, build_tokenizer
 from epts_export.cli import app
 from epts_export.core.levels import parse_level, parse_levels
 from epts_export.deploy.pipeline import BuildSpec, build
-from epts_export.deploy.runner import generate
+from epts_export.device.runner import generate
 from epts_export.onnx.export import ExportSpec, export
-from epts_export.onnx.runtime import OrtDecoder, greedy, positions
+from epts_export.device.ort import OrtDecoder, greedy, positions
 from epts_export.pruning.optimize import optimize
 from test_pipeline import spec_for
 
@@ -157,16 +157,24 @@ def test_genai_runs_every_level_like_our_runtime(exports, fam, level):
 
 @pytest.fixture(scope="module")
 def bundle(arts, tmp_path_factory):
+    """An elastic Jetson bundle (the default): one copy of the weights for 0.3, 0.5 and 2:4."""
     out = tmp_path_factory.mktemp("client-dist")
-    return build(BuildSpec(source=str(arts["llama"]), target="jetson", out=out, levels=parse_levels("0.5,2:4")))
+    return build(BuildSpec(source=str(arts["llama"]), target="jetson", out=out, levels=parse_levels("0.3,0.5,2:4")))
 
 
-def test_bundle_genai_config_runs_on_cuda(bundle):
-    m = json.loads((bundle / "manifest.json").read_text())
+@pytest.fixture(scope="module")
+def baked_bundle(arts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("client-dist-baked")
+    return build(BuildSpec(source=str(arts["llama"]), target="jetson", out=out, levels=parse_levels("0.5,2:4"), layout="baked"))
+
+
+def test_baked_bundle_genai_config_runs_on_cuda(baked_bundle):
+    m = json.loads((baked_bundle / "manifest.json").read_text())
+    assert m["layout"] == "baked"
     for rec in m["levels"]:
-        conf = json.loads((bundle / rec["dir"] / "genai_config.json").read_text())
+        conf = json.loads((baked_bundle / rec["dir"] / "genai_config.json").read_text())
         assert conf["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {}}]
-        assert f"{rec['dir']}/genai_config.json" in rec["files"]
+        assert f"{rec['dir']}/genai_config.json" in m["files"]
 
 
 def _bare_python() -> str:
@@ -184,24 +192,26 @@ def test_standalone_runner_needs_neither_torch_nor_transformers(bundle, tmp_path
     assert probe.returncode != 0, "the bare interpreter must not have transformers"
     moved = tmp_path / "device" / "bundle"
     shutil.copytree(bundle, moved)  # the bundle runs from wherever it was copied to
-    for level in ("0.5", "2:4"):
+    r = subprocess.run([bare, str(moved / "run.py"), "--level", "0.3,0.5,2:4", "--prompt", "w1 w2 w3", "--max-new-tokens", "8"],
+                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 3 and "load" in lines[0] and all("switch" in x for x in lines[1:]), r.stderr  # one load, two switches
+    for level, line, text in zip(("0.3", "0.5", "2:4"), lines, r.stdout.split("\n")):
         ours = generate(bundle, parse_level(level), "w1 w2 w3", 8)
-        r = subprocess.run([bare, str(moved / "run.py"), "--level", level, "--prompt", "w1 w2 w3", "--max-new-tokens", "8"],
-                           capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
-        assert r.returncode == 0, r.stderr
-        assert r.stdout.rstrip("\n") == ours["text"], (r.stdout, ours["text"])
-        assert f"tokens {ours['tokens']}" in r.stderr and "onnxruntime" in r.stderr
+        assert text == ours["text"] and f"tokens {ours['tokens']}" in line and "onnxruntime" in line, (level, r.stderr)
     assert not list(moved.rglob("__pycache__"))  # nothing unhashed appears in the bundle
     # the copy holds every module run.py can reach, the TensorRT path's too
-    code = f"import sys; sys.path[0] = {str(moved / '_epts')!r}; import epts_export.trt.runtime, epts_export.deploy.runner"
+    code = (f"import sys; sys.path[0] = {str(moved / '_epts')!r}; "
+            "import epts_export.device.trt.runtime, epts_export.device.trt.cli, epts_export.device.runner")
     r = subprocess.run([bare, "-B", "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
 
 
-def test_standalone_runner_checks_hashes_before_loading(bundle, tmp_path):
+def test_standalone_runner_checks_hashes_before_loading(baked_bundle, tmp_path):
     bare = os.environ.get("EPTS_BARE_PYTHON") or sys.executable
     b = tmp_path / "b"
-    shutil.copytree(bundle, b)
+    shutil.copytree(baked_bundle, b)
     with open(b / "level-0.5" / "model.onnx", "r+b") as f:
         f.seek(100)
         f.write(b"\0\0\0\0")
@@ -218,11 +228,11 @@ def test_standalone_runner_checks_hashes_before_loading(bundle, tmp_path):
 
 def test_run_refuses_a_prompt_past_the_context_and_caps_new_tokens(bundle):
     with pytest.raises(Exception, match="context is 256"):
-        generate(bundle, parse_level("0.5"), " ".join(f"w{i % 50}" for i in range(400)), 4)
+        generate(bundle, parse_level("0.3"), " ".join(f"w{i % 50}" for i in range(400)), 4)
     notes = []
-    r = generate(bundle, parse_level("0.5"), "w1 w2", 10_000, on_note=notes.append)
+    r = generate(bundle, parse_level("0.3"), "w1 w2", 10_000, on_note=notes.append)
     assert notes and "capped at" in notes[0] and r["prompt_tokens"] + len(r["tokens"]) <= 256
-    r = runner.invoke(app, ["run", str(bundle), "--level", "0.5,2:4", "--prompt", "w1 w2", "--max-new-tokens", "3"])
+    r = runner.invoke(app, ["run", str(bundle), "--level", "0.3,2:4", "--prompt", "w1 w2", "--max-new-tokens", "3"])
     assert r.exit_code == 0 and r.output.count("tokens/s") == 2, r.output
     r = runner.invoke(app, ["run", str(bundle), "--level", "0.7", "--prompt", "Hello"])
     assert r.exit_code == 1 and "Hello" not in r.output  # nothing printed before the inputs are checked
@@ -242,7 +252,7 @@ def _readme_example(marker: str) -> str:
 
 
 def test_readme_plain_onnxruntime_example_switches_levels(exports, tmp_path, monkeypatch):
-    from epts_export.onnx.runtime import ElasticDecoder
+    from epts_export.device.ort import ElasticDecoder
 
     (tmp_path / "onnx").mkdir()
     (tmp_path / "onnx" / "smol-dyn").symlink_to(exports["llama-dynamic"])
@@ -256,3 +266,20 @@ def test_readme_plain_onnxruntime_example_switches_levels(exports, tmp_path, mon
         want, _ = dec.step(ids, mask, positions(mask, 0), dec.empty_past(1))
         assert np.abs(ns[level] - want).max() < 1e-5, level
     assert np.abs(ns["logits_05"] - ns["logits_24"]).max() > 1e-3  # the switch changed the weights
+
+
+def test_jetpack5_python_runs_a_baked_bundle_and_says_what_an_elastic_one_needs(bundle, baked_bundle, tmp_path):
+    """JetPack 5's Python 3.8 with the onnxruntime it can have (1.19, the last for 3.8): run.py runs a
+    baked bundle; an elastic bundle's weight builder needs onnxruntime 1.21 (uint8 arithmetic), which
+    run.py says in one line instead of failing inside ONNX Runtime."""
+    py38 = os.environ.get("EPTS_BARE38_PYTHON")
+    if not py38:
+        pytest.skip("EPTS_BARE38_PYTHON is not set: .ci/run makes a Python 3.8 venv with numpy, tokenizers, onnxruntime 1.19")
+    ours = generate(baked_bundle, parse_level("2:4"), "w1 w2 w3", 6)
+    r = subprocess.run([py38, str(baked_bundle / "run.py"), "--level", "2:4", "--prompt", "w1 w2 w3", "--max-new-tokens", "6"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and f"tokens {ours['tokens']}" in r.stderr, r.stderr
+    r = subprocess.run([py38, str(bundle / "run.py"), "--level", "0.3", "--prompt", "w1"], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 1 and "needs onnxruntime 1.21 or later" in r.stderr and "--layout baked" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

@@ -19,10 +19,11 @@ from epts_export.errors import UserError
 from epts_export.fsutil import sha256_file
 from epts_export.core.levels import parse_level, parse_levels
 from epts_export.artifact.materialize import ElasticModel
-from epts_export.interface import io_names, level_dirname
+from epts_export.device.interface import io_names, level_dirname
 from epts_export.onnx.export import ExportSpec, export
 from epts_export.onnx.reader import OnnxExport
-from epts_export.onnx.runtime import ElasticDecoder, OrtDecoder, TorchDecoder, greedy, positions
+from epts_export.device.ort import ElasticDecoder, OrtDecoder, greedy, positions
+from epts_export.onnx.reference import TorchDecoder
 from epts_export.pruning.optimize import optimize
 from epts_export.onnx.parity import validate, write_junit
 from test_pipeline import spec_for
@@ -382,11 +383,19 @@ def test_prepacked_weights_would_hide_the_switch(exports):
     assert np.array_equal(before, after)  # the rewrite never reached the packed copy
 
 
-def test_decoder_alone_does_not_load(exports):
-    """decoder.onnx holds no prunable weights (they point at an empty placeholder): a client that
-    loads it without supplying them fails instead of running something else."""
-    folder = exports("opt", "dynamic")
-    assert (folder / "decoder.needs-level-weights").stat().st_size == 0
+def test_decoder_alone_does_not_load(exports, tmp_path):
+    """decoder.onnx holds no prunable weights (they point at slots of the empty decoder.weights): a
+    client that loads it without supplying them fails instead of running something else. Every
+    tensor of the decoder lies in a file at the offset the manifest's table gives (what the device
+    reads without an ONNX parser), and with one level's weights written into decoder.weights
+    (build_engines.py bake) it runs as that level's plain graph: what TensorRT builds from."""
+    from epts_export.device.trt.spec import TensorRef, WeightSource
+    from epts_export.device.trt.weights import LevelWeights
+
+    src = exports("opt", "dynamic")
+    folder = tmp_path / "exp"
+    shutil.copytree(src, folder)
+    assert (folder / "decoder.weights").stat().st_size == 0
     with pytest.raises(UserError, match="ONNX Runtime cannot load .*decoder.onnx"):
         OrtDecoder(folder / "decoder.onnx")
     files = json.loads((folder / "manifest.json").read_text())["files"]
@@ -401,8 +410,33 @@ def test_decoder_alone_does_not_load(exports):
             else:
                 assert len(t.raw_data) < 1024, (name, t.name)
     by_file = {loc for places in refs.values() for loc, _ in places}
-    assert by_file == {"model.onnx_data", "decoder.needs-level-weights"}
+    assert by_file == {"model.onnx_data", "decoder.weights"}
     assert all(len(places) == 1 for name, places in refs.items() if not name.endswith(".weight_t"))  # shared, not copied
+    table = json.loads((folder / "manifest.json").read_text())["engine_graph"]
+    decoder = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
+    assert {t.name for t in decoder.graph.initializer} == set(table["tensors"])
+    assert all(t.data_location == TensorProto.EXTERNAL for t in decoder.graph.initializer)
+    source = WeightSource(folder / "decoder.onnx", folder / "decoder.weights", folder, {"0.3": 0, "0.5": 1, "0.7": 2, "2:4": 3},
+                          {n: TensorRef(t["file"], t["offset"], t["length"], t["dtype"], tuple(t["shape"]))
+                           for n, t in table["tensors"].items()})
+    lw = LevelWeights(source)
+    full = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
+    for t in full.graph.initializer:  # the bytes the table points at are the tensor's (model.onnx_data, appended small ones)
+        if t.name not in source.prunable:
+            from onnx import external_data_helper, numpy_helper
+            external_data_helper.load_external_data_for_tensor(t, str(folder))
+            assert np.array_equal(numpy_helper.to_array(t), lw.tensor(t.name)), t.name
+    ids = np.array([[5, 6, 7, 8]])
+    mask = np.ones_like(ids)
+    for level in ("0.5", "2:4"):
+        lw.bake(level)
+        plain = OrtDecoder(folder / "decoder.onnx")
+        ref = ElasticDecoder(folder, level=source.levels[level])
+        got = plain.step(ids, mask, positions(mask, 0), plain.empty_past(1))[0]
+        want = ref.step(ids, mask, positions(mask, 0), ref.empty_past(1))[0]
+        assert np.array_equal(got, want), level
+    lw.clean()
+    assert (folder / "decoder.weights").stat().st_size == 0
 
 
 def test_level_table_survives_tools_that_drop_metadata(exports, tmp_path):
@@ -429,7 +463,7 @@ def test_level_table_survives_tools_that_drop_metadata(exports, tmp_path):
 
 def test_validate_fails_when_the_switch_does_not_reach_the_weights(exports, monkeypatch):
     """The switch checks can fail: a set_level that does not rebuild the weights is caught (exit 3)."""
-    from epts_export.onnx import runtime
+    from epts_export.device import ort as runtime
 
     def stale(self, level):
         self.level = level
@@ -445,12 +479,12 @@ def test_validate_fails_when_the_switch_does_not_reach_the_weights(exports, monk
 def test_a_dynamic_export_without_the_parts_still_runs_and_validates(exports, tmp_path):
     """A dynamic export from before the split (model.onnx only): run drives the whole graph, and
     validate checks it without the switch checks."""
-    from epts_export.deploy.runner import Runner
+    from epts_export.device.runner import Runner
 
     old = tmp_path / "old"
     shutil.copytree(exports("opt", "dynamic"), old)
     m = json.loads((old / "manifest.json").read_text())
-    for name in ("weights.onnx", "decoder.onnx", "levels.json", "decoder.needs-level-weights"):
+    for name in ("weights.onnx", "decoder.onnx", "levels.json", "decoder.weights"):
         (old / name).unlink()
         del m["files"][name]
     (old / "manifest.json").write_text(json.dumps(m))
@@ -470,7 +504,7 @@ def test_run_generates_from_export_folders_and_switches_in_place(exports, tmp_pa
     assert r.exit_code == 0, r.output
     lines = [ln for ln in r.output.splitlines() if ln.startswith("level ")]
     assert len(lines) == 3 and "load " in lines[0] and all(" switch " in ln and " ms," in ln for ln in lines[1:])
-    from epts_export.deploy.runner import Runner
+    from epts_export.device.runner import Runner
 
     runner = Runner(dyn)
     switched = [runner.generate(parse_level(x), "w1 w2 w3", 6)["tokens"] for x in ("0.3", "0.7", "2:4")]
@@ -531,7 +565,8 @@ def test_validate_passes_and_records_parity(exports, tmp_path):
     assert rep["passed"] and rep["out_of_range"]["passed"]
     lv = rep["levels"][0]
     assert set(lv["checks"]) == {"integrity", "prefill", "decode", "generate", "switched/prefill", "switched/decode",
-                                 "switched/generate", "switch"}
+                                 "switched/generate", "switch", "switched/sparsity"}
+    assert [e["checks"]["switched/sparsity"]["measured"] > 0.25 for e in rep["levels"]] == [True] * len(rep["levels"])
     assert all(e["checks"]["switch"]["fresh"] == e["checks"]["switch"]["switched"] for e in rep["levels"])
     assert rep["out_of_range"]["all_nan"] == {"-1": True, "4": True, "weights.onnx -1": True, "weights.onnx 4": True}
     assert lv["checks"]["decode"]["shape"] == {"batch": 3, "seq": 1, "past": 9}
@@ -539,12 +574,12 @@ def test_validate_passes_and_records_parity(exports, tmp_path):
     logits = lv["checks"]["prefill"]["outputs"]["logits"]
     assert {"max_abs", "max_rel", "required_atol", "atol", "rtol", "passed"} <= set(logits)
     suite = ET.parse(tmp_path / "p.xml").getroot().find("testsuite")
-    assert int(suite.get("tests")) == 4 * 8 + 1 and suite.get("failures") == "0"  # + switched/{3 checks}, switch
+    assert int(suite.get("tests")) == 4 * 9 + 1 and suite.get("failures") == "0"  # + switched/{4 checks}, switch
     assert json.loads((out / "manifest.json").read_text())["parity"]["passed"] is True
 
 
 def test_compare_reports_the_tolerance_that_would_pass():
-    from epts_export.onnx.parity import Tol, _compare
+    from epts_export.device.compare import Tol, compare_arrays as _compare
 
     ref = np.array([[[1.0, -2.0, 4.0, 0.0]]])  # (B, S, V)
     got = ref + np.array([[[0.1, 0.0, 0.3, 0.0]]])

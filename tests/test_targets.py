@@ -11,7 +11,7 @@ import pytest
 
 from epts_export.errors import UserError
 from epts_export.core.levels import DEFAULT_LEVELS, parse_level, parse_levels
-from epts_export.interface import ShapeRange
+from epts_export.device.interface import ShapeRange
 from epts_export.deploy.targets import (
     ENV_DIR,
     FIELDS,
@@ -305,7 +305,7 @@ def test_env_dir_must_exist(tmp_path, monkeypatch):
 
 
 def test_cap_profile_by_hand():
-    from epts_export.interface import cap_profile
+    from epts_export.device.interface import cap_profile
 
     orin = resolve_target("jetson")  # max_context 4096
     prefill, decode, cont = orin.profiles.values()
@@ -323,7 +323,7 @@ def test_cap_profile_by_hand():
 @pytest.mark.parametrize("model_context", [128, 2048, 4096])
 def test_capped_profiles_stay_valid(path, model_context):
     """Every shipped profile, cut to a model's context, is still a profile the target would accept."""
-    from epts_export.interface import cap_profile
+    from epts_export.device.interface import cap_profile
 
     t = load_target_file(path)
     for name, prof in t.profiles.items():

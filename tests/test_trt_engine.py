@@ -18,19 +18,21 @@ from pathlib import Path
 
 import pytest
 
-import epts_export.fsutil as fsutil
+import epts_export.device.files as dfiles
 import trt_api
 import trt_bindings
-from epts_export.trt import builder as te
-from epts_export.trt import scripts as ts
-from epts_export.trt import sparse
+from epts_export.deploy import engines as hengines
+from epts_export.deploy import scripts as hscripts
+from epts_export.device.trt import builder, cli, probe, sparsity
+from epts_export.device.trt import logger as trt_logger
+from epts_export.device.trt import spec as tspec
 from epts_export.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-KV = te.KVLayout(layers=2, kv_heads=2, head_dim=16)
-PREFILL = te.ShapeRange("prefill", batch=(1, 1, 2), seq=(1, 64, 128), past=(0, 0, 0))
-DECODE = te.ShapeRange("decode", batch=(1, 1, 2), seq=(1, 1, 1), past=(0, 64, 127))
-CONTINUE = te.ShapeRange("continue", batch=(1, 1, 2), seq=(1, 16, 32), past=(1, 64, 96))
+KV = tspec.KVLayout(layers=2, kv_heads=2, head_dim=16)
+PREFILL = tspec.ShapeRange("prefill", batch=(1, 1, 2), seq=(1, 64, 128), past=(0, 0, 0))
+DECODE = tspec.ShapeRange("decode", batch=(1, 1, 2), seq=(1, 1, 1), past=(0, 64, 127))
+CONTINUE = tspec.ShapeRange("continue", batch=(1, 1, 2), seq=(1, 16, 32), past=(1, 64, 96))
 INPUTS = ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key", "past_key_values.0.value",
           "past_key_values.1.key", "past_key_values.1.value"]
 # the names epts_export looks up with a default on purpose, because some versions lack them
@@ -40,30 +42,69 @@ PROBED = {"BuilderFlag.FP16", "BuilderFlag.BF16", "BuilderFlag.REFIT_INDIVIDUAL"
 
 
 def make_spec(root: Path, level: str = "2:4", sparse: bool = True, precision: str = "fp16",
-              profiles=(PREFILL, DECODE), tactic_dram_mb: int | None = 256) -> te.EngineSpec:
+              profiles=(PREFILL, DECODE), tactic_dram_mb: int | None = 256) -> tspec.EngineSpec:
     d = "level-" + level.replace(":", "of")
-    return te.EngineSpec(
+    return tspec.EngineSpec(
         onnx=root / d / "model.onnx", engine=root / "engines" / f"{d}.engine", levels=[level], sparse=sparse,
         precision=precision, profiles=list(profiles), kv=KV, workspace_mb=1024, tactic_dram_mb=tactic_dram_mb,
         timing_cache=root / "engines" / "target.timing.cache", layer_info=root / "engines" / f"{d}.layers.json")
 
 
+def make_source(root: Path, levels=("0.3", "0.5", "0.7", "2:4")) -> tspec.WeightSource:
+    """An elastic bundle's weight source: the decoder graph, its level weights file, the level table."""
+    model = root / "model"
+    return tspec.WeightSource(model / "decoder.onnx", model / "decoder.weights", model, {lv: k for k, lv in enumerate(levels)},
+                              {"w.up": tspec.TensorRef("decoder.weights", 0, 2048, "float16", (32, 32)),
+                               "w.down": tspec.TensorRef("decoder.weights", 2048, 2048, "float16", (32, 32)),
+                               "w.norm": tspec.TensorRef("model.onnx_data", 128, 64, "float16", (32,))})
+
+
 def make_refit_spec(root: Path, levels=("0.3", "0.5", "0.7"), refit_weights=("w.up", "w.down"),
-                    profiles=(PREFILL, DECODE, CONTINUE)) -> te.EngineSpec:
-    """One refittable engine for several unstructured levels, built from the first level's graph."""
-    graphs = {lv: root / f"level-{lv}" / "model.onnx" for lv in levels}
-    return te.EngineSpec(
-        onnx=graphs[levels[0]], engine=root / "engines" / "unstructured.engine", levels=list(levels), sparse=False,
+                    profiles=(PREFILL, DECODE, CONTINUE)) -> tspec.EngineSpec:
+    """One refittable engine for several unstructured levels of an elastic bundle, built from the
+    weight builder's graph with the first level's weights."""
+    source = make_source(root)
+    return tspec.EngineSpec(
+        onnx=source.graph, engine=root / "engines" / "unstructured.engine", levels=list(levels), sparse=False,
         precision="fp16", profiles=list(profiles), kv=KV, workspace_mb=1024, tactic_dram_mb=256,
         timing_cache=root / "engines" / "target.timing.cache", layer_info=root / "engines" / "unstructured.layers.json",
-        refit_from=graphs, refit_weights=None if refit_weights is None else list(refit_weights),
+        refit=True, refit_weights=None if refit_weights is None else list(refit_weights), source=source,
         context={"max_tokens": 128, "target_max_context": 4096, "model_max_positions": 128, "capped": True})
 
 
-def write_onnx(spec: te.EngineSpec) -> None:
-    for graph in {spec.onnx, *spec.refit_from.values()}:
-        graph.parent.mkdir(parents=True, exist_ok=True)
-        graph.write_bytes(b"onnx")
+def make_sparse_spec(root: Path, source: tspec.WeightSource) -> tspec.EngineSpec:
+    """The 2:4 engine of the same elastic bundle: its own, weights baked from the weight builder."""
+    return tspec.EngineSpec(onnx=source.graph, engine=root / "engines" / "level-2of4.engine", levels=["2:4"], sparse=True,
+                            precision="fp16", profiles=[PREFILL, DECODE], kv=KV, workspace_mb=1024, tactic_dram_mb=256,
+                            timing_cache=root / "engines" / "target.timing.cache",
+                            layer_info=root / "engines" / "level-2of4.layers.json", source=source)
+
+
+def write_onnx(spec: tspec.EngineSpec) -> None:
+    spec.onnx.parent.mkdir(parents=True, exist_ok=True)
+    spec.onnx.write_bytes(b"onnx")
+
+
+class Baker:
+    """The weight builder's bake step, recorded (``weights.LevelWeights`` needs a real export)."""
+
+    def __init__(self):
+        self.baked, self.cleaned = [], 0
+
+    def bake(self, level):
+        self.baked.append(level)
+
+    def clean(self):
+        self.cleaned += 1
+
+
+def fake_python(tmp_path: Path) -> Path:
+    """A stand-in for the device's python3 in build_engines.sh: records its arguments."""
+    exe = tmp_path / "bin" / "fake-python"
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    exe.write_text('#!/usr/bin/env bash\nprintf \'%s\\n\' "$*" >> "$FAKE_PYTHON_LOG"\n')
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    return exe
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +152,7 @@ def install(api, monkeypatch):
 
 
 def test_profile_shapes_small_layout(tmp_path):
-    shapes = te.profile_shapes(make_spec(tmp_path))
+    shapes = tspec.profile_shapes(make_spec(tmp_path))
     assert list(shapes) == ["prefill", "decode"]
     prefill = {row[0]: row[1:] for row in shapes["prefill"]}
     decode = {row[0]: row[1:] for row in shapes["decode"]}
@@ -126,19 +167,19 @@ def test_profile_shapes_small_layout(tmp_path):
 
 
 @pytest.mark.parametrize("profile", [
-    te.ShapeRange("p", (1, 1, 1), (0, 1, 1), (0, 0, 0)),  # seq min 0
-    te.ShapeRange("p", (1, 1, 1), (1, 1, 1), (-1, 0, 0)),  # past < 0
-    te.ShapeRange("p", (2, 1, 4), (1, 1, 1), (0, 0, 0)),  # min > opt
-    te.ShapeRange("p", (1, 1), (1, 1, 1), (0, 0, 0)),  # not a triple
+    tspec.ShapeRange("p", (1, 1, 1), (0, 1, 1), (0, 0, 0)),  # seq min 0
+    tspec.ShapeRange("p", (1, 1, 1), (1, 1, 1), (-1, 0, 0)),  # past < 0
+    tspec.ShapeRange("p", (2, 1, 4), (1, 1, 1), (0, 0, 0)),  # min > opt
+    tspec.ShapeRange("p", (1, 1), (1, 1, 1), (0, 0, 0)),  # not a triple
 ])
 def test_profile_shapes_rejects_bad_ranges(tmp_path, profile):
     with pytest.raises(UserError):
-        te.profile_shapes(make_spec(tmp_path, profiles=[profile]))
+        tspec.profile_shapes(make_spec(tmp_path, profiles=[profile]))
 
 
 def test_profile_names_must_be_unique(tmp_path):
     with pytest.raises(UserError, match="twice"):
-        te.profile_shapes(make_spec(tmp_path, profiles=[PREFILL, PREFILL]))
+        tspec.profile_shapes(make_spec(tmp_path, profiles=[PREFILL, PREFILL]))
 
 
 def _arg(argv, prefix):
@@ -146,8 +187,8 @@ def _arg(argv, prefix):
 
 
 def test_trtexec_command_sparse_and_dense(tmp_path):
-    sparse = ts.trtexec_command(make_spec(tmp_path, "2:4", sparse=True), root=tmp_path)
-    dense = ts.trtexec_command(make_spec(tmp_path, "0.5", sparse=False), root=tmp_path)
+    sparse = hengines.trtexec_command(make_spec(tmp_path, "2:4", sparse=True), root=tmp_path)
+    dense = hengines.trtexec_command(make_spec(tmp_path, "0.5", sparse=False), root=tmp_path)
     assert sparse[0] == "trtexec"
     assert "--sparsity=enable" in sparse and "--sparsity=enable" not in dense
     assert not any("force" in a for a in sparse + dense)
@@ -172,7 +213,7 @@ def test_trtexec_command_sparse_and_dense(tmp_path):
 
 
 def test_trtexec_command_single_profile_has_no_profile_flag(tmp_path):
-    argv = ts.trtexec_command(make_spec(tmp_path, profiles=[DECODE]))
+    argv = hengines.trtexec_command(make_spec(tmp_path, profiles=[DECODE]))
     assert not any(a.startswith("--profile=") for a in argv)
     assert len(_arg(argv, "--optShapes=")) == 1
     assert _arg(argv, "--onnx=") == [str(tmp_path / "level-2of4" / "model.onnx")]  # absolute without a root
@@ -183,68 +224,88 @@ def test_trtexec_command_single_profile_has_no_profile_flag(tmp_path):
 
 
 def test_spec_json_roundtrip(tmp_path):
-    for spec in (make_spec(tmp_path), make_spec(tmp_path, "0.5", sparse=False, precision="bf16", tactic_dram_mb=None),
-                 make_refit_spec(tmp_path), make_refit_spec(tmp_path, refit_weights=None)):
-        d = ts.spec_to_dict(spec, tmp_path)
-        assert d["onnx"] == f"level-{spec.levels[0].replace(':', 'of')}/model.onnx"
-        assert d["levels"] == spec.levels and d["weights"] == ("refit" if spec.refit else "baked")
-        assert not any(str(tmp_path) in json.dumps(v) for v in d.values())
-        back = te.spec_from_dict(json.loads(json.dumps(d)), tmp_path)
-        assert back == spec
-        moved = te.spec_from_dict(d, tmp_path / "elsewhere")
-        assert moved.engine == tmp_path / "elsewhere" / spec.engine.relative_to(tmp_path)
-        assert all(p.is_relative_to(tmp_path / "elsewhere") for p in moved.refit_from.values())
-    d = ts.spec_to_dict(make_refit_spec(tmp_path), tmp_path)
-    assert d["refit_from"] == {lv: f"level-{lv}/model.onnx" for lv in ("0.3", "0.5", "0.7")}
-    assert d["refit_weights"] == ["w.up", "w.down"] and d["context"]["capped"] is True
-    for broken in ({**d, "refit_from": {"0.3": "level-0.3/model.onnx"}},  # a level without its graph
-                   {**d, "weights": "baked"},  # a baked engine serves one level
-                   {**d, "refit_from": {**d["refit_from"], "0.5": "../x.onnx"}}):
-        with pytest.raises(UserError, match="malformed|inside the bundle"):
-            te.spec_from_dict(broken, tmp_path)
+    """engines.json holds the weight source once and every engine's spec, paths relative to the
+    bundle: it reads back equal, and in a moved bundle every path follows."""
+    refit = make_refit_spec(tmp_path)
+    specs = [refit, make_sparse_spec(tmp_path, refit.source)]
+    tspec.write_engines(tmp_path, specs, refit.source)
+    doc = json.loads((tmp_path / tspec.ENGINES_JSON).read_text())
+    assert doc["version"] == 3 and doc["source"]["graph"] == "model/decoder.onnx" and doc["report"] == "engines/report.json"
+    assert doc["source"]["weights_file"] == "model/decoder.weights" and doc["source"]["levels"]["2:4"] == 3
+    assert [(e["levels"], e["weights"], e["build_level"]) for e in doc["engines"]] == [
+        (["0.3", "0.5", "0.7"], "refit", "0.3"), (["2:4"], "baked", "2:4")]
+    assert str(tmp_path) not in json.dumps(doc)
+    back, source = tspec.load_engines(tmp_path)
+    assert back == specs and source == refit.source and source.prunable == ["w.up", "w.down"]
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path, moved, ignore=shutil.ignore_patterns("elsewhere"))
+    specs2, source2 = tspec.load_engines(moved)
+    assert specs2[0].engine == moved / "engines" / "unstructured.engine" and source2.graph == moved / "model" / "decoder.onnx"
+    for spec in (make_spec(tmp_path), make_spec(tmp_path, "0.5", sparse=False, precision="bf16", tactic_dram_mb=None)):
+        d = tspec.spec_to_dict(spec, tmp_path)  # a baked-layout bundle: each level's own graph, no source
+        assert d["onnx"] == f"level-{spec.levels[0].replace(':', 'of')}/model.onnx" and d["weights"] == "baked"
+        assert tspec.spec_from_dict(json.loads(json.dumps(d)), tmp_path) == spec
+    d = tspec.spec_to_dict(refit, tmp_path)
+    for broken, source in (({**d, "weights": "baked"}, refit.source),  # a baked engine serves one level
+                           ({**d, "build_level": "0.9"}, refit.source),  # built with a level it does not serve
+                           (d, None),  # a refit engine without the weight builder
+                           ({**d, "levels": ["0.3", "0.6"]}, refit.source)):  # a level the builder's table lacks
+        with pytest.raises(UserError, match="malformed"):
+            tspec.spec_from_dict(broken, tmp_path, source)
 
 
-def test_engines_json_version_1_is_still_read(tmp_path):
-    """Bundles written before refit engines: one "level" per entry, weights baked."""
-    v2 = ts.spec_to_dict(make_spec(tmp_path), tmp_path)
-    v1 = {k: v for k, v in v2.items() if k not in ("levels", "weights", "context")} | {"level": "2:4"}
-    (tmp_path / te.ENGINES_JSON).write_text(json.dumps({"format": te.ENGINES_FORMAT, "version": 1, "engines": [v1]}))
-    (spec,) = te.load_specs(tmp_path)
-    assert spec.levels == ["2:4"] and not spec.refit and spec.weights == "baked" and spec == make_spec(tmp_path)
-    (tmp_path / te.ENGINES_JSON).write_text(json.dumps({"format": te.ENGINES_FORMAT, "version": 3, "engines": []}))
-    with pytest.raises(UserError, match="version 3.*update epts-export"):
-        te.load_specs(tmp_path)
+def test_older_or_newer_engines_json_is_refused(tmp_path):
+    """Version 2 refit each level from its own baked graph (one copy per level): rebuild; a newer one: update."""
+    spec = make_spec(tmp_path)
+    for version, hint in ((2, "rebuild the bundle"), (4, "update epts-export"), ("abc", "rebuild the bundle")):
+        (tmp_path / tspec.ENGINES_JSON).write_text(json.dumps({"format": tspec.ENGINES_FORMAT, "version": version,
+                                                               "engines": [tspec.spec_to_dict(spec, tmp_path)]}))
+        with pytest.raises(UserError, match=f"has version .*{hint}"):
+            tspec.load_specs(tmp_path)
 
 
 def test_plan_problems(tmp_path):
-    refit, sparse_spec = make_refit_spec(tmp_path), make_spec(tmp_path)
+    refit = make_refit_spec(tmp_path)
+    sparse_spec = make_sparse_spec(tmp_path, refit.source)
     write_onnx(refit)
-    assert te.plan_problems([refit, sparse_spec], ["0.3", "0.5", "0.7", "2:4"]) == []
-    assert te.spec_for_level([refit, sparse_spec], "0.5") is refit and te.spec_for_level([refit], "0.9") is None
-    problems = te.plan_problems([refit, sparse_spec, make_spec(tmp_path, "0.5", sparse=False)], ["0.3", "0.5", "0.7"])
+    assert tspec.plan_problems([refit, sparse_spec], ["0.3", "0.5", "0.7", "2:4"]) == []
+    assert tspec.spec_for_level([refit, sparse_spec], "0.5") is refit and tspec.spec_for_level([refit], "0.9") is None
+    problems = tspec.plan_problems([refit, sparse_spec, make_spec(tmp_path, "0.5", sparse=False)], ["0.3", "0.5", "0.7"])
     assert any("level 0.5 is served by 2 engine specs" in p for p in problems)
     assert any("lists level 2:4, which the bundle does not hold" in p for p in problems)
-    assert te.plan_problems([sparse_spec], ["0.3", "2:4"]) == ["level 0.3 is served by 0 engine specs (none), not exactly one"]
-    (tmp_path / "level-0.7" / "model.onnx").unlink()
-    assert te.plan_problems([refit]) == [f"the graph level 0.7 is refit from, {tmp_path / 'level-0.7' / 'model.onnx'}, is missing"]
-    refit.onnx = tmp_path / "other.onnx"
-    assert any("none of its levels' graphs" in p for p in te.plan_problems([refit]))
+    assert any("level-0.5/model.onnx that engines are built from is missing" in p for p in problems)
+    refit.onnx.unlink()
+    assert tspec.plan_problems([refit]) == [f"the graph {refit.onnx} that engines are built from is missing"]
 
 
 def test_spec_paths_must_stay_inside_the_bundle(tmp_path):
     spec = make_spec(tmp_path / "bundle")
     spec.timing_cache = tmp_path / "outside.cache"
     with pytest.raises(UserError, match="outside the bundle"):
-        ts.spec_to_dict(spec, tmp_path / "bundle")
-    d = ts.spec_to_dict(make_spec(tmp_path), tmp_path)
+        tspec.spec_to_dict(spec, tmp_path / "bundle")
+    d = tspec.spec_to_dict(make_spec(tmp_path), tmp_path)
     d["engine"] = "../escape.engine"
     with pytest.raises(UserError, match="inside the bundle"):
-        te.spec_from_dict(d, tmp_path)
+        tspec.spec_from_dict(d, tmp_path)
     with pytest.raises(UserError, match="malformed"):
-        te.spec_from_dict({"level": "2:4"}, tmp_path)
+        tspec.spec_from_dict({"level": "2:4"}, tmp_path)
+    refit = make_refit_spec(tmp_path)
+    tspec.write_engines(tmp_path, [refit], refit.source)
+    doc = json.loads((tmp_path / tspec.ENGINES_JSON).read_text())
+    for key, value, match in (("weights_file", "/etc/decoder.weights", "inside the bundle"),
+                              ("weights_file", "engines/decoder.weights", "beside source.graph"),
+                              ("tensors", {"w.norm": {"file": "../../etc/passwd", "offset": 0, "length": 8, "dtype": "uint8",
+                                                      "shape": [8]}}, "not in a file beside the graph"),
+                              ("tensors", {"w.norm": {"file": "model.onnx_data", "offset": -8, "length": 8, "dtype": "uint8",
+                                                      "shape": [8]}}, "negative offset")):
+        bad = json.loads(json.dumps(doc))
+        bad["source"][key] = value
+        (tmp_path / tspec.ENGINES_JSON).write_text(json.dumps(bad))
+        with pytest.raises(UserError, match=match):
+            tspec.load_engines(tmp_path)
 
 
-def _bundle(tmp_path: Path) -> tuple[Path, list[te.EngineSpec]]:
+def _bundle(tmp_path: Path) -> tuple[Path, list[tspec.EngineSpec]]:
     root = tmp_path / "bundle"
     specs = [make_spec(root, "0.5", sparse=False, tactic_dram_mb=None), make_spec(root, "2:4", sparse=True)]
     for s in specs:
@@ -254,23 +315,26 @@ def _bundle(tmp_path: Path) -> tuple[Path, list[te.EngineSpec]]:
 
 def test_build_script_is_valid_bash_with_relative_paths(tmp_path):
     root, specs = _bundle(tmp_path)
-    sh, py = ts.write_build_script(specs, root)
-    assert sh == root / "build_engines.sh" and py == root / "build_engines.py"
+    hscripts.write_scripts(root, specs, None)
+    sh, py, run = root / "build_engines.sh", root / "build_engines.py", root / "run.py"
     text = sh.read_text()
     assert subprocess.run(["bash", "-n", str(sh)], capture_output=True).returncode == 0
     assert str(root) not in text and str(tmp_path) not in text
     assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
     assert "built on" in text and "Jetson" in text and "command -v trtexec" in text
-    assert ts.JETPACK_TRTEXEC in text
+    assert hscripts.JETPACK_TRTEXEC in text
     assert text.count("--saveEngine=") == 2 and text.count("--sparsity=enable") == 1
-    assert "force" not in text
-    assert os.access(sh, os.X_OK) and os.access(py, os.X_OK)
-    doc = json.loads((root / te.ENGINES_JSON).read_text())
-    assert doc["format"] == te.ENGINES_FORMAT and doc["version"] == 2
+    assert "force" not in text and " bake " not in text  # a baked-layout bundle: each level's own graph
+    assert text.rstrip().endswith('"$PY" build_engines.py report  # check each level against ONNX Runtime, time the engines')
+    assert all(os.access(f, os.X_OK) for f in (sh, py, run))
+    doc = json.loads((root / tspec.ENGINES_JSON).read_text())
+    assert doc["format"] == tspec.ENGINES_FORMAT and doc["version"] == 3 and doc["source"] is None
     assert [e["levels"] for e in doc["engines"]] == [["0.5"], ["2:4"]]
     assert str(root) not in json.dumps(doc)
-    compile(py.read_text(), str(py), "exec")
-    assert te.load_specs(root) == specs
+    for script in (py, run):
+        compile(script.read_text(), str(script), "exec")
+    assert tspec.load_specs(root) == specs
+    assert (root / "_epts" / "epts_export" / "device" / "trt" / "cli.py").is_file()
 
 
 FAKE_TRTEXEC = """#!/usr/bin/env bash
@@ -299,12 +363,13 @@ def _fake_trtexec(tmp_path: Path, help_lines: str) -> Path:
 
 def test_build_script_runs_from_a_moved_bundle(tmp_path):
     root, specs = _bundle(tmp_path)
-    ts.write_build_script(specs, root)
+    hscripts.write_scripts(root, specs, None)
     moved = tmp_path / "device" / "bundle"
     shutil.move(str(root), str(moved))
     exe = _fake_trtexec(tmp_path, 'echo "  --profile   Build with profiles"; echo "  --stronglyTyped  typed"')
-    calls = tmp_path / "calls.txt"
-    env = {**os.environ, "TRTEXEC": str(exe), "FAKE_TRTEXEC_LOG": str(calls)}
+    calls, pycalls = tmp_path / "calls.txt", tmp_path / "py.txt"
+    env = {**os.environ, "TRTEXEC": str(exe), "FAKE_TRTEXEC_LOG": str(calls), "PYTHON": str(fake_python(tmp_path)),
+           "FAKE_PYTHON_LOG": str(pycalls)}
     res = subprocess.run(["bash", str(moved / "build_engines.sh")], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert (moved / "engines" / "level-2of4.engine").read_text() == "plan"
@@ -313,103 +378,121 @@ def test_build_script_runs_from_a_moved_bundle(tmp_path):
     lines = calls.read_text().splitlines()
     assert len(lines) == 2 and all(str(tmp_path) not in line for line in lines)
     assert "--profile=0" in lines[1] and "--profile=1" in lines[1]
+    assert pycalls.read_text().splitlines() == ["build_engines.py report"]  # then checked and timed
 
 
-def test_build_script_for_a_refit_engine(tmp_path):
-    """Three unstructured levels, one refittable engine (trtexec --refit); 2:4 keeps its sparse one."""
+def test_build_script_for_an_elastic_bundle(tmp_path):
+    """The unstructured levels share one refittable engine (trtexec --refit), 2:4 has its own sparse
+    one; both are built from the weight builder's graph after its build level's weights are written
+    beside it (build_engines.py bake), which is emptied again at the end, even after a failure."""
     root = tmp_path / "bundle"
-    refit, sparse_spec = make_refit_spec(root), make_spec(root, "2:4")
-    for s in (refit, sparse_spec):
-        write_onnx(s)
-    by_level = {"0.3": refit, "0.5": refit, "0.7": refit, "2:4": sparse_spec}  # as pipeline.engine_specs maps them
-    sh, _ = ts.write_build_script(list(by_level.values()), root)
+    refit = make_refit_spec(root)
+    sparse_spec = make_sparse_spec(root, refit.source)
+    write_onnx(refit)
+    by_level = {"0.3": refit, "0.5": refit, "0.7": refit, "2:4": sparse_spec}  # as engines.engine_specs maps them
+    hscripts.write_scripts(root, list(by_level.values()), refit.source)
+    sh = root / "build_engines.sh"
     text = sh.read_text()
     assert subprocess.run(["bash", "-n", str(sh)]).returncode == 0
     assert text.count("--saveEngine=") == 2  # one engine for the three unstructured levels
     blocks = text.split("\necho '== ")[1:]
     refit_block = next(b for b in blocks if b.startswith("levels 0.3, 0.5, 0.7: dense, refittable"))
-    assert "--refit" in refit_block and "--onnx=level-0.3/model.onnx" in refit_block and "--sparsity" not in refit_block
-    assert "--saveEngine=engines/unstructured.engine" in refit_block and "REFIT_INDIVIDUAL" in refit_block
+    assert "--refit" in refit_block and "--onnx=model/decoder.onnx" in refit_block and "--sparsity" not in refit_block
+    assert "--saveEngine=engines/unstructured.engine" in refit_block
+    assert refit_block.index('build_engines.py bake 0.3') < refit_block.index("--onnx=")
     sparse_block = next(b for b in blocks if b.startswith("level 2:4: sparse"))
-    assert "--refit" not in sparse_block and "--sparsity=enable" in sparse_block
-    doc = json.loads((root / te.ENGINES_JSON).read_text())
+    assert "--refit" not in sparse_block and "--sparsity=enable" in sparse_block and "bake 2:4" in sparse_block
+    doc = json.loads((root / tspec.ENGINES_JSON).read_text())
     assert [(e["levels"], e["weights"]) for e in doc["engines"]] == [(["0.3", "0.5", "0.7"], "refit"), (["2:4"], "baked")]
-    assert te.load_specs(root) == [refit, sparse_spec]
-    argv = ts.trtexec_command(refit, root=root)
+    assert tspec.load_specs(root) == [refit, sparse_spec]
+    argv = hengines.trtexec_command(refit, root=root)
     assert "--refit" in argv and not any("strip" in a.lower() or "identical" in a.lower() for a in argv)
     assert [a for a in argv if a.startswith("--profile=")] == ["--profile=0", "--profile=1", "--profile=2"]
     exe = _fake_trtexec(tmp_path, 'echo "  --profile   Build with profiles"; echo "  --stronglyTyped  typed"')
-    calls = tmp_path / "calls.txt"
-    res = subprocess.run(["bash", str(sh)], env={**os.environ, "TRTEXEC": str(exe), "FAKE_TRTEXEC_LOG": str(calls)},
-                         capture_output=True, text=True)
+    calls, pycalls = tmp_path / "calls.txt", tmp_path / "py.txt"
+    env = {**os.environ, "TRTEXEC": str(exe), "FAKE_TRTEXEC_LOG": str(calls), "PYTHON": str(fake_python(tmp_path)),
+           "FAKE_PYTHON_LOG": str(pycalls)}
+    res = subprocess.run(["bash", str(sh)], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "profiles capped at 128 tokens, the model's max_position_embeddings (the target allows 4096)" in res.stdout
     lines = calls.read_text().splitlines()
     assert len(lines) == 2 and "--refit" in lines[0] and "--refit" not in lines[1]
+    assert pycalls.read_text().splitlines() == ["build_engines.py bake 0.3", "build_engines.py bake 2:4",
+                                                "build_engines.py report", "build_engines.py clean"]
     assert (root / "engines" / "unstructured.engine").is_file()
+    pycalls.unlink()
+    broken = _fake_trtexec(tmp_path / "broken", 'echo "  --profile x"; echo "  --stronglyTyped x"').parent / "trtexec"
+    broken.write_text(broken.read_text().replace('printf \'%s\\n\' "$*"', "exit 7; #"))
+    res = subprocess.run(["bash", str(sh)], env={**env, "TRTEXEC": str(broken)}, capture_output=True, text=True)
+    assert res.returncode != 0 and pycalls.read_text().splitlines() == ["build_engines.py bake 0.3", "build_engines.py clean"]
 
 
 def test_build_script_refuses_old_or_missing_trtexec(tmp_path):
     root, specs = _bundle(tmp_path)
-    sh, _ = ts.write_build_script(specs, root)
+    hscripts.write_scripts(root, specs, None)
+    sh = root / "build_engines.sh"
     old = _fake_trtexec(tmp_path, 'echo "  --minShapes=spec"')
     res = subprocess.run(["bash", str(sh)], env={**os.environ, "TRTEXEC": str(old)}, capture_output=True, text=True)
     assert res.returncode == 1 and "build_engines.py" in res.stderr
     env = {k: v for k, v in os.environ.items() if k != "TRTEXEC"}
     env["PATH"] = "/usr/bin:/bin"
-    if shutil.which("trtexec", path=env["PATH"]) or os.path.exists(ts.JETPACK_TRTEXEC):
+    if shutil.which("trtexec", path=env["PATH"]) or os.path.exists(hscripts.JETPACK_TRTEXEC):
         pytest.skip("a real trtexec is installed here")
     res = subprocess.run(["bash", str(sh)], env=env, capture_output=True, text=True)
-    assert res.returncode == 1 and ts.JETPACK_TRTEXEC in res.stderr and "trtexec not found" in res.stderr
+    assert res.returncode == 1 and hscripts.JETPACK_TRTEXEC in res.stderr and "trtexec not found" in res.stderr
 
 
-def test_vendored_copy_imports_without_the_package(tmp_path):
+def _hashed_bundle(tmp_path: Path) -> Path:
+    """A moved bundle with its scripts, _epts/ and a manifest that hashes every file (as build writes)."""
+    from epts_export.fsutil import file_hashes
+
     root, specs = _bundle(tmp_path)
-    ts.write_build_script(specs, root)
+    hscripts.write_scripts(root, specs, None)
+    (root / "manifest.json").write_text(json.dumps({"format": "epts-bundle", "files": file_hashes(root)}))
     device = tmp_path / "device"
     shutil.move(str(root), str(device))  # moved, as onto a Jetson
-    # -I -S: no site-packages (so no installed or editable epts_export), no PYTHONPATH, no cwd on
-    # sys.path; -B: the bundle stays as it was written
-    python = [sys.executable, "-I", "-S", "-B"]
+    return device
+
+
+def test_vendored_copy_runs_without_the_package_and_only_as_hashed(tmp_path):
+    """build_engines.py and run.py in an interpreter with numpy, tokenizers and onnxruntime only:
+    they check every file of _epts/ against the manifest before importing from it, import nothing
+    from beside them (a tensorrt.py dropped there is not TensorRT), and leave no __pycache__."""
+    bare = os.environ.get("EPTS_BARE_PYTHON")
+    if not bare:
+        pytest.skip("EPTS_BARE_PYTHON is not set: .ci/run points it at a venv with only numpy, tokenizers, onnxruntime")
+    device = _hashed_bundle(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    res = subprocess.run([*python, "-c", "import epts_export"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert res.returncode != 0 and "No module named 'epts_export'" in res.stderr  # the real one is out of reach
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import epts_export; from epts_export.trt import builder as m; "
-            "print(epts_export.__file__); print(len(m.load_specs(m.Path(sys.argv[2]))), m.UserError.__module__); "
-            "print(sorted(n for n in sys.modules if n.startswith('epts_export'))); sys.exit(m.main(['status']))")
-    res = subprocess.run([*python, "-c", code, str(device / "_epts"), str(device)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True)
-    assert res.returncode == 1, res.stderr  # status: no TensorRT without site-packages
-    origin, loaded, modules, status = res.stdout.splitlines()
-    assert Path(origin) == device / "_epts" / "epts_export" / "__init__.py"
-    assert loaded.split() == ["2", "epts_export.errors"]
-    assert modules == str(sorted(["epts_export", "epts_export.errors", "epts_export.fsutil", "epts_export.interface",
-                                  "epts_export.trt", "epts_export.trt.builder", "epts_export.trt.sparse"]))
-    assert "tensorrt is not installed" in status
-    res = subprocess.run([*python, str(device / "build_engines.py"), "--help"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True)
-    assert res.returncode == 0 and "--level" in res.stdout
-    res = subprocess.run([*python, str(device / "build_engines.py")], cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    def run(*argv):
+        return subprocess.run([bare, *map(str, argv)], cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    res = run(device / "build_engines.py", "--help")
+    assert res.returncode == 0 and "bake" in res.stdout and "report" in res.stdout, res.stderr
+    res = run(device / "build_engines.py", "status")
+    assert res.returncode == 1 and "tensorrt is not installed" in res.stdout
+    res = run(device / "build_engines.py")
     assert res.returncode == 1 and "cannot build engines here: tensorrt is not installed" in res.stderr
+    code = ("import runpy, sys; runpy.run_path(sys.argv[1], run_name='probe'); import epts_export.device.trt.cli as c; "
+            "import epts_export; print(epts_export.__file__); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'transformers')))")
+    res = run("-c", code, device / "build_engines.py")
+    assert res.returncode == 0, res.stderr
+    origin, heavy = res.stdout.splitlines()
+    assert Path(origin) == device / "_epts" / "epts_export" / "__init__.py" and heavy == "[]"
+    (device / "tensorrt.py").write_text("raise SystemExit(42)\n")  # beside the scripts: never imported
+    res = run(device / "build_engines.py", "status")
+    assert res.returncode == 1 and "tensorrt is not installed" in res.stdout
+    (device / "tensorrt.py").unlink()
     assert not list(device.rglob("__pycache__"))
-    # which builder build_engines.py picks: the installed one, else the copy (also when an older
-    # epts_export without trt.builder is importable)
-    old = tmp_path / "old" / "epts_export"
-    old.mkdir(parents=True)
-    (old / "__init__.py").write_text("")
-    pick = ("import runpy, sys; sys.path[:0] = sys.argv[2:]; "
-            "print(runpy.run_path(sys.argv[1])['_builder']().__file__)")
-    res = subprocess.run([sys.executable, "-B", "-c", pick, str(device / "build_engines.py")], cwd=tmp_path,
-                         capture_output=True, text=True)
-    assert res.returncode == 0 and Path(res.stdout.strip()) == Path(te.__file__), res.stderr
-    for extra in ([], [str(old.parent)]):
-        res = subprocess.run([*python, "-c", pick, str(device / "build_engines.py"), *extra], cwd=tmp_path, env=env,
-                             capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr
-        assert Path(res.stdout.strip()) == device / "_epts" / "epts_export" / "trt" / "builder.py"
-    res = subprocess.run([sys.executable, str(device / "build_engines.py"), "--help"], cwd=tmp_path,
-                         capture_output=True, text=True)
-    assert res.returncode == 0 and "--level" in res.stdout
+    for tamper, why in ((lambda: (device / "_epts" / "numpy.py").write_text("x = 1\n"), "_epts/numpy.py is not listed"),
+                        (lambda: (device / "_epts" / "epts_export" / "device" / "runner.py").write_text("import os\n"),
+                         "_epts/epts_export/device/runner.py is missing or does not match")):
+        tamper()
+        for script in ("run.py", "build_engines.py"):
+            res = run(device / script, "--help")
+            assert res.returncode == 3 and why in res.stderr and "Traceback" not in res.stderr, (script, res.stderr)
+        (device / "_epts" / "numpy.py").unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,12 +521,12 @@ LOG = [
 
 
 def test_sparse_report_inspector_and_log():
-    r = sparse.sparse_report(json.dumps(DETAILED), LOG)
+    r = sparsity.sparse_report(json.dumps(DETAILED), LOG)
     assert r["source"] == "inspector+log" and r["layers"] == 4
     assert r["picked"] == ["fc_b", "/model/layers.0/mlp/up_proj/MatMul"]
     assert r["eligible"] == ["fc_a", "fc_b", "/model/layers.0/mlp/up_proj/MatMul", "/model/layers.0/mlp/down_proj/MatMul"]
     assert "/model/layers.0/self_attn/q_proj/MatMul" not in r["eligible"]  # HasSparseWeights 0
-    assert set(r) == {"eligible", "picked", "layers", "source"}
+    assert set(r) == {"eligible", "picked", "layers", "myelin", "source"}
 
 
 def test_sparse_report_inspector_only_and_renamed_keys():
@@ -452,20 +535,58 @@ def test_sparse_report_inspector_only_and_renamed_keys():
         {"LayerName": "gemm2", "SparseWeights": "true", "Tactic": "sm87_gemm"},
         {"LayerName": "gemm3", "SparseWeights": False, "Tactic": "sm87_gemm"},
     ]}
-    r = sparse.sparse_report(json.dumps(renamed), [])
-    assert r == {"eligible": ["gemm1", "gemm2"], "picked": ["gemm1"], "layers": 3, "source": "inspector"}
+    r = sparsity.sparse_report(json.dumps(renamed), [])
+    assert r == {"eligible": ["gemm1", "gemm2"], "picked": ["gemm1"], "layers": 3, "myelin": 0, "source": "inspector"}
 
 
 def test_sparse_report_names_only_and_log_only():
     names_only = json.dumps({"Layers": ["a + b", "c"], "Bindings": ["x"]})  # LAYER_NAMES_ONLY verbosity
-    r = sparse.sparse_report(names_only, LOG[1:2])
+    r = sparsity.sparse_report(names_only, LOG[1:2])
     assert r == {"eligible": ["fc_a", "fc_b", "/model/layers.0/mlp/up_proj/MatMul"], "picked": [], "layers": 2,
-                 "source": "inspector+log"}
-    assert sparse.sparse_report("", LOG)["source"] == "log"
-    assert sparse.sparse_report("not json {", [])["source"] == "none"
-    empty = sparse.sparse_report("", ["(Sparsity) Layers eligible for sparse math: ",
+                 "myelin": 0, "source": "inspector+log"}
+    assert sparsity.sparse_report("", LOG)["source"] == "log"
+    assert sparsity.sparse_report("not json {", [])["source"] == "none"
+    empty = sparsity.sparse_report("", ["(Sparsity) Layers eligible for sparse math: ",
                                   "(Sparsity) TRT inference plan picked sparse implementation for layers:"])
-    assert empty == {"eligible": [], "picked": [], "layers": 0, "source": "log"}
+    assert empty == {"eligible": [], "picked": [], "layers": 0, "myelin": 0, "source": "log"}
+
+
+REAL = REPO / "tests" / "data" / "trt_layer_info"  # real layer information, trimmed (SOURCES.md says from where)
+
+
+def _fragment(name: str, layer: str) -> dict:
+    """The body of one layer of TensorRT 10.1's output (the #4020 fragments): its complete top-level
+    key lines, verbatim, under the layer name the fragment's header gives (the paste lost the Name line)."""
+    text = (REAL / "trt10.1-resnet18-int8-sparsity-force.fragments.txt").read_text()
+    block = text.split(f"----- fragment {name}:", 1)[1].split("\n----- fragment", 1)[0].split("\n", 1)[1]
+    block = block.split("\n},{", 1)[0]  # the first layer of the fragment
+    keep = [ln for ln in block.splitlines() if ln.startswith('  "') and not ln.startswith('   ')
+            and ln.rstrip().endswith(",") and ln.count('"') % 2 == 0]
+    return {"Name": layer, **json.loads("{" + "\n".join(keep).rstrip(",") + "}")}
+
+
+def test_sparse_report_on_real_layer_information():
+    """The report on TensorRT's own files: 8.x and 8.6 layer info (no sparse weights there; 8.6
+    compiles the transformer into one opaque Myelin layer), TensorRT 10.1 layers of a
+    --sparsity=force ResNet (2:4 weights with a dense tactic: eligible, not picked; a sparse
+    ``..._sparse_...`` tactic: picked), and the log lines of 8.x and of 10.14 and later."""
+    r = sparsity.sparse_report((REAL / "trt8.6-controlnet-fp16-myelin.json").read_text(), [])
+    assert r == {"eligible": [], "picked": [], "layers": 14, "myelin": 1, "source": "inspector"}
+    r = sparsity.sparse_report((REAL / "trt8.x-trex-mobilenet-qat-int8.json").read_text(), [])
+    assert r["layers"] == 10 and r["eligible"] == [] and r["source"] == "inspector"
+    assert sparsity.sparse_report((REAL / "trt10.1-resnet18-int8-sparsity-force.json").read_text(), [])["layers"] == 2
+    dense, sparse_layer = _fragment("C", "resnetv15_stage3_conv0"), _fragment("D", "resnetv15_stage3_conv4")
+    assert dense["HasSparseWeights"] == 1 and "_sparse_" not in dense["TacticName"]
+    assert sparse_layer["HasSparseWeights"] == 1 and "_sparse_" in sparse_layer["TacticName"]
+    r = sparsity.sparse_report(json.dumps({"Layers": [dense, sparse_layer]}), [])
+    assert r["eligible"] == [dense["Name"], sparse_layer["Name"]] and r["picked"] == [sparse_layer["Name"]]
+    log_10 = ["[V] (Sparsity) Found 2 layer(s) eligible to use sparse tactics: node_conv2d + node_relu, node_linear",
+              "[V] (Sparsity) Chose 1 layer(s) using sparse tactics: node_linear",
+              "[V]  (foreignNode) (Sparsity) Found 1 layer(s) eligible to use sparse tactics: node_mlp"]
+    r = sparsity.sparse_report("", log_10)
+    assert r["eligible"] == ["node_conv2d + node_relu", "node_linear", "node_mlp"] and r["picked"] == ["node_linear"]
+    chose_none = sparsity.sparse_report("", ["[V] (Sparsity) Chose 0 layer(s) using sparse tactics:"])
+    assert chose_none["picked"] == [] and chose_none["source"] == "log"
 
 
 def test_report_cli(tmp_path, capsys):
@@ -473,7 +594,7 @@ def test_report_cli(tmp_path, capsys):
     info.write_text(json.dumps(DETAILED))
     log = tmp_path / "build.log"
     log.write_text("\n".join(LOG))
-    assert te.main(["report", str(info), "--log", str(log)]) == 0
+    assert cli.main(["sparsity", str(info), "--log", str(log)]) == 0
     assert json.loads(capsys.readouterr().out)["picked"] == ["fc_b", "/model/layers.0/mlp/up_proj/MatMul"]
 
 
@@ -684,7 +805,7 @@ def replaces(monkeypatch):
         calls.append((Path(src), Path(dst)))
         return real(src, dst)
 
-    monkeypatch.setattr(fsutil.os, "replace", spy)
+    monkeypatch.setattr(dfiles.os, "replace", spy)
     return calls
 
 
@@ -714,7 +835,7 @@ def test_checker_rejects_names_and_calls_the_real_version_lacks(api):
         trt.BuilderFlag.SPARSE_WEIGHT  # noqa: B018 - misspelled
     assert getattr(trt.BuilderFlag, "FP16", None) is (None if api.major >= 11 else trt.BuilderFlag.FP16)  # removed in 11
     assert not hasattr(trt, "OnnxParserRefiter")  # misspelled module attribute: what the real module answers
-    logger = te.make_logger(trt, lambda m: None)
+    logger = trt_logger.make_logger(trt, lambda m: None)
     builder = trt.Builder(logger)
     with pytest.raises(trt_api.ApiViolation, match="no keyword 'strongly_typed'"):
         builder.create_network(flags=0, strongly_typed=True)
@@ -743,7 +864,7 @@ def test_build_engine_sparse(api, install, tmp_path, replaces):
     spec = make_spec(tmp_path)
     write_onnx(spec)
     messages = []
-    result = te.build_engine(spec, log=messages.append)
+    result = builder.build_engine(spec, log=messages.append)
     rec = trt.rec
     network_flags, sparse_flags, _ = BY_MAJOR[api.major]
     assert rec.network_flags == network_flags
@@ -777,13 +898,15 @@ def test_build_engine_sparse(api, install, tmp_path, replaces):
 
 
 def test_build_engine_refit(api, install, tmp_path):
-    """One engine for three unstructured levels: refittable, never with the build level's values folded."""
+    """One engine for three unstructured levels: built from the weight builder's graph with the build
+    level's weights written beside it first, refittable, never with those values folded."""
     trt = install(make_fake_trt(api))
     spec = make_refit_spec(tmp_path)
     write_onnx(spec)
-    messages = []
-    result = te.build_engine(spec, log=messages.append)
-    assert trt.rec.parsed == str(tmp_path / "level-0.3" / "model.onnx")  # built from the first level's graph
+    messages, baker = [], Baker()
+    result = builder.build_engine(spec, log=messages.append, levels=baker)
+    assert trt.rec.parsed == str(tmp_path / "model" / "decoder.onnx") and baker.baked == ["0.3"]
+    assert result["build_level"] == "0.3"
     assert trt.rec.flags == BY_MAJOR[api.major][2]
     assert not {"REFIT_IDENTICAL", "STRIP_PLAN", "SPARSE_WEIGHTS"} & set(trt.rec.flags)
     assert trt.rec.marked == (["w.up", "w.down"] if api.major >= 10 else [])  # only what differs between the levels
@@ -802,13 +925,13 @@ def test_build_engine_refit_falls_back_to_every_weight(api, install, tmp_path):
     spec = make_refit_spec(tmp_path)
     write_onnx(spec)
     messages = []
-    assert te.build_engine(spec, log=messages.append)["refittable"] == "all"
+    assert builder.build_engine(spec, log=messages.append, levels=Baker())["refittable"] == "all"
     assert trt.rec.flags[-1] == "REFIT" and "REFIT_INDIVIDUAL" not in trt.rec.flags
     if api.major >= 10:
         assert any("first: w.down" in m and "(REFIT)" in m for m in messages)
     trt = install(make_fake_trt(api))
     spec.refit_weights = None  # unknown: every weight
-    te.build_engine(spec, log=lambda m: None)
+    builder.build_engine(spec, log=lambda m: None, levels=Baker())
     assert trt.rec.flags[-1] == "REFIT" and trt.rec.marked == []
 
 
@@ -818,7 +941,7 @@ def test_build_engine_dense_reuses_the_timing_cache(api, install, tmp_path):
     write_onnx(spec)
     spec.timing_cache.parent.mkdir(parents=True)
     spec.timing_cache.write_bytes(b"old")
-    te.build_engine(spec, log=lambda m: None)
+    builder.build_engine(spec, log=lambda m: None)
     assert trt.rec.flags == (["FP16"] if api.major == 8 else [])  # no SPARSE_WEIGHTS for a dense level
     assert trt.rec.pools == {"WORKSPACE": 1024 * 2**20}
     assert trt.rec.cache_blobs == [b"old"]
@@ -832,7 +955,7 @@ def test_build_engine_replaces_a_foreign_timing_cache(api, install, tmp_path):
     spec.timing_cache.parent.mkdir(parents=True)
     spec.timing_cache.write_bytes(b"from another GPU")
     messages = []
-    te.build_engine(spec, log=messages.append)
+    builder.build_engine(spec, log=messages.append)
     assert trt.rec.cache_blobs == [b"from another GPU", b""]
     assert spec.timing_cache.read_bytes() == b"+timings"
     assert any("fresh" in m for m in messages)
@@ -845,7 +968,7 @@ def test_build_engine_precision_flags(api, install, tmp_path):
     messages = []
     spec = make_spec(tmp_path, precision="bf16")
     write_onnx(spec)
-    te.build_engine(spec, log=messages.append)
+    builder.build_engine(spec, log=messages.append)
     assert trt.rec.flags == ["SPARSE_WEIGHTS"]
     assert any("no BF16 builder flag" in m for m in messages) == (api.major == 8)
 
@@ -855,11 +978,11 @@ def test_build_engine_failures_leave_no_files(api, install, tmp_path):
     write_onnx(spec)
     install(make_fake_trt(api, parse_errors=("unsupported op If",)))
     with pytest.raises(RuntimeError, match="node 3: unsupported op If") as e:
-        te.build_engine(spec, log=lambda m: None)
+        builder.build_engine(spec, log=lambda m: None)
     assert not isinstance(e.value, UserError)
     install(make_fake_trt(api, build_ok=False))
     with pytest.raises(RuntimeError, match="out of memory"):
-        te.build_engine(spec, log=lambda m: None)
+        builder.build_engine(spec, log=lambda m: None)
     assert not (tmp_path / "engines").exists() or _files(tmp_path / "engines") == set()
 
 
@@ -871,7 +994,7 @@ def test_build_engine_without_a_gpu_is_one_line(api, install, tmp_path):
     fake.Builder = no_device
     install(fake)
     with pytest.raises(UserError) as e:
-        te.build_engine(spec, log=lambda m: None)
+        builder.build_engine(spec, log=lambda m: None)
     msg = str(e.value)
     assert f"TensorRT {api.version} could not create a Builder (pybind11::init(): factory function returned nullptr)" in msg
     assert "no CUDA GPU visible" in msg and "\n" not in msg
@@ -881,14 +1004,14 @@ def test_atomic_write_cleans_up_on_error(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(fsutil.os, "replace", boom)
+    monkeypatch.setattr(dfiles.os, "replace", boom)
     with pytest.raises(OSError):
-        fsutil.write_bytes(tmp_path / "x.engine", b"data", fsync=True)
+        dfiles.write_bytes(tmp_path / "x.engine", b"data", fsync=True)
     assert list(tmp_path.iterdir()) == []
 
 
 def no_tensorrt(monkeypatch) -> None:
-    for name in te.MODULE_NAMES:
+    for name in probe.MODULE_NAMES:
         monkeypatch.setitem(sys.modules, name, None)
 
 
@@ -896,19 +1019,19 @@ def test_build_engine_user_errors(api, install, tmp_path, monkeypatch):
     spec = make_spec(tmp_path)
     no_tensorrt(monkeypatch)
     with pytest.raises(UserError, match=r"epts-export\[tensorrt\]"):
-        te.build_engine(spec)
+        builder.build_engine(spec)
     install(make_fake_trt(api))
     with pytest.raises(UserError, match="missing"):
-        te.build_engine(spec)
+        builder.build_engine(spec)
     write_onnx(spec)
     elastic = {n: s for n, s in zip(INPUTS, [(-1, -1)] * 3 + [(-1, 2, -1, 16)] * 4)} | {"sparsity_level": ()}
     install(make_fake_trt(api, inputs=elastic))
     with pytest.raises(UserError, match="baked"):
-        te.build_engine(spec, log=lambda m: None)
+        builder.build_engine(spec, log=lambda m: None)
     wrong_heads = {n: ((-1, -1) if i < 3 else (-1, 4, -1, 16)) for i, n in enumerate(INPUTS)}
     install(make_fake_trt(api, inputs=wrong_heads))
     with pytest.raises(UserError, match="kv_heads"):
-        te.build_engine(spec, log=lambda m: None)
+        builder.build_engine(spec, log=lambda m: None)
 
 
 def test_build_engine_without_position_ids(api, install, tmp_path):
@@ -916,7 +1039,7 @@ def test_build_engine_without_position_ids(api, install, tmp_path):
                                              if n != "position_ids"}))
     spec = make_spec(tmp_path)
     write_onnx(spec)
-    te.build_engine(spec, log=lambda m: None)
+    builder.build_engine(spec, log=lambda m: None)
     assert all("position_ids" not in p for p in trt.rec.profiles)
 
 
@@ -924,15 +1047,9 @@ def test_build_engine_without_position_ids(api, install, tmp_path):
 # importing TensorRT, status and the build CLI
 
 
-def _fake_torch(available: bool, cuda: str | None = "12.6"):
-    cuda_ns = types.SimpleNamespace(is_available=lambda: available, get_device_name=lambda i=0: "Orin",
-                                    get_device_capability=lambda i=0: (8, 7))
-    return types.SimpleNamespace(cuda=cuda_ns, version=types.SimpleNamespace(cuda=cuda), __version__="2.5")
-
-
 def test_tensorrt_status_without_tensorrt(monkeypatch):
     no_tensorrt(monkeypatch)
-    ok, why = te.tensorrt_status()
+    ok, why = probe.tensorrt_status()
     assert ok is False
     assert "not installed" in why and "epts-export[tensorrt]" in why
 
@@ -942,57 +1059,100 @@ def test_both_module_names_are_accepted(monkeypatch):
     wheel = types.ModuleType("tensorrt_bindings")
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     monkeypatch.setitem(sys.modules, "tensorrt_bindings", wheel)
-    assert te.import_trt() is wheel
+    assert probe.import_trt() is wheel
     jetpack = types.ModuleType("tensorrt")
     monkeypatch.setitem(sys.modules, "tensorrt", jetpack)
-    assert te.import_trt() is jetpack  # tensorrt first
+    assert probe.import_trt() is jetpack  # tensorrt first
+
+
+class FakeCudart:
+    """What probe asks of libcudart: how many devices, their name and compute capability."""
+
+    path = "libcudart.so.12"
+
+    def __init__(self, devices=1):
+        self.devices = devices
+
+    def device_count(self):
+        return self.devices
+
+    def name(self, device):
+        return "Orin"
+
+    def capability(self, device):
+        return "8.7"
+
+
+def cudart(monkeypatch, devices: int | None) -> None:
+    """libcudart with ``devices`` GPUs, or (None) none found at all."""
+    from epts_export.device import cuda
+
+    def load():
+        if devices is None:
+            raise UserError("the CUDA runtime library (libcudart) was not found")
+        return FakeCudart(devices)
+
+    monkeypatch.setattr(cuda.CudaRuntime, "load", staticmethod(load))
 
 
 def test_tensorrt_status_with_and_without_gpu(api, install, monkeypatch):
+    """The GPU is asked of libcudart (ctypes, no torch); without libcudart, of TensorRT itself."""
     install(make_fake_trt(api))
-    monkeypatch.setitem(sys.modules, "torch", _fake_torch(True))
-    assert te.tensorrt_status() == (True, f"TensorRT {api.version}, Orin (sm_87)")
-    monkeypatch.setitem(sys.modules, "torch", _fake_torch(False))
-    ok, why = te.tensorrt_status()
-    assert not ok and why.startswith("no CUDA GPU visible")
-    monkeypatch.setitem(sys.modules, "torch", None)  # no torch: TensorRT's own probe
-    assert te.tensorrt_status() == (True, f"TensorRT {api.version}, CUDA GPU (install torch to see its name and "
-                                          f"compute capability)")
+    cudart(monkeypatch, 1)
+    assert probe.tensorrt_status() == (True, f"TensorRT {api.version}, Orin (sm_87)")
+    assert probe.compute_capability() == "8.7" and probe.gpu() == ("Orin", "8.7")
+    cudart(monkeypatch, 0)
+    ok, why = probe.tensorrt_status()
+    assert not ok and why.startswith("no CUDA GPU visible (libcudart.so.12 sees no device")
+    assert probe.compute_capability() is None
+    cudart(monkeypatch, None)  # no libcudart: TensorRT's own probe
+    assert probe.tensorrt_status() == (True, f"TensorRT {api.version}, CUDA GPU (no libcudart found to name it; "
+                                          f"engines run through libcudart)")
     fake = make_fake_trt(api)
     fake.Builder = no_device
     install(fake)
-    ok, why = te.tensorrt_status()
+    ok, why = probe.tensorrt_status()
     assert not ok and why.startswith(f"TensorRT {api.version} could not create a Builder (pybind11::init(): factory "
                                      f"function returned nullptr): no CUDA GPU visible")
 
 
 def test_build_cli_builds_every_engine(api, install, tmp_path, monkeypatch, capsys):
+    """build_engines.py build: each engine once (the refit one for its three levels), each with its
+    build record (TensorRT version, compute capability), the build level's weights written before
+    each build and emptied after; --level picks the engine serving a level."""
+    from epts_export.device.trt import weights
+
     root = tmp_path / "bundle"
-    refit, sparse_spec = make_refit_spec(root), make_spec(root, "2:4")
-    for s in (refit, sparse_spec):
-        write_onnx(s)
-    ts.write_build_script([refit, refit, refit, sparse_spec], root)
+    refit = make_refit_spec(root)
+    sparse_spec = make_sparse_spec(root, refit.source)
+    write_onnx(refit)
+    hscripts.write_scripts(root, [refit, refit, refit, sparse_spec], refit.source)
+    baker = Baker()
+    monkeypatch.setattr(weights, "LevelWeights", lambda source, threads=None: baker)
     install(make_fake_trt(api))
-    monkeypatch.setitem(sys.modules, "torch", _fake_torch(True))
-    assert te.main(["build", str(root)]) == 0
+    cudart(monkeypatch, 1)
+    assert cli.main(["--bundle", str(root), "build", "--no-report"]) == 0
     out = capsys.readouterr().out
     assert "levels 0.3, 0.5, 0.7:" in out and "level 2:4:" in out and "sparse kernel: fc_b" in out
-    assert "0.3's in the plan; the others are refit at run time" in out
+    assert "0.3's in the plan; the others are refit at run time from the weight builder" in out
+    assert baker.baked == ["0.3", "2:4"] and baker.cleaned == 1
     record = json.loads((root / "engines" / "unstructured.build.json").read_text())
-    assert record["levels"] == ["0.3", "0.5", "0.7"] and record["weights"] == "refit"
+    assert record["levels"] == ["0.3", "0.5", "0.7"] and record["weights"] == "refit" and record["build_level"] == "0.3"
     assert record["tensorrt"] == api.version and record["compute_capability"] == "8.7"
     assert (root / "engines" / "level-2of4.engine").is_file()
-    assert te.main(["build", str(root), "--level", "0.5"]) == 0  # the engine serving 0.5
+    assert cli.main(["--bundle", str(root), "build", "--level", "0.5", "--no-report"]) == 0  # the engine serving 0.5
     assert "levels 0.3, 0.5, 0.7:" in capsys.readouterr().out
-    assert te.main(["build", str(root), "--level", "3:4"]) == 1
+    assert cli.main(["--bundle", str(root), "build", "--level", "3:4"]) == 1
     assert "no engine for level(s) 3:4" in capsys.readouterr().err
-    (root / "level-0.7" / "model.onnx").unlink()
-    assert te.main(["build", str(root)]) == 1
-    assert "level 0.7 is refit from" in capsys.readouterr().err
+    refit.onnx.unlink()
+    assert cli.main(["--bundle", str(root), "build"]) == 1
+    assert "decoder.onnx that engines are built from is missing" in capsys.readouterr().err
+    write_onnx(refit)
     no_tensorrt(monkeypatch)
-    assert te.main(["build", str(root), "--level", "2:4"]) == 1
+    assert cli.main(["--bundle", str(root), "build", "--level", "2:4"]) == 1
     assert "epts-export[tensorrt]" in capsys.readouterr().err
-    assert te.main(["build", str(tmp_path / "nowhere")]) == 1
+    assert cli.main(["--bundle", str(tmp_path / "nowhere")]) == 1
+    assert cli.main(["sparsity"]) == 0 and cli.main(["build"]) == 1  # build needs the bundle; sparsity does not
 
 
 # --------------------------------------------------------------------------------------------
@@ -1012,44 +1172,62 @@ def test_real_bindings_without_a_gpu(version, tmp_path):
     spec = make_spec(tmp_path)
     write_onnx(spec)
     code = ("import sys, json; sys.path.insert(0, sys.argv[1]); from pathlib import Path\n"
-            "from epts_export.trt import builder as te\n"
-            "print(te.import_trt().__name__); print(json.dumps(te.tensorrt_status()))\n"
-            "spec = te.load_specs(Path(sys.argv[2]))[0]\n"
-            "try:\n    te.build_engine(spec, log=lambda m: None)\nexcept te.UserError as e:\n    print(json.dumps(str(e)))\n")
-    ts.write_build_script([spec], tmp_path)
-    res = run_real(version, ["-c", code, str(REPO), str(tmp_path)])
+            "from epts_export.device.trt import builder, probe, spec as tspec\n"
+            "print(probe.import_trt().__name__); print(json.dumps(probe.tensorrt_status()))\n"
+            "spec = tspec.load_specs(Path(sys.argv[2]))[0]\n"
+            "try:\n    builder.build_engine(spec, log=lambda m: None)\nexcept builder.UserError as e:\n    print(json.dumps(str(e)))\n")
+    tspec.write_engines(tmp_path, [spec])
+    res = run_real(version, ["-c", code, str(REPO), str(tmp_path)], env={**os.environ, "EPTS_EXEC_PATH": device_path()})
     assert res.returncode == 0, res.stderr
     name, status, error = res.stdout.splitlines()
     assert name == "tensorrt_bindings"
     ok, why = json.loads(status)
-    assert not ok and why.startswith(f"TensorRT {version} could not create a Builder "
-                                     "(pybind11::init(): factory function returned nullptr): no CUDA GPU visible")
+    assert not ok and why == no_gpu_status(version)
     assert json.loads(error).startswith(f"TensorRT {version} could not create a Builder (pybind11::init(): factory "
                                         "function returned nullptr): no CUDA GPU visible")
 
 
+def no_gpu_status(version: str) -> str:
+    """What tensorrt_status says here, with no GPU: libcudart's answer where a CUDA runtime is
+    installed (this kind of machine has one), else TensorRT's own (its Builder cannot start)."""
+    from epts_export.device.cuda import CudaRuntime
+
+    try:
+        return f"no CUDA GPU visible ({CudaRuntime.load().path} sees no device; check nvidia-smi)"
+    except UserError:
+        return (f"TensorRT {version} could not create a Builder (pybind11::init(): factory function returned nullptr): "
+                "no CUDA GPU visible, or its driver or libraries are broken (check nvidia-smi)")
+
+
+def device_path() -> str:
+    """Where numpy, tokenizers and onnxruntime are, and nothing else of ours: the bare venv's
+    site-packages (.ci/run's EPTS_BARE_PYTHON), else this interpreter's (torch is there, but the
+    tests check it is never imported)."""
+    bare = os.environ.get("EPTS_BARE_PYTHON")
+    python = bare or sys.executable
+    res = subprocess.run([python, "-c", "import numpy, os; print(os.path.dirname(os.path.dirname(numpy.__file__)))"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
 @pytest.mark.parametrize("version", list(trt_bindings.VERSIONS))
 def test_build_engines_py_needs_only_the_real_bindings(version, tmp_path):
-    """A moved bundle's build_engines.py, with nothing but the real bindings importable (-I -S: no
-    site-packages, no epts-export): it loads the vendored builder and fails in one line, no GPU."""
-    root = tmp_path / "bundle"
-    refit, sparse_spec = make_refit_spec(root), make_spec(root, "2:4")
-    for s in (refit, sparse_spec):
-        write_onnx(s)
-    ts.write_build_script([refit, sparse_spec], root)
-    device = tmp_path / "device"
-    shutil.move(str(root), str(device))
-    res = run_real(version, [str(device / "build_engines.py"), "--level", "0.5"], cwd=tmp_path)
+    """A moved bundle's build_engines.py, with the real bindings, numpy and onnxruntime importable
+    and nothing else (-I -S: no epts-export, no torch): it checks and loads the vendored device
+    package and fails in one line, no GPU; its libcudart probe finds none."""
+    device = _hashed_bundle(tmp_path)
+    env = {**os.environ, "EPTS_EXEC_PATH": device_path()}
+    res = run_real(version, [str(device / "build_engines.py"), "build", "--level", "0.5"], cwd=tmp_path, env=env)
     assert res.returncode == 1, res.stdout + res.stderr
-    assert res.stderr.strip().splitlines() == [f"error: cannot build engines here: TensorRT {version} could not create "
-                                               f"a Builder (pybind11::init(): factory function returned nullptr): no CUDA "
-                                               f"GPU visible, or its driver or libraries are broken (check nvidia-smi)"]
-    code = ("import runpy, sys; b = runpy.run_path(sys.argv[1])['_builder'](); print(b.__file__); "
-            "print(b.import_trt().__name__, sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('numpy', 'torch', 'onnx', 'epts_export')))")
-    res = run_real(version, ["-c", code, str(device / "build_engines.py")], cwd=tmp_path)
+    assert res.stderr.strip().splitlines() == [f"error: cannot build engines here: {no_gpu_status(version)}"]
+    code = ("import runpy, sys; runpy.run_path(sys.argv[1], run_name='probe')\n"
+            "from epts_export.device.trt import cli, probe; print(cli.__file__)\n"
+            "print(probe.import_trt().__name__, sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'onnx', 'transformers')))")
+    res = run_real(version, ["-c", code, str(device / "build_engines.py")], cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr
     origin, modules = res.stdout.splitlines()
-    assert Path(origin) == device / "_epts" / "epts_export" / "trt" / "builder.py"
-    assert modules.startswith("tensorrt_bindings ") and "numpy" not in modules and "torch" not in modules
+    assert Path(origin) == device / "_epts" / "epts_export" / "device" / "trt" / "cli.py"
+    assert modules == "tensorrt_bindings []"
     assert not list(device.rglob("__pycache__"))

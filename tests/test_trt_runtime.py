@@ -1,8 +1,9 @@
 """TrtDecoder without TensorRT or CUDA: a fake ``tensorrt`` derived from, and checked against, the
 real bindings of each TensorRT version (the ``api`` fixture of test_trt_engine), whose execution
 context "runs" a known decoder by reading and writing the buffers behind the addresses it is given,
-and whose refitter really reads the level graphs it is handed; and a CPU stand-in for the
-torch-CUDA buffers (address -> numpy array)."""
+and whose refitter takes the weights it is handed by name; a stand-in for the weight builder and
+its ONNX Runtime reference (``FakeLevels``); a CPU stand-in for the CUDA buffers (address -> numpy
+array); and ``device.cuda.DeviceBuffers`` over a host stand-in for libcudart."""
 
 from __future__ import annotations
 
@@ -16,12 +17,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from epts_export.errors import UserError
-from epts_export.interface import ShapeRange
-from epts_export.onnx.runtime import greedy
-from epts_export.trt import builder as te
-from epts_export.trt import refit as trefit
-from epts_export.trt import runtime as tr
-from epts_export.trt import scripts as ts
+from epts_export.device.interface import ENGINES_JSON, KVLayout, ShapeRange
+from epts_export.device.ort import greedy
+from epts_export.device.trt import runtime as tr
+from epts_export.device.trt import spec as tspec
 import trt_api
 import trt_bindings
 from test_trt_engine import api, fake_loggers, install, no_device, no_tensorrt, run_real  # noqa: F401 - fixtures
@@ -37,7 +36,7 @@ NP = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.in
 
 
 class CpuBuffers:
-    """The _TorchCudaBuffers interface over host memory: every buffer gets a fake address."""
+    """The DeviceBuffers interface over host memory: every buffer gets a fake address."""
 
     def __init__(self):
         self.memory: dict[int, np.ndarray] = {}
@@ -62,6 +61,9 @@ class CpuBuffers:
     def empty(self, shape, dtype):
         self.allocs.append((tuple(shape), dtype))
         return self._new(np.full(tuple(shape), 99, tr.HOST_DTYPES[dtype]))
+
+    def zeros(self, shape, dtype):
+        return self._new(np.zeros(tuple(shape), tr.HOST_DTYPES[dtype]))
 
     def to_host(self, addr):
         return self.memory[addr].copy()
@@ -90,28 +92,52 @@ def new_kv(ids: np.ndarray, layer: int, kind: int) -> np.ndarray:
     return ids.reshape(b, 1, s, 1) + 100 * layer + 50 * kind + 10 * h + d + 0.5
 
 
-def write_level_graph(path: Path, value: float, external: bool = False, extra_node: bool = False) -> Path:
-    """A tiny ONNX graph standing for one level: the weights in WEIGHTS hold ``value``, w.norm 1."""
-    inits = [numpy_helper.from_array(np.full((4, 4), value, np.float16), name) for name in WEIGHTS]
-    inits.append(numpy_helper.from_array(np.ones((4,), np.float16), "w.norm"))
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [4, 4])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, [4, 4])
-    nodes = [helper.make_node("MatMul", ["x", "w.up"], ["h"]), helper.make_node("MatMul", ["h", "w.down"], ["y"])]
-    if extra_node:
-        nodes.insert(1, helper.make_node("Relu", ["h"], ["h2"]))
-    model = helper.make_model(helper.make_graph(nodes, "level", [x], [y], inits))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx_data", size_threshold=0)
-    else:
-        onnx.save_model(model, str(path))
-    return path
-
-
 def _weights_offset(weights: dict) -> int:
     up, down = weights.get("w.up"), weights.get("w.down")
     assert up is not None and down is not None and float(up.flat[0]) == float(down.flat[0]), "refit both or neither"
     return int(float(up.flat[0]))
+
+
+class FakeReference:
+    """What ONNX Runtime computes at a level: the known decoder with that level's offset."""
+
+    def __init__(self, offset: int):
+        self.offset, self.kv_heads, self.head_dim = offset, HEADS, HEAD_DIM
+
+    def empty_past(self, batch):
+        return [np.zeros((batch, HEADS, 0, HEAD_DIM), np.float16) for _ in range(2 * LAYERS)]
+
+    def step(self, ids, mask, pos, past):
+        logits = np.eye(VOCAB, dtype=np.float32)[next_token(ids, past[0].shape[2], self.offset)] * 20.0 - 1.0
+        presents = [np.concatenate([p.astype(np.float32), new_kv(ids, n // 2, n % 2)], axis=2).astype(np.float16)
+                    for n, p in enumerate(past)]
+        return logits, presents
+
+
+class FakeLevels:
+    """The weight builder of an elastic bundle (``weights.LevelWeights``) faked: each level's
+    prunable weights hold its offset (LEVELS), w.norm is read from the bundle's files, and the
+    reference at a level is the known decoder with that offset."""
+
+    def __init__(self, levels=LEVELS):
+        self.levels, self.calls = dict(levels), []
+
+    def arrays(self, level):
+        self.calls.append(("arrays", level))
+        return {name: np.full((4, 4), self.levels[level], np.float16) for name in WEIGHTS}
+
+    def tensor(self, name):
+        self.calls.append(("tensor", name))
+        if name != "w.norm":
+            raise UserError(f"TensorRT asked for weight {name}, which the engine graph does not hold")
+        return np.ones((4,), np.float16)
+
+    def reference(self, level):
+        self.calls.append(("reference", level))
+        return FakeReference(self.levels[level])
+
+    def vocab_size(self):
+        return VOCAB
 
 
 class FakeIO:
@@ -202,7 +228,7 @@ def fake_context_class(rec, io: FakeIO, switch_ok: bool):
             assert arrays["attention_mask"].shape[1] == past + ids.shape[1]
             out = mem[self.addresses["logits"]]
             assert out.shape == self.get_tensor_shape("logits") and out.dtype == np.float32
-            out[...] = np.eye(VOCAB, dtype=np.float32)[next_token(ids, past, self.engine.offset)] * 5.0 - 1.0
+            out[...] = np.eye(VOCAB, dtype=np.float32)[next_token(ids, past, self.engine.offset)] * 20.0 - 1.0
             for i in range(LAYERS):
                 for kind, k in enumerate(("key", "value")):
                     full = np.concatenate([arrays[f"past_key_values.{i}.{k}"].astype(np.float32), new_kv(ids, i, kind)], axis=2)
@@ -214,9 +240,10 @@ def fake_context_class(rec, io: FakeIO, switch_ok: bool):
     return Context
 
 
-def fake_refit_classes(rec, refit_ok: bool, parser_errors, fused):
-    """(Weights, Refitter, OnnxParserRefitter): a refit sets the engine's offset from the weights it
-    was handed, which the level graphs (write_level_graph) hold."""
+def fake_refit_classes(rec, refit_ok: bool, fused, drops: str | None):
+    """(Weights, Refitter): a refit sets the engine's offset from the weights it was handed by name
+    (``drops``: a refit that silently keeps the old value of that weight, as TensorRT 11.3's notes
+    say a refit can drop a GEMM bias)."""
     class Weights:
         def __init__(self, a):
             assert isinstance(a, np.ndarray) and a.flags.c_contiguous
@@ -243,46 +270,25 @@ def fake_refit_classes(rec, refit_ok: bool, parser_errors, fused):
             rec.refits += 1
             if not refit_ok:
                 return False
-            self.engine.offset = _weights_offset(self.pending)
+            if drops is None:
+                self.engine.offset = _weights_offset(self.pending)
             return True
 
-    class ParserError:
-        def __init__(self, text):
-            self.text = text
-
-        def desc(self):
-            return self.text
-
-    class OnnxParserRefitter:
-        def __init__(self, refitter, logger):
-            self.refitter, self.num_errors = refitter, len(parser_errors)
-
-        def refit_from_file(self, model):
-            rec.refit_files.append(model)
-            if parser_errors:
-                return False
-            for t in onnx.load(model).graph.initializer:  # what the real one does: every initializer, by name
-                self.refitter.pending[t.name] = numpy_helper.to_array(t)
-            return True
-
-        def get_error(self, index):
-            return ParserError(parser_errors[index])
-
-    return Weights, Refitter, OnnxParserRefitter
+    return Weights, Refitter
 
 
 def make_fake_trt(api: trt_api.Api, ids: str | None = None, kv: str = "HALF", position_ids=True,
                   profiles=(PREFILL, DECODE, CONTINUE), extra_inputs=(), load_ok=True, refittable=True,
-                  switch_ok=True, refit_ok=True, parser_errors=(), fused=("w.norm",), offset=3):
+                  switch_ok=True, refit_ok=True, fused=("w.norm",), offset=3, drops=None):
     """A fake ``tensorrt`` of ``api``'s version: the real enums; an engine whose outputs depend on its
-    weights (``offset``: built with level 0.3's); a refitter that reads the real level graphs.
+    weights (``offset``: built with level 0.3's); a refitter that takes weights by name.
     ``ids`` defaults to INT64 where the version has it (8.6 engines take int32)."""
     trt = types.ModuleType("tensorrt")
     trt.__version__ = api.version
     enums = trt_api.enums(api)
     trt.DataType, trt.TensorIOMode, severity = enums["DataType"], enums["TensorIOMode"], enums["ILogger.Severity"]
     ids = ids or ("INT64" if "INT64" in trt.DataType.__members__ else "INT32")
-    rec = types.SimpleNamespace(switches=[], runs=0, contexts=0, plan=None, named=[], refits=0, refit_files=[], memory=None)
+    rec = types.SimpleNamespace(switches=[], runs=0, contexts=0, plan=None, named=[], refits=0, memory=None)
     trt.rec = rec
     fake_loggers(trt, severity)
     io = FakeIO(trt.DataType, trt.TensorIOMode, ids, kv, position_ids, profiles, extra_inputs)
@@ -329,9 +335,7 @@ def make_fake_trt(api: trt_api.Api, ids: str | None = None, kv: str = "HALF", po
             return engine
 
     trt.Runtime = Runtime
-    trt.Weights, trt.Refitter, parser_refitter = fake_refit_classes(rec, refit_ok, parser_errors, fused)
-    if api.has("OnnxParserRefitter"):
-        trt.OnnxParserRefitter = parser_refitter
+    trt.Weights, trt.Refitter = fake_refit_classes(rec, refit_ok, fused, drops)
     return trt
 
 
@@ -345,16 +349,23 @@ def plan(tmp_path):
 
 @pytest.fixture
 def refit_bundle(tmp_path):
-    """A bundle whose engines.json lists one refittable engine for LEVELS, with their graphs."""
+    """A bundle whose engines.json lists one refittable engine for LEVELS, its weights from the
+    bundle's weight builder (the source: w.up and w.down in decoder.weights, w.norm in model.onnx_data)."""
     root = tmp_path / "bundle"
-    graphs = {lv: write_level_graph(root / f"level-{lv}" / "model.onnx", v) for lv, v in LEVELS.items()}
+    model = root / "model"
+    tensors = {"w.up": tspec.TensorRef("decoder.weights", 0, 32, "float16", (4, 4)),
+               "w.down": tspec.TensorRef("decoder.weights", 64, 32, "float16", (4, 4)),
+               "w.norm": tspec.TensorRef("model.onnx_data", 0, 8, "float16", (4,))}
+    source = tspec.WeightSource(model / "decoder.onnx", model / "decoder.weights", model,
+                                {lv: k for k, lv in enumerate(LEVELS)}, tensors)
     ranges = [ShapeRange(n, **r) for n, r in (("prefill", PREFILL), ("decode", DECODE), ("continue", CONTINUE))]
-    spec = te.EngineSpec(onnx=graphs["0.3"], engine=root / "engines" / "unstructured.engine", levels=list(LEVELS),
-                         sparse=False, precision="fp16", profiles=ranges, kv=te.KVLayout(LAYERS, HEADS, HEAD_DIM),
-                         workspace_mb=64, tactic_dram_mb=None, timing_cache=root / "engines" / "t.cache",
-                         layer_info=root / "engines" / "unstructured.layers.json", refit_from=graphs,
-                         refit_weights=list(WEIGHTS))
-    ts.write_build_script([spec], root)
+    spec = tspec.EngineSpec(onnx=source.graph, engine=root / "engines" / "unstructured.engine", levels=list(LEVELS),
+                            sparse=False, precision="fp16", profiles=ranges, kv=KVLayout(LAYERS, HEADS, HEAD_DIM),
+                            workspace_mb=64, tactic_dram_mb=None, timing_cache=root / "engines" / "t.cache",
+                            layer_info=root / "engines" / "unstructured.layers.json", refit=True,
+                            refit_weights=source.prunable, source=source)
+    model.mkdir(parents=True)
+    tspec.write_engines(root, [spec], source)
     spec.engine.parent.mkdir(parents=True, exist_ok=True)
     spec.engine.write_bytes(b"PLAN")
     return spec
@@ -367,13 +378,14 @@ def gpu_ok(monkeypatch):
 
 @pytest.fixture
 def load(api, install, gpu_ok):
-    """load(plan, **fake options) -> (TrtDecoder, fake tensorrt, buffers), the fake checked against ``api``."""
-    def open_(plan, **kw):
+    """load(plan, level=None, weights=None, **fake options) -> (TrtDecoder, fake tensorrt, buffers),
+    the fake checked against ``api``."""
+    def open_(plan, level=None, weights=None, **kw):
         trt = install(make_fake_trt(api, **kw))
         buffers = CpuBuffers()
         trt.rec.memory = buffers
         messages = []
-        dec = tr.TrtDecoder(plan, log=messages.append, buffers=buffers)
+        dec = tr.TrtDecoder(plan, log=messages.append, buffers=buffers, level=level, weights=weights)
         dec.messages = messages
         return dec, trt, buffers
 
@@ -535,14 +547,38 @@ def test_describe(load, plan, api):
     json.dumps(d)
 
 
+def test_latency_times_engine_runs_with_inputs_on_the_device(load, plan):
+    """latency() binds device-resident inputs once and times execute + sync only (no host copies):
+    the prefill shape runs on profile 0, a decode step on a cache on profile 1; the median of the
+    timed runs after the warm-up is returned."""
+    dec, trt, buffers = load(plan)
+    ticks = iter(range(1000))
+    durations = [0.004, 0.002, 0.009, 0.002, 0.003, 0.001, 0.003]  # 2 warm-up runs, then 5 timed
+    now = [0.0]
+
+    def clock():
+        k = next(ticks)
+        if k % 2:  # the end of a run
+            now[0] += durations[k // 2]
+        return now[0]
+
+    t = dec.latency(1, 8, 0, repeats=5, warmup=2, clock=clock)
+    assert t == pytest.approx(0.002)  # median of 0.009, 0.002, 0.003, 0.001, 0.003 ... sorted: .001 .002 .003 .003 .009
+    assert trt.rec.runs == 7 and dec.active_profile == 0
+    ctx = dec.context._target
+    assert ctx.shapes["input_ids"] == (1, 8) and ctx.shapes["past_key_values.0.key"] == (1, HEADS, 0, HEAD_DIM)
+    dec.latency(1, 1, 8, repeats=3, warmup=1)
+    assert dec.active_profile == 1 and ctx.shapes["attention_mask"] == (1, 9) and trt.rec.runs == 11
+
+
 def test_profile_names_and_levels_come_from_the_bundle(load, refit_bundle):
     dec, _, _ = load(refit_bundle.engine)
     assert dec.profile_names == ["prefill", "decode", "continue"]
     assert dec.levels == ["0.3", "0.5", "0.7"] and dec.level == "0.3"  # the plan holds the build level's weights
     bundle = refit_bundle.engine.parent.parent
-    doc = json.loads((bundle / te.ENGINES_JSON).read_text())
+    doc = json.loads((bundle / ENGINES_JSON).read_text())
     doc["engines"][0]["profiles"][2]["name"] = "chunk"
-    (bundle / te.ENGINES_JSON).write_text(json.dumps(doc))
+    (bundle / ENGINES_JSON).write_text(json.dumps(doc))
     dec, _, _ = load(refit_bundle.engine)
     assert dec.profile_names == ["prefill", "decode", "chunk"]
 
@@ -582,13 +618,101 @@ def test_a_refused_profile_switch_is_an_error(load, plan):
     assert trt.rec.runs == 1 and dec.active_profile == 0
 
 
-def test_torch_buffers_need_cuda():
-    import torch
+class HostCudart:
+    """libcudart's calls that DeviceBuffers makes, over host memory (pointer -> bytearray)."""
 
-    if torch.cuda.is_available():  # pragma: no cover - CPU-only CI
-        pytest.skip("a CUDA GPU is visible")
+    path = "host-cudart"
+
+    def __init__(self, devices: int = 1):
+        self.devices, self.blocks, self.calls, self.next = devices, {}, [], 0x1000
+
+    def device_count(self):
+        return self.devices
+
+    def set_device(self, device):
+        self.calls.append(("set_device", device))
+
+    def stream_create(self):
+        return 0x5
+
+    def malloc(self, nbytes):
+        self.calls.append(("malloc", nbytes))
+        ptr, self.next = self.next, self.next + nbytes + 256
+        self.blocks[ptr] = bytearray(nbytes)
+        return ptr
+
+    def free(self, ptr):
+        self.calls.append(("free", ptr))
+        del self.blocks[ptr]
+
+    def _view(self, ptr, nbytes):
+        return memoryview(self.blocks[ptr])[:nbytes]
+
+    def copy(self, dst, src, nbytes, kind, stream):
+        import ctypes
+
+        if kind == 1:  # host to device
+            self._view(dst, nbytes)[:] = ctypes.string_at(src, nbytes)
+        else:  # device to host
+            ctypes.memmove(dst, bytes(self._view(src, nbytes)), nbytes)
+
+    def memset(self, ptr, value, nbytes, stream):
+        self._view(ptr, nbytes)[:] = bytes([value]) * nbytes
+
+    def stream_sync(self, stream):
+        self.calls.append(("sync", stream))
+
+    def stream_destroy(self, stream):
+        self.calls.append(("stream_destroy", stream))
+
+    def name(self, device):
+        return "Host GPU"
+
+    def capability(self, device):
+        return "8.7"
+
+
+def test_device_buffers_copy_reuse_and_free():
+    """device.cuda.DeviceBuffers (what TrtDecoder uses instead of torch): arrays round-trip in every
+    dtype (bfloat16 as float32 on the host, rounded to nearest even), a dropped block is reused for
+    the same size without another cudaMalloc, close() frees every block once."""
+    from epts_export.device.cuda import DeviceBuffers
+
+    rt = HostCudart()
+    buf = DeviceBuffers(rt, device=0)
+    for dtype, host in (("float16", np.float16), ("float32", np.float32), ("int64", np.int64), ("int32", np.int32)):
+        a = (np.arange(24).reshape(2, 3, 4) - 5).astype(host)
+        dev = buf.to_device(a, dtype)
+        assert dev.shape == a.shape and buf.ptr(dev) in rt.blocks
+        np.testing.assert_array_equal(buf.to_host(dev), a)
+    bf = np.array([1.0, 1.00390625, 1.005859375, -3.14159, 3.0e38], np.float32)
+    back = buf.to_host(buf.to_device(bf, "bfloat16"))
+    assert back.dtype == np.float32 and list(back[:4]) == [1.0, 1.0, 1.0078125, -3.140625]  # what torch's bfloat16 gives
+    mallocs = sum(c[0] == "malloc" for c in rt.calls)
+    x = buf.empty((4, 8), "float16")
+    ptr = x.ptr
+    del x
+    y = buf.empty((8, 4), "float16")  # the same bytes: the freed block comes back
+    assert y.ptr == ptr and sum(c[0] == "malloc" for c in rt.calls) == mallocs + (0 if mallocs else 1)
+    np.testing.assert_array_equal(buf.to_host(buf.zeros((3, 3), "float32")), np.zeros((3, 3), np.float32))
+    assert buf.device_name() == "Host GPU (sm_87, cuda:0)"
+    held = len(rt.blocks)
+    buf.close()
+    assert not rt.blocks and sum(c[0] == "free" for c in rt.calls) == held and ("stream_destroy", 0x5) in rt.calls
+    del y  # after close: released to nothing, freed once
     with pytest.raises(UserError, match="no CUDA GPU visible"):
-        tr._TorchCudaBuffers(0)
+        DeviceBuffers(HostCudart(devices=0))
+    with pytest.raises(UserError, match="CUDA device 3 does not exist: 1 visible"):
+        DeviceBuffers(HostCudart(), device=3)
+
+
+def test_without_libcudart_device_memory_is_one_line(monkeypatch):
+    """No CUDA runtime library anywhere (this CI machine): one UserError saying where to get it."""
+    from epts_export.device import cuda
+
+    monkeypatch.setattr(cuda, "_candidates", lambda: ["/nonexistent/libcudart.so.12"])
+    with pytest.raises(UserError, match="libcudart.* was not found.*EPTS_CUDART"):
+        cuda.DeviceBuffers()
 
 
 def test_plan_that_does_not_load(load, plan):
@@ -608,78 +732,95 @@ def test_wrong_number_of_past_tensors(load, plan):
 
 
 # --------------------------------------------------------------------------------------------
-# levels: one refittable engine, switched by refitting each level's graph
+# levels: one refittable engine, switched by refitting the weight builder's weights, each checked
 
 
-def test_set_level_refits_from_the_bundle_graph(load, refit_bundle, api):
-    dec, trt, buffers = load(refit_bundle.engine)
+def test_set_level_refits_from_the_weight_builder_and_checks(load, refit_bundle):
+    """A switch takes the level's prunable weights from the weight builder, sets them by name, then
+    what TensorRT fused with them (read from the bundle), refits, and checks one prefill against
+    ONNX Runtime at that level before the level is served."""
+    levels = FakeLevels()
+    dec, trt, buffers = load(refit_bundle.engine, weights=levels)
+    assert dec.level == "0.3" and dec.checked == {}  # the plan holds 0.3's weights, but nothing is served yet
     ids = np.array([[3, 5]])
+    with pytest.raises(UserError, match="no level is served yet"):
+        dec.step(*prefill_args(ids), dec.empty_past(1))
+    out = dec.set_level("0.3")  # the build level: no refit, only the check
+    assert out["switched"] is False and out["check"]["passed"] and trt.rec.refits == 0
+    assert levels.calls == [("reference", "0.3")]
     logits, _ = dec.step(*prefill_args(ids), dec.empty_past(1))
     assert (logits.argmax(-1) == next_token(ids, 0, LEVELS["0.3"])).all()
-    assert dec.set_level("0.3") == {"level": "0.3", "switched": False, "refit_s": 0.0, "onnx": None, "weights": 0}
     syncs = buffers.syncs
     switch = dec.set_level("0.7")
     assert switch["switched"] and switch["level"] == "0.7" and dec.level == "0.7" and switch["refit_s"] >= 0
-    assert switch["onnx"] == str(refit_bundle.refit_from["0.7"]) and buffers.syncs > syncs  # idle GPU first
+    assert switch["weights"] == 2 and switch["check"]["passed"] and buffers.syncs > syncs  # idle GPU first
+    assert trt.rec.named == [*WEIGHTS, "w.norm"]  # the level's weights, then what TensorRT fused with them
+    assert ("tensor", "w.norm") in levels.calls and ("arrays", "0.7") in levels.calls
     logits, _ = dec.step(*prefill_args(ids), dec.empty_past(1))
     assert (logits.argmax(-1) == next_token(ids, 0, LEVELS["0.7"])).all()  # the 0.7 weights run now
-    if api.has("OnnxParserRefitter"):  # TensorRT >= 10: the ONNX refitter reads the level's graph
-        assert trt.rec.refit_files == [str(refit_bundle.refit_from["0.7"])] and trt.rec.named == []
-    else:  # 8.6: the weights that differ between levels, then what TensorRT fused with them
-        assert trt.rec.named == [*WEIGHTS, "w.norm"] and trt.rec.refit_files == []
-    dec.set_level("0.3")  # and back
+    dec.set_level("0.3")  # and back: refit and checked again
     logits, _ = dec.step(*prefill_args(ids), dec.empty_past(1))
     assert (logits.argmax(-1) == next_token(ids, 0, LEVELS["0.3"])).all()
     assert dec.refits == 2 and trt.rec.refits == 2 and dec.describe()["level"] == "0.3"
+    assert [c for c in levels.calls if c[0] == "reference"] == [("reference", lv) for lv in ("0.3", "0.7", "0.3")]
+
+
+def test_a_refit_that_drops_a_weight_is_refused(load, refit_bundle):
+    """TensorRT 11.3's notes list a refit that can drop a GEMM bias: the refit reports success, the
+    engine keeps computing the old level. The check catches it (exit 3) and the level is not served."""
+    dec, trt, _ = load(refit_bundle.engine, weights=FakeLevels(), drops="w.down")
+    dec.set_level("0.3")
+    with pytest.raises(UserError, match=r"TensorRT level 0.5 .* drifts from ONNX Runtime .* not served") as e:
+        dec.set_level("0.5")
+    assert e.value.exit_code == 3 and trt.rec.refits == 1
+    with pytest.raises(UserError, match="no level is served yet"):
+        dec.step(*prefill_args([[3, 5]]), dec.empty_past(1))
 
 
 def test_open_an_engine_at_a_level(api, install, gpu_ok, refit_bundle):
     """TrtDecoder(engine, level=...) serves that level from the first step: what a caller does for a
-    bundle engine that serves several levels (its plan holds only the first one's weights)."""
+    bundle engine that serves several levels (its plan holds only the build level's weights)."""
     trt = install(make_fake_trt(api))
     trt.rec.memory = buffers = CpuBuffers()
-    dec = tr.TrtDecoder(refit_bundle.engine, log=lambda m: None, buffers=buffers, level="0.5")
-    assert dec.level == "0.5" and dec.load_switch["switched"] and dec.load_switch["refit_s"] >= 0
+    dec = tr.TrtDecoder(refit_bundle.engine, log=lambda m: None, buffers=buffers, level="0.5", weights=FakeLevels())
+    assert dec.level == "0.5" and dec.load_switch["switched"] and dec.load_switch["check"]["passed"]
     logits, _ = dec.step(*prefill_args([[2]]), dec.empty_past(1))
     assert int(logits[0, -1].argmax()) == (2 + 1 + LEVELS["0.5"]) % VOCAB
-    dec = tr.TrtDecoder(refit_bundle.engine, log=lambda m: None, buffers=buffers, level="0.3")
-    assert dec.load_switch["switched"] is False and trt.rec.refits == 1  # the plan's own level: no refit
+    trt = install(make_fake_trt(api))  # a fresh load of the plan: the build level's weights again
+    trt.rec.memory = buffers
+    dec = tr.TrtDecoder(refit_bundle.engine, log=lambda m: None, buffers=buffers, level="0.3", weights=FakeLevels())
+    assert dec.load_switch["switched"] is False and trt.rec.refits == 0  # the plan's own level: no refit, checked
+    assert dec.load_switch["check"]["passed"]
 
 
-def test_refit_from_any_graph_of_the_model(load, plan, tmp_path, api):
-    """Without a bundle: refit_from(onnx) with an explicit graph; on 8.6 every refittable weight the graph names."""
-    dec, trt, _ = load(plan)
-    graph = write_level_graph(tmp_path / "other" / "model.onnx", 9, external=True)
-    out = dec.refit_from(graph, level="custom")
-    assert out["level"] == "custom" and dec.level == "custom"
-    logits, _ = dec.step(*prefill_args([[1]]), dec.empty_past(1))
-    assert int(logits[0, -1].argmax()) == (1 + 1 + 9) % VOCAB
-    if not api.has("OnnxParserRefitter"):
-        assert sorted(trt.rec.named) == sorted([*WEIGHTS, "w.norm"])  # the unnamed constant is not in the graph
-    with pytest.raises(UserError, match="pass the level's model.onnx"):
-        dec.set_level("0.5")  # no bundle: no graph known for it
+def test_an_engine_outside_a_bundle_runs_without_levels(load, plan):
+    dec, _, _ = load(plan)
+    assert dec.weights is None and dec.levels == []
+    logits, _ = dec.step(*prefill_args([[1]]), dec.empty_past(1))  # nothing to check it against: it runs
+    assert int(logits[0, -1].argmax()) == (1 + 1 + 3) % VOCAB
+    with pytest.raises(UserError, match="no level weights"):
+        dec.set_level("0.5")
 
 
-def test_level_switch_errors(load, refit_bundle, plan, api, tmp_path):
-    dec, trt, _ = load(refit_bundle.engine)
+def test_level_switch_errors(load, refit_bundle, plan):
+    dec, trt, _ = load(refit_bundle.engine, weights=FakeLevels())
     with pytest.raises(UserError, match="serves level.*0.3, 0.5, 0.7, not 2:4"):
         dec.set_level("2:4")
-    with pytest.raises(UserError, match="is missing: the refit needs the level's graph"):
-        dec.refit_from(tmp_path / "gone.onnx")
-    dec, _, _ = load(plan, refittable=False)
+    dec, _, _ = load(plan, refittable=False, weights=FakeLevels())
     with pytest.raises(UserError, match="built without refittable weights"):
-        dec.refit_from(refit_bundle.refit_from["0.5"])
-    dec, trt, _ = load(refit_bundle.engine, refit_ok=False)
+        dec.set_level("0.5")
+    dec, trt, _ = load(refit_bundle.engine, refit_ok=False, weights=FakeLevels())
     with pytest.raises(RuntimeError, match="failed to refit"):
         dec.set_level("0.5")
-    assert dec.level == "0.3"  # unchanged after a failed switch
-    dec, _, _ = load(refit_bundle.engine, fused=("w.missing",))
-    with pytest.raises(UserError, match="leaves 1 weight.*unset.*w.missing"):
+    assert dec.level is None  # no level is served after a failed switch
+    dec, _, _ = load(refit_bundle.engine, fused=("w.missing",), weights=FakeLevels())
+    with pytest.raises(UserError, match="w.missing, which the engine graph does not hold"):
         dec.set_level("0.5")
-    if api.has("OnnxParserRefitter"):
-        dec, _, _ = load(refit_bundle.engine, parser_errors=("weights shape mismatch for w.up",))
-        with pytest.raises(UserError, match="could not refit .* weights shape mismatch for w.up"):
-            dec.set_level("0.5")
+    levels = FakeLevels({**LEVELS})
+    levels.arrays = lambda level: {"w.gate": np.zeros((4, 4), np.float16)}  # a weight the engine cannot refit
+    dec, _, _ = load(refit_bundle.engine, weights=levels)
+    with pytest.raises(UserError, match="cannot refit 1 of the level's weights .*w.gate"):
+        dec.set_level("0.5")
 
 
 @pytest.mark.parametrize("version", list(trt_bindings.VERSIONS))
@@ -688,7 +829,7 @@ def test_real_runtime_without_a_gpu(version, tmp_path):
     plan = tmp_path / "x.engine"
     plan.write_bytes(b"PLAN")
     code = ("import sys, json; sys.modules['tensorrt'] = None; sys.path.insert(0, sys.argv[1])\n"
-            "from epts_export.trt import runtime as tr\n"
+            "from epts_export.device.trt import runtime as tr\n"
             "tr.tensorrt_status = lambda: (True, 'torch says there is a GPU')\n"
             "try:\n    tr.TrtDecoder(sys.argv[2], buffers=object())\nexcept tr.UserError as e:\n    print(json.dumps(str(e)))\n")
     res = run_real(version, ["-c", code, str(Path(__file__).resolve().parents[1]), str(plan)], isolated=False)
@@ -698,61 +839,124 @@ def test_real_runtime_without_a_gpu(version, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# the refit plan: which levels can share an engine, and which weights change
-
-
-def test_refit_plan_names_the_weights_that_differ(tmp_path):
-    graphs = {lv: write_level_graph(tmp_path / lv / "model.onnx", v) for lv, v in LEVELS.items()}
-    plan = trefit.refit_plan(graphs)
-    assert plan.levels == ("0.3", "0.5", "0.7") and plan.weights == WEIGHTS  # w.norm is the same in all
-    external = {lv: write_level_graph(tmp_path / "ext" / lv / "model.onnx", v, external=True) for lv, v in LEVELS.items()}
-    assert trefit.refit_plan(external).weights == WEIGHTS  # compared in the external data file, not loaded
-    assert trefit.read_initializers(external["0.5"], ["w.up"])["w.up"].flat[0] == 5
-    with pytest.raises(UserError, match="has no initializer w.gate"):
-        trefit.read_initializers(external["0.5"], ["w.up", "w.gate"])
-
-
-def test_refit_plan_refuses_graphs_that_differ_in_more_than_weights(tmp_path):
-    a = write_level_graph(tmp_path / "a" / "model.onnx", 3)
-    b = write_level_graph(tmp_path / "b" / "model.onnx", 5, extra_node=True)
-    with pytest.raises(trefit.RefitMismatch, match="levels 0.3 and 0.5 are not the same graph .* nodes differ"):
-        trefit.refit_plan({"0.3": a, "0.5": b})
-    (tmp_path / "c").mkdir()
-    (tmp_path / "c" / "model.onnx").write_bytes(b"not onnx")
-    with pytest.raises(UserError, match="not a readable ONNX model"):
-        trefit.refit_plan({"0.3": a, "0.5": tmp_path / "c" / "model.onnx"})
+# which engines a bundle needs
 
 
 def test_engine_specs_share_one_refit_engine_and_cap_the_context(tmp_path):
-    """pipeline.engine_specs for the Jetson and levels 0.3, 0.5, 0.7, 2:4 of a 2048-token model:
-    one refit spec for the three unstructured levels (the weights that differ named), its own
-    sparse spec for 2:4, every profile cut to 2048 tokens; a level whose graph differs in more
-    than weights gets its own engine, with the reason."""
+    """deploy.engines.engine_specs for the Jetson and levels 0.3, 0.5, 0.7, 2:4 of a 2048-token model:
+    an elastic bundle gets one refit spec for the three unstructured levels (its prunable weights
+    named, built with 0.3's) and a sparse spec for 2:4, both from the weight builder's graph; a
+    baked-layout bundle one engine per level from its own graph; every profile cut to 2048 tokens."""
     from epts_export.core.levels import parse_levels
-    from epts_export.deploy.pipeline import engine_specs
+    from epts_export.deploy.engines import engine_specs
     from epts_export.deploy.targets import resolve_target
 
     target = resolve_target("jetson")
     levels = parse_levels("0.3,0.5,0.7,2:4")
     config = types.SimpleNamespace(num_attention_heads=4, hidden_size=64, num_hidden_layers=LAYERS,
                                    num_key_value_heads=HEADS, head_dim=HEAD_DIM, max_position_embeddings=2048)
-    for lv, value in [*LEVELS.items(), ("2of4", 2)]:
-        write_level_graph(tmp_path / f"level-{lv}" / "model.onnx", value)
-    specs = engine_specs(tmp_path, target, levels, config)
+    model = tmp_path / "model"
+    source = tspec.WeightSource(model / "decoder.onnx", model / "decoder.weights", model,
+                                {"0.3": 0, "0.5": 1, "0.7": 2, "2:4": 3},
+                                {"w.up": tspec.TensorRef("decoder.weights", 0, 32, "float16", (4, 4)),
+                                 "w.down": tspec.TensorRef("decoder.weights", 64, 32, "float16", (4, 4)),
+                                 "w.norm": tspec.TensorRef("model.onnx_data", 0, 8, "float16", (4,))})
+    specs = engine_specs(tmp_path, target, levels, config, source)
     shared = specs[levels[0]]
     assert specs[levels[1]] is shared and specs[levels[2]] is shared and specs[levels[3]] is not shared
-    assert shared.levels == ["0.3", "0.5", "0.7"] and shared.refit and list(shared.refit_weights) == list(WEIGHTS)
-    assert shared.onnx == tmp_path / "level-0.3" / "model.onnx" and shared.engine.name == "unstructured.engine"
-    assert shared.refit_from["0.7"] == tmp_path / "level-0.7" / "model.onnx" and not shared.sparse
+    assert shared.levels == ["0.3", "0.5", "0.7"] and shared.refit and shared.refit_weights == ["w.up", "w.down"]
+    assert shared.onnx == model / "decoder.onnx" and shared.engine.name == "unstructured.engine"
+    assert shared.build_level == "0.3" and not shared.sparse and shared.source is source
     sparse = specs[levels[3]]
     assert sparse.levels == ["2:4"] and sparse.sparse and not sparse.refit and sparse.engine.name == "level-2of4.engine"
+    assert sparse.onnx == model / "decoder.onnx" and sparse.build_level == "2:4" and sparse.source is source
     assert shared.context == {"max_tokens": 2048, "target_max_context": 4096, "model_max_positions": 2048, "capped": True}
     assert [p.name for p in shared.profiles] == ["prefill", "decode", "continue"]
     assert all(p.seq[2] + p.past[2] <= 2048 for p in shared.profiles) and shared.profiles[1].past[2] == 2047
-    write_level_graph(tmp_path / "level-0.5" / "model.onnx", 5, extra_node=True)
-    specs = engine_specs(tmp_path, target, levels, config)
-    assert [s.levels for s in specs.values()] == [["0.3"], ["0.5"], ["0.7"], ["2:4"]]
-    assert "not the same graph" in specs[levels[1]].note and specs[levels[3]].note is None
+    baked = engine_specs(tmp_path, target, levels, config)
+    assert [s.levels for s in baked.values()] == [["0.3"], ["0.5"], ["0.7"], ["2:4"]]
+    assert baked[levels[1]].onnx == tmp_path / "level-0.5" / "model.onnx" and not any(s.refit for s in baked.values())
     config.max_position_embeddings = 8192  # a longer model than the target: the target's 4096 stand
-    one = engine_specs(tmp_path, target, levels[:1], config)[levels[0]]
+    one = engine_specs(tmp_path, target, levels[:1], config, source)[levels[0]]
     assert one.context["capped"] is False and one.profiles == list(target.profiles.values()) and not one.refit
+
+
+# --------------------------------------------------------------------------------------------
+# what the engines bought: the report build_engines.py writes
+
+
+class TimedEngine:
+    """An opened engine for measure_engines: fixed latencies per (seq, past), a check per level,
+    refits that take 0.25 s (or drift, for the levels in ``drifts``)."""
+
+    version = "10.3.0.30"
+
+    class buffers:  # noqa: N801
+        @staticmethod
+        def device_name():
+            return "Orin (sm_87, cuda:0)"
+
+    def __init__(self, spec, level, times, drifts=()):
+        self.spec, self.times, self.drifts, self.calls = spec, times, set(drifts), []
+        self.checked = {level: {"passed": True, "logits_max_abs": 0.01, "logits_atol": 10.0}}
+
+    def latency(self, batch, seq, past, repeats=20):
+        self.calls.append((batch, seq, past))
+        return self.times["prefill" if past == 0 else "decode"]
+
+    def set_level(self, level):
+        if level in self.drifts:
+            raise UserError(f"TensorRT level {level} drifts from ONNX Runtime: not served", 3)
+        self.checked[level] = {"passed": True, "logits_max_abs": 0.02, "logits_atol": 10.0}
+        return {"level": level, "switched": True, "refit_s": 0.25, "weights": 14, "check": self.checked[level]}
+
+
+def test_the_report_times_each_engine_and_says_what_2_4_bought(tmp_path):
+    """measure_engines: prefill (1 x 512) and decode (1 token on a 512-token cache) per engine, cut to
+    what the profiles take; the refit engine switched through its levels (refit time, check); the
+    2:4 engine against the engine of the nearest unstructured level; report.json and its table; a
+    level that drifts is refused, not served."""
+    from epts_export.device.trt.report import REPORT_FILE, fitted_shapes, measure_engines, nearest_dense, table, verdict
+
+    ranges = [ShapeRange("prefill", (1, 1, 1), (1, 128, 2048), (0, 0, 0)), ShapeRange("decode", (1, 1, 1), (1, 1, 1),
+                                                                                       (0, 512, 2047))]
+    common = dict(precision="fp16", profiles=ranges, kv=KVLayout(LAYERS, HEADS, HEAD_DIM), workspace_mb=64,
+                  tactic_dram_mb=None, timing_cache=tmp_path / "engines" / "t.cache")
+    dense = tspec.EngineSpec(onnx=tmp_path / "model" / "decoder.onnx", engine=tmp_path / "engines" / "unstructured.engine",
+                             levels=["0.3", "0.5", "0.7"], sparse=False, layer_info=tmp_path / "engines" / "u.layers.json",
+                             refit=True, **common)
+    sparse = tspec.EngineSpec(onnx=tmp_path / "model" / "decoder.onnx", engine=tmp_path / "engines" / "level-2of4.engine",
+                              levels=["2:4"], sparse=True, layer_info=tmp_path / "engines" / "s.layers.json", **common)
+    assert fitted_shapes(dense) == {"prefill": (512, 0), "decode": (1, 512)}
+    short = tspec.EngineSpec(**{**dense.__dict__, "profiles": [ShapeRange("p", (1, 1, 1), (1, 8, 256), (0, 0, 0)),
+                                                               ShapeRange("d", (1, 1, 1), (1, 1, 1), (0, 8, 255))]})
+    assert fitted_shapes(short) == {"prefill": (256, 0), "decode": (1, 255)}  # a 256-token model
+    assert nearest_dense("2:4", ["0.3", "0.5", "0.7"]) == "0.5" and nearest_dense("2:4", ["0.4", "0.6"]) == "0.4"
+    opened = {}
+
+    def open_engine(spec, level):
+        times = {"prefill": 0.012, "decode": 0.004} if not spec.sparse else {"prefill": 0.010, "decode": 0.004}
+        opened[spec.engine.name] = TimedEngine(spec, level, times, drifts={"0.7"})
+        return opened[spec.engine.name]
+
+    builds = {"level-2of4.engine": {"sparse_report": {"eligible": ["a", "b", "c"], "picked": ["b"], "layers": 9,
+                                                      "myelin": 0, "source": "inspector+log"}}}
+    report = measure_engines(tmp_path, [dense, dense, sparse], open_engine, builds, log=lambda m: None)
+    assert opened["unstructured.engine"].calls == [(1, 512, 0), (1, 1, 512)]
+    e_dense, e_sparse = report["engines"]
+    assert e_dense["latency_ms"] == {"prefill": 12.0, "decode": 4.0} and e_sparse["latency_ms"] == {"prefill": 10.0, "decode": 4.0}
+    assert e_sparse["sparsity"] == {"eligible": 3, "picked": 1, "picked_layers": ["b"], "source": "inspector+log"}
+    assert e_dense["sparsity"]["source"] == "none"  # no layer file was written for it here
+    assert e_sparse["speedup"] == {"2:4": {"against": "0.5", "prefill": 1.2, "decode": 1.0}}
+    assert report["verdicts"] == ["2:4: prefill 1.20x, decode 1.00x the dense engine (level 0.5) on Orin (sm_87, cuda:0) "
+                                  "with TensorRT 10.3.0.30"]
+    assert report["levels"]["0.3"]["refit_s"] == 0.0 and report["levels"]["0.5"]["refit_s"] == 0.25
+    assert report["refused"] == ["0.7"] and not report["levels"]["0.7"]["served"]
+    assert json.loads((tmp_path / REPORT_FILE).read_text())["verdicts"] == report["verdicts"]
+    lines = table(report)
+    assert lines[1].split()[:2] == ["unstructured.engine", "0.3,"] and "1/3" in lines[2]
+    assert any(line.startswith("  level 0.7: REFUSED: TensorRT level 0.7 drifts") for line in lines)
+    assert any("level 0.5: refit 0.250 s, check vs ONNX Runtime passed" in line for line in lines)
+    assert verdict("2:4", "0.5", {"prefill": 1.02, "decode": 0.98}, "Orin") == (
+        "2:4 buys nothing on Orin: prefill 1.02x, decode 0.98x the dense engine (level 0.5)")
+    assert "no dense engine in this bundle" in verdict("2:4", None, None, "Orin")

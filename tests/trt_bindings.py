@@ -423,6 +423,8 @@ def _main(argv: list[str] | None = None) -> int:
     if args.exec_args:
         version, *rest = args.exec_args
         activate(version_dir(version))
+        # -I ignores PYTHONPATH: EPTS_EXEC_PATH puts what a device would have too (numpy, onnxruntime) after the rest
+        sys.path.extend(p for p in os.environ.get("EPTS_EXEC_PATH", "").split(os.pathsep) if p)
         if rest[:1] == ["-c"]:
             sys.argv = ["-c", *rest[2:]]
             exec(compile(rest[1], "<string>", "exec"), {"__name__": "__main__"})

@@ -1,26 +1,15 @@
 """`build`: the whole pipeline for one device target, ending in a bundle to copy to the device.
 
-    model or artifact --optimize--> artifact --export (baked, target precision)--> ONNX
-        --validate--> parity report --TensorRT (here, or on the device)--> engines --> bundle
+    model or artifact --optimize--> artifact --export (dynamic, or baked per level; target
+        precision)--> ONNX --validate--> parity report --TensorRT (here, or on the device)-->
+        engines --> bundle (``assemble``: its layout, files and manifest)
 
 Stages are cached under ``<out>/.stages/`` by a fingerprint of their inputs, so a second build
-for another target (or after a failed one) reuses what has not changed. The bundle:
-
-    dist/<target>/
-      manifest.json          format, target tuple (device, compute capability, TensorRT, JetPack,
-                             CUDA, precision), per level: files + sha256, sparsity, pattern,
-                             parity result, the engine that serves it and how its weights get
-                             in (trt_engine), engine + sparse-layer report when built; sha256
-                             of every file; how and where engines get built, their context
-      level-<name>/          model.onnx (+ model.onnx_data), config.json, generation_config.json,
-                             tokenizer (each level loads on its own, in ORT or optimum)
-      engines/level-<name>.engine, engines/level-<name>.layers.json     (when built here; one
-                             engines/unstructured.engine serves every unstructured level, refit
-                             from each level's graph, N:M levels keep their own)
-      build_engines.sh       trtexec commands, one per engine (always written: the way to
-      build_engines.py       rebuild on the device); engines.json lists their specs: which engine
-                             serves which levels and how their weights get in
-      parity.json            the validate report
+for another target (or after a failed one) reuses what has not changed. The default bundle is
+*elastic*: one copy of the weights for every level (the dynamic export), every level switched in
+place on the device, TensorRT engines built from the same weights (a refit engine for the
+unstructured levels, a sparse one per N:M level). ``layout="baked"`` writes one plain ONNX folder
+per level instead (for ONNX Runtime GenAI and optimum users).
 
 Exit codes: 1 bad input, 2 engines required (--require-engines) but not buildable here,
 3 parity failure.
@@ -38,14 +27,15 @@ from pathlib import Path
 from ..artifact.folder import ARTIFACT, Artifact
 from ..core.levels import DEFAULT_LEVELS, Level, parse_levels, sort_levels
 from ..errors import UserError
-from ..fsutil import MANIFEST, check_destination, file_hashes, sha256_bytes, sha256_file, staged_dir, write_json
-from ..interface import GRAPH_FILE, KVLayout, level_dirname
+from ..device.bundle import BUNDLE, LAYOUTS
+from ..device.interface import KVLayout
+from ..fsutil import MANIFEST, check_destination, sha256_bytes, sha256_file, staged_dir, write_json
 from ..progress import Progress
-from .bundle import BUNDLE
+from .assemble import EXIT_PARITY, MODEL_DIR, copy_model, engine_stage, write_manifest
+from .engines import engine_specs
 
 STAGES = ".stages"
 EXIT_NO_ENGINES = 2
-EXIT_PARITY = 3
 
 
 @dataclass
@@ -60,6 +50,7 @@ class BuildSpec:
     eval_data: str | None = None  # text for a perplexity per level in the manifest (eval's sources)
     eval_seqlen: int = 512
     eval_windows: int | None = 32
+    layout: str = "elastic"  # one copy of the weights for every level; "baked": one ONNX folder per level
 
 
 @dataclass
@@ -123,6 +114,9 @@ def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
 
     progress = progress or Progress(enabled=False)
     t0 = time.time()
+    if spec.layout not in LAYOUTS:
+        raise UserError(f"unknown --layout {spec.layout!r}: elastic (one copy of the weights for every level) or baked "
+                        "(one ONNX folder per level)")
     target = resolve_target(spec.target)
     out = Path(spec.out)
     bundle = out / target.name
@@ -179,7 +173,8 @@ def _build(spec: BuildSpec, target, levels: list[Level], bundle: Path, stages: P
     for lv in levels:
         art.check_level(lv)
     # 3-4b. ONNX baked in the target's precision, parity, perplexity: each reused when unchanged
-    exp, export_key = export_stage(art, levels, target.precision, stages, progress)
+    exp, export_key = export_stage(art, levels, target.precision, "dynamic" if spec.layout == "elastic" else "baked",
+                                   stages, progress)
     report, report_path = parity_stage(exp, art, export_key, stages, progress)
     if not report["passed"]:
         raise UserError("parity failed: " + "; ".join(report["failures"][:5]) + f" (report: {report_path})", EXIT_PARITY)
@@ -189,11 +184,13 @@ def _build(spec: BuildSpec, target, levels: list[Level], bundle: Path, stages: P
     if not can_build and spec.require_engines:
         raise UserError(f"engines were not built: {why} (--require-engines)", EXIT_NO_ENGINES)
     with staged_dir(bundle, overwrite=spec.overwrite) as tmp:
-        records = _copy_levels(exp, report, ppl, levels, tmp)
-        specs = engine_specs(tmp, target, levels, config)
+        records, source = copy_model(exp, report, ppl, levels, tmp)
+        specs = engine_specs(tmp, target, levels, config, source)
         engines = engine_stage(specs, art, exp, target, records, tmp, progress) if can_build else {}
         manifest = {
             **BUNDLE.header(),
+            "layout": spec.layout,
+            **({"model": {"dir": MODEL_DIR, "dtype": exp.dtype}} if spec.layout == "elastic" else {}),
             "target": target.to_dict(),
             "levels": records,
             "engines": {"built": bool(engines), "reason": None if engines else why,
@@ -203,7 +200,7 @@ def _build(spec: BuildSpec, target, levels: list[Level], bundle: Path, stages: P
                        "onnx_export": str(exp.path.resolve())},
             "elapsed_s": round(time.time() - t0, 2),
         }
-        _write_bundle_manifest(tmp, manifest, engines, specs)
+        write_manifest(tmp, manifest, engines, specs, source)
     return bundle
 
 
@@ -223,7 +220,7 @@ def _source(spec: BuildSpec, progress: Progress) -> _Source:
 def _engines_here(target) -> tuple[bool, str]:
     if target.build_on_device:
         return False, f"{target.name} engines are built on the device itself (there is no cross-building for Jetson)"
-    from ..trt.builder import tensorrt_status
+    from ..device.trt.probe import tensorrt_status
 
     return tensorrt_status()
 
@@ -276,13 +273,13 @@ def optimize_stage(spec: BuildSpec, src: _Source, levels: list[Level], stages: P
     return Artifact.open(optimize(opt, progress))
 
 
-def export_stage(art: Artifact, levels: list[Level], precision: str, stages: Path, progress: Progress):
-    """(the baked ONNX export of ``levels`` in ``precision``, its cache key)."""
+def export_stage(art: Artifact, levels: list[Level], precision: str, mode: str, stages: Path, progress: Progress):
+    """(the ONNX export of ``levels`` in ``precision``, ``mode`` dynamic or baked, its cache key)."""
     from ..onnx.export import DEFAULT_OPSET, ExportSpec, export
     from ..onnx.reader import OnnxExport
 
     key = _fingerprint({"artifact": sha256_file(art.path / MANIFEST), "levels": [lv.name for lv in levels],
-                        "dtype": precision, "opset": DEFAULT_OPSET, "version": _version()})
+                        "dtype": precision, "mode": mode, "opset": DEFAULT_OPSET, "version": _version()})
     onnx_dir = stages / f"onnx-{key}"
     if onnx_dir.exists():
         try:
@@ -291,7 +288,7 @@ def export_stage(art: Artifact, levels: list[Level], precision: str, stages: Pat
         except UserError:
             shutil.rmtree(onnx_dir)
     if not onnx_dir.exists():
-        export(ExportSpec(artifact=art.path, out=onnx_dir, mode="baked", levels=levels, dtype=precision), progress)
+        export(ExportSpec(artifact=art.path, out=onnx_dir, mode=mode, levels=levels, dtype=precision), progress)
     return OnnxExport.open(onnx_dir), key
 
 
@@ -331,169 +328,3 @@ def perplexity_stage(spec: BuildSpec, art: Artifact, levels: list[Level], export
     return {r["level"]: {"value": round(r["ppl"], 4), "data": ev["data"]["source"], "data_sha256": ev["data"]["sha256"],
                          "seqlen": ev["seqlen"], "windows": ev["data"]["windows"], "dense": ev["results"][0]["ppl"]}
             for r in ev["results"][1:]}
-
-
-def _copy_levels(exp, report: dict, ppl: dict, levels: list[Level], tmp: Path) -> list[dict]:
-    """Copy each level's folder into the bundle; its manifest record (without files yet)."""
-    from transformers import AutoConfig
-
-    from ..onnx.genai import write_genai_config
-
-    parity_by_level = {e["level"]: e for e in report["levels"]}
-    records = []
-    for lv in levels:
-        rel = exp.graph_path(lv).parent.relative_to(exp.path).as_posix()
-        shutil.copytree(exp.path / rel, tmp / rel)
-        # every target is an NVIDIA GPU: GenAI runs the level on CUDA there
-        write_genai_config(AutoConfig.from_pretrained(tmp / rel), tmp / rel, "cuda")
-        entry = parity_by_level[lv.name]
-        rec = exp.level_record(lv)
-        records.append({
-            "name": lv.name, "dir": rel, "pattern": rec["pattern"], "sparsity": lv.sparsity,
-            "measured_sparsity": rec.get("measured_sparsity"), "sparse_weights": lv.is_nm,
-            "perplexity": ppl.get(lv.name),  # None unless build got --eval-data
-            "parity": {"passed": entry["passed"], "checks": {k: bool(v.get("passed")) for k, v in entry["checks"].items()}},
-        })
-    from ..onnx.parity import write_report
-
-    write_report(report, tmp / "parity.json")
-    return records
-
-
-def engine_context(target, config) -> dict:
-    """How many tokens the engines' profiles may span: the target's max_context, capped at the
-    model's max_position_embeddings (a 2048-token model gets no 4096-token profile)."""
-    model_max = getattr(config, "max_position_embeddings", None)
-    model_max = int(model_max) if isinstance(model_max, int) and model_max > 0 else None
-    tokens = min(target.max_context, model_max) if model_max else target.max_context
-    return {"max_tokens": tokens, "target_max_context": target.max_context, "model_max_positions": model_max,
-            "capped": tokens < target.max_context}
-
-
-def engine_specs(bundle: Path, target, levels: list[Level], config) -> dict[Level, object]:
-    """level -> the EngineSpec of the engine that serves it in ``bundle`` (whose level folders are
-    in place), from the target's profiles capped at the model's context (``engine_context``).
-
-    Every N:M level gets its own SPARSE_WEIGHTS engine. Two or more unstructured levels share one
-    refittable engine (TensorRT has no unstructured-sparse kernels: they are the same dense graph
-    with other weights), built from the first one's graph and refit from each level's at run time;
-    when their graphs differ in more than weights (``refit.refit_plan``), each gets its own.
-    """
-    from ..interface import cap_profile
-    from ..trt.builder import EngineSpec
-    from ..trt.refit import RefitMismatch, refit_plan
-
-    context = engine_context(target, config)
-    engines = bundle / "engines"
-    common = dict(precision=target.precision, profiles=[cap_profile(p, context["max_tokens"]) for p in target.profiles.values()],
-                  kv=KVLayout.from_config(config), workspace_mb=target.workspace_mb, tactic_dram_mb=target.tactic_dram_mb,
-                  timing_cache=engines / f"{target.name}.timing.cache", context=context)
-    graph = {lv: bundle / level_dirname(lv) / GRAPH_FILE for lv in levels}
-    dense = [lv for lv in levels if lv not in target.sparse]
-    specs, note = {}, None
-    if len(dense) >= 2:
-        try:
-            plan = refit_plan({lv.name: graph[lv] for lv in dense})
-            shared = EngineSpec(onnx=graph[dense[0]], engine=engines / "unstructured.engine", levels=[lv.name for lv in dense],
-                                sparse=False, layer_info=engines / "unstructured.layers.json",
-                                refit_from={lv.name: graph[lv] for lv in dense}, refit_weights=list(plan.weights), **common)
-            specs = {lv: shared for lv in dense}
-        except RefitMismatch as e:
-            note = f"own engine: {e}"
-    for lv in levels:
-        if lv not in specs:
-            d = level_dirname(lv)
-            specs[lv] = EngineSpec(onnx=graph[lv], engine=engines / f"{d}.engine", levels=[lv.name], sparse=lv in target.sparse,
-                                   layer_info=engines / f"{d}.layers.json", note=None if lv.is_nm else note, **common)
-    return {lv: specs[lv] for lv in levels}
-
-
-def engine_stage(specs: dict, art: Artifact, exp, target, records: list[dict], tmp: Path, progress: Progress) -> dict:
-    """Build every engine here (a refit engine once for all its levels), gate on TensorRT parity
-    (parity-tensorrt.json); level name -> build record, with paths relative to the bundle."""
-    from ..onnx.parity import write_report
-    from ..trt.builder import build_engine
-    from ..trt.scripts import unique_specs
-
-    built = {}
-    unique = unique_specs(specs.values())
-    with progress.count("building TensorRT engines", len(unique)) as advance:
-        for s in unique:
-            s.engine.parent.mkdir(parents=True, exist_ok=True)
-            result = build_engine(s)
-            for name in s.levels:
-                built[name] = {**result, **_engine_record(s, name, tmp)}
-            advance()
-    trt_report = tensorrt_parity(art, exp, specs, target, progress)
-    write_report(trt_report, tmp / "parity-tensorrt.json")
-    by_level = {e["level"]: e for e in trt_report["levels"]}
-    for rec in records:
-        e = by_level[rec["name"]]
-        rec["parity"]["tensorrt"] = {"passed": e["passed"], "checks": {k: bool(v.get("passed")) for k, v in e["checks"].items()}}
-    if not trt_report["passed"]:
-        raise UserError("TensorRT parity failed: " + "; ".join(trt_report["failures"][:5]), EXIT_PARITY)
-    return built
-
-
-def _engine_record(spec, level: str, root: Path) -> dict:
-    """Which engine serves ``level`` and how its weights get in, paths relative to the bundle ``root``."""
-    rec = {"engine": spec.engine.relative_to(root).as_posix(), "layer_info": spec.layer_info.relative_to(root).as_posix(),
-           "levels": list(spec.levels), "weights": spec.weights, "sparse": bool(spec.sparse)}
-    if spec.refit:
-        rec["refit_onnx"] = spec.refit_from[level].relative_to(root).as_posix()
-    return rec
-
-
-def tensorrt_parity(art: Artifact, exp, specs: dict, target, progress: Progress) -> dict:
-    """Each level's engine against the float32 PyTorch reference with the export dtype's tolerances,
-    through the same validation loop as `validate` (ORT's CPU provider cannot compute in fp16, so
-    TensorRT and ORT are each compared with the same float32 reference). A refit engine is opened
-    once and switched to each of its levels in turn (``TrtDecoder.set_level``): the switch is what
-    is checked, and its time is in the report."""
-    from ..artifact.materialize import ElasticModel
-    from ..onnx.parity import TOLERANCES, check_levels
-    from ..trt.runtime import TrtDecoder
-
-    opened: dict[Path, object] = {}
-
-    def open_engine(lv: Level):
-        s = specs[lv]
-        if s.engine not in opened:
-            opened.clear()  # one engine in memory at a time (Jetson memory is shared with the CPU)
-            opened[s.engine] = TrtDecoder(s.engine)
-        dec, info = opened[s.engine], {"engine": s.engine.name, "weights": s.weights}
-        if s.refit:
-            switch = dec.set_level(lv.name, s.refit_from[lv.name])
-            info["refit_s"] = switch["refit_s"]
-        return dec, info
-
-    entries, failures = check_levels(ElasticModel(art), list(specs), open_engine, target.precision,
-                                     exp.manifest["io"]["outputs"], label="TensorRT parity", progress=progress,
-                                     max_batch=min(3, target.max_batch), prefix="tensorrt ")
-    return {"runtime": "tensorrt", "dtype": target.precision, "passed": not failures, "levels": entries,
-            "tolerances": {k: v.to_dict() for k, v in TOLERANCES[target.precision].items()}, "failures": failures}
-
-
-def _write_bundle_manifest(tmp: Path, manifest: dict, engines: dict, specs: dict) -> None:
-    """Engine records, the build scripts, sha256 of every file, and each level's own files."""
-    from ..trt.scripts import write_build_script
-    from .runner import write_runner
-
-    write_build_script(list(specs.values()), tmp)
-    write_runner(tmp)
-    for rec in manifest["levels"]:
-        if rec["name"] in engines:
-            rec["engine"] = engines[rec["name"]]
-    # which engine serves each level and how its weights get in, built here or not
-    by_name = {lv.name: s for lv, s in specs.items()}
-    for rec in manifest["levels"]:
-        if rec["name"] in by_name:
-            rec["trt_engine"] = _engine_record(by_name[rec["name"]], rec["name"], tmp)
-    if specs:
-        manifest["engines"]["context"] = next(iter(specs.values())).context
-    manifest["files"] = file_hashes(tmp)
-    manifest["file_sizes"] = {f: (tmp / f).stat().st_size for f in manifest["files"]}  # bounds what a tar may unpack
-    for rec in manifest["levels"]:  # each level's own files (graph, configs, tokenizer, engine), from the global list
-        mine = [rec["dir"] + "/"] + ([rec["engine"]["engine"], rec["engine"]["layer_info"]] if rec.get("engine") else [])
-        rec["files"] = {f: h for f, h in manifest["files"].items() if any(f == m or (m.endswith("/") and f.startswith(m)) for m in mine)}
-    write_json(tmp / MANIFEST, manifest)

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..core.levels import Level, parse_level, sort_levels
 from ..errors import UserError
-from ..interface import PRECISIONS, ShapeRange
+from ..device.interface import PRECISIONS, ShapeRange
 
 ENV_DIR = "EPTS_TARGETS_DIR"
 

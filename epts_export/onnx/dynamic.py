@@ -25,12 +25,13 @@ them every output of the whole graph, is NaN: a wrong index can never pass for a
 
 ``split_graphs`` cuts the whole graph in two that share its tensors: ``weights.onnx``
 (``sparsity_level`` -> every prunable weight) and ``decoder.onnx`` (the decoder with those weights
-as initializers that a runtime supplies; see ``onnx.runtime.ElasticDecoder``).
+as initializers that a runtime supplies; see ``device.ort.ElasticDecoder``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -41,7 +42,7 @@ from ..core.levels import Level
 from ..core.masks import level_mask
 from ..core.rule import level_rule
 from ..errors import UserError
-from ..interface import LEVEL_INPUT
+from ..device.interface import LEVEL_INPUT
 
 PREFIX = "epts/"  # names of the nodes and tables this module adds
 
@@ -339,7 +340,7 @@ def make_elastic(graph: onnx.ModelProto, tables: ElasticTables) -> set[str]:
     return {n.name for n in b.nodes}
 
 
-PLACEHOLDER = "decoder.needs-level-weights"  # empty: decoder.onnx's prunable weights point here
+PLACEHOLDER = "decoder.weights"  # empty as exported: decoder.onnx's prunable weights point here
 
 
 def split_graphs(whole: onnx.ModelProto, builder_nodes: set[str], weights: list[str]) -> tuple[onnx.ModelProto, onnx.ModelProto]:
@@ -348,9 +349,9 @@ def split_graphs(whole: onnx.ModelProto, builder_nodes: set[str], weights: list[
 
     - weights.onnx: ``sparsity_level`` -> every prunable ``W_t`` (in, out), the builder nodes;
     - decoder.onnx: the other nodes, ``sparsity_level`` gone, each ``W_t`` an initializer whose
-      external data is ``PLACEHOLDER`` (zero bytes): a runtime supplies them (ONNX Runtime's
-      ``SessionOptions.add_initializer``); a client that does not fails to load it instead of
-      running some other weights."""
+      external data is ``PLACEHOLDER`` (zero bytes; ``place_decoder_tensors`` gives each its slot):
+      a runtime supplies them (ONNX Runtime's ``SessionOptions.add_initializer``); a client that
+      does not fails to load it instead of running some other weights."""
     g = whole.graph
     inits = {t.name: t for t in g.initializer}
     types = {}
@@ -392,5 +393,53 @@ ROLES = {
     "weights": "builds the prunable weights of the level sparsity_level indexes (epts.levels); "
                "feed them to decoder.onnx as initializers",
     "decoder": "the decoder without its prunable weights: supply them from weights.onnx "
-               "(onnxruntime SessionOptions.add_initializer); they are not stored in this file",
+               "(onnxruntime SessionOptions.add_initializer), or write one level's weights into "
+               "decoder.weights (build_engines.py bake LEVEL) to make it that level's plain graph "
+               "(what TensorRT builds from)",
 }
+
+
+
+_ALIGN = 64
+
+
+def place_decoder_tensors(decoder: onnx.ModelProto, folder: Path, weights: list[str]) -> dict[str, dict]:
+    """Give every tensor of ``decoder`` (from ``split_graphs``) a place in a file, in place: each
+    prunable weight its own aligned slot of ``PLACEHOLDER`` (empty as exported, so that
+    ``decoder.onnx`` alone does not load; a device writes one level's weights there to build a
+    TensorRT engine, ``device.trt.weights.LevelWeights.bake``), each tensor the graph still holds
+    inline appended to ``model.onnx_data``. Returns where each tensor lies: name -> {"file",
+    "offset", "length", "dtype", "shape"} (files relative to ``folder``), which lets the device read
+    any of them without an ONNX parser."""
+    from ..device.interface import DATA_FILE
+
+    prunable = set(weights)
+    table: dict[str, dict] = {}
+    data = Path(folder) / DATA_FILE
+    end = {PLACEHOLDER: 0, DATA_FILE: data.stat().st_size}
+    with open(data, "ab") as appended:
+        for t in decoder.graph.initializer:
+            dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+            shape = [int(d) for d in t.dims]
+            length = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if t.data_location == TensorProto.EXTERNAL and t.name not in prunable:
+                ext = {e.key: e.value for e in t.external_data}
+                table[t.name] = {"file": ext["location"], "offset": int(ext.get("offset", 0)),
+                                 "length": int(ext.get("length", length)), "dtype": dtype.name, "shape": shape}
+                continue
+            where = PLACEHOLDER if t.name in prunable else DATA_FILE
+            offset = -(-end[where] // _ALIGN) * _ALIGN
+            if where == DATA_FILE:
+                raw = numpy_helper.to_array(t).astype(dtype, copy=False).tobytes()
+                appended.write(b"\0" * (offset - end[where]) + raw)
+                length = len(raw)
+            end[where] = offset + length
+            ref = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=shape, data_location=TensorProto.EXTERNAL)
+            for k, v in (("location", where), ("offset", str(offset)), ("length", str(length))):
+                ref.external_data.add(key=k, value=v)
+            t.CopyFrom(ref)
+            table[t.name] = {"file": where, "offset": offset, "length": length, "dtype": dtype.name, "shape": shape}
+    missing = prunable - set(table)
+    if missing:
+        raise UserError(f"the decoder lacks the prunable weights {sorted(missing)[:3]}: re-export")
+    return table

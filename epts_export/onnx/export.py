@@ -12,6 +12,8 @@ mode's surgery is ``onnx.dynamic``.
     <out>/decoder.onnx               dynamic: the decoder, its prunable weights supplied at run time
                                      (both parts reuse model.onnx_data: nothing is stored twice)
     <out>/levels.json                dynamic: the level table, also in the graphs' metadata
+    <out>/decoder.weights            dynamic: empty; where decoder.onnx's prunable weights lie once a
+                                     device writes one level's there (the graph TensorRT builds from)
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ..artifact.folder import Artifact, library_versions
 from ..core.levels import Level
 from ..errors import UserError
 from ..fsutil import MANIFEST, check_destination, file_hashes, sha256_file, staged_dir, write_json
-from ..interface import DECODER_GRAPH, GRAPH_FILE, LEVEL_INPUT, LEVELS_FILE, LEVELS_METADATA, WEIGHTS_GRAPH, io_names, level_dirname
+from ..device.interface import DECODER_GRAPH, GRAPH_FILE, LEVEL_INPUT, LEVELS_FILE, LEVELS_METADATA, WEIGHTS_GRAPH, io_names, level_dirname
 from ..progress import Progress
 from . import graph as onnx_graph
 from .reader import EXPORT
@@ -163,7 +165,7 @@ def _export_dynamic(em, art: Artifact, spec: ExportSpec, levels: list[Level], tm
     subgraph; then the same graph in two parts (weights, decoder) over the same tensor file."""
     import onnx
 
-    from .dynamic import PLACEHOLDER, ElasticTables, make_elastic, split_graphs
+    from .dynamic import PLACEHOLDER, ElasticTables, make_elastic, place_decoder_tensors, split_graphs
 
     model, fam, fp16 = em.model, em.family, spec.dtype == "fp16"
     weights = prunable_weight_names(model, fam)
@@ -184,6 +186,7 @@ def _export_dynamic(em, art: Artifact, spec: ExportSpec, levels: list[Level], tm
         whole = onnx.load(str(tmp / GRAPH_FILE), load_external_data=False)  # tensors as references into model.onnx_data
         parts = split_graphs(whole, builder, list(tables.codes))
         (tmp / PLACEHOLDER).write_bytes(b"")
+        tensors = place_decoder_tensors(parts[1], tmp, list(tables.codes))
         for part, name in zip(parts, (WEIGHTS_GRAPH, DECODER_GRAPH)):
             onnx_graph.save_references(part, tmp / name)
         write_json(tmp / LEVELS_FILE, {"input": LEVEL_INPUT, "levels": [lv.name for lv in levels]})
@@ -191,7 +194,8 @@ def _export_dynamic(em, art: Artifact, spec: ExportSpec, levels: list[Level], tm
         elapsed = round(time.time() - t, 2)
     records = [{"name": lv.name, "index": i, "pattern": _pattern(lv), "sparsity": lv.sparsity} for i, lv in enumerate(levels)]
     fields = [{"name": f.name, "bits": f.width} for f in tables.fields]
-    return records, {"all": elapsed}, {"dense_initializer_bytes": dense_bytes, "code_fields": fields,
+    engine_graph = {"graph": DECODER_GRAPH, "weights_file": PLACEHOLDER, "tensors": tensors}
+    return records, {"all": elapsed}, {"dense_initializer_bytes": dense_bytes, "code_fields": fields, "engine_graph": engine_graph,
                                        "parts": {"weights": WEIGHTS_GRAPH, "decoder": DECODER_GRAPH, "levels": LEVELS_FILE}}
 
 

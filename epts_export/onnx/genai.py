@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from ..fsutil import write_text
-from ..interface import GRAPH_FILE, KVLayout, io_names
+from ..device.interface import GRAPH_FILE, KVLayout, io_names
 
 GENAI_CONFIG = "genai_config.json"
 PROVIDERS = ("cpu", "cuda")

@@ -16,7 +16,7 @@ from onnx import helper, numpy_helper
 from ..core.levels import Level
 from ..core.masks import keep_count
 from ..errors import UserError
-from ..interface import DATA_FILE
+from ..device.interface import DATA_FILE
 
 EXTERNAL_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB, with room for the graph itself
 

@@ -38,88 +38,16 @@ import numpy as np
 from ..core.levels import Level
 from ..errors import UserError
 from ..fsutil import atomic_path, write_json
-from ..interface import LEVEL_INPUT, WEIGHTS_GRAPH
+from ..device.interface import LEVEL_INPUT, WEIGHTS_GRAPH
 from ..progress import Progress
 from . import graph as onnx_graph
 from .reader import OnnxExport
-from .runtime import ElasticDecoder, OrtDecoder, TorchDecoder, greedy, positions
+from ..device.compare import TOLERANCES, step_check, top1
+from ..device.ort import ElasticDecoder, OrtDecoder, greedy, positions
+from .reference import TorchDecoder
 
 PROMPT = "Once upon a time, in a quiet town by the sea,"
 NEW_TOKENS = 32
-
-
-@dataclass(frozen=True)
-class Tol:
-    atol: float  # element-wise: |got - ref| <= atol + rtol * |ref| everywhere
-    rtol: float
-    mean_atol: float | None = None  # and, if set, mean |got - ref| <= mean_atol
-
-    def to_dict(self) -> dict:
-        return {"atol": self.atol, "rtol": self.rtol, **({"mean_atol": self.mean_atol} if self.mean_atol is not None else {})}
-
-
-# fp32: set from a float64 reference. On SmolLM2-135M at 0.7, one prefill position carries
-# massive activations: PyTorch fp32 is 6.2e-3 off float64 there and ONNX Runtime 3.5e-3, so
-# fp32 implementations legitimately differ by ~1e-2 on such logits (~1e-4 elsewhere).
-# fp16: float16 weights and activations against the float32 reference (ORT's CPU provider runs
-# fp16 graphs through inserted casts, TensorRT in fp16 tensor cores; both round the same weights).
-TOLERANCES = {
-    "fp32": {"logits": Tol(2e-2, 1e-3), "present": Tol(1e-3, 1e-3)},
-    "fp16": {"logits": Tol(5.0, 0.02, mean_atol=0.25), "present": Tol(1.0, 0.02, mean_atol=0.05)},
-}
-# fp16 element-wise maxima are heavy-tailed: the residual stream at a massive-activation
-# position runs in the thousands, where float16's spacing is 1-2. On SmolLM2-135M (4 levels,
-# baked and dynamic) the worst prefill logit is 2.5 off the float32 reference and the worst
-# present 0.62, while the mean errors are at most 0.067 and 0.011; hence loose maxima plus mean
-# bounds. The gate that matters there is top-1 (no disagreement beyond a tie) and the tokens.
-
-
-def _compare(got: np.ndarray, ref: np.ndarray, tol: Tol, valid: np.ndarray | None) -> dict:
-    """Element-wise comparison over the valid positions. valid: bool (batch, seq) for logits, or
-    (batch, seq) over the key positions for presents."""
-    g, r = got.astype(np.float64), ref.astype(np.float64)
-    if valid is not None:  # logits (B, S, V): mask (B, S); present (B, H, T, D): mask (B, T)
-        sel = valid[:, :, None] if g.ndim == 3 else valid[:, None, :, None]
-        sel = np.broadcast_to(sel, g.shape)
-        g, r = g[sel], r[sel]
-    if g.shape != r.shape:
-        return {"max_abs": None, "max_rel": None, "required_atol": None, **tol.to_dict(), "passed": False,
-                "error": f"shape {got.shape} vs reference {ref.shape}"}
-    if g.size == 0:
-        return {"max_abs": 0.0, "max_rel": 0.0, "required_atol": 0.0, **tol.to_dict(), "passed": True}
-    diff = np.abs(g - r)
-    finite = bool(np.isfinite(g).all())
-    max_abs = float(diff.max()) if finite else float("inf")
-    max_rel = float((diff / np.maximum(np.abs(r), 1e-12)).max()) if finite else float("inf")
-    required = float(max(0.0, (diff - tol.rtol * np.abs(r)).max())) if finite else float("inf")
-    mean_abs = float(diff.mean()) if finite else float("inf")
-    passed = finite and required <= tol.atol and (tol.mean_atol is None or mean_abs <= tol.mean_atol)
-    return {"max_abs": max_abs, "max_rel": max_rel, "mean_abs": mean_abs, "required_atol": required, **tol.to_dict(),
-            "passed": passed}
-
-
-def _top1(got_logits: np.ndarray, ref_logits: np.ndarray, valid: np.ndarray, atol: float) -> dict:
-    g, r = got_logits[valid], ref_logits[valid]  # (N, V)
-    ga, ra = g.argmax(-1), r.argmax(-1)
-    agree = ga == ra
-    rows = np.arange(len(r))
-    margin = r[rows, ra] - r[rows, ga]  # how much the reference prefers its token
-    hard = int((~agree & (margin > atol)).sum())
-    return {"top1_agreement": float(agree.mean()) if len(agree) else 1.0, "positions": int(len(agree)),
-            "top1_failures": hard}
-
-
-def _step_check(ref_out, got_out, tols, valid_q: np.ndarray, valid_k: np.ndarray, output_names) -> dict:
-    outputs = {}
-    (rl, rp), (gl, gp) = ref_out, got_out
-    outputs[output_names[0]] = _compare(gl, rl, tols["logits"], valid_q)
-    for n, g, r in zip(output_names[1:], gp, rp):
-        outputs[n] = _compare(g, r, tols["present"], valid_k)
-    top = _top1(gl, rl, valid_q, tols["logits"].atol)
-    passed = all(o["passed"] for o in outputs.values()) and top["top1_failures"] == 0
-    worst = max(outputs.items(), key=lambda kv: (kv[1]["required_atol"] if kv[1]["required_atol"] is not None else np.inf)
-                / max(kv[1]["atol"], 1e-12))
-    return {"passed": passed, **top, "worst_output": worst[0], "outputs": outputs}
 
 
 def _cases(vocab: int, rng: np.random.Generator, prefill_batch: int = 2, decode_batch: int = 3):
@@ -146,13 +74,13 @@ def compare(ref, got, dtype: str, vocab: int, prompt: list[int], output_names: l
     (ids, mask), (pids, pmask, sids) = _cases(vocab, np.random.default_rng(0), pb, db)
     checks = {}
     pos = positions(mask, 0)
-    c = _step_check(ref.step(ids, mask, pos, ref.empty_past(pb)), got.step(ids, mask, pos, got.empty_past(pb)),
+    c = step_check(ref.step(ids, mask, pos, ref.empty_past(pb)), got.step(ids, mask, pos, got.empty_past(pb)),
                     tols, mask.astype(bool), mask.astype(bool), output_names)
     checks["prefill"] = {"shape": {"batch": pb, "seq": 11, "past": 0}, **c}
     _, past = ref.step(pids, pmask, positions(pmask, 0), ref.empty_past(db))
     dmask = np.concatenate([pmask, np.ones((db, 1), np.int64)], axis=1)
     dpos = positions(dmask, 9)
-    c = _step_check(ref.step(sids, dmask, dpos, past), got.step(sids, dmask, dpos, past),
+    c = step_check(ref.step(sids, dmask, dpos, past), got.step(sids, dmask, dpos, past),
                     tols, np.ones((db, 1), bool), dmask.astype(bool), output_names)
     checks["decode"] = {"shape": {"batch": db, "seq": 1, "past": 9}, **c}
     checks["generate"] = _generation(ref, got, prompt, dtype, tols["logits"].atol)
@@ -335,7 +263,29 @@ def _switch_checks(exp: OnnxExport, lv: Level, model, em, switcher: list, thread
                                   if tokens == switched else "after a switch the tokens differ from a fresh session's")
     checks["switch"] = {"passed": passed, "switch_s": round(seconds, 4), "max_abs": diff, "fresh": tokens,
                         "switched": switched, **({"reason": reason} if reason else {})}
+    checks["switched/sparsity"] = _built_sparsity(sw.level_weights(), _expected_zeros(model, exp.manifest["weights"], exp.dtype))
     return checks
+
+
+def _built_sparsity(built: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> dict:
+    """The weights a switch built against the materialized model's zeros: every pruned weight is an
+    exact zero (the mask, N:M along the rows of W_t), and barely any other is (a kept weight may
+    round to zero). ``measured`` is the fraction of zeros over the prunable weights."""
+    zeros = total = extra = 0
+    wrong = []
+    for name, want in expected.items():
+        got = built[name] == 0
+        if (want & ~got).any():
+            wrong.append(name)
+        zeros += int(got.sum())
+        total += got.size
+        extra += int((got & ~want).sum())
+    passed = not wrong and extra <= 1e-4 * total
+    out = {"passed": passed, "measured": round(zeros / max(total, 1), 6), "extra_zeros": extra}
+    if not passed:
+        out["reason"] = (f"pruned weights are not zero in {', '.join(wrong[:3])}" if wrong
+                         else f"{extra} kept weights are zero")
+    return out
 
 
 def _out_of_range(exp: OnnxExport, threads: int | None) -> dict:

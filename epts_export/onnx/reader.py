@@ -8,12 +8,9 @@ from pathlib import Path
 from ..artifact.folder import Artifact
 from ..core.levels import Level, parse_level
 from ..errors import UserError
-from ..fsutil import MANIFEST, HashError, ManifestFormat, hash_errors, read_manifest, sha256_file, verify_hashes, write_json
-from ..interface import DECODER_GRAPH, GRAPH_FILE, WEIGHTS_GRAPH, level_dirname
+from ..fsutil import MANIFEST, HashError, hash_errors, read_manifest, sha256_file, verify_hashes, write_json
+from ..device.interface import DECODER_GRAPH, EXPORT, GRAPH_FILE, WEIGHTS_GRAPH, level_dirname  # noqa: F401
 
-EXPORT = ManifestFormat("epts-onnx", 1, "ONNX export", "create one with `epts-export export`",
-                        fields=(("mode", str), ("dtype", str), ("levels", list), ("io", dict), ("weights", dict),
-                                ("source_artifact", dict)))
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..interface import KVLayout, dynamic_axes, io_names
+from ..device.interface import KVLayout, dynamic_axes, io_names
 from ..models.families import Family, get_blocks, iter_prunable
 
 # The dummy shapes the graph is traced with; validate uses other shapes on purpose.

@@ -16,10 +16,9 @@ import tarfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from ..errors import UserError
-from ..fsutil import MANIFEST
+from .errors import EXIT_INTEGRITY, UserError
+from .files import MANIFEST
 
-EXIT_INTEGRITY = 3
 MAX_MEMBERS = 100_000  # a bundle holds tens of files; an archive of more is not one
 MAX_MANIFEST_BYTES = 64 << 20
 

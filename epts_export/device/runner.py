@@ -1,38 +1,34 @@
 """Generating from a bundle or an ONNX export: the loop behind `epts-export run` and the bundle's
-own ``run.py`` (bundles only).
+own ``run.py``.
 
-A bundle carries a copy of this module and the few it imports (``_epts/``: standard library,
-numpy, ``tokenizers`` and ONNX Runtime; TensorRT's bindings for ``--runtime trt``), so that a
-device runs it without epts-export, torch or transformers:
+A bundle carries this package (``_epts/epts_export/device/``: standard library, numpy,
+``tokenizers`` and ONNX Runtime; TensorRT's bindings for ``--runtime trt``), so that a device runs
+it without epts-export, torch or transformers:
 
-    python3 dist/jetson-orin/run.py --level 2:4 --prompt "Hello"
+    python3 dist/jetson-orin/run.py --level 0.3,0.7,2:4 --prompt "Hello"
 
-Before anything is loaded, every file of the chosen level is checked against the manifest's
-sha256 (exit 3 on a mismatch). Greedy decoding with the KV cache, text streamed as it is decoded.
+An elastic bundle or a dynamic export serves every level from one load, switching in place (one
+weight build; a TensorRT refit engine: one refit and its check). Before anything is loaded, the
+level's files are checked against the manifest's sha256 (exit 3 on a mismatch). Greedy decoding
+with the KV cache, text streamed as it is decoded.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-from ..core.levels import Level, parse_levels
-from ..errors import UserError
-from ..interface import GRAPH_FILE
-from .bundle import EXIT_INTEGRITY, Bundle
+from .bundle import Bundle
+from .errors import EXIT_INTEGRITY, UserError
+from .interface import EXPORT, GRAPH_FILE
+from .levels import Level, parse_levels
 
 RUNTIMES = ("auto", "trt", "ort")
-RUN_SCRIPT = "run.py"
-VENDOR_DIR = "_epts"
-# what run.py imports, relative to the epts_export package (package __init__ files are written empty,
-# except the top one, which only sets __version__)
-RUNNER_FILES = ("__init__.py", "errors.py", "fsutil.py", "interface.py", "core/levels.py", "onnx/runtime.py",
-                "deploy/archive.py", "deploy/bundle.py", "deploy/runner.py", "trt/builder.py", "trt/sparse.py", "trt/refit.py",
-                "trt/runtime.py")
 
 
 class TextTokenizer:
@@ -76,117 +72,175 @@ def context_length(folder: Path) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
-def open_decoder(b: Bundle, level: Level, runtime: str, threads: int | None):
-    """(decoder with ``step``/``empty_past``, "tensorrt" | "onnxruntime") for a bundle's level:
-    the level's engine when ``runtime`` is trt (or auto and it can run here), else its ONNX graph."""
-    if runtime not in RUNTIMES:
-        raise UserError(f"unknown --runtime {runtime!r}: auto, trt or ort")
-    folder = b.path / b.level_record(level)["dir"]
-    if runtime != "ort":
-        from ..trt.builder import tensorrt_status
+class _Switcher:
+    """One ElasticDecoder over a dynamic export's or an elastic bundle's model folder, opened at
+    the first level asked for and switched in place after that."""
 
-        engine, _ = b.engine_for(level)
-        ok, why = tensorrt_status()
-        if runtime == "trt" and engine is None:
-            raise UserError(f"level {level.name} has no engine in {b.path}: build it with build_engines.sh, or use --runtime ort")
-        if runtime == "trt" and not ok:
-            raise UserError(f"cannot run TensorRT here: {why}")
-        if engine is not None and ok:
-            from ..trt.runtime import TrtDecoder
+    def __init__(self, folder: Path, threads: int | None):
+        self.folder, self.threads, self.decoder = Path(folder), threads, None
 
-            return TrtDecoder(engine, level=level.name), "tensorrt"  # a shared engine refits to this level
-    from ..onnx.runtime import OrtDecoder
+    def serve(self, index: int, name: str):
+        """(decoder at level ``index``, seconds the switch took or None when it was opened)."""
+        from .ort import ElasticDecoder
 
-    return OrtDecoder(folder / GRAPH_FILE, threads=threads), "onnxruntime"
-
-
-EXPORT_FORMAT = "epts-onnx"  # onnx.reader.EXPORT's format name (not imported: run.py ships without it)
+        if self.decoder is None:
+            self.decoder = ElasticDecoder(self.folder, index, threads=self.threads)
+            seconds = None
+        else:
+            seconds = self.decoder.set_level(index)
+        table = self.decoder.levels
+        if table[index] != name:  # the manifest and the graphs' own level table must agree
+            raise UserError(f"the manifest gives level {name} the index {index}, which the graphs' level table of "
+                            f"{self.folder} names {table[index]!r}: the folder is inconsistent, rebuild it", EXIT_INTEGRITY)
+        return self.decoder, seconds
 
 
 class _ExportSource:
     """An ONNX export folder (from `epts-export export`) as a source of decoders: a baked level's
     graph, or a dynamic export's one ``ElasticDecoder`` that switches level in place."""
 
-    def __init__(self, path: Path):
-        from ..onnx.reader import OnnxExport
+    def __init__(self, path: Path, threads: int | None):
+        from .files import inside, read_manifest
 
-        self.exp = OnnxExport.open(path, verify="skip")  # files are hash-checked per level, before use
-        self.path = self.exp.path
-        self.switcher = None
-        self.verified = False  # dynamic: every file serves every level, so one check serves them all
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, EXPORT)
+        self.mode = self.manifest.get("mode")
+        self.records = self.manifest["levels"]
+        for k, r in enumerate(self.records):
+            if not isinstance(r, dict) or not isinstance(r.get("name"), str):
+                raise UserError(f"{self.path / 'manifest.json'}: levels[{k}] is not a level record", EXIT_INTEGRITY)
+            if self.mode == "baked":
+                inside(r.get("dir"), f"{self.path / 'manifest.json'} levels[{k}]")
+        self.threads, self.verified, self.whole = threads, False, None
+        self.switcher = _Switcher(self.path, threads)
+
+    def _record(self, level: Level) -> dict:
+        from .levels import parse_level
+
+        for r in self.records:
+            if parse_level(str(r.get("name"))) == level:
+                return r
+        have = ", ".join(str(r.get("name")) for r in self.records)
+        raise UserError(f"level {level.name} is not in export {self.path} (it has {have})")
 
     def folder(self, level: Level) -> Path:
-        return self.exp.graph_path(self._known(level)).parent
-
-    def _known(self, level: Level) -> Level:
-        if level not in self.exp.levels:
-            have = ", ".join(lv.name for lv in self.exp.levels)
-            raise UserError(f"level {level.name} is not in export {self.path} (it has {have})")
-        return level
+        rec = self._record(level)
+        return self.path / rec["dir"] if self.mode == "baked" else self.path
 
     def level_errors(self, level: Level):
-        from ..fsutil import hash_errors
+        from .files import hash_errors
 
-        files = self.exp.manifest.get("files", {})
-        if self.exp.mode == "baked":
-            where = self.exp.graph_path(self._known(level)).parent.name + "/"
+        files = self.manifest.get("files", {})
+        if self.mode == "baked":
+            where = self.folder(level).name + "/"
             return hash_errors(self.path, {rel: digest for rel, digest in files.items() if rel.startswith(where)})
-        self._known(level)
+        self._record(level)
         if self.verified:
             return []
-        errors = hash_errors(self.path, files)
+        errors = hash_errors(self.path, files)  # dynamic: every file serves every level, so one check serves them all
         self.verified = not errors
         return errors
 
-    def decoder(self, level: Level, runtime: str, threads: int | None):
+    def decoder(self, level: Level, runtime: str):
         """(decoder, runtime name, seconds the level switch took or None when a decoder was opened)."""
-        from ..onnx.runtime import ElasticDecoder, OrtDecoder
+        from .interface import DECODER_GRAPH, WEIGHTS_GRAPH
+        from .ort import OrtDecoder
 
         if runtime == "trt":
             raise UserError(f"{self.path} is an ONNX export, which has no TensorRT engines: run a bundle (epts-export build) "
                             "or use --runtime ort")
-        idx = self.exp.level_index(self._known(level))
-        if self.exp.mode == "baked":
-            return OrtDecoder(self.exp.graph_path(level), threads=threads), "onnxruntime", None
-        if self.switcher is not None:
-            if isinstance(self.switcher, ElasticDecoder):
-                return self.switcher, "onnxruntime", self.switcher.set_level(idx)
-            self.switcher.level = idx  # an older export's whole graph: the level is just an input
-            return self.switcher, "onnxruntime", 0.0
-        if self.exp.has_parts:
-            self.switcher = ElasticDecoder(self.path, idx, threads=threads)
-        else:
-            self.switcher = OrtDecoder(self.path / GRAPH_FILE, level=idx, threads=threads)
-        return self.switcher, "onnxruntime", None
+        rec = self._record(level)
+        if self.mode == "baked":
+            return OrtDecoder(self.folder(level) / GRAPH_FILE, threads=self.threads), "onnxruntime", None
+        index = [str(r.get("name")) for r in self.records].index(rec["name"])
+        if {WEIGHTS_GRAPH, DECODER_GRAPH} <= set(self.manifest.get("files", {})):
+            dec, seconds = self.switcher.serve(index, rec["name"])
+            return dec, "onnxruntime", seconds
+        # an export from before weights.onnx/decoder.onnx: the whole graph, the level an input
+        if self.whole is None:
+            self.whole = OrtDecoder(self.path / GRAPH_FILE, level=index, threads=self.threads)
+            if self.whole.levels and self.whole.levels[index] != rec["name"]:
+                raise UserError(f"the manifest gives level {rec['name']} the index {index}, which the graph's level table "
+                                f"names {self.whole.levels[index]!r}: the export is inconsistent", EXIT_INTEGRITY)
+            return self.whole, "onnxruntime", None
+        self.whole.level = index
+        return self.whole, "onnxruntime", 0.0
 
 
 class _BundleSource:
-    def __init__(self, path: Path):
+    """A bundle: its levels' engines when TensorRT runs here (a refit engine kept open and switched),
+    else ONNX Runtime (an elastic bundle's one decoder switched in place, or each level's graph)."""
+
+    def __init__(self, path: Path, threads: int | None):
         self.bundle = Bundle.open(path)
-        self.path = self.bundle.path
+        self.path, self.threads = self.bundle.path, threads
+        self.switcher = _Switcher(self.bundle.model_dir, threads) if self.bundle.elastic else None
+        self.engine, self.weights, self.verified = None, None, set()
 
     def folder(self, level: Level) -> Path:
-        return self.path / self.bundle.level_record(level)["dir"]
+        return self.bundle.folder(level)
 
     def level_errors(self, level: Level):
-        return self.bundle.level_errors(level)
+        files = tuple(sorted(self.bundle.level_files(level)))
+        if files in self.verified:  # levels of an elastic bundle share their files: checked once
+            return []
+        errors = self.bundle.level_errors(level)
+        if not errors:
+            self.verified.add(files)
+        return errors
 
-    def decoder(self, level: Level, runtime: str, threads: int | None):
-        dec, used = open_decoder(self.bundle, level, runtime, threads)
-        return dec, used, None
+    def decoder(self, level: Level, runtime: str):
+        if runtime != "ort":
+            from .trt.probe import tensorrt_status
+
+            engine, _ = self.bundle.engine_for(level)
+            ok, why = tensorrt_status()
+            if runtime == "trt" and engine is None:
+                raise UserError(f"level {level.name} has no engine in {self.path}: build it with build_engines.sh, "
+                                "or use --runtime ort")
+            if runtime == "trt" and not ok:
+                raise UserError(f"cannot run TensorRT here: {why}")
+            if engine is not None and ok:
+                return self._trt(engine, level)
+        rec = self.bundle.level_record(level)
+        if self.switcher is not None:
+            dec, seconds = self.switcher.serve(rec["index"], rec["name"])
+            return dec, "onnxruntime", seconds
+        from .ort import OrtDecoder
+
+        return OrtDecoder(self.folder(level) / GRAPH_FILE, threads=self.threads), "onnxruntime", None
+
+    def _trt(self, engine: Path, level: Level):
+        from .trt.runtime import TrtDecoder
+        from .trt.weights import default_levels
+
+        if self.engine is not None and self.engine.engine_path == engine:  # a refit engine: switch it
+            t0 = time.perf_counter()
+            self.engine.set_level(level.name)
+            return self.engine, "tensorrt", time.perf_counter() - t0
+        self.engine = None
+        gc.collect()  # one engine in device memory at a time (Jetson memory is shared with the CPU)
+        specs, source = self.bundle.engines()
+        spec = next((s for s in specs if Path(s.engine) == engine), None)
+        if source is not None and self.weights is None:
+            self.weights = default_levels(spec, source, self.threads)  # one weight builder for every engine
+        weights = self.weights if source is not None else None
+        self.engine = TrtDecoder(engine, level=level.name, weights=weights, threads=self.threads)
+        return self.engine, "tensorrt", None
 
 
 class Runner:
     """A bundle or an ONNX export folder, opened once, that generates at any of its levels in
-    turn. A dynamic export keeps one session and switches it to each level (one weight build);
-    a bundle or a baked export opens each level's graph or engine."""
+    turn. An elastic bundle or a dynamic export keeps one session and switches it to each level
+    (one weight build); a baked bundle or export opens each level's graph, TensorRT each engine
+    (a refit engine once for its levels)."""
 
     def __init__(self, path: str | Path, runtime: str = "auto", threads: int | None = None):
         if runtime not in RUNTIMES:
             raise UserError(f"unknown --runtime {runtime!r}: auto, trt or ort")
         p = Path(path)
         self.runtime, self.threads = runtime, threads
-        self.source = _ExportSource(p) if _manifest_format(p) == EXPORT_FORMAT else _BundleSource(p)
+        self.source = _ExportSource(p, threads) if _manifest_format(p) == EXPORT.format else _BundleSource(p, threads)
 
     def generate(self, level: Level, prompt: str, max_new_tokens: int = 64, on_text: Callable[[str], None] | None = None,
                  on_note: Callable[[str], None] | None = None) -> dict:
@@ -194,7 +248,7 @@ class Runner:
         The level's files are hash-checked first (UserError, exit 3); a prompt longer than the
         model's context is refused and ``max_new_tokens`` is capped to what is left (said through
         ``on_note``). Returns tokens, text and timings (load or switch, prefill, tokens/s)."""
-        from ..onnx.runtime import greedy
+        from .ort import greedy
 
         if max_new_tokens < 1:
             raise UserError("--max-new-tokens must be >= 1")
@@ -218,7 +272,7 @@ class Runner:
                 if on_note:
                     on_note(f"--max-new-tokens capped at {max_new_tokens}: the model's context is {context} tokens")
         t0 = time.perf_counter()
-        dec, used, switch_s = src.decoder(level, self.runtime, self.threads)
+        dec, used, switch_s = src.decoder(level, self.runtime)
         load_s = time.perf_counter() - t0
         produced: list[int] = []
         shown = ""
@@ -268,45 +322,6 @@ def describe(r: dict) -> str:
             f"{r['decode_tok_s']} tokens/s")
 
 
-# --------------------------------------------------------------------------------------------
-# the standalone runner: run.py and its copy of the package
-
-
-_RUN_PY = '''#!/usr/bin/env python3
-"""Run this bundle on the device (written by epts-export; needs numpy, tokenizers and onnxruntime,
-or TensorRT's bindings and torch for --runtime trt; not epts-export, torch or transformers):
-
-    python3 run.py --level 0.5 --prompt "Hello"
-    python3 run.py --help
-
-Imports only the copy of epts-export's runner in _epts/ beside this file (hashed in manifest.json),
-never other files of this folder.
-"""
-import sys
-from pathlib import Path
-
-HERE = Path(__file__).resolve().parent
-sys.path[0] = str(HERE / "_epts")  # instead of this folder: nothing here but _epts/ is imported
-sys.dont_write_bytecode = True  # no __pycache__ among the bundle's hashed files
-
-from epts_export.deploy.runner import main  # noqa: E402
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], bundle=HERE))
-'''
-
-
-def write_runner(bundle: Path) -> Path:
-    """Write ``run.py`` and the package files it imports (``_epts/epts_export/...``) into ``bundle``."""
-    from ..fsutil import vendor_package, write_text
-
-    vendor_package(Path(bundle) / VENDOR_DIR, RUNNER_FILES)
-    script = Path(bundle) / RUN_SCRIPT
-    write_text(script, _RUN_PY)
-    script.chmod(script.stat().st_mode | 0o111)
-    return script
-
-
 def main(argv: list[str] | None = None, bundle: Path | None = None) -> int:
     """``run.py``'s command line; returns the exit code (1 bad input, 3 a file does not match)."""
     ap = argparse.ArgumentParser(prog="run.py", description="Generate text from this bundle (greedy, KV cache, streamed).")
@@ -329,3 +344,4 @@ def main(argv: list[str] | None = None, bundle: Path | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+

@@ -1,23 +1,23 @@
-"""Run an exported decoder step by step, in ONNX Runtime or as its PyTorch reference, with one
-greedy loop for both so that parity compares the graphs and nothing else.
+"""Run an exported decoder step by step in ONNX Runtime (``OrtDecoder``, and ``ElasticDecoder``
+for a dynamic export's level switch), with the one greedy loop that every runtime and the PyTorch
+reference (``onnx.reference.TorchDecoder``) share, so that parity compares graphs and nothing else.
 
-numpy and onnxruntime only at import (torch only inside ``TorchDecoder``): a copy of this module
-runs in the bundle's standalone runner, on devices without torch."""
+numpy and onnxruntime only: it ships in bundles (``epts_export.device``)."""
 
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import UserError
-from ..interface import DECODER_GRAPH, LEVEL_INPUT, LEVELS_FILE, LEVELS_METADATA, WEIGHTS_GRAPH
+from .errors import UserError
+from .interface import DECODER_GRAPH, LEVEL_INPUT, LEVELS_FILE, LEVELS_METADATA, WEIGHTS_GRAPH
 
 # step(input_ids, attention_mask, position_ids, past) -> (logits (B, S, V) float32, presents [2 * layers])
-StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]], tuple[np.ndarray, list[np.ndarray]]]
+StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, List[np.ndarray]], Tuple[np.ndarray, List[np.ndarray]]]  # typing: Python 3.8
 
 
 def _options(threads: int | None, profile_prefix: str | None = None):
@@ -71,6 +71,21 @@ def check_level_index(levels: list[str] | None, index, where: Path) -> int:
         table = ", ".join(f"{i}={n}" for i, n in enumerate(levels))
         raise UserError(f"sparsity_level {index!r} is outside the level table of {where} ({table})")
     return int(index)
+
+
+BUILDER_ORT = (1, 21)  # the weight builder's uint8 Mul has a CPU kernel from onnxruntime 1.21 on (1.20 lacks it)
+
+
+def check_weight_builder_runtime(version: str) -> None:
+    """UserError unless ONNX Runtime ``version`` runs a dynamic export's weight builder."""
+    try:
+        have = tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return  # a development build: let it try
+    if have < BUILDER_ORT:
+        raise UserError(f"the elastic model's weight builder needs onnxruntime {BUILDER_ORT[0]}.{BUILDER_ORT[1]} or later "
+                        f"(its uint8 arithmetic), this Python has {version}: pip install -U onnxruntime (Python 3.10 or "
+                        f"later), or ship one graph per level (epts-export build --layout baked)")
 
 
 class OrtDecoder:
@@ -133,6 +148,7 @@ class ElasticDecoder(OrtDecoder):
                  providers: Sequence[str] = ("CPUExecutionProvider",), repack: bool = False):
         import onnxruntime as ort
 
+        check_weight_builder_runtime(ort.__version__)
         self.folder = folder = Path(folder)
         for name in (WEIGHTS_GRAPH, DECODER_GRAPH):
             if not (folder / name).is_file():
@@ -171,7 +187,7 @@ class ElasticDecoder(OrtDecoder):
         for name, value in self.buffers.items():
             self.binding.bind_ortvalue_output(name, value)
         self.level = level
-        self._threads, self._providers = threads, list(providers)
+        self._threads, self._providers, self._device = threads, list(providers), device
         self.repack = repack and device == "cpu"
         self._generation, self._ready, self._thread, self.repack_s = 0, None, None, None
         if self.repack:
@@ -210,6 +226,13 @@ class ElasticDecoder(OrtDecoder):
             self._thread.join()
         return self._ready is not None or self.packed
 
+    def level_weights(self) -> dict[str, np.ndarray]:
+        """name -> the current level's prunable weight: on the CPU the very buffers the decoder
+        reads (valid until the next ``set_level``), on another device a host copy."""
+        if self._device == "cpu":
+            return dict(zip(self.buffers, self._arrays))
+        return {name: value.numpy() for name, value in self.buffers.items()}
+
     def set_level(self, level: int) -> float:
         """Build level ``level``'s weights into the decoder's buffers; returns the seconds it took.
         Call it between generations (never while a step runs in another thread)."""
@@ -232,31 +255,6 @@ class ElasticDecoder(OrtDecoder):
         if ready is not None and ready[0] == self._generation and (not past or past[0].shape[2] == 0):
             self.session, self._ready = ready[1], None  # a new generation starts: take the packed session
         return super().step(input_ids, attention_mask, position_ids, past)
-
-
-class TorchDecoder:
-    """The PyTorch reference: the same DecoderWithPast wrapper that export traces, in float32."""
-
-    def __init__(self, model):
-        from ..interface import KVLayout
-        from .trace import DecoderWithPast
-
-        self.module = DecoderWithPast(model).eval()
-        geo = KVLayout.from_config(model.config)
-        self.kv_heads, self.head_dim, self.layers = geo.kv_heads, geo.head_dim, geo.layers
-        self.dtype = next(model.parameters()).dtype
-
-    def empty_past(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in range(2 * self.layers)]
-
-    def step(self, input_ids, attention_mask, position_ids, past):
-        import torch
-
-        t = [torch.from_numpy(np.ascontiguousarray(x)).long() for x in (input_ids, attention_mask, position_ids)]
-        kv = [torch.from_numpy(np.ascontiguousarray(p)).to(self.dtype) for p in past]
-        with torch.no_grad():
-            logits, *presents = self.module(*t, *kv)
-        return logits.float().numpy(), [p.float().numpy() for p in presents]
 
 
 def positions(attention_mask: np.ndarray, past_len: int) -> np.ndarray:

@@ -1,8 +1,8 @@
 """The sparse-tactic report: which layers of a TensorRT engine could use 2:4 sparse math and which
 got a sparse kernel, from the engine inspector's JSON and the builder's log.
 
-Pure text analysis, standard library only: the device-side builder (``epts_export.trt.builder``)
-calls it after each build and a copy travels with it inside every bundle.
+Pure text analysis, standard library only: the device-side builder calls it after each build, and
+``report`` puts it in the bundle's engine report.
 """
 
 from __future__ import annotations
@@ -10,8 +10,18 @@ from __future__ import annotations
 import json
 import re
 
-ELIGIBLE_RE = re.compile(r"layers eligible for sparse math\s*:?(.*)$", re.IGNORECASE)
-PICKED_RE = re.compile(r"picked sparse implementation for layers\s*:?(.*)$", re.IGNORECASE)
+# the builder's log (tests/data/trt_layer_info/SOURCES.md has the real lines): TensorRT 8.x-10.x at INFO
+#   (Sparsity) Layers eligible for sparse math: conv1, conv2
+#   (Sparsity) TRT inference plan picked sparse implementation for layers: conv2
+# TensorRT 10.14 and later at VERBOSE (a Myelin subgraph prints its own pair, "(foreignNode) (Sparsity) ...")
+#   (Sparsity) Found 2 layer(s) eligible to use sparse tactics: node_conv2d + node_relu, node_linear
+#   (Sparsity) Chose 0 layer(s) using sparse tactics:
+ELIGIBLE_RE = re.compile(r"\(Sparsity\)\s*(?:layers eligible for sparse math|found \d+ layer\(s\) eligible to use sparse "
+                         r"tactics)\s*:?(.*)$", re.IGNORECASE)
+PICKED_RE = re.compile(r"\(Sparsity\)\s*(?:TRT inference plan picked sparse implementation for layers|chose \d+ layer\(s\) "
+                       r"using sparse tactics)\s*:?(.*)$", re.IGNORECASE)
+
+MYELIN_NAME_RE = re.compile(r"^\{ForeignNode\[|_myl\d+_\d+$")
 
 
 def _dedupe(names) -> list[str]:
@@ -98,7 +108,13 @@ def sparse_report(layer_info_json: str, log_lines: list[str]) -> dict:
     ``HasSparseWeights``) has 2:4 weights (eligible), a tactic name containing "sparse" means a sparse
     kernel was picked. With ``LAYER_NAMES_ONLY`` verbosity the layers are bare strings and only the
     log tells. Eligible is not picked: TensorRT keeps dense kernels where they are faster.
-    Returns {"eligible": [...], "picked": [...], "layers": n, "source": "inspector+log" | "inspector" | "log" | "none"}.
+
+    Transformer graphs are often compiled by Myelin: TensorRT 8.6-10.x show one opaque "Myelin"
+    layer ("{ForeignNode[...]}") with no sparse flag, later 10.x its kernels as layers named
+    "..._myl<N>_<M>" with tactic names only. ``myelin`` counts them: inside them only the log (and
+    a tactic name) can tell.
+    Returns {"eligible": [...], "picked": [...], "layers": n, "myelin": n, "source": "inspector+log" |
+    "inspector" | "log" | "none"}.
     """
     eligible, picked = [], []
     saw_log = False
@@ -114,7 +130,7 @@ def sparse_report(layer_info_json: str, log_lines: list[str]) -> dict:
             saw_log = True
             picked += _split_names(m.group(1))
     layers = _inspector_layers(layer_info_json)
-    detailed = False
+    detailed, myelin = False, 0
     for entry in layers or []:
         if not isinstance(entry, dict):
             continue
@@ -122,6 +138,7 @@ def sparse_report(layer_info_json: str, log_lines: list[str]) -> dict:
         if name is None:
             continue
         detailed = True
+        myelin += str(entry.get("LayerType", "")).lower() == "myelin" or bool(MYELIN_NAME_RE.search(name))
         has_weights, sparse_tactic = _inspect_layer(entry)
         if has_weights or sparse_tactic:
             eligible.append(name)
@@ -132,4 +149,4 @@ def sparse_report(layer_info_json: str, log_lines: list[str]) -> dict:
     used_inspector = layers is not None and (detailed or len(layers) > 0)
     source = ("inspector+log" if used_inspector and saw_log else "inspector" if used_inspector
               else "log" if saw_log else "none")
-    return {"eligible": eligible, "picked": picked, "layers": len(layers or []), "source": source}
+    return {"eligible": eligible, "picked": picked, "layers": len(layers or []), "myelin": myelin, "source": source}

@@ -1,30 +1,25 @@
-"""Run a TensorRT engine built by ``epts_export.trt.builder`` (or a bundle's trtexec script) step by
-step, with OrtDecoder's interface, so that ``onnx_runtime.greedy`` (and parity) drive an engine
-exactly as they drive an ONNX graph.
+"""Run a TensorRT engine of a bundle (built by ``builder`` or by the bundle's trtexec script) step by
+step, with OrtDecoder's interface, so that ``ort.greedy`` (and parity) drive an engine exactly as
+they drive an ONNX graph.
 
-    dec = TrtDecoder(Path("engines/level-2of4.engine"))
+    dec = TrtDecoder(Path("engines/level-2of4.engine"), level="2:4")
     tokens = greedy(dec.step, dec.empty_past(1), prompt, 32)
 
-    dec = TrtDecoder(Path("engines/unstructured.engine"))   # one engine, levels 0.3, 0.5, 0.7
-    dec.set_level("0.7")                                      # refit from level-0.7/model.onnx
-    # -> {"level": "0.7", "switched": True, "refit_s": 0.8, "onnx": ..., "weights": 84}
+    dec = TrtDecoder(Path("engines/unstructured.engine"), level="0.3")   # one engine, levels 0.3 ... 0.7
+    dec.set_level("0.7")   # refit the prunable weights the bundle's weight builder gives for 0.7
+    # -> {"level": "0.7", "switched": True, "refit_s": 0.8, "weights": 210, "check": {...}}
 
-TensorRT >= 10 Python API, name-based I/O (``num_io_tensors``, ``get_tensor_name``, ``get_tensor_mode``,
+TensorRT >= 8.5 name-based I/O (``num_io_tensors``, ``get_tensor_name``, ``get_tensor_mode``,
 ``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``). The engines have optimization
-profiles (``prefill`` = 0, ``decode`` = 1, ``continue`` = 2 in epts-export bundles: an empty cache,
-one new token, several new tokens on a cache); each step runs on the first profile whose [min, max]
-ranges hold every input shape, switching the context's profile only when it changes.
+profiles (``prefill`` = 0, ``decode`` = 1, ``continue`` = 2 in epts-export bundles); each step runs
+on the first profile whose [min, max] ranges hold every input shape.
 
-A bundle's engine for several unstructured levels is refittable: ``set_level`` loads another
-level's weights from its baked ONNX graph (TensorRT >= 10: ``OnnxParserRefitter``; 8.x:
-``Refitter.set_named_weights`` with the graph's initializers), ``refit_from`` any graph of the
-same model. Which levels an engine serves, and each level's graph, come from the bundle's
-``engines.json`` next to the engine.
-
-Device memory goes through ``_TorchCudaBuffers`` (torch CUDA tensors), a small class so that the
-rest of this module runs, and is tested, without a GPU: tests hand ``TrtDecoder`` a CPU
-implementation and a fake ``tensorrt`` module. Nothing imports ``tensorrt`` or touches CUDA at
-module level.
+A level is served only once one prefill matched ONNX Runtime at that level on this device
+(``check_level``, after the load and after every refit): TensorRT's refit can go wrong silently
+(TensorRT 11.3's release notes list a refit defect that can drop a GEMM bias), and a level whose
+outputs drift is refused (exit 3), never served. Device memory is ``device.cuda``'s (libcudart
+through ctypes: no torch); tests hand ``TrtDecoder`` a CPU stand-in and a fake ``tensorrt``.
+Nothing imports ``tensorrt`` or touches CUDA at module level.
 """
 
 from __future__ import annotations
@@ -33,14 +28,18 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Tuple
 
 import numpy as np
 
-from ..errors import UserError
+from ..compare import between_runtimes, step_check
+from ..errors import EXIT_INTEGRITY, UserError
 from ..interface import ID_INPUTS, PAST_RE, PRESENT_RE
-from .builder import EngineSpec, import_trt, load_specs, make_logger, start, tensorrt_status
-from .refit import read_initializers
+from ..ort import positions
+from .logger import make_logger
+from .probe import import_trt, start, tensorrt_status
+from .spec import bundle_engine
+from .weights import default_levels
 
 # TensorRT DataType member name -> our dtype name (the buffers speak these names)
 _TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
@@ -48,65 +47,9 @@ _TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32
 # dtype name -> numpy dtype of the host arrays (numpy has no bfloat16: such tensors travel as float32)
 HOST_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32, "int32": np.int32,
                "int64": np.int64, "bool": np.bool_, "int8": np.int8, "uint8": np.uint8}
+PROBE_TOKENS = 16  # the prefill a served level is checked with
 
-Shape = tuple[int, ...]
-
-
-# --------------------------------------------------------------------------------------------
-# device memory
-
-
-class _TorchCudaBuffers:
-    """Device buffers as torch CUDA tensors on one GPU, and the stream TensorRT runs on (torch's
-    current stream of that device). The only part of the runtime that needs CUDA."""
-
-    _TORCH_DTYPES = ("float32", "float16", "bfloat16", "int32", "int64", "bool", "int8", "uint8")
-
-    def __init__(self, device: int = 0):
-        try:
-            import torch
-        except Exception as e:
-            raise UserError(f"running TensorRT engines needs torch with CUDA (for device memory): {e}") from None
-        if not torch.cuda.is_available():
-            raise UserError(f"no CUDA GPU visible to torch {torch.__version__}: TensorRT engines need one "
-                            f"(a CPU-only torch build cannot hold device buffers)")
-        count = torch.cuda.device_count()
-        if not 0 <= int(device) < count:
-            raise UserError(f"CUDA device {device} does not exist: {count} visible (use 0..{count - 1})")
-        self.torch = torch
-        self.device = torch.device("cuda", int(device))
-        torch.cuda.set_device(self.device)  # TensorRT deserializes and runs on the current device
-        self.dtypes = {name: getattr(torch, name) for name in self._TORCH_DTYPES}
-
-    def stream_handle(self) -> int:
-        return int(self.torch.cuda.current_stream(self.device).cuda_stream)
-
-    def to_device(self, array: np.ndarray, dtype: str):
-        t = self.torch.from_numpy(np.ascontiguousarray(array))
-        return t.to(device=self.device, dtype=self.dtypes[dtype]).contiguous()
-
-    def empty(self, shape: Sequence[int], dtype: str):
-        return self.torch.empty(tuple(int(d) for d in shape), dtype=self.dtypes[dtype], device=self.device)
-
-    def to_host(self, tensor) -> np.ndarray:
-        if tensor.dtype == self.torch.bfloat16:
-            tensor = tensor.float()
-        return tensor.cpu().numpy()
-
-    def ptr(self, tensor) -> int:
-        return int(tensor.data_ptr())
-
-    def sync(self) -> None:
-        self.torch.cuda.current_stream(self.device).synchronize()
-
-    def device_name(self) -> str:
-        name = self.torch.cuda.get_device_name(self.device)
-        major, minor = self.torch.cuda.get_device_capability(self.device)
-        return f"{name} (sm_{major}{minor}, cuda:{self.device.index})"
-
-
-# --------------------------------------------------------------------------------------------
-# helpers
+Shape = Tuple[int, ...]  # typing.Tuple: JetPack 5 runs Python 3.8
 
 
 def _dtype_name(trt_dtype) -> str:
@@ -154,28 +97,12 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def bundle_spec(engine_path: Path) -> EngineSpec | None:
-    """The engines.json spec of ``engine_path`` from its bundle (the engine's folder or the one above
-    it), or None when no readable engines.json lists it."""
-    target = Path(engine_path).resolve()
-    for folder in (Path(engine_path).parent, Path(engine_path).parent.parent):
-        try:
-            for spec in load_specs(folder):
-                if Path(spec.engine).resolve() == target:
-                    return spec
-        except (UserError, OSError):
-            continue
-    return None
-
-
 def _default_profile_names(count: int) -> list[str]:
     if count == 3:  # what epts-export bundles build: an empty cache, one new token, several on a cache
         return ["prefill", "decode", "continue"]
     if count == 2:  # bundles before the continue profile
         return ["prefill", "decode"]
-    if count == 1:
-        return ["default"]
-    return [f"profile{i}" for i in range(count)]
+    return ["default"] if count == 1 else [f"profile{i}" for i in range(count)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,21 +115,20 @@ class TrtDecoder:
     (B, S, V), presents)`` and the attributes ``past_dtype``, ``kv_heads``, ``head_dim``.
 
     Levels: ``levels`` are the levels the engine serves (from its bundle's engines.json; empty for
-    an engine outside a bundle), ``level`` the one whose weights are loaded (None when unknown).
-    ``set_level(name)`` switches a refittable engine to another of its levels, ``refit_from(onnx)``
-    loads the weights of any graph of the same model.
+    an engine outside a bundle), ``level`` the one it serves now. ``set_level(name)`` refits a
+    refittable engine to another of its levels and checks it (see the module docstring); an engine
+    of a bundle runs no step before a level passed that check. ``level`` here: serve that level
+    from the start (its report is ``load_switch``).
 
-    ``device`` is the CUDA device index; ``log`` gets TensorRT's warnings and errors (stderr by
-    default). ``buffers`` replaces the torch-CUDA device memory (tests pass a CPU stand-in).
-    ``level``: serve that level from the start (``set_level``; its report is ``load_switch``) --
-    what a caller must pass, or do, for an engine that serves several levels, whose plan holds
-    only the first one's weights.
-    UserError when TensorRT or a GPU is missing, or the plan does not load here (an engine is tied
-    to the GPU and TensorRT version that built it).
+    ``weights``: where level weights and references come from (``weights.LevelWeights`` or
+    ``BakedLevels``; by default the bundle's). ``device`` is the CUDA device index; ``log`` gets
+    TensorRT's warnings and errors (stderr by default). ``buffers`` replaces the CUDA device memory
+    (tests pass a CPU stand-in). UserError when TensorRT or a GPU is missing, or the plan does not
+    load here (an engine is tied to the GPU and TensorRT version that built it).
     """
 
     def __init__(self, engine_path: Path, device: int = 0, log: Callable[[str], None] | None = None,
-                 *, buffers=None, level: str | None = None):
+                 *, buffers=None, level: str | None = None, weights=None, threads: int | None = None):
         self.engine_path = Path(engine_path)
         self.log = log or _stderr
         if not self.engine_path.is_file():
@@ -215,7 +141,11 @@ class TrtDecoder:
         self.trt = trt
         self.version = str(getattr(trt, "__version__", "?"))
         self.device = int(device)
-        self.buffers = buffers if buffers is not None else _TorchCudaBuffers(self.device)
+        if buffers is None:
+            from ..cuda import DeviceBuffers
+
+            buffers = DeviceBuffers(device=self.device)
+        self.buffers = buffers
 
         self._logger = make_logger(trt, self.log)  # warnings and errors, a 20-line tail
         self.runtime = start(trt, "Runtime", self._logger)
@@ -229,11 +159,11 @@ class TrtDecoder:
         if self.context is None:
             raise RuntimeError(f"TensorRT {self.version} could not create an execution context for "
                                f"{self.engine_path} (out of device memory?): {self._tail()}")
-        self.spec = bundle_spec(self.engine_path)
+        self.spec, source = bundle_engine(self.engine_path)
+        self.weights = weights if weights is not None else default_levels(self.spec, source, threads)
         self.levels: list[str] = list(self.spec.levels) if self.spec else []
-        # the plan holds the weights of the graph it was built from (a refit engine's first level)
-        built_from = [lv for lv, p in self.spec.refit_from.items() if Path(p) == Path(self.spec.onnx)] if self.spec else []
-        self.level: str | None = (built_from or self.levels or [None])[0]
+        self.level: str | None = self.spec.build_level if self.spec else None  # the plan holds its weights
+        self.checked: dict[str, dict] = {}  # level -> the check it passed since its weights were loaded
         self.refits = 0
         self._discover_io()
         self._read_profiles()
@@ -334,29 +264,50 @@ class TrtDecoder:
                 + ". Shorten the prompt or generation, or rebuild the engine with wider profiles")
 
     def step(self, input_ids, attention_mask, position_ids, past):
+        if self.weights is not None and self.level not in self.checked:
+            raise UserError(f"{self.engine_path}: no level is served yet (set_level checks one first)")
+        return self._step(input_ids, attention_mask, position_ids, past)
+
+    def _shapes(self, shapes: dict[str, Shape]) -> int:
+        """Select the profile for ``shapes`` and set them on the context; the profile's index."""
+        index = self.select_profile(shapes)
+        ctx = self.context
+        if index != self._profile:
+            if not ctx.set_optimization_profile_async(index, self.buffers.stream_handle()):
+                raise RuntimeError(f"TensorRT refused to switch {self.engine_path} to profile {self.profile_names[index]} "
+                                   f"({index}): {self._tail()}")
+            self._profile = index
+            self.profile_switches += 1
+        for name, shape in shapes.items():
+            if not ctx.set_input_shape(name, shape):
+                raise RuntimeError(f"TensorRT rejected shape {_shape_text(shape)} for {name} "
+                                   f"(profile {self.profile_names[index]}): {self._tail()}")
+        return index
+
+    def _bind_outputs(self) -> dict[str, tuple[object, Shape]]:
+        outs = {}
+        for name in self.output_names:
+            shape = _dims(self.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise RuntimeError(f"TensorRT could not infer the shape of {name} ({_shape_text(shape)}): {self._tail()}")
+            dev = self.buffers.empty(shape if _volume(shape) > 0 else (1,), self.outputs[name])
+            outs[name] = (dev, shape)
+            self._bind(name, self.buffers.ptr(dev))
+        return outs
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(self.buffers.stream_handle()):
+            raise RuntimeError(f"TensorRT failed to run {self.engine_path}: {self._tail()}")
+
+    def _step(self, input_ids, attention_mask, position_ids, past):
         if len(past) != len(self.past_names):
             raise UserError(f"{len(past)} past tensors given, the engine {self.engine_path} takes {len(self.past_names)}")
         feeds: dict[str, np.ndarray] = {"input_ids": np.asarray(input_ids), "attention_mask": np.asarray(attention_mask)}
         if "position_ids" in self.inputs:
             feeds["position_ids"] = np.asarray(position_ids)
         feeds.update((n, np.asarray(p)) for n, p in zip(self.past_names, past))
-        shapes = {n: tuple(int(d) for d in a.shape) for n, a in feeds.items()}
-        index = self.select_profile(shapes)
-
-        ctx, buf = self.context, self.buffers
-        stream = buf.stream_handle()
-        if index != self._profile:
-            if not ctx.set_optimization_profile_async(index, stream):
-                raise RuntimeError(f"TensorRT refused to switch {self.engine_path} to profile {self.profile_names[index]} "
-                                   f"({index}): {self._tail()}")
-            self._profile = index
-            self.profile_switches += 1
-
-        alive = []  # device tensors must outlive the run
-        for name, shape in shapes.items():
-            if not ctx.set_input_shape(name, shape):
-                raise RuntimeError(f"TensorRT rejected shape {_shape_text(shape)} for {name} "
-                                   f"(profile {self.profile_names[index]}): {self._tail()}")
+        self._shapes({n: tuple(int(d) for d in a.shape) for n, a in feeds.items()})
+        buf, alive = self.buffers, []  # device tensors must outlive the run
         for name, array in feeds.items():
             dtype = self.inputs[name]
             if array.size == 0:  # a zero-length past still needs a valid, non-null address
@@ -365,20 +316,9 @@ class TrtDecoder:
                 dev = buf.to_device(np.ascontiguousarray(array, dtype=HOST_DTYPES[dtype]), dtype)
             alive.append(dev)
             self._bind(name, buf.ptr(dev))
-
-        outs: dict[str, tuple[object, Shape]] = {}
-        for name in self.output_names:
-            shape = _dims(ctx.get_tensor_shape(name))
-            if any(d < 0 for d in shape):
-                raise RuntimeError(f"TensorRT could not infer the shape of {name} ({_shape_text(shape)}): {self._tail()}")
-            dev = buf.empty(shape if _volume(shape) > 0 else (1,), self.outputs[name])
-            outs[name] = (dev, shape)
-            self._bind(name, buf.ptr(dev))
-
-        if not ctx.execute_async_v3(stream):
-            raise RuntimeError(f"TensorRT failed to run {self.engine_path}: {self._tail()}")
+        outs = self._bind_outputs()
+        self._execute()
         buf.sync()
-
         host = {}
         for name, (dev, shape) in outs.items():
             if _volume(shape) == 0:
@@ -389,6 +329,37 @@ class TrtDecoder:
         logits = host["logits"].astype(np.float32, copy=False)
         presents = [host[n].astype(self.past_dtype, copy=False) for n in self.present_names]
         return logits, presents
+
+    def latency(self, batch: int, seq: int, past: int, repeats: int = 20, warmup: int = 3,
+                clock: Callable[[], float] = time.perf_counter) -> float:
+        """Median seconds of one engine run of ``batch`` x ``seq`` new tokens on a ``past``-token
+        cache, inputs resident on the device (no host copies timed: what the kernels cost)."""
+        total = past + seq
+        shapes = {"input_ids": (batch, seq), "attention_mask": (batch, total), "position_ids": (batch, seq),
+                  **{n: (batch, self.kv_heads, past, self.head_dim) for n in self.past_names}}
+        shapes = {n: s for n, s in shapes.items() if n in self.inputs}
+        self._shapes(shapes)
+        host = {"input_ids": np.full((batch, seq), 4), "attention_mask": np.ones((batch, total)),
+                "position_ids": np.broadcast_to(np.arange(past, total), (batch, seq))}
+        alive = []
+        for name, shape in shapes.items():
+            array = host.get(name)
+            if array is None:  # the cache: zeros (its values do not change the kernels' time)
+                dev = self.buffers.zeros(shape if _volume(shape) else (1,), self.inputs[name])
+            else:
+                dev = self.buffers.to_device(np.ascontiguousarray(array, HOST_DTYPES[self.inputs[name]]), self.inputs[name])
+            alive.append(dev)
+            self._bind(name, self.buffers.ptr(dev))
+        alive.append(self._bind_outputs())
+        times = []
+        for i in range(warmup + repeats):
+            t0 = clock()
+            self._execute()
+            self.buffers.sync()
+            if i >= warmup:
+                times.append(clock() - t0)
+        del alive
+        return float(np.median(times))
 
     def describe(self) -> dict:
         """TensorRT version, engine, GPU, I/O types and every profile's ranges (JSON-ready)."""
@@ -408,60 +379,102 @@ class TrtDecoder:
                 "profiles": profiles, "active_profile": self._profile,
                 "levels": list(self.levels), "level": self.level, "refittable": self.refittable, "refits": self.refits}
 
-    # ---- levels: refit
+    # ---- levels: refit and check
 
     @property
     def refittable(self) -> bool:
         """Whether the engine was built with refittable weights (it can switch level)."""
         return bool(getattr(self.engine, "refittable", False))
 
-    def set_level(self, level: str, onnx: Path | None = None) -> dict:
-        """Serve ``level``: refit the engine with that level's weights, unless they are loaded.
+    @property
+    def dtype(self) -> str:
+        """The precision whose tolerances the level check applies: "fp32" or "fp16" (bf16 too)."""
+        return "fp32" if self.kv_dtype == "float32" else "fp16"
 
-        ``onnx`` is the level's baked graph; by default the one the bundle's engines.json names for
-        it. Returns {"level", "switched" (False when already loaded), "refit_s", "onnx", "weights"
-        (how many weights TensorRT took)}. UserError when the engine does not serve ``level`` or
-        is not refittable (a level with its own engine: open that engine instead).
-        """
+    def set_level(self, level: str) -> dict:
+        """Serve ``level``: refit the engine with that level's prunable weights (unless they are
+        loaded), then check one prefill against ONNX Runtime at that level. Returns {"level",
+        "switched", "refit_s", "weights" (how many TensorRT took), "check"}. UserError when the
+        engine does not serve ``level`` or cannot switch to it (exit 1), or the level drifts (exit 3)."""
         level = str(level)
         if self.levels and level not in self.levels:
             raise UserError(f"the TensorRT engine {self.engine_path} serves level(s) {', '.join(self.levels)}, not {level}: "
                             f"open the engine the bundle lists for {level}")
-        if level == self.level:
-            return {"level": level, "switched": False, "refit_s": 0.0, "onnx": None, "weights": 0}
-        if onnx is None:
-            if self.spec is None or level not in self.spec.refit_from:
-                raise UserError(f"no graph to refit {self.engine_path} with for level {level}: pass the level's "
-                                f"model.onnx (the engine is not listed as refittable in its bundle's engines.json)")
-            onnx = self.spec.refit_from[level]
-        return {**self.refit_from(onnx, level), "switched": True}
+        out = {"level": level, "switched": False, "refit_s": 0.0, "weights": 0}
+        if level != self.level:
+            if self.weights is None:
+                raise UserError(f"no level weights for {self.engine_path}: open it from its bundle (engines.json)")
+            out.update(self._refit(level), switched=True)
+        if level not in self.checked and self.weights is not None:
+            self.checked[level] = self.check_level(level)
+        out["check"] = self.checked.get(level)
+        return out
 
-    def refit_from(self, onnx: Path, level: str | None = None) -> dict:
-        """Load the weights of the ONNX graph ``onnx`` (a graph of the model the engine was built
-        from, like another level's) into the engine, and call them ``level``. Waits for the GPU to
-        be idle first. Returns {"level", "onnx", "weights", "refit_s"}. UserError when the engine is
-        not refittable or the graph does not fit it; RuntimeError when TensorRT fails to refit."""
-        onnx = Path(onnx)
+    def _refit(self, level: str) -> dict:
         if not self.refittable:
             raise UserError(f"the TensorRT engine {self.engine_path} was built without refittable weights: it serves "
                             f"only its own level (rebuild it with build_engines.py to switch levels in one engine)")
-        if not onnx.is_file():
-            raise UserError(f"{onnx} is missing: the refit needs the level's graph (copy the whole bundle)")
         self.buffers.sync()  # no step may run while the weights change
         t0 = time.perf_counter()
+        arrays = self.weights.arrays(level)
+        self.level, self.checked = None, {}  # until the refit is done and checked, no level is served
         refitter = self._refitter()
-        count, keep = self._set_weights(refitter, onnx)
+        known = {str(n) for n in refitter.get_all_weights()}
+        unknown = [n for n in arrays if n not in known]
+        if unknown:
+            raise UserError(f"{self.engine_path} cannot refit {len(unknown)} of the level's weights (first: {unknown[0]}): "
+                            f"rebuild it with build_engines.py")
+        keep = []
+        for name, array in arrays.items():
+            self._set_named(refitter, name, array, keep)
+        for name in [str(m) for m in refitter.get_missing_weights()]:  # what TensorRT fused with them
+            self._set_named(refitter, name, self.weights.tensor(name), keep)
         missing = [str(m) for m in refitter.get_missing_weights()]
         if missing:
-            raise UserError(f"{onnx} leaves {len(missing)} weight(s) of {self.engine_path} unset (first: {missing[0]}): "
-                            f"it is not a graph of this engine's model")
+            raise UserError(f"TensorRT still wants {len(missing)} weight(s) of {self.engine_path} (first: {missing[0]}): "
+                            f"the engine was not built from this bundle's graph")
         if not refitter.refit_cuda_engine():
-            raise RuntimeError(f"TensorRT {self.version} failed to refit {self.engine_path} from {onnx}: {self._tail()}")
-        del keep  # the weights were copied into the engine: the host arrays may go
-        elapsed = time.perf_counter() - t0
+            raise RuntimeError(f"TensorRT {self.version} failed to refit {self.engine_path} to level {level}: {self._tail()}")
+        del keep  # copied into the engine: the host arrays may go
         self.level = level
         self.refits += 1
-        return {"level": level, "onnx": str(onnx), "weights": count, "refit_s": round(elapsed, 3)}
+        return {"refit_s": round(time.perf_counter() - t0, 3), "weights": len(arrays)}
+
+    def _set_named(self, refitter, name: str, array: np.ndarray, keep: list) -> None:
+        array = np.ascontiguousarray(array)
+        weights = self.trt.Weights(array)
+        if not refitter.set_named_weights(name, weights):
+            raise UserError(f"TensorRT {self.version} rejected the weights {name} ({array.dtype}{list(array.shape)}) "
+                            f"for {self.engine_path}: {self._tail()}")
+        keep.append((array, weights))
+
+    def check_level(self, level: str) -> dict:
+        """One prefill of ``PROBE_TOKENS`` tokens here and in ONNX Runtime at ``level``, compared with
+        the tolerances of two runtimes (``compare.between_runtimes``); the check's result, or
+        UserError (exit 3) when the level drifts."""
+        ref = self.weights.reference(level)
+        vocab = self.weights.vocab_size() or 256
+        seq = min(PROBE_TOKENS, max((r["input_ids"][2][1] for r in self.profiles if r[self.past_names[0]][0][2] == 0),
+                                    default=0))
+        if seq < 1:
+            raise UserError(f"{self.engine_path} has no profile for a prefill from an empty cache: it cannot be checked")
+        ids = np.random.default_rng(0).integers(4, max(vocab - 1, 5), (1, seq))
+        mask = np.ones_like(ids)
+        pos = positions(mask, 0)
+        want = ref.step(ids, mask, pos, ref.empty_past(1))
+        got = self._step(ids, mask, pos, self.empty_past(1))
+        valid = np.ones((1, seq), bool)
+        check = step_check(want, got, between_runtimes(self.dtype), valid, valid, self.output_names)
+        out = {"passed": bool(check["passed"]), "tokens": seq, "worst_output": check["worst_output"],
+               "top1_failures": check["top1_failures"],
+               "logits_max_abs": check["outputs"]["logits"]["max_abs"], "logits_atol": check["outputs"]["logits"]["atol"]}
+        if not out["passed"]:
+            worst = check["outputs"][check["worst_output"]]
+            raise UserError(f"TensorRT level {level} of {self.engine_path} drifts from ONNX Runtime after its weights "
+                            f"were loaded ({check['worst_output']} off by {worst['max_abs']:.3g}, tolerance "
+                            f"{worst['atol']:g}; {check['top1_failures']} top-1 disagreements): not served. Rebuild the "
+                            f"engine (build_engines.py) or run with --runtime ort", EXIT_INTEGRITY)
+        return out
 
     def _refitter(self):
         try:
@@ -474,34 +487,6 @@ class TrtDecoder:
             raise UserError(f"TensorRT {self.version} could not create a refitter for {self.engine_path} ({why}): "
                             f"{self._tail()}")
         return refitter
-
-    def _set_weights(self, refitter, onnx: Path) -> tuple[int, object]:
-        """Hand the graph's weights to ``refitter``; (how many, what must stay alive until the refit).
-        TensorRT >= 10: its ONNX refitter maps the graph's initializers to the engine's weights (it
-        knows what the parser did with them). 8.x has none: each refittable weight is set by the
-        initializer name the parser gave it, then the ones TensorRT fused with them."""
-        trt = self.trt
-        if hasattr(trt, "OnnxParserRefitter"):
-            parser = trt.OnnxParserRefitter(refitter, self._logger)
-            if not parser.refit_from_file(str(onnx)):
-                errors = [str(parser.get_error(i).desc()) for i in range(int(parser.num_errors))]
-                raise UserError(f"TensorRT {self.version} could not refit {self.engine_path} from {onnx}: "
-                                + ("; ".join(errors) or self._tail()))
-            return len(refitter.get_all_weights()), parser
-        refittable = [str(n) for n in refitter.get_all_weights()]
-        wanted = [w for w in (self.spec.refit_weights if self.spec and self.spec.refit_weights else refittable)
-                  if w in refittable]
-        keep: dict[str, tuple] = {}
-        for names in (wanted, None):  # then what TensorRT fused with them (known once those are set)
-            if names is None:
-                names = [str(m) for m in refitter.get_missing_weights() if str(m) not in keep]
-            for name, array in read_initializers(onnx, names, require=False).items():
-                weights = trt.Weights(np.ascontiguousarray(array))
-                if not refitter.set_named_weights(name, weights):
-                    raise UserError(f"TensorRT {self.version} rejected the weights {name} of {onnx} "
-                                    f"({array.dtype}{list(array.shape)}): {self._tail()}")
-                keep[name] = (array, weights)
-        return len(keep), keep
 
     # ---- internals
 

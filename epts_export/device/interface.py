@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Tuple
 
 from .errors import UserError
+from .files import ManifestFormat
 
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"  # external weights, beside the graph
@@ -30,6 +32,10 @@ DECODER_GRAPH = "decoder.onnx"  # the decoder, its prunable weights supplied by 
 LEVELS_FILE = "levels.json"  # {"input": "sparsity_level", "levels": [names]}: index -> level name
 LEVELS_METADATA = "epts.levels"  # the same table in the graphs' metadata_props (JSON list of names)
 ENGINES_JSON = "engines.json"  # the engine specs of a bundle
+# an ONNX export folder's manifest (written by onnx.export, read by onnx.reader and the runner)
+EXPORT = ManifestFormat("epts-onnx", 1, "ONNX export", "create one with `epts-export export`",
+                        fields=(("mode", str), ("dtype", str), ("levels", list), ("io", dict), ("weights", dict),
+                                ("source_artifact", dict)))
 
 ID_INPUTS = ("input_ids", "attention_mask", "position_ids")
 LEVEL_INPUT = "sparsity_level"
@@ -93,7 +99,7 @@ class KVLayout:
         return 2 * self.layers * self.kv_heads * self.head_dim * elem_bytes
 
 
-Triple = tuple[int, int, int]
+Triple = Tuple[int, int, int]  # typing.Tuple: JetPack 5 runs Python 3.8
 
 
 @dataclass(frozen=True)

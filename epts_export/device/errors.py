@@ -1,0 +1,20 @@
+"""One error type for everything a user can fix; the CLI and the bundle's scripts turn it into one
+line and an exit code."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input: a missing path, a malformed level, a tampered artifact.
+
+    The CLI prints ``error: <message>`` and exits with ``exit_code`` (1 by default), without a
+    traceback unless ``EPTS_DEBUG`` is set. The message should say what is wrong and what to do.
+    """
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+EXIT_INTEGRITY = 3  # a file is missing, altered or not listed; a level drifts from its reference
+EXIT_DEVICE = 4  # engines built for another GPU or TensorRT than the one running here
