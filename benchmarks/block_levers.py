@@ -35,8 +35,9 @@ from epts_export.models.hf import load_model
 from epts_export.models.resolve import resolve_model
 from epts_export.pruning.baselines import prune_block_calibrated
 from epts_export.pruning.blockloop import block_output, capture_block_inputs, run_block
-from epts_export.pruning.calibration import tokenize_text
-from epts_export.pruning.epts import BlockMerger, TrainConfig, optimize_block
+from epts_export.text import tokenize_text
+from epts_export.core.config import TrainConfig
+from epts_export.pruning.epts import BlockMerger, optimize_block
 
 from . import docutils_docs, shakespeare
 from .levers import variant_config
@@ -63,7 +64,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    model, tok = load_model(resolve_model(args.model))
+    model, tok = load_model(resolve_model(args.model).path)
     fam = family_for(model)
     texts = CORPORA[args.corpus]()
     calib = windows(texts["calib"], tok, args.nsamples, args.seqlen)

@@ -23,7 +23,7 @@ import dataclasses
 import re
 
 from epts_export.core.levels import DEFAULT_LEVELS, Level, parse_levels
-from epts_export.pruning.epts import TrainConfig
+from epts_export.core.config import TrainConfig
 
 FLAGS = {"bf16": {"precision": "bf16"}, "fp32": {"precision": "fp32"}, "lsq": {"init": "lsq"}, "zero": {"init": "zero"},
          "residual": {"residual": True}, "lr0": {"lr": 1e-30}, "obs": {"importance": "obs"},

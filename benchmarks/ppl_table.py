@@ -30,7 +30,7 @@ import torch
 
 from epts_export.artifact.folder import Artifact
 from epts_export.pruning.calibration import CalibSpec
-from epts_export.pruning.epts import TrainConfig
+from epts_export.core.config import TrainConfig
 from epts_export.artifact.evaluate import load_eval_data, perplexity
 from epts_export.models.families import measured_sparsity
 from epts_export.core.levels import parse_levels

@@ -22,7 +22,8 @@ from epts_export.models.families import family_for, get_blocks, prunable_linears
 from epts_export.models.hf import load_model
 from epts_export.models.resolve import resolve_model
 from epts_export.pruning.blockloop import capture_block_inputs, run_block
-from epts_export.pruning.epts import TrainConfig, optimize_block
+from epts_export.core.config import TrainConfig
+from epts_export.pruning.epts import optimize_block
 
 from .levers import variant_config
 
@@ -39,7 +40,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    model, _tok = load_model(resolve_model(args.model))
+    model, _tok = load_model(resolve_model(args.model).path)
     fam = family_for(model)
     samples = torch.randint(10, model.config.vocab_size - 1, (args.nsamples, args.seqlen))
     inputs = capture_block_inputs(model, fam, samples)

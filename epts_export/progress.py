@@ -19,14 +19,23 @@ class Progress:
         self._task = None
 
     @contextlib.contextmanager
-    def status(self, message: str) -> Iterator[None]:
-        """A spinner for work without a known size (loading, writing)."""
+    def status(self, message: str) -> Iterator[Callable[[str], None]]:
+        """A spinner for work without a known size (loading, writing); yields ``say(message)``, which
+        replaces the spinner's text (a line of its own when stderr is not a terminal)."""
         if not self.enabled:
-            yield
+            yield lambda _msg: None
             return
-        with console.status(message):
-            yield
-        console.print(f"[green]✓[/] {message}")
+        if not console.is_terminal:
+            yield lambda msg: console.print(msg, markup=False, highlight=False, soft_wrap=True)
+        else:
+            with console.status(message, spinner="dots") as spinner:
+                yield lambda msg: spinner.update(msg)
+        self.note(message)
+
+    def note(self, message: str) -> None:
+        """One line saying that something was done (or reused), when progress is shown."""
+        if self.enabled:
+            console.print(f"[green]✓[/] {message}", highlight=False)
 
     @contextlib.contextmanager
     def task(self, description: str, total: float, completed: float = 0) -> Iterator[Callable[[float], None]]:

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from conftest import build_tokenizer, tiny_llama
-from epts_export.pruning.calibration import CalibSpec, build_calibration, window_samples
+from epts_export.pruning.calibration import CalibSpec, build_calibration
+from epts_export.text import window_samples
 from epts_export.errors import UserError
 
 

@@ -100,7 +100,7 @@ def test_optimize_levers_reach_the_artifact(tiny_dirs, text_file, tmp_path):
     r = run("info", out)
     assert r.exit_code == 0 and "any sparsity in [0, 0.7] and 2:4" in r.output, r.output
     from epts_export.artifact.folder import Artifact
-    from epts_export.pruning.epts import TrainConfig
+    from epts_export.core.config import TrainConfig
     assert [g.hi for g in Artifact.open(out).groups] == [0.35, 0.45, 0.55, 0.65, 0.7, 0.5]  # 5 rungs + the 2:4 group
     cfg = TrainConfig.from_dict(s)  # what a reader of the artifact gets back
     assert (cfg.low_top, cfg.low_span, cfg.groups(parse_levels("0.7"))[0].hi) == (0.35, 0.2, 0.35)

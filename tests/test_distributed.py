@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from epts_export.core.levels import parse_levels
 from epts_export.errors import UserError
 from epts_export.pruning.calibration import CalibSpec
-from epts_export.pruning.epts import TrainConfig
+from epts_export.core.config import TrainConfig
 from epts_export.pruning.optimize import OptimizeSpec, _check_parallel, optimize
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout whose epts_export the ranks import
@@ -159,17 +159,17 @@ def test_bad_flag_under_torchrun_is_printed_once(tiny_dirs, tmp_path):
 
 
 def test_stream_checkpoints_round_trip_and_know_their_block(tmp_path):
-    from epts_export.pruning.optimize import _load_streams, _save_streams
+    from epts_export.pruning.checkpoint import load_streams, save_streams
 
     dense = [torch.randn(1, 5, 4) for _ in range(3)]
     sparse = [torch.randn(1, 5, 4) for _ in range(3)]
     path = tmp_path / "ckpt" / "streams.rank1-of-2.safetensors"
-    _save_streams(path, dense, sparse, done=2)
+    save_streams(path, dense, sparse, done=2)
     assert set(load_file(path)) == {f"{s}.{k}" for s in ("dense", "sparse") for k in range(3)}  # plain safetensors
-    d, s = _load_streams(path, 2, 3)
+    d, s = load_streams(path, 2, 3)
     assert all(torch.equal(a, b) for a, b in zip(d + s, dense + sparse))
     with pytest.raises(UserError, match="holds the streams of 3 windows after block 2, but the run is at block 1"):
-        _load_streams(path, 1, 3)  # interrupted after the streams were saved but before the state
+        load_streams(path, 1, 3)  # interrupted after the streams were saved but before the state
     path.write_bytes(path.read_bytes()[:50])
     with pytest.raises(UserError, match="unreadable.*delete"):
-        _load_streams(path, 2, 3)
+        load_streams(path, 2, 3)

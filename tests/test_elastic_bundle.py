@@ -21,7 +21,7 @@ from epts_export.deploy.targets import targets_dir
 from epts_export.device.ort import OrtDecoder, greedy
 from epts_export.onnx.export import ExportSpec, export
 from epts_export.pruning.calibration import CalibSpec
-from epts_export.pruning.epts import TrainConfig
+from epts_export.core.config import TrainConfig
 from epts_export.pruning.optimize import OptimizeSpec, optimize
 
 ONNX = (".onnx", ".onnx_data")

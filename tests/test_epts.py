@@ -10,8 +10,9 @@ from torch.func import functional_call
 from conftest import tiny_llama, tiny_opt
 from epts_export.pruning.blockloop import block_output, capture_block_inputs
 from epts_export.core.rule import LevelRule, level_rule
-from epts_export.pruning.epts import (BlockMerger, TrainConfig, group_level, minibatches, mix_weights, msfm_mix,
-                                     optimize_block, steps_per_epoch, stratified_draws)
+from epts_export.core.config import TrainConfig
+from epts_export.pruning.epts import (BlockMerger, group_level, minibatches, mix_weights, msfm_mix, optimize_block,
+                                     steps_per_epoch, stratified_draws)
 from epts_export.models.families import family_for, get_blocks, prunable_linears
 from epts_export.core.levels import Level, build_groups, parse_level, parse_levels
 

@@ -18,7 +18,8 @@ from epts_export.core.masks import importance_order, obs_scores, wanda_scores
 from epts_export.core.rule import level_rule
 from epts_export.models.families import family_for, get_blocks, prunable_linears
 from epts_export.pruning.blockloop import block_output, capture_block_inputs
-from epts_export.pruning.epts import BlockMerger, TrainConfig, cost_per_block, lr_factor, optimize_block
+from epts_export.core.config import TrainConfig
+from epts_export.pruning.epts import BlockMerger, cost_per_block, lr_factor, optimize_block
 
 LEVELS = parse_levels("0.3,0.5,0.7,2:4")
 

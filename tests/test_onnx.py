@@ -200,7 +200,7 @@ def test_dynamic_serves_below_a_low_span_group_0_with_the_mask_alone(tiny_dirs, 
     dynamic graph's tables follow the same rule as PyTorch, so 0.1 is the mask alone in both."""
     import dataclasses
 
-    from epts_export.pruning.epts import TrainConfig
+    from epts_export.core.config import TrainConfig
     spec = dataclasses.replace(spec_for(tiny_dirs["llama"], tmp_path / "a", text_file, levels="0.5"),
                                train=TrainConfig(rank=2, epochs=1, lr=1e-2, init="lsq", group_width=0.1,
                                                  low_top=0.35, low_span=0.2))

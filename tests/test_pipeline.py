@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from conftest import BUILDERS, OTHER_TYPES, tiny_of_type
 from epts_export.artifact.folder import ELASTIC_FILE, Artifact
 from epts_export.pruning.calibration import CalibSpec
-from epts_export.pruning.epts import TrainConfig
+from epts_export.core.config import TrainConfig
 from epts_export.errors import UserError
 from epts_export.artifact.evaluate import evaluate
 from epts_export.models.families import FAMILIES, family_for, iter_prunable, measured_sparsity, supported_types

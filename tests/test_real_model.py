@@ -9,7 +9,7 @@ import torch
 
 from epts_export.artifact.folder import Artifact
 from epts_export.pruning.calibration import CalibSpec
-from epts_export.pruning.epts import TrainConfig
+from epts_export.core.config import TrainConfig
 from epts_export.artifact.evaluate import evaluate
 from epts_export.models.families import iter_prunable
 from epts_export.core.levels import parse_level, parse_levels

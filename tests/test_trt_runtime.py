@@ -12,9 +12,7 @@ import types
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from epts_export.errors import UserError
 from epts_export.device.interface import ENGINES_JSON, KVLayout, ShapeRange

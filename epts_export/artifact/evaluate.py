@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .folder import Artifact
-from ..pruning.calibration import read_text_source, tokenize_text
+from ..text import read_text_source, tokenize_text
 from ..errors import UserError
 from ..models.families import measured_sparsity
 from ..fsutil import sha256_bytes
@@ -94,7 +94,7 @@ def evaluate(target: str | Path, data: str, seqlen: int, levels: list[Level] | N
         from ..models import load_model, resolve_model
 
         with progress.status(f"loading model {target}"):
-            model, tok = load_model(resolve_model(str(target), progress=progress.enabled))
+            model, tok = load_model(resolve_model(str(target), progress=progress.enabled).path)
         check_context(seqlen, model.config)
         ev = load_eval_data(data, tok, seqlen, max_windows)
         runs = [("dense", lambda: model)]
@@ -114,7 +114,7 @@ def _dense_of(art: Artifact):
 
     spec = art.manifest["model"].get("spec")
     try:
-        model, _ = load_model(resolve_model(spec, progress=False))
+        model, _ = load_model(resolve_model(spec, progress=False).path)
     except UserError:
         return None
     return model

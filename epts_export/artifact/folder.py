@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..fsutil import ManifestFormat, read_manifest, verify_hashes
+from ..core.config import TrainConfig
 from ..core.levels import Group, Level, parse_level
 from ..core.rule import active_groups
 
@@ -82,8 +83,6 @@ class Artifact:
         if not levels:
             raise bad("it lists no levels")
         if self.is_elastic:
-            from ..pruning.epts import TrainConfig
-
             if not any(not g.is_nm for g in groups):
                 raise bad("an EPTS artifact needs its sparsity groups")
             try:

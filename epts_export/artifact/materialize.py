@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.config import TrainConfig
 from ..core.hilora import merged_weight
 from ..core.levels import Group, Level
 from ..core.rule import LevelRule, level_rule
@@ -33,8 +34,6 @@ class ElasticWeights:
 
     def __init__(self, artifact: Artifact):
         from safetensors.torch import load_file
-
-        from ..pruning.epts import TrainConfig
 
         self.tensors = load_file(artifact.path / ELASTIC_FILE)
         self.groups: list[Group] = artifact.groups

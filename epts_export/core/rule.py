@@ -18,12 +18,13 @@ dynamic-mode tables (``onnx.dynamic``) all ask ``level_rule``, so that they cann
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
 from .levels import Group, Level, unstructured_group
-from .masks import level_mask
+
+if TYPE_CHECKING:  # reading an artifact or export asks the rule, and needs no torch for that
+    import torch
 
 
 def active_groups(groups: list[Group], level: Level) -> list[int]:
@@ -48,6 +49,8 @@ class LevelRule:
 
     def mask(self, order: torch.Tensor) -> torch.Tensor:
         """bool (out, in) keep-mask of this level from a linear's importance order (out, in)."""
+        from .masks import level_mask
+
         return level_mask(order, self.level)
 
     def rank_rows(self, rank: int, slot: dict[int, int] | None = None) -> list[int]:

@@ -146,7 +146,7 @@ def _stage_lock(stages: Path, progress: Progress):
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            progress_note(progress, f"waiting for another build that uses {stages.parent}")
+            progress.note(f"waiting for another build that uses {stages.parent}")
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -225,13 +225,6 @@ def _engines_here(target) -> tuple[bool, str]:
     return tensorrt_status()
 
 
-def progress_note(progress: Progress, message: str) -> None:
-    if progress.enabled:
-        from ..progress import console
-
-        console.print(f"[green]✓[/] {message}")
-
-
 def _version() -> str:
     from .. import __version__
 
@@ -264,7 +257,7 @@ def optimize_stage(spec: BuildSpec, src: _Source, levels: list[Level], stages: P
     if out.exists():
         try:
             art = Artifact.open(out)
-            progress_note(progress, f"reusing artifact {out}")
+            progress.note(f"reusing artifact {out}")
             return art
         except UserError:
             shutil.rmtree(out)
@@ -284,7 +277,7 @@ def export_stage(art: Artifact, levels: list[Level], precision: str, mode: str, 
     if onnx_dir.exists():
         try:
             OnnxExport.open(onnx_dir)
-            progress_note(progress, f"reusing ONNX export {onnx_dir}")
+            progress.note(f"reusing ONNX export {onnx_dir}")
         except UserError:
             shutil.rmtree(onnx_dir)
     if not onnx_dir.exists():
@@ -298,7 +291,7 @@ def parity_stage(exp, art: Artifact, export_key: str, stages: Path, progress: Pr
 
     report_path = stages / f"parity-{export_key}.json"
     if (exp.manifest.get("parity") or {}).get("passed") and report_path.is_file():
-        progress_note(progress, "reusing the parity result of that export")
+        progress.note("reusing the parity result of that export")
         return json.loads(report_path.read_text()), report_path
     report = validate(exp.path, artifact=art.path, progress=progress)
     write_report(report, report_path)
@@ -316,12 +309,12 @@ def perplexity_stage(spec: BuildSpec, art: Artifact, levels: list[Level], export
     seqlen = spec.eval_seqlen
     context = getattr(AutoConfig.from_pretrained(art.model_dir), "max_position_embeddings", None)
     if isinstance(context, int) and seqlen > context:
-        progress_note(progress, f"perplexity windows of {context} tokens: the model's context (not {seqlen})")
+        progress.note(f"perplexity windows of {context} tokens: the model's context (not {seqlen})")
         seqlen = context
     ppl_path = stages / f"ppl-{_fingerprint({'export': export_key, 'data': spec.eval_data, 'seqlen': seqlen, 'windows': spec.eval_windows})}.json"
     if ppl_path.is_file():
         ev = json.loads(ppl_path.read_text())
-        progress_note(progress, "reusing the perplexity of those levels")
+        progress.note("reusing the perplexity of those levels")
     else:
         ev = evaluate(art.path, spec.eval_data, seqlen, levels, progress, spec.eval_windows)
         write_json(ppl_path, ev)

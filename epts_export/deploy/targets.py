@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.levels import Level, parse_level, sort_levels
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..device.interface import PRECISIONS, ShapeRange
 
 ENV_DIR = "EPTS_TARGETS_DIR"
@@ -255,7 +255,7 @@ def load_target_file(path: str | os.PathLike[str]) -> Target:
     except UnicodeDecodeError:
         raise UserError(f"{shown}: not UTF-8 text: save the target file as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
-        msg = " ".join(str(e).split())  # keep it one line whatever the parser says
+        msg = one_line(e)
         raise UserError(f"{shown}: invalid TOML: {msg}") from None
     return _Checker(p, shown).target(data)
 

@@ -16,5 +16,13 @@ class UserError(Exception):
         self.exit_code = exit_code
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of ``exc``'s message (its type's name when it has none), spaces
+    collapsed, at most ``limit`` characters: what a one-line error quotes of an exception."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[0].split()) if lines else type(exc).__name__
+    return text[:limit]
+
+
 EXIT_INTEGRITY = 3  # a file is missing, altered or not listed; a level drifts from its reference
 EXIT_DEVICE = 4  # engines built for another GPU or TensorRT than the one running here

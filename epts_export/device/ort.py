@@ -13,7 +13,7 @@ from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, one_line
 from .interface import DECODER_GRAPH, LEVEL_INPUT, LEVELS_FILE, LEVELS_METADATA, WEIGHTS_GRAPH
 
 # step(input_ids, attention_mask, position_ids, past) -> (logits (B, S, V) float32, presents [2 * layers])
@@ -39,7 +39,7 @@ def _session(path: Path, opts, providers: Sequence[str]):
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
-        raise UserError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}") from None
+        raise UserError(f"ONNX Runtime cannot load {path}: {one_line(e)}") from None
 
 
 def level_table(session, folder: Path) -> list[str] | None:

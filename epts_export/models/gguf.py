@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from ..errors import UserError
-from .hf import _one_line, save_model, save_tokenizer
+from ..errors import UserError, one_line
+from .hf import save_model, save_tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -54,7 +54,7 @@ def convert_gguf(gguf: Path, dest: Path, record: dict) -> dict:
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001 - unsupported architecture, corrupt file, ...
-            raise UserError(f"could not read GGUF file {gguf}: {_one_line(exc)}; "
+            raise UserError(f"could not read GGUF file {gguf}: {one_line(exc)}; "
                             "pass a Hugging Face model folder instead") from exc
         model.eval()
         check = _save_plain(model, tokenizer, dest)

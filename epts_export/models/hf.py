@@ -9,26 +9,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..fsutil import write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from .resolve import ResolvedModel
-
 __all__ = ["load_model", "save_config", "save_model", "save_tokenizer", "compatible_config"]
 
 
-def load_model(resolved: Union["ResolvedModel", Path, str],
-               dtype: "torch.dtype | None" = None) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
-    """Load a Hugging Face causal LM folder on CPU, in eval mode, in ``dtype`` (float32 by default).
-
-    ``resolved`` is a :class:`~epts_export.models.resolve.ResolvedModel` or the folder's path.
-    Returns ``(model, tokenizer)``. A folder transformers cannot read (missing or bad config,
+def load_model(folder: Path | str, dtype: "torch.dtype | None" = None) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """Load a Hugging Face causal LM folder (a ``ResolvedModel``'s ``path``, an artifact's model) on
+    CPU, in eval mode, in ``dtype`` (float32 by default). Returns ``(model, tokenizer)``. A folder transformers cannot read (missing or bad config,
     weights or tokenizer files) is a one-line :class:`UserError` ("could not load ...").
     """
     import torch
@@ -36,16 +31,16 @@ def load_model(resolved: Union["ResolvedModel", Path, str],
 
     if dtype is None:
         dtype = torch.float32
-    path = Path(getattr(resolved, "path", resolved))
+    path = Path(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=None)
     except Exception as exc:  # noqa: BLE001 - OSError, a truncated safetensors (SafetensorError), a bad config...
-        raise UserError(f"could not load model from {path}: {_one_line(exc)}; "
+        raise UserError(f"could not load model from {path}: {one_line(exc)}; "
                         "pass a Hugging Face causal LM folder or a .gguf file") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - every failure means the same to the user
-        raise UserError(f"could not load the tokenizer from {path}: {_one_line(exc)}; "
+        raise UserError(f"could not load the tokenizer from {path}: {one_line(exc)}; "
                         "the folder needs its tokenizer files (tokenizer.json or tokenizer.model)") from exc
     model.to("cpu")
     model.eval()
@@ -105,10 +100,3 @@ def save_tokenizer(tokenizer, folder: Path, input_names: list[str] | None = None
     if input_names is not None:
         conf["model_input_names"] = input_names
     write_text(tc, json.dumps(conf, indent=2) + "\n")
-
-
-def _one_line(exc: BaseException) -> str:
-    """The first line of ``exc``'s message (or its type name), at most 300 characters, for a UserError."""
-    text = str(exc).strip() or type(exc).__name__
-    first = text.splitlines()[0].strip()
-    return first[:300]

@@ -177,7 +177,6 @@ class ElasticTables:
         r = elastic.lora_rank
         used = sorted({g for lv in levels for g in level_rule(elastic.groups, lv).groups})
         slot = {g: k for k, g in enumerate(used)}
-        R = len(used) * r
         rank_idx, rank_cnt, factor, kept = [], [], [], []
         for b in range(len(elastic.low_flags)):
             global_rows = [elastic.rule(b, lv).rank_rows(r, slot) for lv in levels]

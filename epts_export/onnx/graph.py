@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 
 from ..core.levels import Level
 from ..core.masks import keep_count
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..device.interface import DATA_FILE
 
 EXTERNAL_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB, with room for the graph itself
@@ -26,7 +26,7 @@ def load(path: Path) -> onnx.ModelProto:
     try:
         return onnx.load(str(path))
     except Exception as e:  # protobuf DecodeError, missing external data, ...
-        raise UserError(f"{path} is not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+        raise UserError(f"{path} is not a readable ONNX model ({type(e).__name__}: {one_line(e)})") from None
 
 
 def initializer_bytes(graph: onnx.ModelProto) -> int:

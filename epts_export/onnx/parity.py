@@ -29,20 +29,19 @@ from __future__ import annotations
 
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from ..core.levels import Level
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..fsutil import atomic_path, write_json
 from ..device.interface import LEVEL_INPUT, WEIGHTS_GRAPH
 from ..progress import Progress
 from . import graph as onnx_graph
 from .reader import OnnxExport
-from ..device.compare import TOLERANCES, step_check, top1
+from ..device.compare import TOLERANCES, step_check
 from ..device.ort import ElasticDecoder, OrtDecoder, greedy, positions
 from .reference import TorchDecoder
 
@@ -308,7 +307,7 @@ def _out_of_range(exp: OnnxExport, threads: int | None) -> dict:
                 results[f"{WEIGHTS_GRAPH} {bad}"] = bool(all(np.isnan(w).all() for w in built))
         except Exception as e:  # noqa: BLE001 - any failure to produce the NaN contract is a failed check
             results[str(bad)] = False
-            results[f"{bad}_error"] = str(e).splitlines()[0][:200]
+            results[f"{bad}_error"] = one_line(e, 200)
     ok = all(v for k, v in results.items() if not k.endswith("_error"))
     return {"passed": ok, "levels_tried": [-1, n], "all_nan": results,
             **({} if ok else {"reason": "an out-of-range sparsity_level did not give all-NaN outputs"})}

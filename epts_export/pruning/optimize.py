@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import struct
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -27,19 +26,21 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from ..artifact.folder import ARTIFACT, ELASTIC_FILE, METHODS, MODEL_DIR, library_versions, tensor_key
+from ..artifact.folder import ARTIFACT, ELASTIC_FILE, METHODS, MODEL_DIR, library_versions
 from ..core.levels import GROUP_WIDTH, LOW_GROUP_TOP, Group, Level
 from ..errors import UserError
-from ..fsutil import atomic_path, check_destination, file_hashes, partial_path, sha256_bytes, staged_dir, write_json
+from ..fsutil import check_destination, file_hashes, partial_path, sha256_bytes, staged_dir, write_json
 from ..models.families import Family, family_for, get_blocks, iter_prunable, measured_sparsity, prunable_linears
 from ..progress import Progress
 from .baselines import prune_block_calibrated, prune_magnitude
 from .blockloop import capture_block_inputs, to_device
 from .calibration import CalibSpec, build_calibration
+from .checkpoint import (block_tensors, drop_worker_files, load_streams, merge_block_files, read_state, save_streams,
+                         save_tensors, streams_file)
 from .distributed import LOCAL, Dist, SharedError, init_distributed, rank_from_env, world_from_env
-from .epts import BlockResult, TrainConfig, cost_per_block, optimize_block, steps_per_epoch
+from ..core.config import TrainConfig
+from .epts import cost_per_block, optimize_block, steps_per_epoch
 from .preflight import GIB, STREAMS, ModelShape, Plan, RunShape, measure_device_available, measure_host_available, plan
 from .presets import load_preset
 
@@ -258,7 +259,7 @@ def _optimize(spec: OptimizeSpec, dist: Dist, device: str, progress: Progress, o
     dist.on_main(lambda: check_destination(out, overwrite=spec.overwrite, inputs=local))
     resolved = _resolve(spec, progress, dist)
     estimate = _plan(spec, resolved, dist, device, dist.world, dist.local_world)
-    _note(progress, estimate.summary() + (f"; {dist.world} processes ({dist.backend})" if dist.world > 1 else ""))
+    progress.note(estimate.summary() + (f"; {dist.world} processes ({dist.backend})" if dist.world > 1 else ""))
     try:
         with contextlib.ExitStack() as stack:
             # rank 0 owns <out>.partial (the lock on a resumable run, the final rename); the other
@@ -283,7 +284,7 @@ def _optimize(spec: OptimizeSpec, dist: Dist, device: str, progress: Progress, o
                 with progress.status("writing artifact"):
                     _write_artifact(tmp, run, spec, metrics, time.time() - t0, estimate, dist)
             elif epts:
-                _drop_worker_files(tmp, dist)
+                drop_worker_files(tmp, dist)
     except KeyboardInterrupt:
         if epts:
             raise UserError(f"interrupted; the finished blocks are checkpointed in {out}.partial: "
@@ -293,13 +294,6 @@ def _optimize(spec: OptimizeSpec, dist: Dist, device: str, progress: Progress, o
     return out
 
 
-def _note(progress: Progress, message: str) -> None:
-    if progress.enabled:
-        from ..progress import console
-
-        console.print(f"[green]✓[/] {message}", highlight=False)
-
-
 def _load(spec: OptimizeSpec, resolved, progress: Progress, dist: Dist = LOCAL) -> _Run:
     """Load the resolved model, check the levels against it, build the calibration set (on rank 0,
     shared with the others, so every rank calibrates on the same windows)."""
@@ -307,7 +301,7 @@ def _load(spec: OptimizeSpec, resolved, progress: Progress, dist: Dist = LOCAL) 
     from ..models import load_model
 
     with progress.status(f"loading model {spec.model}"):
-        model, tok = dist.agree(lambda: load_model(resolved))
+        model, tok = dist.agree(lambda: load_model(resolved.path))
 
     def checks() -> Family:
         fam = family_for(model)
@@ -342,7 +336,7 @@ def _write_artifact(tmp: Path, run: _Run, spec: OptimizeSpec, metrics: list[dict
     save_tokenizer(run.tokenizer, model_dir)
     nblocks = len(get_blocks(model, fam))
     if spec.method == "epts":
-        _merge_block_files(tmp / "ckpt", tmp / ELASTIC_FILE, nblocks)
+        merge_block_files(tmp / "ckpt", tmp / ELASTIC_FILE, nblocks)
     shutil.rmtree(tmp / "ckpt", ignore_errors=True)
     manifest = {
         **ARTIFACT.header(),
@@ -387,38 +381,13 @@ def _run_baseline(run: _Run, spec: OptimizeSpec, progress: Progress, dist: Dist 
             block.to("cpu")
 
 
-def _streams_file(ckpt: Path, dist: Dist) -> Path:
-    """This rank's streams checkpoint: one file per rank, on the rank's own machine."""
-    return ckpt / ("streams.safetensors" if dist.world == 1 else f"streams.rank{dist.rank}-of-{dist.world}.safetensors")
-
-
-def _read_state(run: _Run, ckpt: Path, dist: Dist) -> dict | None:
-    """The checkpoint state of an interrupted run (rank 0 reads it), or None for a fresh start."""
-    state_file = ckpt / "state.json"
-    if not state_file.exists():
-        return None
-    try:
-        state = json.loads(state_file.read_text())
-    except (ValueError, OSError) as e:
-        raise UserError(f"{state_file} is corrupted ({e}): delete {ckpt.parent} to start over") from None
-    if not isinstance(state, dict) or state.get("fingerprint") != run.fingerprint:
-        raise UserError(f"{ckpt.parent} was started with a different model, calibration or settings; "
-                        "delete it or re-run with the original arguments")
-    world = state.get("world_size", 1)
-    if world != dist.world:
-        how = "without torchrun" if world == 1 else f"under torchrun with {world} processes in all"
-        raise UserError(f"{ckpt.parent} was started with {world} process(es) and this run has {dist.world}: "
-                        f"its streams are saved per process; resume it {how}, or delete it to start over")
-    return state
-
-
 def _resume_state(run: _Run, ckpt: Path, dist: Dist = LOCAL, nblocks: int | None = None) -> tuple[int, list[dict], list, list, dict]:
     """(first block to do, metrics so far, dense stream, sparse stream, block kwargs) for this rank's
     windows: from the checkpoint of an interrupted run with the same fingerprint and world size,
     or a fresh start."""
     samples = run.calib.samples
     ids = dist.owned(len(samples))
-    state = dist.on_main(lambda: _read_state(run, ckpt, dist))
+    state = dist.on_main(lambda: read_state(run.fingerprint, ckpt, dist))
     if state is None:
         inps = capture_block_inputs(run.model, run.fam, samples[ids])
         return 0, [], inps.hidden, [h.clone() for h in inps.hidden], inps.kwargs
@@ -426,7 +395,7 @@ def _resume_state(run: _Run, ckpt: Path, dist: Dist = LOCAL, nblocks: int | None
     kwargs = capture_block_inputs(run.model, run.fam, samples[:1]).kwargs
     if nblocks is not None and done >= nblocks:  # every block is done: only the artifact is left to write
         return done, state["metrics"], [], [], kwargs
-    dense, sparse = dist.agree(lambda: _load_streams(_streams_file(ckpt, dist), done, len(ids)))
+    dense, sparse = dist.agree(lambda: load_streams(streams_file(ckpt, dist), done, len(ids)))
     return done, state["metrics"], dense, sparse, kwargs
 
 
@@ -459,8 +428,8 @@ def _run_epts(run: _Run, spec: OptimizeSpec, ckpt: Path, progress: Progress, on_
             blocks[i].to("cpu")
             dense, sparse = res.dense_out, res.sparse_out
             if dist.is_main:
-                _save_tensors(_block_tensors(i, res), ckpt / f"block_{i:04d}.safetensors")
-            _save_streams(_streams_file(ckpt, dist), dense, sparse, done=i + 1)
+                save_tensors(block_tensors(i, res), ckpt / f"block_{i:04d}.safetensors")
+            save_streams(streams_file(ckpt, dist), dense, sparse, done=i + 1)
             metrics.append({"block": i, "low_group_lora": res.low_group_lora, **res.metrics})
             dist.barrier()  # every rank's streams are on disk before the state says block i is done
             if dist.is_main:
@@ -471,85 +440,3 @@ def _run_epts(run: _Run, spec: OptimizeSpec, ckpt: Path, progress: Progress, on_
     return metrics
 
 
-def _drop_worker_files(tmp: Path, dist: Dist) -> None:
-    """A rank other than 0, once every block is done: its streams are not needed any more. On
-    another machine than rank 0's, the folders it made are removed too once empty."""
-    ckpt = tmp / "ckpt"
-    _streams_file(ckpt, dist).unlink(missing_ok=True)
-    for folder in (ckpt, tmp):
-        with contextlib.suppress(OSError):  # not empty (rank 0's machine) or already gone
-            folder.rmdir()
-
-
-def _save_streams(path: Path, dense: list[torch.Tensor], sparse: list[torch.Tensor], done: int) -> None:
-    """One rank's two streams as a safetensors file ("dense.<k>", "sparse.<k>", k = the rank's k-th
-    window), written one window at a time: streams kept on the GPU pass through the host one
-    window at a time, and CPU streams are written without a copy (safetensors' save_file would
-    first build the whole file in memory)."""
-    tensors = [(f"{name}.{k}", t) for name, stream in (("dense", dense), ("sparse", sparse)) for k, t in enumerate(stream)]
-    header: dict = {"__metadata__": {"done": str(done), "windows": str(len(dense))}}
-    offset = 0
-    for key, t in tensors:
-        assert t.dtype == torch.float32, f"{key} is {t.dtype}"
-        nbytes = t.numel() * 4
-        header[key] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for _, t in tensors:
-            f.write(memoryview(t.detach().cpu().contiguous().numpy()).cast("B"))
-
-
-def _load_streams(path: Path, done: int, windows: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """This rank's streams after block ``done``, from ``_save_streams``; UserError when the file is
-    unreadable, or from another block or world size than the state says."""
-    from safetensors import safe_open
-
-    tensors = _load_checkpoint(path)
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except Exception:  # noqa: BLE001 - load_file just read it
-        meta = {}
-    if meta.get("done") != str(done) or meta.get("windows") != str(windows):
-        raise UserError(f"checkpoint {path} holds the streams of {meta.get('windows', '?')} windows after block "
-                        f"{meta.get('done', '?')}, but the run is at block {done} with {windows} windows on this rank "
-                        f"(it was interrupted while saving): delete {path.parent.parent} to start over")
-    return ([tensors[f"dense.{k}"] for k in range(windows)], [tensors[f"sparse.{k}"] for k in range(windows)])
-
-
-def _block_tensors(i: int, res: BlockResult) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for n in res.order:
-        tensors[tensor_key(i, n, "order")] = res.order[n].contiguous()
-        tensors[tensor_key(i, n, "lora_A")] = res.lora_A[n].contiguous()
-        tensors[tensor_key(i, n, "lora_B")] = res.lora_B[n].contiguous()
-    tensors[f"blocks.{i}.low_group_lora"] = torch.tensor([res.low_group_lora])
-    return tensors
-
-
-def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint file of an interrupted run; UserError when it is missing or truncated."""
-    try:
-        return load_file(path)
-    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: the file cannot be trusted either way
-        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:120]}): "
-                        f"delete {path.parent.parent} to start over") from None
-
-
-def _save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-
-
-def _merge_block_files(ckpt: Path, dest: Path, nblocks: int) -> None:
-    tensors, flags = {}, []
-    for i in range(nblocks):
-        part = _load_checkpoint(ckpt / f"block_{i:04d}.safetensors")
-        flags.append(bool(part.pop(f"blocks.{i}.low_group_lora").item()))
-        tensors.update(part)
-    tensors["low_group_lora"] = torch.tensor(flags)
-    _save_tensors(tensors, dest, {"format": ARTIFACT.format, "schema_version": str(ARTIFACT.schema_version)})

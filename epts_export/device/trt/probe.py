@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 
 from ..cuda import CudaRuntime
-from ..errors import UserError
+from ..errors import UserError, one_line
 from .logger import make_logger
 
 INSTALL_HINT = "pip install 'epts-export[tensorrt]' (NVIDIA's index)"
@@ -61,7 +61,7 @@ def _import_error(e: Exception) -> str:
             return NOT_INSTALLED
         return f"tensorrt is installed but incomplete (no module {e.name}): reinstall it with {INSTALL_HINT}"
     # a broken install: bindings without their libnvinfer, wrong CUDA, ...
-    return f"tensorrt is installed but does not load ({type(e).__name__}: {' '.join(str(e).split())}): reinstall it with {INSTALL_HINT}"
+    return f"tensorrt is installed but does not load ({type(e).__name__}: {one_line(e)}): reinstall it with {INSTALL_HINT}"
 
 
 def tensorrt_status() -> tuple[bool, str]:
@@ -88,7 +88,7 @@ def tensorrt_status() -> tuple[bool, str]:
     except UserError as e:  # the real bindings: TypeError from the constructor, as start words it
         return False, str(e)
     except Exception as e:
-        return False, f"{NO_GPU} (TensorRT could not create a builder: {' '.join(str(e).split())})"
+        return False, f"{NO_GPU} (TensorRT could not create a builder: {one_line(e)})"
     return True, f"TensorRT {version}, CUDA GPU (no libcudart found to name it; engines run through libcudart)"
 
 
@@ -111,7 +111,7 @@ def start(trt, kind: str, logger):
         obj = getattr(trt, kind)(logger)
         why = "it returned None"
     except TypeError as e:
-        obj, why = None, " ".join(str(e).split())
+        obj, why = None, one_line(e)
     if obj is None:
         said = list(getattr(logger, "tail", []))[-3:]
         raise UserError(f"TensorRT {version} could not create a {kind} ({why}): {NO_GPU}, or its driver or "

@@ -33,7 +33,7 @@ from typing import Callable, Tuple
 import numpy as np
 
 from ..compare import between_runtimes, step_check
-from ..errors import EXIT_INTEGRITY, UserError
+from ..errors import EXIT_INTEGRITY, UserError, one_line
 from ..interface import ID_INPUTS, PAST_RE, PRESENT_RE
 from ..ort import positions
 from .logger import make_logger
@@ -480,7 +480,7 @@ class TrtDecoder:
         try:
             refitter = self.trt.Refitter(self.engine, self._logger)
         except TypeError as e:  # pybind11: the factory returned nullptr
-            refitter, why = None, " ".join(str(e).split())
+            refitter, why = None, one_line(e)
         else:
             why = "it returned None"
         if refitter is None:

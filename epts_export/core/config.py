@@ -1,0 +1,83 @@
+"""The training config of one EPTS run (``TrainConfig``): plain, validated, recorded in every
+artifact's settings and read back from them. No torch at import: reading an artifact reads it."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from .levels import GROUP_WIDTH, LOW_GROUP_TOP, Group, Level, build_groups
+
+PRECISIONS = ("fp32", "bf16")
+INITS = ("zero", "lsq")
+IMPORTANCES = ("wanda", "obs")
+
+
+def steps_per_epoch(nwindows: int, batch: int) -> int:
+    return -(-nwindows // batch)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    rank: int = 8
+    epochs: int = 2
+    lr: float = 1e-3
+    scale: float = 1.0  # LoRA scale (alpha / r)
+    mix_weights: tuple[float, ...] | None = None  # MSFM weight per group; None = derived (mix_weights())
+    batch: int = 1  # windows per optimizer step (the reference: 1); the loss is their mean
+    # The cost levers (BENCHMARKS.md, "EPTS cost"); the defaults are the reference's behaviour.
+    precision: str = "fp32"  # "bf16": the student passes (training, low-group check, MSFM) under bf16 autocast
+    init: str = "zero"  # "lsq": adapters start from the closed-form least-squares solution (core/closed_form.py)
+    residual: bool = False  # True: group k's loss trains group k's adapters only; the groups it inherits are frozen in its pass
+    check_windows: int = 0  # windows of the low-group check (the first ones); 0 = all
+    steps: int = 0  # optimizer steps per block; 0 = epochs x steps per epoch (else the epochs run until this many)
+    group_width: float = GROUP_WIDTH  # width of the unstructured groups above group 0 (core.levels.build_groups)
+    warmup: int = 0  # optimizer steps of linear lr warm-up before the cosine decay (0 = none, the reference)
+    low_top: float = LOW_GROUP_TOP  # where group 0 ends (core.levels.build_groups)
+    low_span: float = 0.0  # group 0 is [low_top - low_span, low_top] (core.levels.build_groups); 0: [0, low_top], the reference
+    importance: str = "wanda"  # the nested order: "wanda" |W| sqrt(E x^2), or "obs" |W| / sqrt([H^-1]_jj) (core.masks)
+
+    def total_steps(self, nwindows: int) -> int:
+        return self.steps or self.epochs * steps_per_epoch(nwindows, self.batch)
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if not 0 < self.group_width <= 1:
+            raise ValueError(f"group-width must be in (0, 1], got {self.group_width:g}")
+        if not 0 < self.low_top <= 1:
+            raise ValueError(f"low-top must be in (0, 1], got {self.low_top:g}")
+        if not 0 <= self.low_span <= 1:
+            raise ValueError(f"low-span must be in [0, 1] (0: all of group 0), got {self.low_span:g}")
+        if self.importance not in IMPORTANCES:
+            raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
+
+    def groups(self, levels: list[Level]) -> list[Group]:
+        """The hierarchy this config trains for ``levels``."""
+        return build_groups(levels, self.group_width, self.low_top, self.low_span)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """The config an artifact's ``settings`` recorded (written with ``dataclasses.asdict``);
+        other settings (levels, calibration sizes) are ignored. Artifacts written before a field
+        existed get its default, which is what they ran."""
+        mix = d.get("mix_weights")
+        return cls(rank=int(d["rank"]), epochs=int(d["epochs"]), lr=float(d["lr"]), scale=float(d["scale"]),
+                   mix_weights=tuple(float(w) for w in mix) if mix else None, batch=int(d.get("batch", 1)),
+                   precision=str(d.get("precision", "fp32")), init=str(d.get("init", "zero")),
+                   residual=bool(d.get("residual", False)), check_windows=int(d.get("check_windows", 0)),
+                   steps=int(d.get("steps", 0)), group_width=float(d.get("group_width", GROUP_WIDTH)),
+                   warmup=int(d.get("warmup", 0)), low_top=float(d.get("low_top", LOW_GROUP_TOP)),
+                   low_span=float(d.get("low_span", 0.0)), importance=str(d.get("importance", "wanda")))
+
+    def autocast(self, device):
+        """The context of the student passes: bf16 autocast, or nothing (``device``: torch.device or str)."""
+        if self.precision == "bf16":
+            import torch
+
+            return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
