@@ -21,24 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 from epts_export.core.levels import DEFAULT_LEVELS, build_groups, parse_levels
 from epts_export.pruning.preflight import GIB, ModelShape, RunShape, fmt_bytes, plan
 
-# The config.json values that decide memory and FLOPs, as published on the Hugging Face Hub:
-# meta-llama/Meta-Llama-3-8B, meta-llama/Llama-2-70b-hf, facebook/opt-66b (config.json of each).
-CONFIGS = {
-    "Llama-3-8B": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                   "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
-                   "max_position_embeddings": 8192, "tie_word_embeddings": False},
-    "Llama-2-70B": {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-                    "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000,
-                    "max_position_embeddings": 4096, "tie_word_embeddings": False},
-    "OPT-66B": {"model_type": "opt", "hidden_size": 9216, "ffn_dim": 36864, "num_hidden_layers": 64,
-                "num_attention_heads": 72, "vocab_size": 50272, "max_position_embeddings": 2048,
-                "word_embed_proj_dim": 9216, "do_layer_norm_before": True, "enable_bias": True,
-                "tie_word_embeddings": True},
-}
+# The config.json values that decide memory and FLOPs, as published on the Hugging Face Hub
+# (tests/data/hub_configs/SOURCES.md): the row name -> the file.
+HUB_CONFIGS = Path(__file__).resolve().parents[1] / "tests" / "data" / "hub_configs"
+CONFIGS = {name: json.loads((HUB_CONFIGS / f"{repo}.json").read_text()) for name, repo in (
+    ("Llama-3-8B", "meta-llama--Meta-Llama-3-8B"), ("Llama-2-70B", "meta-llama--Llama-2-70b-hf"),
+    ("OPT-66B", "facebook--opt-66b"))}
 SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
            "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
            "tie_word_embeddings": True}  # the cached smollm2-135m folder's config.json

@@ -1,4 +1,5 @@
-"""Tiny random LLaMA and OPT models, a tokenizer trained in-process, and synthetic text.
+"""Tiny random LLaMA and OPT models, a tokenizer trained in-process, synthetic text, the shared
+artifacts and exports of the tiny models, and the TensorRT fixtures (``api``, ``install``).
 
 Everything is built here in seconds; no hub, no downloads. Sizes keep every prunable
 in_features divisible by 4 (2:4 levels) and small enough for CPU tests.
@@ -6,11 +7,17 @@ in_features divisible by 4 (2:4 levels) and small enough for CPU tests.
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import trt_api
+import trt_bindings
+from trt_fakes import PROBED, surface_or_skip
 
 VOCAB_WORDS = [f"w{i}" for i in range(200)]
 
@@ -103,7 +110,92 @@ def eval_file(tmp_path_factory) -> Path:
     return p
 
 
+LEVELS = "0.3,0.5,0.7,2:4"  # what the shared tiny artifacts are trained for
+
+
+def spec_for(model_dir, out, calib, method="epts", levels=LEVELS, **kw):
+    """An optimize spec for a tiny model: 4 x 32 tokens of ``calib``, rank 2, one epoch (seconds)."""
+    from epts_export.core.config import TrainConfig
+    from epts_export.core.levels import parse_levels
+    from epts_export.pruning.calibration import CalibSpec
+    from epts_export.pruning.optimize import OptimizeSpec
+
+    return OptimizeSpec(model=str(model_dir), out=out, levels=parse_levels(levels), method=method,
+                        calib=CalibSpec(source=str(calib), nsamples=4, seqlen=32, seed=0),
+                        train=TrainConfig(rank=2, epochs=1), **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_dirs, text_file, tmp_path_factory) -> dict[str, Path]:
+    """family -> an EPTS artifact of the tiny model for LEVELS, shared by every test (read only:
+    copy one to change it)."""
+    from epts_export.pruning.optimize import optimize
+
+    root = tmp_path_factory.mktemp("artifacts")
+    return {fam: optimize(spec_for(d, root / fam, text_file)) for fam, d in tiny_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def exports(tiny_artifacts, tmp_path_factory):
+    """exports(family, mode="baked", dtype="fp32", levels=LEVELS) -> an export folder of the shared
+    artifact, made on first use and shared by every test (read only)."""
+    from epts_export.core.levels import parse_levels
+    from epts_export.onnx.export import ExportSpec, export
+
+    root = tmp_path_factory.mktemp("exports")
+    cache: dict = {}
+
+    def get(fam, mode="baked", dtype="fp32", levels=LEVELS):
+        key = (fam, mode, dtype, levels)
+        if key not in cache:
+            name = f"{fam}-{mode}-{dtype}-{levels.replace(',', '_').replace(':', 'of')}"
+            cache[key] = export(ExportSpec(artifact=tiny_artifacts[fam], out=root / name, mode=mode,
+                                           levels=parse_levels(levels), dtype=dtype))
+        return cache[key]
+
+    return get
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Never touch the user's cache from tests."""
     monkeypatch.setenv("EPTS_CACHE", str(tmp_path / "cache"))
+
+
+# --------------------------------------------------------------------------------------------
+# TensorRT: the real API of each version (tests/trt_bindings.py), a fake held to it (tests/trt_api.py)
+
+
+@pytest.fixture(params=list(trt_bindings.VERSIONS))
+def api(request) -> trt_api.Api:
+    """The real API of one TensorRT version (a fresh record of misses and violations per test)."""
+    return trt_api.Api(surface_or_skip(request.param))
+
+
+@pytest.fixture
+def install(api, monkeypatch):
+    """install(fake) puts ``fake``, checked against ``api``, in sys.modules as ``tensorrt`` and
+    returns ``fake`` (its records); after the test, no violation and no unexpected missing name."""
+    def put(fake):
+        monkeypatch.setitem(sys.modules, "tensorrt", trt_api.checked(api, fake))
+        monkeypatch.setitem(sys.modules, "tensorrt_bindings", None)
+        return fake
+
+    yield put
+    api.assert_clean(PROBED)
+
+
+@pytest.fixture
+def replaces(monkeypatch):
+    """Record os.replace calls (src, dst) while keeping their effect."""
+    calls = []
+    real = os.replace
+
+    def spy(src, dst):
+        calls.append((Path(src), Path(dst)))
+        return real(src, dst)
+
+    from epts_export.device import files
+
+    monkeypatch.setattr(files.os, "replace", spy)
+    return calls

@@ -23,7 +23,7 @@ from epts_export.core.levels import parse_levels
 from epts_export.deploy.pipeline import BuildSpec, build
 from epts_export.onnx.export import ExportSpec, export
 from epts_export.pruning.optimize import optimize
-from test_pipeline import spec_for
+from conftest import spec_for
 
 runner = CliRunner()
 
@@ -266,19 +266,34 @@ def test_read_only_output_folder(ws, monkeypatch):
     assert not (ro / "m").exists() and not (ro / "m.partial").exists()
 
 
-def test_concurrent_builds_into_one_out_both_finish(ws):
-    """Two builds into the same --out at once: the second waits for the stage lock, then reuses."""
+def test_concurrent_builds_into_one_out_wait_for_the_lock_then_reuse(ws, tmp_path):
+    """Two builds into the same --out at once: while another holds the stage lock both wait (and
+    say so) and write nothing; released, they take turns and the second reuses the first's stages."""
+    import fcntl
     import subprocess
     import sys
+    import time
 
     out = ws.root / "d-race"
+    (out / ".stages").mkdir(parents=True)
     code = ("import sys; from epts_export.deploy.pipeline import BuildSpec, build; from epts_export.core.levels import parse_levels;"
-            f"build(BuildSpec(source={str(ws.art)!r}, target=sys.argv[1], out={str(out)!r}, levels=parse_levels('0.5')))")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    procs = [subprocess.Popen([sys.executable, "-c", code, t], env=env, stderr=subprocess.PIPE, text=True)
-             for t in ("rtx-ada", "hopper")]
-    errs = [p.communicate(timeout=600)[1] for p in procs]
-    assert all(p.returncode == 0 for p in procs), errs
+            "from epts_export.progress import Progress;"
+            f"build(BuildSpec(source={str(ws.art)!r}, target=sys.argv[1], out={str(out)!r}, levels=parse_levels('0.5')),"
+            " Progress(enabled=True))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "COLUMNS": "200"}
+    logs = [tmp_path / f"{t}.log" for t in ("rtx-ada", "hopper")]
+    with open(out / ".stages" / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        procs = [subprocess.Popen([sys.executable, "-c", code, log.stem], env=env, stdout=log.open("w"),
+                                  stderr=subprocess.STDOUT) for log in logs]
+        deadline = time.time() + 300
+        while not all("waiting for another build" in log.read_text() for log in logs):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), [log.read_text() for log in logs]
+            time.sleep(0.2)
+        time.sleep(1)  # still waiting a second later: nothing written, nobody finished
+        assert all(p.poll() is None for p in procs)
+        assert sorted(p.name for p in (out / ".stages").iterdir()) == [".lock"]
+    assert [p.wait(timeout=600) for p in procs] == [0, 0], [log.read_text() for log in logs]
     assert (out / "rtx-ada" / "manifest.json").is_file() and (out / "hopper" / "manifest.json").is_file()
     assert len([p for p in (out / ".stages").iterdir() if p.name.startswith("onnx-")]) == 1
 

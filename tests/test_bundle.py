@@ -23,7 +23,7 @@ from epts_export.core.levels import parse_level, parse_levels
 from epts_export.device.ort import OrtDecoder, greedy
 from epts_export.pruning.optimize import optimize
 from epts_export.deploy.targets import targets_dir
-from test_pipeline import spec_for
+from conftest import spec_for
 
 runner = CliRunner()
 

@@ -23,28 +23,14 @@ from epts_export.deploy.pipeline import BuildSpec, build
 from epts_export.device.runner import generate
 from epts_export.onnx.export import ExportSpec, export
 from epts_export.device.ort import OrtDecoder, greedy, positions
-from epts_export.pruning.optimize import optimize
-from test_pipeline import spec_for
 
 FIXTURE = Path(__file__).parent / "data" / "written-by-transformers5"
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def arts(tiny_dirs, text_file, tmp_path_factory):
-    root = tmp_path_factory.mktemp("client-arts")
-    return {fam: optimize(spec_for(d, root / fam, text_file, levels="0.5,2:4")) for fam, d in tiny_dirs.items()}
-
-
-@pytest.fixture(scope="module")
-def exports(arts, tmp_path_factory):
-    root = tmp_path_factory.mktemp("client-onnx")
-    out = {}
-    for fam, art in arts.items():
-        out[fam] = export(ExportSpec(artifact=art, out=root / fam, levels=parse_levels("0.5,2:4")))
-        out[f"{fam}-dynamic"] = export(ExportSpec(artifact=art, out=root / f"{fam}-dyn", mode="dynamic",
-                                                  levels=parse_levels("0.5,2:4")))
-    return out
+def arts(tiny_artifacts):
+    return tiny_artifacts
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,8 +123,8 @@ def _genai_run(folder: Path, ids: list[int], new: int, level_index: int | None =
 def test_genai_runs_every_level_like_our_runtime(exports, fam, level):
     lv = parse_level(level)
     ids = build_tokenizer()("w1 w2 w3 w4 w5 w6")["input_ids"]
-    for key, index in ((fam, None), (f"{fam}-dynamic", [parse_level("0.5"), parse_level("2:4")].index(lv))):
-        folder = exports[key] / ("level-" + lv.name.replace(":", "of") if index is None else "")
+    for key, index in (("baked", None), ("dynamic", [parse_level("0.5"), parse_level("2:4")].index(lv))):
+        folder = exports(fam, key, levels="0.5,2:4") / ("level-" + lv.name.replace(":", "of") if index is None else "")
         conf = json.loads((folder / "genai_config.json").read_text())
         assert conf["search"]["past_present_share_buffer"] is False and conf["model"]["type"] == "llama"
         logits, tokens = _genai_run(folder, ids, 12, index)
@@ -255,14 +241,14 @@ def test_readme_plain_onnxruntime_example_switches_levels(exports, tmp_path, mon
     from epts_export.device.ort import ElasticDecoder
 
     (tmp_path / "onnx").mkdir()
-    (tmp_path / "onnx" / "smol-dyn").symlink_to(exports["llama-dynamic"])
+    (tmp_path / "onnx" / "smol-dyn").symlink_to(exports("llama", "dynamic", levels="0.5,2:4"))
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
     exec(compile(_readme_example("Serving a dynamic export with nothing but onnxruntime and numpy"), "README.md", "exec"), ns)
     ids = np.array([[1, 2, 3]])
     mask = np.ones_like(ids)
     for level, index in (("logits_05", 0), ("logits_24", 1)):
-        dec = ElasticDecoder(exports["llama-dynamic"], level=index)
+        dec = ElasticDecoder(exports("llama", "dynamic", levels="0.5,2:4"), level=index)
         want, _ = dec.step(ids, mask, positions(mask, 0), dec.empty_past(1))
         assert np.abs(ns[level] - want).max() < 1e-5, level
     assert np.abs(ns["logits_05"] - ns["logits_24"]).max() > 1e-3  # the switch changed the weights

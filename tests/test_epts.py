@@ -11,6 +11,7 @@ from conftest import tiny_llama, tiny_opt
 from epts_export.pruning.blockloop import block_output, capture_block_inputs
 from epts_export.core.rule import LevelRule, level_rule
 from epts_export.core.config import TrainConfig
+from epts_export.pruning.distributed import LOCAL
 from epts_export.pruning.epts import (BlockMerger, group_level, minibatches, mix_weights, msfm_mix, optimize_block,
                                      steps_per_epoch, stratified_draws)
 from epts_export.models.families import family_for, get_blocks, prunable_linears
@@ -87,13 +88,38 @@ def test_training_reduces_reconstruction_error():
     assert err(list(range(7))) < 0.8 * err([])  # adapters must cut the 70% error noticeably
 
 
-def test_low_group_check_is_recorded():
+def test_the_low_group_check_keeps_group_0_adapters_only_where_they_help():
+    """Step 3 of the block: group 0's adapters are kept when they lower the block's error at 0.3,
+    dropped when they raise it. The same trained block flips when its group-0 adapters are spoiled
+    (x100), and optimize_block records what the check measured."""
+    from epts_export.pruning.epts import BlockRun, low_group_check
+
     block, lins, inps = _block_setup(tiny_llama)
-    res = optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, build_groups(parse_levels("0.5")),
-                         TrainConfig(rank=2, epochs=1), seed=0)
+    groups = build_groups(parse_levels("0.5"))
+    cfg = TrainConfig(rank=2, epochs=3, lr=1e-2)
+    res = optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, groups, cfg, seed=0)
     lc = res.metrics["low_check"]
-    assert lc["sparsity"] == 0.3
-    assert res.low_group_lora == (lc["with_lora"] <= lc["without_lora"])
+    assert lc["sparsity"] == 0.3 and res.low_group_lora == (lc["with_lora"] <= lc["without_lora"])
+    run = BlockRun(block, lins, inps.kwargs, groups, cfg, "cpu", lambda n: None, LOCAL, len(inps.hidden),
+                   list(range(len(inps.hidden))), "cpu")
+    weights = {n: lin.weight.detach().float() for n, lin in lins.items()}
+    with torch.no_grad():
+        teacher = [block_output(block(x, **inps.kwargs)).float() for x in inps.hidden]
+    r = cfg.rank
+
+    def check(scale_group0: float) -> tuple[bool, dict]:
+        B = {n: b.clone() for n, b in res.lora_B.items()}
+        for b in B.values():
+            b[:, :r] *= scale_group0  # group 0's columns of B (out, G*r)
+        return low_group_check(run, BlockMerger(weights, res.order, B, res.lora_A, r, cfg.scale), inps.hidden, teacher)
+
+    kept, measured = check(1.0)
+    spoiled, worse = check(100.0)
+    assert worse["without_lora"] == pytest.approx(measured["without_lora"])  # the mask alone is the same
+    assert worse["with_lora"] > worse["without_lora"] and spoiled is False  # adapters that hurt are dropped
+    assert kept == (measured["with_lora"] <= measured["without_lora"])
+    zero, same = check(0.0)  # no group-0 correction at all: the same error, and the tie keeps them
+    assert same["with_lora"] == pytest.approx(same["without_lora"]) and zero is True
 
 
 def test_same_seed_same_block_result():

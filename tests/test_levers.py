@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from conftest import tiny_llama, tiny_opt
-from epts_export.core.closed_form import closed_form_adapters, dampened, group_points, output_error
+from epts_export.core.closed_form import closed_form_adapters, group_points, output_error
+from epts_export.core.stats import dampened
 from epts_export.core.hilora import merged_weight
 from epts_export.core.levels import build_groups, parse_levels
 from epts_export.core.masks import importance_order, obs_scores, wanda_scores
@@ -277,18 +278,3 @@ def test_lr_warmup_then_cosine():
     assert ramp[0] == pytest.approx(0.2 * lr_factor(0, 32)) and ramp[3] == pytest.approx(0.8 * lr_factor(3, 32))
     assert all(a < b for a, b in zip(ramp[:4], ramp[1:5]))  # rises through the warm-up
     assert ramp[4] == pytest.approx(lr_factor(4, 32)) and ramp[5] == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 32)))
-
-
-def test_benchmark_variant_names():
-    """benchmarks/levers.py's names set the fields they say; mixeq's weights match the groups."""
-    from benchmarks.levers import variant_config
-
-    levels = parse_levels("0.3,0.5,0.7,2:4")
-    cfg = variant_config("bf16+lsq+g10+r16+low35+span20+obs+mixeq+lr3e3", TrainConfig(), levels)
-    assert (cfg.precision, cfg.init, cfg.group_width, cfg.rank, cfg.low_top, cfg.low_span, cfg.importance, cfg.lr) == \
-        ("bf16", "lsq", 0.1, 16, 0.35, 0.2, "obs", pytest.approx(3e-3))
-    G = len(cfg.groups(levels))
-    assert G == 6 and cfg.mix_weights == (1 / G,) * G
-    assert variant_config("base", TrainConfig()) == TrainConfig()
-    with pytest.raises(SystemExit, match="unknown lever 'x9'"):
-        variant_config("bf16+x9", TrainConfig())

@@ -26,9 +26,8 @@ from epts_export.device.ort import ElasticDecoder, OrtDecoder, greedy, positions
 from epts_export.onnx.reference import TorchDecoder
 from epts_export.pruning.optimize import optimize
 from epts_export.onnx.parity import validate, write_junit
-from test_pipeline import spec_for
+from conftest import spec_for
 
-LEVELS = "0.3,0.5,0.7,2:4"
 runner = CliRunner()
 
 
@@ -37,25 +36,8 @@ def cli(*args):
 
 
 @pytest.fixture(scope="module")
-def arts(tiny_dirs, text_file, tmp_path_factory):
-    root = tmp_path_factory.mktemp("onnx-art")
-    return {fam: optimize(spec_for(d, root / fam, text_file)) for fam, d in tiny_dirs.items()}
-
-
-@pytest.fixture(scope="module")
-def exports(arts, tmp_path_factory):
-    """(family, mode, dtype) -> export folder, built lazily and shared by the module's tests."""
-    root = tmp_path_factory.mktemp("onnx-exp")
-    cache = {}
-
-    def get(fam, mode="baked", dtype="fp32"):
-        key = (fam, mode, dtype)
-        if key not in cache:
-            cache[key] = export(ExportSpec(artifact=arts[fam], out=root / f"{fam}-{mode}-{dtype}", mode=mode,
-                                           levels=parse_levels(LEVELS), dtype=dtype))
-        return cache[key]
-
-    return get
+def arts(tiny_artifacts):
+    return tiny_artifacts
 
 
 def _step_outputs(dec, ids, mask, past_len=0, past=None):

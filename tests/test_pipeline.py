@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import BUILDERS, OTHER_TYPES, tiny_of_type
+from conftest import BUILDERS, OTHER_TYPES, spec_for, tiny_of_type
 from epts_export.artifact.folder import ELASTIC_FILE, Artifact
 from epts_export.pruning.calibration import CalibSpec
 from epts_export.core.config import TrainConfig
@@ -21,19 +21,9 @@ from epts_export.core.masks import is_nm_sparse
 from epts_export.artifact.materialize import ElasticModel, materialize, materialize_to_folder
 from epts_export.pruning.optimize import OptimizeSpec, optimize
 
-LEVELS = "0.3,0.5,0.7,2:4"
-
-
-def spec_for(model_dir, out, calib, method="epts", levels=LEVELS, **kw):
-    return OptimizeSpec(model=str(model_dir), out=out, levels=parse_levels(levels), method=method,
-                        calib=CalibSpec(source=str(calib), nsamples=4, seqlen=32, seed=0),
-                        train=TrainConfig(rank=2, epochs=1), **kw)
-
-
 @pytest.fixture(scope="module")
-def artifacts(tiny_dirs, text_file, tmp_path_factory):
-    root = tmp_path_factory.mktemp("artifacts")
-    return {fam: optimize(spec_for(d, root / fam, text_file)) for fam, d in tiny_dirs.items()}
+def artifacts(tiny_artifacts):
+    return tiny_artifacts
 
 
 def test_every_supported_model_type_has_a_test_model():

@@ -4,38 +4,60 @@ streams decision, and a refusal that names the numbers and what to change."""
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from benchmarks.scale_table import CONFIGS
-from conftest import tiny_llama, tiny_opt
+from conftest import BUILDERS, tiny_llama, tiny_of_type
 from epts_export.cli import app
 from epts_export.errors import UserError
+from epts_export.models.families import family_for, get_blocks, supported_types
 from epts_export.pruning.preflight import GIB, RUNTIME, ModelShape, RunShape, activation_floats, fmt_bytes, plan
 
 runner = CliRunner()
 MIB = 1024**2
+HUB = Path(__file__).parent / "data" / "hub_configs"  # published config.json values (SOURCES.md there)
 
 
-@pytest.mark.parametrize("builder", [tiny_llama, tiny_opt])
-def test_config_shape_counts_the_real_parameters(builder):
-    """Counted from config.json alone, the parameters are the model's own, whole and per block."""
-    model = builder()
+def hub_config(repo: str) -> dict:
+    return json.loads((HUB / f"{repo}.json").read_text())
+
+
+def _tiny(model_type: str, **extra):
+    if model_type in BUILDERS and not extra:
+        return BUILDERS[model_type]()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = tiny_of_type(model_type).config.to_dict()
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**base, **extra}))
+
+
+CASES = [(t, {}) for t in supported_types()] + [
+    ("llama", {"attention_bias": True, "mlp_bias": True}), ("llama", {"tie_word_embeddings": False}),
+    ("qwen2", {"tie_word_embeddings": False}), ("opt", {"enable_bias": False, "word_embed_proj_dim": 32}),
+]
+
+
+@pytest.mark.parametrize("model_type, extra", CASES, ids=[f"{t}-{'-'.join(e) or 'plain'}" for t, e in CASES])
+def test_config_shape_counts_the_real_parameters(model_type, extra):
+    """Every supported model type: counted from config.json alone, the parameters are the model's
+    own, whole and per block, and the prunable linears have the model's shapes."""
+    model = _tiny(model_type, **extra)
     shape = ModelShape.from_config(model.config.to_dict())
-    blocks = model.model.layers if hasattr(model.model, "layers") else model.model.decoder.layers
+    block = get_blocks(model, family_for(model))[0]
     assert shape.params == sum(p.numel() for p in model.parameters())
-    assert shape.block_params == sum(p.numel() for p in blocks[0].parameters())
-    assert shape.prunable == sum(m.weight.numel() for n, m in blocks[0].named_modules() if n in dict(
-        (name, None) for name, _, _ in shape.linears))
+    assert shape.block_params == sum(p.numel() for p in block.parameters())
+    assert shape.linears == tuple((n, *block.get_submodule(n).weight.shape) for n in family_for(model).prunable)
 
 
 def test_public_configs_give_the_published_sizes():
     """Llama-3-8B has 8,030,261,248 parameters and Llama-2-70B 68,976,648,192 (their model cards'
     8B / 70B, exactly as the safetensors index files add up)."""
-    assert ModelShape.from_config(CONFIGS["Llama-3-8B"]).params == 8_030_261_248
-    assert ModelShape.from_config(CONFIGS["Llama-2-70B"]).params == 68_976_648_192
-    opt = ModelShape.from_config(CONFIGS["OPT-66B"])
+    assert ModelShape.from_config(hub_config("meta-llama--Meta-Llama-3-8B")).params == 8_030_261_248
+    assert ModelShape.from_config(hub_config("meta-llama--Llama-2-70b-hf")).params == 68_976_648_192
+    opt = ModelShape.from_config(hub_config("facebook--opt-66b"))
     assert 65.5e9 < opt.params < 66.5e9 and opt.num_blocks == 64
 
 
@@ -122,7 +144,7 @@ def test_refusal_names_the_numbers_and_what_fits():
 
 
 def test_more_processes_per_machine_multiply_the_model():
-    m = ModelShape.from_config(CONFIGS["Llama-2-70B"])
+    m = ModelShape.from_config(hub_config("meta-llama--Llama-2-70b-hf"))
     run = RunShape("epts", nsamples=128, seqlen=2048, groups=8, rank=8, world=8, local_world=8, device="cuda")
     p = plan(m, run, host_available=1024 * GIB, device_available=80 * GIB)
     assert p.host["model (float32)"] == 68_976_648_192 * 4  # 257 GiB, on each of the 8 processes

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epts_export.core.sparsegpt import HessianAccumulator, sparsegpt_prune
+from epts_export.core.sparsegpt import sparsegpt_prune
+from epts_export.core.stats import HessianAccumulator
 
 
 def _correlated_inputs(n: int, d: int, seed: int) -> torch.Tensor:

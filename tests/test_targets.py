@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from epts_export.errors import UserError
-from epts_export.core.levels import DEFAULT_LEVELS, parse_level, parse_levels
+from epts_export.core.levels import DEFAULT_LEVELS, parse_levels
 from epts_export.device.interface import ShapeRange
 from epts_export.deploy.targets import (
     ENV_DIR,
@@ -98,33 +98,19 @@ def test_all_expected_targets_ship():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_shipped_target_is_valid(path, tmp_path):
+    """What the shipped profiles promise beyond the schema (load_target_file refuses a profile that
+    breaks the schema; these are choices a valid file could still get wrong)."""
     t = load_target_file(path)
-    assert t.name == path.stem and t.path == path.resolve()
-    assert t.kind in ("jetson", "desktop", "datacenter")
     if t.kind == "jetson":
-        assert t.unified_memory and t.jetpack and t.build_on_device and t.tactic_dram_mb
+        assert t.tactic_dram_mb  # the tactic DRAM cap keeps the build inside unified memory
         assert not t.tensorrt.startswith(">=")  # Jetson TensorRT is whatever the JetPack ships
-    else:
-        assert not t.unified_memory and t.jetpack is None
-    assert 0 < t.memory_budget_gb <= t.memory_gb
-    assert t.workspace_mb <= t.memory_budget_gb * 1024
-    assert t.precision == "fp16"
-    assert t.sparse_levels == ("2:4",)
+    assert t.precision == "fp16" and t.sparse_levels == ("2:4",)
     # every default level lies in optimize's default range (one artifact serves every target) and
     # every N:M default runs on the sparse tensor cores
     trained = parse_levels(DEFAULT_LEVELS)
-    assert t.levels and all(lv in trained for lv in t.levels) and t.sparse == {parse_level("2:4")}
-    assert all(lv in t.sparse for lv in t.levels if lv.is_nm) and t.levels == sorted(t.levels, key=trained.index)
-    assert list(t.profiles) == ["prefill", "decode", "continue"]  # the engines' profile order
-    for name, prof in t.profiles.items():
-        assert isinstance(prof, ShapeRange)
-        for triple in (prof.batch, prof.seq, prof.past):
-            assert len(triple) == 3 and 0 <= triple[0] <= triple[1] <= triple[2]
-        assert prof.batch[0] >= 1 and prof.seq[0] >= 1 and prof.past[0] == (1 if name == "continue" else 0)
-        assert prof.batch[2] <= t.max_batch
-        assert prof.seq[2] + prof.past[2] <= t.max_context
-    assert t.profiles["decode"].seq == (1, 1, 1)
-    # a second chat turn fits: several new tokens on a cache of a quarter of the context and more
+    assert t.levels and all(lv in trained for lv in t.levels) and t.levels == sorted(t.levels, key=trained.index)
+    assert all(lv in t.sparse for lv in t.levels if lv.is_nm)
+    # a second chat turn fits: several new tokens on a cache of half the context and more
     cont = t.profiles["continue"]
     assert cont.seq[2] >= 512 and cont.past[2] >= t.max_context // 2 and cont.batch[2] == t.max_batch
     # to_dict is JSON for manifests and a complete target file: it loads back to the same target.

@@ -38,11 +38,11 @@ import torch
 from .hilora import merged_weight
 from .levels import Group, Level
 from .rule import level_rule
+from .stats import dampened
 
 POINT_WIDTH = 0.1  # one least-squares point per 0.1 of a group's range: a 0.1 group has 1 (as good as 2, BENCHMARKS.md)
 MAX_POINTS = 2  # block 5 of SmolLM2, rank 16: 2 points fit group 0 as well as 4 at half the cost (BENCHMARKS.md)
 RIDGE = 1e-2  # relative to the mean diagonal of each row's normal equations: a solution robust to the mask
-DAMP = 0.01  # H + DAMP * mean(diag H) * I, SparseGPT's dampening
 A_ROW_NORM = math.sqrt(1 / 3)  # the expected row norm of init_lora's A: in * bound^2 / 3 with bound = 1/sqrt(in)
 
 
@@ -53,15 +53,6 @@ def group_points(group: Group) -> list[Level]:
         return [Level(sparsity=group.lo, n=group.n, m=group.m)]
     n = max(1, min(MAX_POINTS, math.ceil((group.hi - group.lo) / POINT_WIDTH - 1e-9)))
     return [Level(sparsity=group.lo + (group.hi - group.lo) * (k + 0.5) / n) for k in range(n)]
-
-
-def dampened(H: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
-    """H + damp * mean(diag H) * I (float32); a dead input channel (zero diagonal) gets 1."""
-    H = H.float().clone()
-    diag = torch.diagonal(H)
-    diag[diag == 0] = 1.0
-    diag += damp * diag.mean()
-    return H
 
 
 @torch.no_grad()

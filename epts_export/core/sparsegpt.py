@@ -19,60 +19,9 @@ weights with the smallest saliency are pruned per block.
 
 from __future__ import annotations
 
-import math
-from typing import Callable
-
 import torch
 
-
-class HessianAccumulator:
-    """Accumulates H = 2/n * sum x x^T over calibration tokens for one linear layer with in_features columns.
-
-    Keeps a running mean exactly as the reference does (so the scale never blows up):
-    ``H *= n/(n+t); x = sqrt(2/(n+t)) * x; H += x^T x``, in float32. Unlike the reference, which
-    counts sequences, ``n`` counts tokens (every row of the flattened input), so after feeding
-    the rows of X (n, in) in any number of batches, ``H == 2/n * X^T X``.
-    """
-
-    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
-        if in_features <= 0:
-            raise ValueError(f"in_features must be positive, got {in_features}")
-        self.in_features = in_features
-        self.nsamples: int = 0  # tokens seen so far
-        self._H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-
-    def add_batch(self, x: torch.Tensor) -> None:
-        """Fold a batch of layer inputs x (..., in_features), any leading dims, into H."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"expected inputs with last dim {self.in_features}, got shape {tuple(x.shape)}"
-            )
-        x = x.reshape(-1, self.in_features).to(device=self._H.device, dtype=torch.float32)  # (t, in)
-        t = x.shape[0]
-        if t == 0:
-            return
-        # rescale the old mean to the new count, then add the new tokens at weight 2/(n+t)
-        self._H *= self.nsamples / (self.nsamples + t)
-        self.nsamples += t
-        x = math.sqrt(2 / self.nsamples) * x  # (t, in)
-        self._H += x.t() @ x  # (in, t) @ (t, in) -> (in, in)
-
-    def combine(self, all_reduce: Callable[[torch.Tensor], None]) -> None:
-        """Merge the accumulators of disjoint token sets, one per process, into the Hessian of all
-        their tokens: H = sum_r n_r H_r / sum_r n_r, which is 2/n X^T X over every token, as one
-        accumulator fed all of them would hold (up to float rounding). ``all_reduce(t)`` sums a
-        tensor over the processes in place (``torch.distributed.all_reduce``)."""
-        n = torch.tensor([float(self.nsamples)], dtype=torch.float64, device=self._H.device)
-        self._H *= self.nsamples  # (in, in) = 2 X_r^T X_r, float32 like the running mean itself
-        all_reduce(self._H)
-        all_reduce(n)
-        self.nsamples = int(n.item())
-        self._H /= max(self.nsamples, 1)
-
-    @property
-    def H(self) -> torch.Tensor:
-        """The accumulated Hessian (in, in), float32 (the live buffer, not a copy)."""
-        return self._H
+from .stats import DAMP, dampened
 
 
 def _hinv_upper(H: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -83,11 +32,7 @@ def _hinv_upper(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     from column i on, holds the OBS update for eliminating column i given columns < i are done.
     Raises ValueError if H (dampened) is not positive definite.
     """
-    n = H.shape[0]
-    H = H.clone()
-    damp = percdamp * torch.mean(torch.diag(H))
-    diag = torch.arange(n, device=H.device)
-    H[diag, diag] += damp
+    H = dampened(H, percdamp)
     L, info = torch.linalg.cholesky_ex(H)  # H = L L^T
     if info.item() != 0 or not torch.isfinite(L).all():
         raise ValueError(
@@ -126,12 +71,12 @@ def sparsegpt_prune(
     sparsity: float = 0.0,
     nm: tuple[int, int] | None = None,
     blocksize: int = 128,
-    percdamp: float = 0.01,
+    percdamp: float = DAMP,
 ) -> torch.Tensor:
     """Prune a linear layer's weight with SparseGPT.
 
     Takes weight (out, in) of any float dtype (not modified) and H (in, in) from
-    ``HessianAccumulator`` (not modified). Either ``sparsity`` (unstructured: that fraction of
+    ``core.stats.HessianAccumulator`` (not modified). Either ``sparsity`` (unstructured: that fraction of
     each block of ``blocksize`` columns, chosen over all rows of the block) or ``nm=(N, M)``
     (keep N of every M consecutive input columns per row; ``sparsity`` is then ignored).
     Returns the pruned weight (out, in) in weight's dtype, computed in float32, with exact zeros

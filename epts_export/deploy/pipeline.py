@@ -233,7 +233,7 @@ def _version() -> str:
 
 def _param_count(model_dir: Path) -> int:
     """Parameters of a Hugging Face folder's model, read from its safetensors headers (no weights loaded)."""
-    from ..models.resolve import weight_params
+    from ..models.weights import weight_params
 
     return weight_params(model_dir) or 0
 

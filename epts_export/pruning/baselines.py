@@ -14,10 +14,10 @@ from .blockloop import run_block
 from .distributed import LOCAL, Dist
 from ..core.levels import Level
 from ..core.masks import level_mask, magnitude_mask, importance_order, wanda_scores
-from ..core.sparsegpt import HessianAccumulator, sparsegpt_prune
+from ..core.sparsegpt import sparsegpt_prune
+from ..core.stats import HessianAccumulator, RowScalars
 
 SPARSEGPT_BLOCKSIZE = 128
-SPARSEGPT_PERCDAMP = 0.01
 
 
 @torch.no_grad()
@@ -34,13 +34,11 @@ def prune_block_calibrated(method: str, block: nn.Module, linears: dict[str, nn.
     ``streams_device``). ``inputs``: this rank's windows; the statistics are summed over the ranks
     before any mask is chosen, so every rank prunes the block the same way."""
     if method == "wanda":
-        stats = {n: [torch.zeros(l.in_features, dtype=torch.float64, device=device), 0] for n, l in linears.items()}
+        stats = {n: RowScalars(l.in_features, device) for n, l in linears.items()}
 
         def hook(name):
             def fn(_m, inp, _o):
-                x = inp[0].reshape(-1, inp[0].shape[-1]).float()  # (tokens, in)
-                stats[name][0] += x.pow(2).sum(0).double()
-                stats[name][1] += x.shape[0]
+                stats[name].add(inp[0])
             return fn
     else:
         stats = {n: HessianAccumulator(l.in_features, device) for n, l in linears.items()}
@@ -56,19 +54,14 @@ def prune_block_calibrated(method: str, block: nn.Module, linears: dict[str, nn.
         h.remove()
     if dist.world > 1:
         for n in linears:
-            if method == "wanda":
-                dist.all_reduce_(stats[n][0])
-                stats[n][1] = int(dist.sum_floats([float(stats[n][1])])[0])
-            else:
-                stats[n].combine(dist.all_reduce_)
+            stats[n].combine(dist.all_reduce_)
     for n, lin in linears.items():
         if method == "wanda":
-            ssum, count = stats[n]
-            mask = level_mask(importance_order(wanda_scores(lin.weight, (ssum / max(count, 1)).float())), level)
+            mask = level_mask(importance_order(wanda_scores(lin.weight, stats[n].mean())), level)
             lin.weight.mul_(mask.to(lin.weight.dtype))
         else:
             nm = (level.n, level.m) if level.is_nm else None
             lin.weight.copy_(sparsegpt_prune(lin.weight, stats[n].H, sparsity=level.sparsity, nm=nm,
-                                             blocksize=SPARSEGPT_BLOCKSIZE, percdamp=SPARSEGPT_PERCDAMP))
+                                             blocksize=SPARSEGPT_BLOCKSIZE))
     # the next block's inputs, from the pruned block
     return run_block(block, inputs, kwargs, device, advance, out_device=streams_device)

@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..core.closed_form import closed_form_adapters, dampened
+from ..core.closed_form import closed_form_adapters
 from ..core.config import TrainConfig, steps_per_epoch
 from ..core.hilora import init_lora, merged_weight
 from ..core.levels import Group, Level
 from ..core.masks import importance_order, obs_scores, wanda_scores
 from ..core.rule import LevelRule, level_rule
+from ..core.stats import InputGram, RowScalars, dampened
 from .blockloop import block_output
 from .distributed import LOCAL, Dist
 
@@ -129,6 +130,185 @@ class BlockMerger:
         }
 
 
+@dataclass
+class BlockRun:
+    """One block's EPTS run: what every step reads (the block on ``device``, its prunable linears,
+    the call arguments, the hierarchy, the config) and this rank's share of the windows."""
+
+    block: nn.Module
+    linears: dict[str, nn.Linear]
+    kwargs: dict
+    groups: list[Group]
+    cfg: TrainConfig
+    device: torch.device | str
+    advance: Callable[[int], None]
+    dist: Dist
+    nwindows: int  # every rank's windows
+    ids: list[int]  # this rank's: global window ids
+    streams_device: torch.device | str
+
+    def forward(self, weights: dict, x: torch.Tensor) -> torch.Tensor:
+        """The block's output for input ``x`` with ``weights`` in place of its prunable linears',
+        under the student's precision (float32 out)."""
+        with self.cfg.autocast(self.device):
+            return block_output(functional_call(self.block, weights, (x,), self.kwargs)).float()
+
+
+def dense_pass(run: BlockRun, dense_in: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, RowScalars],
+                                                                      dict[str, InputGram]]:
+    """Step 1: the teacher's outputs for this rank's windows, and per linear its input statistics
+    over every rank: row scalars (Wanda) and, for the closed-form start or the OBS order, the input
+    Gram matrix (X^T X once per distinct input: q, k and v read the same tensor)."""
+    need_gram = run.cfg.init == "lsq" or run.cfg.importance == "obs"
+    rows = {n: RowScalars(lin.in_features, run.device) for n, lin in run.linears.items()}
+    gram = {n: InputGram(lin.in_features, run.device) for n, lin in run.linears.items()} if need_gram else {}
+    # this window's inputs: (data_ptr, shape) -> (the input, x^T x); holding the input keeps its
+    # memory from being reused by a later input of the same shape (o_proj's) within the window
+    seen: dict = {}
+
+    def hook(name):
+        def fn(_mod, inp, _out):
+            x = inp[0].detach()
+            rows[name].add(x)
+            if need_gram:
+                key = (x.data_ptr(), tuple(x.shape))
+                if key not in seen:
+                    flat = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+                    seen[key] = (x, flat.t() @ flat)  # (in, in)
+                gram[name].add(seen[key][1], x.reshape(-1, x.shape[-1]).shape[0])
+        return fn
+
+    handles = [lin.register_forward_hook(hook(n)) for n, lin in run.linears.items()]
+    teacher = []
+    with torch.no_grad():
+        for x in dense_in:
+            teacher.append(block_output(run.block(x.to(run.device), **run.kwargs)).float().to(run.streams_device))
+            seen.clear()
+            run.advance(1)
+    for h in handles:
+        h.remove()
+    for acc in (*rows.values(), *gram.values()):  # every rank's sums and counts
+        acc.combine(run.dist.all_reduce_)
+    return teacher, rows, gram
+
+
+def importance(run: BlockRun, weights: dict[str, torch.Tensor], rows: dict[str, RowScalars],
+               gram: dict[str, InputGram]) -> dict[str, torch.Tensor]:
+    """Step 1b: each linear's nested importance order, Wanda's or the second-order one."""
+    if run.cfg.importance == "obs":
+        return {n: importance_order(obs_scores(weights[n], dampened(gram[n].mean()))) for n in run.linears}
+    return {n: importance_order(wanda_scores(weights[n], rows[n].mean())) for n in run.linears}
+
+
+def start_adapters(run: BlockRun, weights: dict[str, torch.Tensor], gram: dict[str, InputGram],
+                   order: dict[str, torch.Tensor], gen: torch.Generator) -> tuple[dict, dict]:
+    """Step 2a: (B, A) per linear, trainable on ``device``: B = 0 and a random A, or the closed-form
+    least-squares adapters (the random draw is made either way: the generator's state is the same)."""
+    B, A = {}, {}
+    G, r = len(run.groups), run.cfg.rank
+    for n, lin in run.linears.items():
+        b, a = init_lora(lin.out_features, lin.in_features, G, r, gen)
+        if run.cfg.init == "lsq":
+            b, a = closed_form_adapters(weights[n], gram[n].mean(), order[n], run.groups, r, run.cfg.scale)
+        B[n] = b.to(run.device).requires_grad_(True)
+        A[n] = a.to(run.device).requires_grad_(True)
+    return B, A
+
+
+def train_adapters(run: BlockRun, merge: "BlockMerger", params: list[torch.Tensor], sparse_in: list[torch.Tensor],
+                   teacher: list[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+    """Step 2b: MS-HiLoRA training. Each step draws a sparsity per group (stratified over the
+    steps) and trains every group on it, the higher groups against the teacher and the group-0
+    student equally. Returns each group's mean loss over the last epoch (every rank's windows)."""
+    cfg, groups, N = run.cfg, run.groups, run.nwindows
+    local = {j: k for k, j in enumerate(run.ids)}  # global window id -> index in this rank's lists
+    steps = cfg.total_steps(N)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, steps, cfg.warmup))
+    draws = [stratified_draws(g.lo, g.hi, steps, gen) for g in groups]
+    last_epoch = torch.zeros(len(groups), dtype=torch.float64)
+    step = 0
+    seen_last = 0  # windows trained in the last epoch (all of them unless --steps cut it short)
+    for _epoch in range(-(-steps // steps_per_epoch(N, cfg.batch))):
+        last_epoch.zero_()
+        seen_last = 0
+        for batch in minibatches(N, cfg.batch, gen):
+            if step == steps:
+                break
+            seen_last += len(batch)
+            # the step's loss is the mean over its windows, wherever they are: each rank adds the
+            # gradients of its own windows, the all-reduce adds the ranks
+            weight = 1.0 / len(batch)
+            for j in batch:
+                if j not in local:
+                    continue
+                x, t = sparse_in[local[j]].to(run.device), teacher[local[j]].to(run.device)
+                y0 = None
+                for g in groups:
+                    rule = level_rule(groups, group_level(g, float(draws[g.index][step])))
+                    y = run.forward(merge(rule, g.index if cfg.residual else None), x)
+                    if g.index == 0:
+                        loss = F.mse_loss(y, t)
+                        y0 = y.detach()
+                    else:  # higher groups: match the teacher and the group-0 student equally
+                        loss = 0.5 * F.mse_loss(y, t) + 0.5 * F.mse_loss(y, y0)
+                    # per group: same gradient as the sum, a fraction of the memory
+                    (loss if len(batch) == 1 else loss * weight).backward()
+                    last_epoch[g.index] += loss.item()
+                run.advance(3 * len(groups))
+            if run.dist.world > 1:
+                _all_reduce_grads(params, run.dist)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+    return torch.tensor(run.dist.sum_floats(last_epoch.tolist()), dtype=torch.float64) / max(seen_last, 1)
+
+
+@torch.no_grad()
+def low_group_check(run: BlockRun, merge: "BlockMerger", sparse_in: list[torch.Tensor],
+                    teacher: list[torch.Tensor]) -> tuple[bool, dict]:
+    """Step 3: do group 0's adapters help at s = 0.3 (the top of group 0 when it ends below)? The
+    block's output error against the teacher with and without them, over the first
+    ``check_windows`` windows (all when 0). Returns (keep them, the measured errors)."""
+    cfg, groups = run.cfg, run.groups
+    low = Level(sparsity=min(LOW_CHECK_SPARSITY, groups[0].hi))
+    err_with = err_without = 0.0
+    with_w, without_w = merge(level_rule(groups, low, True)), merge(level_rule(groups, low, False))
+    for j, x, t in zip(run.ids, sparse_in, teacher):
+        if cfg.check_windows and j >= cfg.check_windows:
+            continue
+        xd, td = x.to(run.device), t.to(run.device)
+        y_with, y_without = run.forward(with_w, xd), run.forward(without_w, xd)
+        err_with += F.mse_loss(y_with, td).item()
+        err_without += F.mse_loss(y_without, td).item()
+        run.advance(2)
+    err_with, err_without = run.dist.sum_floats([err_with, err_without])
+    checked = min(run.nwindows, cfg.check_windows) if cfg.check_windows else run.nwindows
+    return err_with <= err_without, {"sparsity": low.sparsity, "with_lora": err_with / checked,
+                                     "without_lora": err_without / checked}
+
+
+@torch.no_grad()
+def msfm_stream(run: BlockRun, merge: "BlockMerger", sparse_in: list[torch.Tensor], low_group_lora: bool,
+                gen: torch.Generator) -> list[torch.Tensor]:
+    """Step 4, MSFM: the next block's sparse input mixes this block's outputs at one sparsity drawn
+    per group (every rank draws for every window, in window order, so the generator agrees)."""
+    groups = run.groups
+    wts = list(run.cfg.mix_weights) if run.cfg.mix_weights else mix_weights(groups)
+    assert len(wts) == len(groups), f"{len(wts)} mix weights for {len(groups)} groups"
+    mix_draws = [[float(g.lo + (g.hi - g.lo) * torch.rand((), generator=gen, dtype=torch.float64)) for g in groups]
+                 for _ in range(run.nwindows)]
+    mixed = []
+    for j, x in zip(run.ids, sparse_in):
+        xd = x.to(run.device)
+        outs = [run.forward(merge(level_rule(groups, group_level(g, s), low_group_lora)), xd)
+                for g, s in zip(groups, mix_draws[j])]
+        mixed.append(msfm_mix(outs, wts).float().to(run.streams_device))
+        run.advance(len(groups))
+    return mixed
+
+
 def optimize_block(
     block: nn.Module,
     linears: dict[str, nn.Linear],
@@ -145,7 +325,7 @@ def optimize_block(
     nwindows: int | None = None,
     streams_device: torch.device | str = "cpu",
 ) -> BlockResult:
-    """Run EPTS on one block that already sits on ``device``.
+    """Run EPTS on one block that already sits on ``device``: its steps in order (epts-method.md).
 
     dense_in / sparse_in: tensors (1, T, C), the teacher and student streams entering the block,
     for this rank's windows (global ids ``dist.owned(nwindows)``; all ``nwindows`` of them in a
@@ -155,161 +335,31 @@ def optimize_block(
     ``advance(n)`` reports n forward-equivalents of this rank's progress.
     """
     gen = torch.Generator().manual_seed(seed)
-    G, r = len(groups), cfg.rank
     N = len(dense_in) if nwindows is None else nwindows
     ids = dist.owned(N)
     assert len(ids) == len(dense_in) == len(sparse_in), f"rank {dist.rank} holds {len(dense_in)} windows, owns {len(ids)}"
-    local = {j: k for k, j in enumerate(ids)}  # global window id -> index in this rank's lists
     for p in block.parameters():
         p.requires_grad_(False)
     block.eval()
+    run = BlockRun(block, linears, kwargs, groups, cfg, device, advance, dist, N, ids, streams_device)
 
-    # 1. Dense pass: Wanda statistics (sum of x^2 per input channel) and teacher outputs; for the
-    # closed-form start also the inputs' second moments X^T X, once per distinct input (q, k and v
-    # read the same tensor).
-    sq_sum = {n: torch.zeros(lin.in_features, dtype=torch.float64, device=device) for n, lin in linears.items()}
-    tokens = {n: 0 for n in linears}
-    lsq = cfg.init == "lsq"
-    need_gram = lsq or cfg.importance == "obs"  # the closed form and the second-order order need X^T X
-    gram = {n: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32, device=device)
-            for n, lin in linears.items()} if need_gram else {}
-    # this window's inputs: (data_ptr, shape) -> (the input, x^T x); holding the input keeps its
-    # memory from being reused by a later input of the same shape (o_proj's) within the window
-    seen: dict = {}
-
-    def hook(name):
-        def fn(_mod, inp, _out):
-            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()  # (tokens, in)
-            sq_sum[name] += x.pow(2).sum(0).double()
-            tokens[name] += x.shape[0]
-            if need_gram:
-                key = (inp[0].data_ptr(), tuple(inp[0].shape))
-                if key not in seen:
-                    seen[key] = (inp[0], x.t() @ x)  # (in, in)
-                gram[name] += seen[key][1]
-        return fn
-
-    handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
-    teacher = []
-    with torch.no_grad():
-        for x in dense_in:
-            teacher.append(block_output(block(x.to(device), **kwargs)).float().to(streams_device))
-            seen.clear()
-            advance(1)
-    for h in handles:
-        h.remove()
-    # every rank's sums and counts, then the single-process normalisation
-    dist.all_reduce_(*sq_sum.values())
-    tokens = dict(zip(tokens, (int(c) for c in dist.sum_floats([float(c) for c in tokens.values()]))))
+    teacher, rows, gram = dense_pass(run, dense_in)
     weights = {n: lin.weight.detach().float() for n, lin in linears.items()}
-    if need_gram:
-        dist.all_reduce_(*gram.values())
-    if cfg.importance == "obs":
-        order = {n: importance_order(obs_scores(weights[n], dampened(gram[n] / max(tokens[n], 1)))) for n in linears}
-    else:
-        order = {n: importance_order(wanda_scores(weights[n], (sq_sum[n] / max(tokens[n], 1)).float())) for n in linears}
-
-    # 2. MS-HiLoRA training, from B = 0 or from the closed-form least-squares adapters.
-    B, A = {}, {}
-    for n, lin in linears.items():
-        b, a = init_lora(lin.out_features, lin.in_features, G, r, gen)  # drawn in both cases: same generator state
-        if lsq:
-            b, a = closed_form_adapters(weights[n], gram[n] / max(tokens[n], 1), order[n], groups, r, cfg.scale)
-        B[n] = b.to(device).requires_grad_(True)
-        A[n] = a.to(device).requires_grad_(True)
+    order = importance(run, weights, rows, gram)
+    B, A = start_adapters(run, weights, gram, order, gen)
     gram.clear()
     # the student's merged weights in the dtype its matmuls run in: under bf16 autocast a float32
     # merge would be cast to bf16 at every linear call anyway, so merging in bf16 computes the
     # same weights with half the memory traffic and no casts
     student_w = {n: w.to(torch.bfloat16) for n, w in weights.items()} if cfg.precision == "bf16" else weights
-    merge = BlockMerger(student_w, order, B, A, r, cfg.scale)
     params = [t for n in linears for t in (B[n], A[n])]
-    steps = cfg.total_steps(N)
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, steps, cfg.warmup))
-    draws = [stratified_draws(g.lo, g.hi, steps, gen) for g in groups]
-    last_epoch = torch.zeros(G, dtype=torch.float64)
-    step = 0
-    seen_last = 0  # windows trained in the last epoch (all of them unless --steps cut it short)
-    for epoch in range(-(-steps // steps_per_epoch(N, cfg.batch))):
-        last_epoch.zero_()
-        seen_last = 0
-        for batch in minibatches(N, cfg.batch, gen):
-            if step == steps:
-                break
-            seen_last += len(batch)
-            # the step's loss is the mean over its windows, wherever they are: each rank adds the
-            # gradients of its own windows, the all-reduce adds the ranks
-            weight = 1.0 / len(batch)
-            for j in batch:
-                if j not in local:
-                    continue
-                x, t = sparse_in[local[j]].to(device), teacher[local[j]].to(device)
-                y0 = None
-                for g in groups:
-                    rule = level_rule(groups, group_level(g, float(draws[g.index][step])))
-                    with cfg.autocast(device):
-                        y = block_output(functional_call(block, merge(rule, g.index if cfg.residual else None), (x,), kwargs))
-                    y = y.float()
-                    if g.index == 0:
-                        loss = F.mse_loss(y, t)
-                        y0 = y.detach()
-                    else:  # higher groups: match the teacher and the group-0 student equally
-                        loss = 0.5 * F.mse_loss(y, t) + 0.5 * F.mse_loss(y, y0)
-                    # per group: same gradient as the sum, a fraction of the memory
-                    (loss if len(batch) == 1 else loss * weight).backward()
-                    last_epoch[g.index] += loss.item()
-                advance(3 * G)
-            if dist.world > 1:
-                _all_reduce_grads(params, dist)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            step += 1
-    last_epoch = torch.tensor(dist.sum_floats(last_epoch.tolist()), dtype=torch.float64) / max(seen_last, 1)
-
+    last_epoch = train_adapters(run, BlockMerger(student_w, order, B, A, cfg.rank, cfg.scale), params, sparse_in, teacher, gen)
     B = {n: b.detach() for n, b in B.items()}
     A = {n: a.detach() for n, a in A.items()}
     dist.broadcast_(*B.values(), *A.values())  # identical already; rank 0's copy rules out any drift
-    merge = BlockMerger(student_w, order, B, A, r, cfg.scale)
-
-    with torch.no_grad():
-        # 3. Low-group check: do group-0 adapters help at s = 0.3?
-        g0 = groups[0]
-        low = Level(sparsity=min(LOW_CHECK_SPARSITY, g0.hi))
-        err_with = err_without = 0.0
-        with_w, without_w = merge(level_rule(groups, low, True)), merge(level_rule(groups, low, False))
-        for j, x, t in zip(ids, sparse_in, teacher):
-            if cfg.check_windows and j >= cfg.check_windows:
-                continue
-            xd, td = x.to(device), t.to(device)
-            with cfg.autocast(device):
-                y_with = block_output(functional_call(block, with_w, (xd,), kwargs))
-                y_without = block_output(functional_call(block, without_w, (xd,), kwargs))
-            err_with += F.mse_loss(y_with.float(), td).item()
-            err_without += F.mse_loss(y_without.float(), td).item()
-            advance(2)
-        err_with, err_without = dist.sum_floats([err_with, err_without])
-        nchecked = min(N, cfg.check_windows) if cfg.check_windows else N
-        low_group_lora = err_with <= err_without
-
-        # 4. MSFM: the next block's sparse input mixes this block's outputs, one draw per group.
-        wts = list(cfg.mix_weights) if cfg.mix_weights else mix_weights(groups)
-        assert len(wts) == G, f"{len(wts)} mix weights for {G} groups"
-        # every rank draws for every window, in window order, so the generator agrees everywhere
-        mix_draws = [[float(g.lo + (g.hi - g.lo) * torch.rand((), generator=gen, dtype=torch.float64)) for g in groups]
-                     for _ in range(N)]
-        mixed = []
-        for j, x in zip(ids, sparse_in):
-            xd = x.to(device)
-            outs = []
-            for g, s in zip(groups, mix_draws[j]):
-                rule = level_rule(groups, group_level(g, s), low_group_lora)
-                with cfg.autocast(device):
-                    outs.append(block_output(functional_call(block, merge(rule), (xd,), kwargs)).float())
-            mixed.append(msfm_mix(outs, wts).float().to(streams_device))
-            advance(G)
-
+    merge = BlockMerger(student_w, order, B, A, cfg.rank, cfg.scale)
+    low_group_lora, low_check = low_group_check(run, merge, sparse_in, teacher)
+    mixed = msfm_stream(run, merge, sparse_in, low_group_lora, gen)
     return BlockResult(
         order={n: v.cpu() for n, v in order.items()},
         lora_B={n: v.cpu() for n, v in B.items()},
@@ -317,10 +367,7 @@ def optimize_block(
         low_group_lora=bool(low_group_lora),
         dense_out=teacher,
         sparse_out=mixed,
-        metrics={
-            "final_epoch_loss": [round(float(v), 8) for v in last_epoch],
-            "low_check": {"sparsity": low.sparsity, "with_lora": err_with / nchecked, "without_lora": err_without / nchecked},
-        },
+        metrics={"final_epoch_loss": [round(float(v), 8) for v in last_epoch], "low_check": low_check},
     )
 
 

@@ -74,59 +74,31 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, cfg: dict, params: int | None = None) -> "ModelShape":
-        """From a config.json dict (LLaMA family: llama, mistral, qwen2, qwen3; OPT). ``params``:
-        the count from the weight headers; without it the parameters are counted from the config.
-        UserError for an unsupported model type or a config that lacks a size."""
+        """From a config.json dict of any supported model type (its family sizes the block).
+        ``params``: the count from the weight headers; without it the parameters are counted from
+        the config. UserError for an unsupported model type or a config that lacks a size."""
         from ..models.families import family_for
 
         model_type = str(cfg.get("model_type", "?"))
         fam = family_for(model_type)
         try:
-            C, L, H, V = (int(cfg[k]) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"))
-            if fam.name == "opt":
-                I = int(cfg["ffn_dim"])
-                hd, kvh = C // H, H
-                linears = (("self_attn.q_proj", C, C), ("self_attn.k_proj", C, C), ("self_attn.v_proj", C, C),
-                           ("self_attn.out_proj", C, C), ("fc1", I, C), ("fc2", C, I))
-                bias = bool(cfg.get("enable_bias", True))
-                other = (4 * C + I + C if bias else 0) + 2 * (2 * C if cfg.get("layer_norm_elementwise_affine", True) else 0)
-                proj = int(cfg.get("word_embed_proj_dim") or C)
-                counted = (V * proj + (int(cfg.get("max_position_embeddings", 2048)) + 2) * C
-                           + (2 * C * proj if proj != C else 0) + 2 * C + L * (other + sum(o * i for _, o, i in linears))
-                           + (0 if cfg.get("tie_word_embeddings", True) else V * proj))
-                gated = False
-            else:
-                I = int(cfg["intermediate_size"])
-                kvh = int(cfg.get("num_key_value_heads") or H)
-                hd = int(cfg.get("head_dim") or C // H)
-                q, kv = H * hd, kvh * hd
-                linears = (("self_attn.q_proj", q, C), ("self_attn.k_proj", kv, C), ("self_attn.v_proj", kv, C),
-                           ("self_attn.o_proj", C, q), ("mlp.gate_proj", I, C), ("mlp.up_proj", I, C),
-                           ("mlp.down_proj", C, I))
-                other = 2 * C  # the two RMSNorms
-                if model_type == "qwen2":
-                    other += q + 2 * kv  # q/k/v biases, always on in Qwen2
-                elif cfg.get("attention_bias"):
-                    other += q + 2 * kv + C
-                if cfg.get("mlp_bias"):
-                    other += 2 * I + C
-                if model_type == "qwen3":
-                    other += 2 * hd  # q_norm, k_norm
-                counted = (V * C + (0 if cfg.get("tie_word_embeddings", False) else V * C) + C
-                           + L * (other + sum(o * i for _, o, i in linears)))
-                gated = True
+            L = int(cfg["num_hidden_layers"])
+            s = fam.sizes(cfg)
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
             raise UserError(f"the model's config.json lacks a usable size ({type(e).__name__}: {e}): "
                             "it needs hidden_size, num_hidden_layers, num_attention_heads, vocab_size and the MLP size") from None
-        return cls(model_type=model_type, num_blocks=L, hidden=C, intermediate=I, heads=H, head_dim=hd, kv_heads=kvh,
-                   linears=linears, block_other=other, params=int(params) if params else counted, gated_mlp=gated)
+        linears = tuple((name, o, i) for name, (o, i) in zip(fam.prunable, s.linears, strict=True))
+        counted = s.outside + L * (s.other + sum(o * i for o, i in s.linears))
+        return cls(model_type=model_type, num_blocks=L, hidden=s.hidden, intermediate=s.intermediate, heads=s.heads,
+                   head_dim=s.head_dim, kv_heads=s.kv_heads, linears=linears, block_other=s.other,
+                   params=int(params) if params else counted, gated_mlp=fam.gated_mlp)
 
     @classmethod
     def from_folder(cls, folder: Path) -> "ModelShape":
         """From a Hugging Face folder's config.json and safetensors headers."""
         import json
 
-        from ..models.resolve import weight_params
+        from ..models.weights import weight_params
 
         try:
             cfg = json.loads((Path(folder) / "config.json").read_text())
