@@ -145,7 +145,9 @@ def optimize(
             raise typer.Exit(0) from None
         raise UserError(f"rank {rank_id}: {e}", e.exit_code) from None
     if main_rank:
-        _summary_artifact(path)
+        from .artifact.folder import Artifact
+
+        _summary_artifact(Artifact.open(path, verify=False))  # hashed as optimize wrote it
         console.print(f"wrote {path}")
 
 
@@ -173,10 +175,8 @@ def _summary_plan(estimate) -> None:
     console.print("fits", highlight=False)
 
 
-def _summary_artifact(path: Path) -> None:
-    from .artifact.folder import Artifact
-
-    art = Artifact.open(path, verify=False)
+def _summary_artifact(art) -> None:
+    path = art.path
     m = art.manifest
     t = Table(title=f"artifact {path}", show_header=False)
     t.add_row("method", m["method"])
@@ -254,8 +254,7 @@ def info(artifact: Path = typer.Argument(..., help="Artifact folder.")):
     """Verify an artifact's hashes and summarize it."""
     from .artifact.folder import Artifact
 
-    Artifact.open(artifact)
-    _summary_artifact(artifact)
+    _summary_artifact(Artifact.open(artifact))
 
 
 @app.command("export")

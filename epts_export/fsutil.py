@@ -154,13 +154,15 @@ def staged_dir(final: Path, *, overwrite: bool = False, resumable: bool = False,
 # file lists
 
 
-def file_hashes(folder: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
-    """relative posix path -> sha256 for every file below ``folder`` (sorted)."""
+def file_hashes(folder: Path, exclude: tuple[str, ...] = (MANIFEST,), known: dict[str, str] | None = None) -> dict[str, str]:
+    """relative posix path -> sha256 for every file below ``folder`` (sorted). ``known``: the
+    hashes of files the caller copied here from a folder whose hashes it holds (not read again)."""
     out = {}
+    known = known or {}
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).as_posix()
         if p.is_file() and rel not in exclude:
-            out[rel] = sha256_file(p)
+            out[rel] = known[rel] if rel in known else sha256_file(p)
     return out
 
 

@@ -63,21 +63,26 @@ def perplexity(model, windows: torch.Tensor, batch: int = 1, advance=lambda n=1:
     return math.exp(nll / count)
 
 
-def evaluate(target: str | Path, data: str, seqlen: int, levels: list[Level] | None = None,
-             progress: Progress | None = None, max_windows: int | None = None) -> dict:
+def evaluate(target: "str | Path | Artifact", data: str, seqlen: int, levels: list[Level] | None = None,
+             progress: Progress | None = None, max_windows: int | None = None, model=None) -> dict:
     """Perplexity of an artifact at ``levels`` (default: every trained level) plus its dense
-    reference, or of a plain model. Returns the JSON report (see README)."""
+    reference, or of a plain model. Returns the JSON report (see README). ``target``: a folder, or
+    an opened Artifact; ``model``: that artifact's ElasticModel when the caller has it loaded."""
     progress = progress or Progress(enabled=False)
-    target = Path(target) if not isinstance(target, Path) else target
+    opened = target if isinstance(target, Artifact) else None
+    target = opened.path if opened else Path(target)
     if seqlen < 2:
         raise UserError("--seqlen must be >= 2")
     if max_windows is not None and max_windows < 1:
         raise UserError(f"--max-windows must be >= 1, got {max_windows}")
     rows: list[dict] = []
-    if (target / "manifest.json").is_file():
-        art = Artifact.open(target)
-        with progress.status(f"loading artifact {target}"):
-            em = ElasticModel(art)
+    if opened or (target / "manifest.json").is_file():
+        art = opened or Artifact.open(target)
+        if model is not None and model.artifact.manifest_sha256 == art.manifest_sha256:
+            em = model
+        else:
+            with progress.status(f"loading artifact {target}"):
+                em = ElasticModel(art)
         levels = levels if levels is not None else art.levels
         for lv in levels:
             art.check_level(lv)

@@ -16,12 +16,13 @@ Opening an artifact checks its schema version and the sha256 of every file.
 
 from __future__ import annotations
 
+import functools
 import platform
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..fsutil import ManifestFormat, read_manifest, verify_hashes
+from ..fsutil import MANIFEST, ManifestFormat, read_manifest, sha256_file, verify_hashes
 from ..core.config import TrainConfig
 from ..core.levels import Group, Level, parse_level
 from ..core.rule import active_groups
@@ -53,6 +54,12 @@ def tensor_key(block: int, name: str, field: str) -> str:
 class Artifact:
     path: Path
     manifest: dict
+
+    @functools.cached_property
+    def manifest_sha256(self) -> str:
+        """The sha256 of manifest.json (what an export or a bundle names its source by); hashed
+        once per opened artifact."""
+        return sha256_file(self.path / MANIFEST)
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True) -> "Artifact":

@@ -19,7 +19,7 @@ from ..core.hilora import merged_weight
 from ..core.levels import Group, Level
 from ..core.rule import LevelRule, level_rule
 from ..errors import UserError
-from ..fsutil import ManifestFormat, check_destination, file_hashes, sha256_file, staged_dir, write_json
+from ..fsutil import ManifestFormat, check_destination, file_hashes, staged_dir, write_json
 from ..models.families import family_for, iter_prunable, measured_sparsity
 from ..progress import Progress
 from .folder import ELASTIC_FILE, Artifact, tensor_key
@@ -128,7 +128,7 @@ def materialize_to_folder(artifact: str | Path, level: Level, out: str | Path, o
         write_json(tmp / "manifest.json", {
             **MATERIALIZED.header(), "level": level.name,
             "measured_sparsity": round(measured_sparsity(model), 6),
-            "source_artifact": {"path": str(art.path), "manifest_sha256": sha256_file(art.path / "manifest.json"), "method": art.method},
+            "source_artifact": {"path": str(art.path), "manifest_sha256": art.manifest_sha256, "method": art.method},
             "files": file_hashes(tmp),
         })
     return out

@@ -34,9 +34,10 @@ EXIT_PARITY = 3
 ONNX_SUFFIXES = (".onnx", ".onnx_data")
 
 
-def copy_model(exp, report: dict, ppl: dict, levels: list[Level], tmp: Path) -> tuple[list[dict], WeightSource | None]:
+def copy_model(exp, report: dict, ppl: dict, levels: list[Level], tmp: Path) -> tuple[list[dict], WeightSource | None, dict]:
     """Copy the export's model into the bundle; (each level's manifest record, the weight source of
-    an elastic bundle's engines). The export is dynamic for the elastic layout, baked otherwise."""
+    an elastic bundle's engines, the copied files: bundle path -> their export hash and stat). The
+    export is dynamic for the elastic layout, baked otherwise."""
     from transformers import AutoConfig
 
     from ..onnx.genai import GENAI_CONFIG, write_genai_config
@@ -59,10 +60,17 @@ def copy_model(exp, report: dict, ppl: dict, levels: list[Level], tmp: Path) -> 
         folders = {}
         for lv in levels:
             folders[lv] = exp.graph_path(lv).parent.relative_to(exp.path).as_posix()
-            shutil.copytree(exp.path / folders[lv], tmp / folders[lv])
+            shutil.copytree(exp.path / folders[lv], tmp / folders[lv], ignore=shutil.ignore_patterns(GENAI_CONFIG))
     for folder in sorted(set(folders.values())) if exp.mode == "baked" else []:
         # every target is an NVIDIA GPU: GenAI runs the level on CUDA there
         write_genai_config(AutoConfig.from_pretrained(tmp / folder), tmp / folder, "cuda")
+    prefix = f"{MODEL_DIR}/" if exp.mode == "dynamic" else ""
+    copied = {}
+    for rel, sha in exp.manifest["files"].items():
+        dest = tmp / (prefix + rel)
+        if dest.is_file() and dest.name != GENAI_CONFIG:
+            st = dest.stat()
+            copied[prefix + rel] = (sha, st.st_size, st.st_mtime_ns)
     for lv in levels:
         entry = parity_by_level[lv.name]
         rec = exp.level_record(lv)
@@ -76,7 +84,7 @@ def copy_model(exp, report: dict, ppl: dict, levels: list[Level], tmp: Path) -> 
             "parity": {"passed": entry["passed"], "checks": {k: bool(v.get("passed")) for k, v in entry["checks"].items()}},
         })
     write_report(report, tmp / "parity.json")
-    return records, source
+    return records, source, copied
 
 
 def engine_record(spec, root: Path) -> dict:
@@ -171,8 +179,11 @@ def onnx_bytes(folder: Path, manifest: dict) -> dict:
     return {"total": sum(per.values()), "by_folder": per}
 
 
-def write_manifest(tmp: Path, manifest: dict, engines: dict, specs: dict, source: WeightSource | None) -> None:
-    """Engine records, the device's scripts, sha256 and size of every file, the ONNX bytes."""
+def write_manifest(tmp: Path, manifest: dict, engines: dict, specs: dict, source: WeightSource | None,
+                   copied: dict | None = None) -> None:
+    """Engine records, the device's scripts, sha256 and size of every file, the ONNX bytes.
+    ``copied``: files copied from the (verified) export, with its hashes; one still the size and
+    time it was copied with keeps that hash, any other file is hashed."""
     from .scripts import write_scripts
 
     write_scripts(tmp, list(specs.values()), source)
@@ -184,7 +195,12 @@ def write_manifest(tmp: Path, manifest: dict, engines: dict, specs: dict, source
             rec["trt_engine"] = engine_record(by_name[rec["name"]], tmp)
     if specs:
         manifest["engines"]["context"] = next(iter(specs.values())).context
-    manifest["files"] = file_hashes(tmp)
+    unchanged = {}
+    for rel, (sha, size, mtime) in (copied or {}).items():
+        st = (tmp / rel).stat() if (tmp / rel).is_file() else None
+        if st is not None and (st.st_size, st.st_mtime_ns) == (size, mtime):
+            unchanged[rel] = sha
+    manifest["files"] = file_hashes(tmp, known=unchanged)
     manifest["file_sizes"] = {f: (tmp / f).stat().st_size for f in manifest["files"]}  # bounds what a tar may unpack
     manifest["onnx_bytes"] = onnx_bytes(tmp, manifest)
     write_json(tmp / MANIFEST, manifest)

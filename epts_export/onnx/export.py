@@ -30,12 +30,12 @@ import torch
 from ..artifact.folder import Artifact, library_versions
 from ..core.levels import Level
 from ..errors import UserError
-from ..fsutil import MANIFEST, check_destination, file_hashes, sha256_file, staged_dir, write_json
+from ..fsutil import MANIFEST, check_destination, file_hashes, staged_dir, write_json
 from ..device.interface import DECODER_GRAPH, GRAPH_FILE, LEVEL_INPUT, LEVELS_FILE, LEVELS_METADATA, WEIGHTS_GRAPH, io_names, level_dirname
 from ..progress import Progress
 from . import graph as onnx_graph
 from .reader import EXPORT
-from .trace import DUMMY, prepare_model, prunable_weight_names, trace_to_onnx
+from .trace import DUMMY, prunable_weight_names, traceable, trace_to_onnx
 
 DEFAULT_OPSET = 17  # TensorRT 8.5 (JetPack 5) parses up to 17; TensorRT 10 up to 20
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -44,7 +44,7 @@ MODES = ("baked", "dynamic")
 
 @dataclass
 class ExportSpec:
-    artifact: Path
+    artifact: Path | Artifact  # the folder, or the opened artifact
     out: Path
     mode: str = "baked"
     levels: list[Level] | None = None  # default: the artifact's trained levels
@@ -86,14 +86,18 @@ def _write_hf_side_files(model, tokenizer, folder: Path) -> None:
     write_genai_config(cfg, folder)
 
 
-def export(spec: ExportSpec, progress: Progress | None = None) -> Path:
-    """Export ``spec.levels`` of an artifact to ONNX (see the module docstring). Returns the folder."""
+def export(spec: ExportSpec, progress: Progress | None = None, model=None) -> Path:
+    """Export ``spec.levels`` of an artifact to ONNX (see the module docstring). Returns the folder.
+
+    ``spec.artifact``: its folder, or the opened Artifact. ``model``: that artifact's ElasticModel
+    when the caller has it loaded (it is handed back as it was: ``trace.traceable``)."""
     from ..artifact.materialize import ElasticModel
 
     progress = progress or Progress(enabled=False)
     _check_spec(spec)
-    check_destination(spec.out, overwrite=spec.overwrite, inputs=[spec.artifact])
-    art = Artifact.open(spec.artifact)
+    art = spec.artifact if isinstance(spec.artifact, Artifact) else None
+    check_destination(spec.out, overwrite=spec.overwrite, inputs=[art.path if art else spec.artifact])
+    art = art or Artifact.open(spec.artifact)
     levels = spec.levels or art.levels
     for lv in levels:
         art.check_level(lv)
@@ -101,26 +105,29 @@ def export(spec: ExportSpec, progress: Progress | None = None) -> Path:
         raise UserError(f"dynamic mode needs an EPTS artifact; this {art.method} artifact holds one level (use --mode baked)")
     if spec.mode == "dynamic" and len(levels) > 255:
         raise UserError("dynamic mode serves at most 255 levels in one graph")
+    if model is not None and model.artifact.manifest_sha256 != art.manifest_sha256:
+        raise ValueError(f"the model handed to export was loaded from {model.artifact.path}, not {art.path}")
     t0 = time.time()
     with staged_dir(spec.out, overwrite=spec.overwrite) as tmp:
-        with progress.status(f"loading {art.path}"):
-            em = ElasticModel(art)
-            prepare_model(em.model, spec.dtype == "fp16")
+        if model is None:
+            with progress.status(f"loading {art.path}"):
+                model = ElasticModel(art)
         scratch = Path(tempfile.mkdtemp(prefix="epts-onnx-", dir=tmp))
         try:
-            if spec.mode == "baked":
-                records, timings, extra = _export_baked(em, art, spec, levels, tmp, scratch, progress)
-            else:
-                records, timings, extra = _export_dynamic(em, art, spec, levels, tmp, scratch, progress)
+            with traceable(model, spec.dtype == "fp16"):
+                if spec.mode == "baked":
+                    records, timings, extra = _export_baked(model, art, spec, levels, tmp, scratch, progress)
+                else:
+                    records, timings, extra = _export_dynamic(model, art, spec, levels, tmp, scratch, progress)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         manifest = {
             **EXPORT.header(), "mode": spec.mode, "dtype": spec.dtype, "opset": spec.opset, "levels": records,
-            "source_artifact": {"path": str(art.path.resolve()), "manifest_sha256": sha256_file(art.path / MANIFEST),
+            "source_artifact": {"path": str(art.path.resolve()), "manifest_sha256": art.manifest_sha256,
                                 "method": art.method, "model": art.manifest.get("model", {}).get("spec")},
-            "io": dict(zip(("inputs", "outputs"), io_names(em.model.config.num_hidden_layers, spec.mode == "dynamic"))),
+            "io": dict(zip(("inputs", "outputs"), io_names(model.model.config.num_hidden_layers, spec.mode == "dynamic"))),
             "dummy_shape": DUMMY,
-            "weights": prunable_weight_names(em.model, em.family),
+            "weights": prunable_weight_names(model.model, model.family),
             "export_seconds": timings, "elapsed_s": round(time.time() - t0, 2),
             "library_versions": {**library_versions(), **_onnx_versions()},
             "parity": None,
@@ -211,7 +218,7 @@ def _onnx_versions() -> dict[str, str]:
 
 def _metadata(art: Artifact, spec: ExportSpec, levels: list[Level]) -> dict[str, str]:
     meta = {"epts.format": EXPORT.format, "epts.mode": spec.mode, "epts.dtype": spec.dtype,
-            "epts.source_manifest_sha256": sha256_file(art.path / MANIFEST),
+            "epts.source_manifest_sha256": art.manifest_sha256,
             LEVELS_METADATA: json.dumps([lv.name for lv in levels])}
     if spec.mode == "dynamic":
         meta["epts.sparsity_level"] = ("int64 scalar input: index into epts.levels (also in levels.json); an "

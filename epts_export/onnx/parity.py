@@ -169,16 +169,21 @@ def check_levels(em, levels: list[Level], open_decoder: Callable[[Level], tuple[
     return entries, failures
 
 
-def validate(export_dir: str | Path, levels: list[Level] | None = None, artifact: str | Path | None = None,
-             progress: Progress | None = None, threads: int | None = None) -> dict:
+def validate(export_dir: "str | Path | OnnxExport", levels: list[Level] | None = None, artifact=None,
+             progress: Progress | None = None, threads: int | None = None, model=None) -> dict:
     """Check every level (or ``levels``) of an export; returns the report (module docstring).
     UserError only for bad input (not an export, missing source artifact); a failed check is
-    recorded in the report, never raised."""
+    recorded in the report, never raised.
+
+    ``export_dir``: the folder, or the opened OnnxExport (its files hashed when it was opened or
+    written). ``artifact``: the source artifact's folder or the opened Artifact (default: where the
+    export says). ``model``: that artifact's ElasticModel when the caller has it loaded."""
     from ..artifact.materialize import ElasticModel
 
     progress = progress or Progress(enabled=False)
     t0 = time.time()
-    exp = OnnxExport.open(export_dir, verify="collect")
+    exp = export_dir if isinstance(export_dir, OnnxExport) and export_dir.verified else \
+        OnnxExport.open(getattr(export_dir, "path", export_dir), verify="collect")
     have = exp.levels
     if levels:
         unknown = [lv.name for lv in levels if lv not in have]
@@ -188,8 +193,11 @@ def validate(export_dir: str | Path, levels: list[Level] | None = None, artifact
     art = exp.source_artifact(artifact)
     tols = TOLERANCES[exp.dtype]
     weights = exp.manifest["weights"]
-    with progress.status(f"loading the reference model from {art.path}"):
-        em = ElasticModel(art)
+    if model is not None and model.artifact.manifest_sha256 == art.manifest_sha256:
+        em = model
+    else:
+        with progress.status(f"loading the reference model from {art.path}"):
+            em = ElasticModel(art)
 
     def integrity(lv: Level) -> dict:
         folder = exp.graph_path(lv).relative_to(exp.path).parent.as_posix()  # "level-0.5", or "." for the dynamic graph

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..artifact.folder import Artifact
 from ..core.levels import Level, parse_level
 from ..errors import UserError
-from ..fsutil import MANIFEST, HashError, hash_errors, read_manifest, sha256_file, verify_hashes, write_json
+from ..fsutil import MANIFEST, HashError, hash_errors, read_manifest, verify_hashes, write_json
 from ..device.interface import DECODER_GRAPH, EXPORT, GRAPH_FILE, WEIGHTS_GRAPH, level_dirname  # noqa: F401
 
 
@@ -18,11 +18,13 @@ class OnnxExport:
     path: Path
     manifest: dict
     integrity_errors: list[HashError] = field(default_factory=list)
+    verified: bool = False  # its files match the manifest's hashes (checked, or just written by this process)
 
     @classmethod
     def open(cls, path: str | Path, verify: str = "raise") -> "OnnxExport":
         """Read an export folder. ``verify``: 'raise' (UserError on a bad hash), 'collect' (keep
-        the failures in ``integrity_errors``, for validate), or 'skip'."""
+        the failures in ``integrity_errors``, for validate), 'skip', or 'written' (this process
+        has just written it and hashed every file doing so: nothing to check)."""
         p = Path(path)
         manifest = read_manifest(p, EXPORT)
         exp = cls(p, manifest)
@@ -31,6 +33,7 @@ class OnnxExport:
             verify_hashes(p, manifest.get("files", {}), "export")
         elif verify == "collect":
             exp.integrity_errors = hash_errors(p, manifest.get("files", {}))
+        exp.verified = verify != "skip"
         return exp
 
     def _check(self) -> None:
@@ -77,13 +80,18 @@ class OnnxExport:
             return None
         return self.levels.index(level)
 
-    def source_artifact(self, override: str | Path | None = None) -> Artifact:
-        src = Path(override) if override else Path(self.manifest["source_artifact"]["path"])
-        if not src.exists():
-            raise UserError(f"the source artifact {src} of export {self.path} is not there; pass --artifact PATH")
-        art = Artifact.open(src)
+    def source_artifact(self, override: "str | Path | Artifact | None" = None) -> Artifact:
+        """The artifact this export was made from (``override``: where it is now, or the opened
+        artifact itself); UserError when it is missing or is another artifact."""
+        if isinstance(override, Artifact):
+            art, src = override, override.path
+        else:
+            src = Path(override) if override else Path(self.manifest["source_artifact"]["path"])
+            if not src.exists():
+                raise UserError(f"the source artifact {src} of export {self.path} is not there; pass --artifact PATH")
+            art = Artifact.open(src)
         want = self.manifest["source_artifact"]["manifest_sha256"]
-        if sha256_file(art.path / MANIFEST) != want:
+        if art.manifest_sha256 != want:
             raise UserError(f"artifact {src} is not the one export {self.path} was made from (manifest sha256 differs)")
         return art
 

@@ -179,14 +179,41 @@ def trace_to_onnx(model: nn.Module, fam: Family, path: Path, opset: int, fp16: b
                           dynamo=False)
 
 
-def prepare_model(model: nn.Module, fp16: bool) -> nn.Module:
-    """Eager attention (sdpa does not trace into plain ONNX ops on every version), eval mode, and
-    half precision for fp16 graphs; returns ``model`` itself."""
-    model.eval()
+def _set_attention(model: nn.Module, implementation: str) -> None:
     if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")
+        model.set_attn_implementation(implementation)
     else:
-        model.config._attn_implementation = "eager"
+        model.config._attn_implementation = implementation
+
+
+@contextlib.contextmanager
+def traceable(em, fp16: bool):
+    """An ElasticModel's model as it is traced: eager attention (sdpa does not trace into plain
+    ONNX ops on every version), eval mode, half precision for fp16 graphs. On exit the model is
+    what it was, bit for bit (its float32 parameters and buffers, its attention and cache
+    settings; the prunable weights dense), so the one loaded model serves validation next."""
+    model = em.model
+    config = model.config
+    attention, use_cache = getattr(config, "_attn_implementation", None), getattr(config, "use_cache", None)
+    prunable = {f"{em.family.blocks}.{i}.{n}.weight" for i, n in getattr(em, "dense", None) or {}}
+    saved = {} if not fp16 else {
+        name: t.detach().clone() for name, t in (*model.named_parameters(), *model.named_buffers())
+        if t.is_floating_point() and name not in prunable}
+    model.eval()
+    _set_attention(model, "eager")
     if fp16:
         model.half()
-    return model
+    try:
+        yield model
+    finally:
+        if fp16:
+            model.float()
+            tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+            with torch.no_grad():
+                for name, value in saved.items():
+                    tensors[name].copy_(value)
+        if getattr(em, "elastic", None) is not None and (fp16 or em.level is not None):
+            em.at(None)  # the prunable weights from their float32 dense copies
+        if attention is not None:
+            _set_attention(model, attention)
+        config.use_cache = use_cache

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -44,6 +44,9 @@ from .epts import cost_per_block, optimize_block, steps_per_epoch
 from .preflight import GIB, STREAMS, ModelShape, Plan, RunShape, measure_device_available, measure_host_available, plan
 from .presets import load_preset
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models.resolve import ResolvedModel
+
 
 @dataclass
 class OptimizeSpec:
@@ -60,6 +63,7 @@ class OptimizeSpec:
     streams: str = "auto"  # where the calibration streams live on a GPU run: auto | device | cpu
     host_memory_gib: float | None = None  # host memory per machine the run may use (default: MemAvailable)
     device_memory_gib: float | None = None  # device memory per rank (default: the device's free memory)
+    resolved: "ResolvedModel | None" = None  # ``model`` resolved already (build's hand-over; one process only)
 
     @classmethod
     def from_preset(cls, model: str, out: Path, levels: list[Level], preset: str = "default", *,
@@ -70,7 +74,7 @@ class OptimizeSpec:
                     low_top: float | None = None, low_span: float | None = None, **rest) -> "OptimizeSpec":
         """The spec of a preset (calibration/<preset>.toml), with any setting given here winning
         over the preset's. ``rest``: method, device, resume, overwrite, threads, streams,
-        host_memory_gib, device_memory_gib."""
+        host_memory_gib, device_memory_gib, resolved."""
         p = load_preset(preset)
 
         def pick(value, key):
@@ -216,6 +220,8 @@ def _resolve(spec: OptimizeSpec, progress: Progress, dist: Dist):
     another machine resolves its own copy, which must have rank 0's sha256."""
     from ..models import resolve_model
 
+    if spec.resolved is not None and dist.world == 1:
+        return spec.resolved
     first = dist.on_main(lambda: resolve_model(spec.model, progress=progress.enabled))
 
     def mine():
@@ -233,7 +239,7 @@ def _resolve(spec: OptimizeSpec, progress: Progress, dist: Dist):
 
 def _plan(spec: OptimizeSpec, resolved, dist: Dist, device: str, world: int, local_world: int) -> Plan:
     def check() -> Plan:
-        shape = ModelShape.from_folder(resolved.path)
+        shape = ModelShape.from_config(resolved.config, resolved.params)
         groups = spec.train.groups(spec.levels) if spec.method == "epts" else []
         run = RunShape(method=spec.method, nsamples=spec.calib.nsamples, seqlen=spec.calib.seqlen, groups=len(groups),
                        rank=spec.train.rank, nm_levels=sum(1 for lv in spec.levels if lv.is_nm), world=world,

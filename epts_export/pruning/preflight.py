@@ -93,20 +93,6 @@ class ModelShape:
                    head_dim=s.head_dim, kv_heads=s.kv_heads, linears=linears, block_other=s.other,
                    params=int(params) if params else counted, gated_mlp=fam.gated_mlp)
 
-    @classmethod
-    def from_folder(cls, folder: Path) -> "ModelShape":
-        """From a Hugging Face folder's config.json and safetensors headers."""
-        import json
-
-        from ..models.weights import weight_params
-
-        try:
-            cfg = json.loads((Path(folder) / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read {Path(folder) / 'config.json'} ({type(e).__name__}): "
-                            "pass a Hugging Face model folder") from None
-        return cls.from_config(cfg, weight_params(folder))
-
 
 @dataclass(frozen=True)
 class RunShape:
