@@ -98,10 +98,21 @@ def test_run_py_switches_levels_from_one_load_with_the_baked_tokens(art, tmp_pat
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(device / "model")(prompt)["input_ids"]
+    wants = {}
     for line, (level, folder) in zip(lines, (("0.3", "level-0.3"), ("0.7", "level-0.7"), ("2:4", "level-2of4"))):
         dec = OrtDecoder(baked / folder / "model.onnx")
         want = greedy(dec.step, dec.empty_past(1), ids, 12, stop=2)
         assert f"level {level} on onnxruntime" in line and line.endswith(f"tokens {want}"), (level, line, want)
+        wants[level] = want
+    # a long generation gets a packed session (the default), or stays in place with --fast-switch:
+    # the same tokens either way
+    for flags, session in (([], "(packed)"), (["--fast-switch"], "(in place)")):
+        res = subprocess.run([bare, str(device / "run.py"), "--level", "0.3,0.7", "--prompt", prompt, "--max-new-tokens",
+                              "64", *flags], capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+        assert res.returncode == 0, res.stderr
+        second = res.stderr.strip().splitlines()[1]
+        assert session in second and "switch" in second, second
+        assert second.split("tokens [")[1].startswith(str(wants["0.7"])[1:-1]), (second, wants["0.7"])
     for rel in ("model/weights.onnx", "model/decoder.onnx"):
         b = tmp_path / rel.replace("/", "-")
         shutil.copytree(bundle, b)

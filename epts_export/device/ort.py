@@ -128,26 +128,47 @@ class OrtDecoder:
         return outs[0], list(outs[1:])
 
 
+PACK_MODES = ("auto", "never", "always")
+# From how many new tokens "auto" loads a packed session. Its load and a decoded token's saving
+# both scale with the prunable bytes, so the counts hardly depend on the model's size. Measured
+# on SmolLM2-135M fp32, 2 CPU cores (BENCHMARKS.md, benchmarks/switch_bench.py): a packed load
+# takes about 1.4 s, 0.5 s more than an in-place one, and saves about 6 ms per decoded token and
+# 25 ms per prefill. With no in-place session open, 64 tokens is where a generation's own decode
+# rate, not its start, is what a user waits on (the wall-time break-even is near 80 tokens on a
+# switch, 200 for a process's first load); with one open, serving in place costs nothing to start
+# and packing pays from about 224 tokens. A prompt counts a token per 64 of its tokens.
+PACK_AFTER_TOKENS = 64  # when serving in place would load an in-place session first
+PACK_AFTER_TOKENS_IN_PLACE_OPEN = 224  # when an in-place session is open
+
+
 class ElasticDecoder(OrtDecoder):
     """A dynamic export served one level at a time, switching level in place. ``weights.onnx``
     builds a level's prunable weights straight into buffers this object owns (IOBinding);
-    ``decoder.onnx`` takes those buffers as its initializers (``SessionOptions.add_initializer``)
-    with ONNX Runtime's pre-packing off, so each run reads the buffers themselves and not a copy
-    packed at load. ``set_level`` rewrites the buffers: one weight build, no new session.
+    ``decoder.onnx`` takes those buffers as its initializers (``SessionOptions.add_initializer``).
 
-    Unpacked weights cost ONNX Runtime's CPU MatMul about 14% per decoded token. With
-    ``repack=True`` (CPU, long-lived serving) each level also gets a pre-packed session, built
-    in a background thread from the buffers after the switch (about a session load); generations
-    that start once it is ready use it, at a baked graph's speed. A generation never changes
-    session midway. ``wait_packed()`` waits for it.
+    Two sessions can serve a level from the buffers. The *in-place* one has ONNX Runtime's
+    pre-packing off, so each run reads the buffers themselves: ``set_level`` rewrites them (one
+    weight build) and it serves the new level at once, but ONNX Runtime's CPU MatMul on unpacked
+    weights makes a decoded token about 1.3x slower than a baked graph's. A *packed* session
+    copies the buffers into ONNX Runtime's packed layout at load (about a session load) and runs at
+    a baked graph's speed; it serves only the level it was loaded at.
 
-    CPU: measured (tests, ``benchmarks/onnx_bench.py``). Another provider (CUDA) gets buffers on
+    ``pack`` chooses: "never" (in place only: the fastest switch), "always" (a packed session for
+    every level, loaded at the switch), "auto" (``prepare(new_tokens, prompt_tokens)`` before a
+    generation loads a packed session when the tokens it saves pay for it, counting whether an
+    in-place session is there already). At most one packed session is alive: a switch drops it.
+    Sessions are loaded when first needed; ``step`` without ``prepare`` serves in place (never) or
+    packed (always, auto).
+
+    CPU: measured (tests, ``benchmarks/switch_bench.py``). Another provider (CUDA) gets buffers on
     its device, which ONNX Runtime is documented to use without a copy; that path has not run."""
 
     def __init__(self, folder: str | Path, level: int, threads: int | None = None,
-                 providers: Sequence[str] = ("CPUExecutionProvider",), repack: bool = False):
+                 providers: Sequence[str] = ("CPUExecutionProvider",), pack: str = "never"):
         import onnxruntime as ort
 
+        if pack not in PACK_MODES:
+            raise UserError(f"unknown pack mode {pack!r}: {', '.join(PACK_MODES)}")
         check_weight_builder_runtime(ort.__version__)
         self.folder = folder = Path(folder)
         for name in (WEIGHTS_GRAPH, DECODER_GRAPH):
@@ -164,67 +185,107 @@ class ElasticDecoder(OrtDecoder):
         self.buffers = {o.name: ort.OrtValue.ortvalue_from_numpy(a, device, 0)
                         for o, a in zip(self.builder.get_outputs(), built)}
         self._arrays = built  # the CPU buffers' memory: kept alive as long as the sessions use it
-        opts = _options(threads)
-        opts.add_session_config_entry("session.disable_prepacking", "1")
-        for name, value in self.buffers.items():
-            opts.add_initializer(name, value)
-        # the placeholders make any load-time copy of these weights fail loudly (they hold no bytes):
-        # ORT's CPU provider runs float16 MatMuls through inserted Casts, which its level-3 (ALL)
-        # optimizations fold into float32 copies. Then load at level 2 (EXTENDED), which keeps them.
-        opts.log_severity_level = 4  # that first failure is expected: not an error to print
-        try:
-            session = _session(folder / DECODER_GRAPH, opts, providers)
-        except UserError:
-            opts.log_severity_level = 3
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-            session = _session(folder / DECODER_GRAPH, opts, providers)
-        self._opt_level = opts.graph_optimization_level
-        self.optimization = str(opts.graph_optimization_level).rsplit(".", 1)[-1]
-        self._attach(session)
-        self._in_place = session
-        self.dynamic = False  # the decoder has no sparsity_level input: the level is in the buffers
         self.binding = self.builder.io_binding()
         for name, value in self.buffers.items():
             self.binding.bind_ortvalue_output(name, value)
         self.level = level
+        self.dynamic = False  # the decoder has no sparsity_level input: the level is in the buffers
         self._threads, self._providers, self._device = threads, list(providers), device
-        self.repack = repack and device == "cpu"
-        self._generation, self._ready, self._thread, self.repack_s = 0, None, None, None
-        if self.repack:
-            self._start_repack()
+        self.pack = pack if device == "cpu" else "never"  # pre-packing is ONNX Runtime's CPU MatMul's
+        self._in_place = self._packed = None
+        self._opt_level = None
+        self.optimization: str | None = None
+        self.session = None
+        self.load_s: dict[str, float] = {}  # the last load time of each kind of session
+        self.pack_s: float | None = None  # the packed load that the current level's generation waited for
+        if self.pack == "never":
+            self._use(self._load_in_place())
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def _decoder_options(self, packed: bool):
+        opts = _options(self._threads)
+        if not packed:
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+        for name, value in self.buffers.items():
+            opts.add_initializer(name, value)
+        return opts
+
+    def _load(self, packed: bool):
+        import onnxruntime as ort
+
+        opts = self._decoder_options(packed)
+        opts.log_severity_level = 4  # a first failure below is expected: not an error to print
+        if self._opt_level is not None:  # the level the first load settled on
+            opts.graph_optimization_level = self._opt_level
+        try:
+            session = _session(self.folder / DECODER_GRAPH, opts, self._providers)
+        except UserError:
+            # the placeholders make any load-time copy of these weights fail loudly (they hold no
+            # bytes): ORT's CPU provider runs float16 MatMuls through inserted Casts, which its
+            # level-3 (ALL) optimizations fold into float32 copies. Then load at level 2
+            # (EXTENDED), which keeps them.
+            opts = self._decoder_options(packed)
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            session = _session(self.folder / DECODER_GRAPH, opts, self._providers)
+        self._opt_level = opts.graph_optimization_level
+        self.optimization = str(opts.graph_optimization_level).rsplit(".", 1)[-1]
+        return session
+
+    def _load_in_place(self):
+        t = time.perf_counter()
+        self._in_place = self._load(packed=False)
+        self.load_s["in place"] = time.perf_counter() - t
+        return self._in_place
+
+    def _load_packed(self):
+        """A session that packs the current level's weights at load (what a baked graph's session
+        does with its own); it never reads the buffers again."""
+        self._drop_packed()  # at most one packed copy: the old level's goes first
+        t = time.perf_counter()
+        session = self._load(packed=True)
+        self._packed = (self.level, session)
+        self.pack_s = self.load_s["packed"] = time.perf_counter() - t
+        return session
+
+    def _drop_packed(self) -> None:
+        """Release the packed session (its input descriptions hold it too) and its memory."""
+        if self._packed is None:
+            return
+        self._packed, self.pack_s = None, None
+        if self._in_place is not None:
+            self._attach(self._in_place)
+        else:
+            self.session, self.inputs = None, {}
+
+    def _use(self, session) -> None:
+        if session is not self.session:
+            self._attach(session)
 
     @property
     def packed(self) -> bool:
-        """Whether the session in use is the pre-packed one."""
-        return self.session is not self._in_place
+        """Whether the session in use is a packed one."""
+        return self.session is not None and self.session is not self._in_place
 
-    def _start_repack(self) -> None:
-        import threading
+    def pays_to_pack(self, new_tokens: int, prompt_tokens: int = 0) -> bool:
+        """Whether a packed session for the current level saves more time over ``new_tokens``
+        decoded tokens after a prompt of ``prompt_tokens`` than it costs to load, against serving
+        in place (loading the in-place session first when it is not open)."""
+        tokens = new_tokens + prompt_tokens // 64
+        return tokens >= (PACK_AFTER_TOKENS_IN_PLACE_OPEN if self._in_place is not None else PACK_AFTER_TOKENS)
 
-        generation = self._generation
+    def prepare(self, new_tokens: int, prompt_tokens: int = 0) -> str:
+        """Pick (loading it if needed) the session for a generation of ``new_tokens`` after a
+        prompt of ``prompt_tokens``; returns "packed" or "in place"."""
+        if self._packed is not None and self._packed[0] == self.level:
+            self._use(self._packed[1])
+        elif self.pack == "always" or (self.pack == "auto" and self.pays_to_pack(new_tokens, prompt_tokens)):
+            self._use(self._load_packed())
+        else:
+            self._use(self._in_place or self._load_in_place())
+        return "packed" if self.packed else "in place"
 
-        def work() -> None:
-            t = time.perf_counter()
-            opts = _options(self._threads)
-            opts.graph_optimization_level = self._opt_level
-            for name, value in self.buffers.items():
-                opts.add_initializer(name, value)
-            try:
-                session = _session(self.folder / DECODER_GRAPH, opts, self._providers)
-            except UserError:  # the in-place session keeps serving
-                return
-            if generation == self._generation:  # no switch since: it packed this level's weights
-                self._ready = (generation, session)
-                self.repack_s = time.perf_counter() - t
-
-        self._thread = threading.Thread(target=work, name="epts-repack", daemon=True)
-        self._thread.start()
-
-    def wait_packed(self) -> bool:
-        """Wait for the background pre-packed session of the current level; True when it is ready."""
-        if self._thread is not None:
-            self._thread.join()
-        return self._ready is not None or self.packed
+    # -- levels ---------------------------------------------------------------------------
 
     def level_weights(self) -> dict[str, np.ndarray]:
         """name -> the current level's prunable weight: on the CPU the very buffers the decoder
@@ -235,25 +296,26 @@ class ElasticDecoder(OrtDecoder):
 
     def set_level(self, level: int) -> float:
         """Build level ``level``'s weights into the decoder's buffers; returns the seconds it took.
-        Call it between generations (never while a step runs in another thread)."""
+        A packed session of the old level is dropped; the next generation's ``prepare`` (or step)
+        loads one for the new level when the mode asks. Call it between generations (never while
+        a step runs in another thread)."""
         check_level_index(self.levels, level, self.folder)
         t = time.perf_counter()
-        self._generation += 1  # a pre-packed session of the old level, ready or not, is dropped
-        self._ready = None
-        self.session = self._in_place
+        self._drop_packed()
         self.binding.bind_cpu_input(LEVEL_INPUT, np.array(level, np.int64))
         self.builder.run_with_iobinding(self.binding)
         self.binding.synchronize_outputs()
         self.level = level
-        seconds = time.perf_counter() - t
-        if self.repack:
-            self._start_repack()
-        return seconds
+        return time.perf_counter() - t
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        if self.session is None:
+            self.prepare(1 << 30 if self.pack != "never" else 0)
+        return super().empty_past(batch)
 
     def step(self, input_ids, attention_mask, position_ids, past):
-        ready = self._ready
-        if ready is not None and ready[0] == self._generation and (not past or past[0].shape[2] == 0):
-            self.session, self._ready = ready[1], None  # a new generation starts: take the packed session
+        if self.session is None:
+            self.prepare(1 << 30 if self.pack != "never" else 0)
         return super().step(input_ids, attention_mask, position_ids, past)
 
 

@@ -76,15 +76,15 @@ class _Switcher:
     """One ElasticDecoder over a dynamic export's or an elastic bundle's model folder, opened at
     the first level asked for and switched in place after that."""
 
-    def __init__(self, folder: Path, threads: int | None):
-        self.folder, self.threads, self.decoder = Path(folder), threads, None
+    def __init__(self, folder: Path, threads: int | None, pack: str):
+        self.folder, self.threads, self.pack, self.decoder = Path(folder), threads, pack, None
 
     def serve(self, index: int, name: str):
         """(decoder at level ``index``, seconds the switch took or None when it was opened)."""
         from .ort import ElasticDecoder
 
         if self.decoder is None:
-            self.decoder = ElasticDecoder(self.folder, index, threads=self.threads)
+            self.decoder = ElasticDecoder(self.folder, index, threads=self.threads, pack=self.pack)
             seconds = None
         else:
             seconds = self.decoder.set_level(index)
@@ -99,7 +99,7 @@ class _ExportSource:
     """An ONNX export folder (from `epts-export export`) as a source of decoders: a baked level's
     graph, or a dynamic export's one ``ElasticDecoder`` that switches level in place."""
 
-    def __init__(self, path: Path, threads: int | None):
+    def __init__(self, path: Path, threads: int | None, pack: str):
         from .files import inside, read_manifest
 
         self.path = Path(path)
@@ -112,7 +112,7 @@ class _ExportSource:
             if self.mode == "baked":
                 inside(r.get("dir"), f"{self.path / 'manifest.json'} levels[{k}]")
         self.threads, self.verified, self.whole = threads, False, None
-        self.switcher = _Switcher(self.path, threads)
+        self.switcher = _Switcher(self.path, threads, pack)
 
     def _record(self, level: Level) -> dict:
         from .levels import parse_level
@@ -171,10 +171,10 @@ class _BundleSource:
     """A bundle: its levels' engines when TensorRT runs here (a refit engine kept open and switched),
     else ONNX Runtime (an elastic bundle's one decoder switched in place, or each level's graph)."""
 
-    def __init__(self, path: Path, threads: int | None):
+    def __init__(self, path: Path, threads: int | None, pack: str):
         self.bundle = Bundle.open(path)
         self.path, self.threads = self.bundle.path, threads
-        self.switcher = _Switcher(self.bundle.model_dir, threads) if self.bundle.elastic else None
+        self.switcher = _Switcher(self.bundle.model_dir, threads, pack) if self.bundle.elastic else None
         self.engine, self.weights, self.verified = None, None, set()
 
     def folder(self, level: Level) -> Path:
@@ -233,14 +233,20 @@ class Runner:
     """A bundle or an ONNX export folder, opened once, that generates at any of its levels in
     turn. An elastic bundle or a dynamic export keeps one session and switches it to each level
     (one weight build); a baked bundle or export opens each level's graph, TensorRT each engine
-    (a refit engine once for its levels)."""
+    (a refit engine once for its levels).
 
-    def __init__(self, path: str | Path, runtime: str = "auto", threads: int | None = None):
+    ``fast_switch``: serve every level of an elastic model in place (a switch is one weight build,
+    decoding about 0.8x a baked graph) instead of loading a packed session for a generation long
+    enough to pay for it (``ElasticDecoder``'s "auto")."""
+
+    def __init__(self, path: str | Path, runtime: str = "auto", threads: int | None = None, fast_switch: bool = False):
         if runtime not in RUNTIMES:
             raise UserError(f"unknown --runtime {runtime!r}: auto, trt or ort")
         p = Path(path)
         self.runtime, self.threads = runtime, threads
-        self.source = _ExportSource(p, threads) if _manifest_format(p) == EXPORT.format else _BundleSource(p, threads)
+        pack = "never" if fast_switch else "auto"
+        self.source = _ExportSource(p, threads, pack) if _manifest_format(p) == EXPORT.format else \
+            _BundleSource(p, threads, pack)
 
     def generate(self, level: Level, prompt: str, max_new_tokens: int = 64, on_text: Callable[[str], None] | None = None,
                  on_note: Callable[[str], None] | None = None) -> dict:
@@ -273,7 +279,8 @@ class Runner:
                     on_note(f"--max-new-tokens capped at {max_new_tokens}: the model's context is {context} tokens")
         t0 = time.perf_counter()
         dec, used, switch_s = src.decoder(level, self.runtime)
-        load_s = time.perf_counter() - t0
+        session = dec.prepare(max_new_tokens, len(ids)) if hasattr(dec, "prepare") else None
+        ready_s = load_s = time.perf_counter() - t0  # until the generation starts, at its session's speed
         produced: list[int] = []
         shown = ""
         stamps: list[float] = []
@@ -293,9 +300,12 @@ class Runner:
         return {"level": level.name, "prompt_tokens": len(ids), "tokens": out, "text": shown,
                 "load_s": None if switch_s is not None else round(load_s, 3),
                 "switch_s": None if switch_s is None else round(switch_s, 4),
+                "session": session,  # an elastic model's: "packed" or "in place"; None for the others
+                "pack_s": round(dec.pack_s, 3) if session == "packed" and switch_s is not None and dec.pack_s else None,
+                "ready_s": round(ready_s, 3),
                 "prefill_s": round(stamps[0] - start, 3) if stamps else None,
                 "decode_tok_s": round((len(stamps) - 1) / decode_s, 2) if decode_s > 0 else None,
-                "runtime": used}
+                "peak_rss_mb": peak_rss_mb(), "runtime": used}
 
 
 def _manifest_format(path: Path) -> str | None:
@@ -310,16 +320,31 @@ def _manifest_format(path: Path) -> str | None:
 
 def generate(path: str | Path, level: Level, prompt: str, max_new_tokens: int = 64,
              on_text: Callable[[str], None] | None = None, threads: int | None = None, runtime: str = "auto",
-             on_note: Callable[[str], None] | None = None) -> dict:
+             on_note: Callable[[str], None] | None = None, fast_switch: bool = False) -> dict:
     """One generation from a bundle or export folder (``Runner.generate``)."""
-    return Runner(path, runtime, threads).generate(level, prompt, max_new_tokens, on_text, on_note)
+    return Runner(path, runtime, threads, fast_switch).generate(level, prompt, max_new_tokens, on_text, on_note)
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MiB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
 def describe(r: dict) -> str:
     """The one line printed after a generation."""
     how = f"switch {1e3 * r['switch_s']:.0f} ms" if r.get("switch_s") is not None else f"load {r['load_s']:.2f} s"
+    if r.get("pack_s"):
+        how += f" + packed session {r['pack_s']:.2f} s"
+    if r.get("session"):
+        how += f" ({r['session']})"
+    rss = f", peak memory {r['peak_rss_mb']:.0f} MiB" if r.get("peak_rss_mb") else ""
     return (f"level {r['level']} on {r['runtime']}: {len(r['tokens'])} tokens, {how}, prefill {r['prefill_s']:.3f} s, "
-            f"{r['decode_tok_s']} tokens/s")
+            f"{r['decode_tok_s']} tokens/s{rss}")
 
 
 def main(argv: list[str] | None = None, bundle: Path | None = None) -> int:
@@ -330,11 +355,15 @@ def main(argv: list[str] | None = None, bundle: Path | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--runtime", default="auto", choices=RUNTIMES)
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--fast-switch", action="store_true",
+                    help="serve every level of the elastic model in place: a switch is one weight build (the fastest), "
+                         "but decoding is about 0.8x a baked graph's; by default a generation long enough to pay for "
+                         "it gets a packed session (about a graph load) and decodes at a baked graph's speed")
     ap.add_argument("--bundle", type=Path, default=bundle, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     try:
         levels = [lv for text in args.level for lv in parse_levels(text)]
-        runner = Runner(args.bundle, args.runtime, args.threads)
+        runner = Runner(args.bundle, args.runtime, args.threads, fast_switch=args.fast_switch)
         for lv in levels:
             r = runner.generate(lv, args.prompt, args.max_new_tokens, on_text=lambda s: print(s, end="", flush=True),
                                 on_note=lambda s: print(f"note: {s}", file=sys.stderr))
