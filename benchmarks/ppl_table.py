@@ -17,7 +17,10 @@ calibration; self/random calibration does not depend on the corpus, so such arti
 by both corpora's tables, under <work>/../shared-<nsamples>x<seqlen>).
 
 Artifacts land in --work (reused when present, so an interrupted benchmark continues); the table is
-printed as Markdown and written with all numbers to <work>/results.json.
+printed as Markdown and written with all numbers to <work>/results.json, its curve (the plot
+`epts-export eval --plot` draws) to <work>/results.png.
+
+    python -m benchmarks.ppl_table --replot benchmarks/results/ppl_shakespeare_32x512.json  # -> .png beside it
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from epts_export.artifact.materialize import ElasticModel
 from epts_export.pruning.optimize import OptimizeSpec, optimize
 from epts_export.pruning.presets import load_preset
 from epts_export.progress import Progress
+from epts_export.report.plot import draw
 
 from . import docutils_docs, shakespeare
 from .levers import variant_config
@@ -78,8 +82,12 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=32, help="windows of --eval-seqlen tokens (0 = all)")
     ap.add_argument("--epts", default="text:1e-3,text:1e-2,self:1e-3,random:1e-3",
                     help="EPTS runs as SOURCE:LR[:LEVERS] (SOURCE text, self or random; LEVERS as in benchmarks/levers.py) or preset:NAME")
+    ap.add_argument("--replot", type=Path, default=None, metavar="RESULTS_JSON",
+                    help="only redraw the curve of a results.json (written beside it as .png), nothing run")
     ap.add_argument("--work", type=Path, default=None, help="default bench-out/ppl/<corpus>-<nsamples>x<seqlen>")
     args = ap.parse_args()
+    if args.replot is not None:
+        return replot(args.replot, args.replot.with_suffix(".png"))
     if args.work is None:
         args.work = Path("bench-out/ppl") / f"{args.corpus}-{args.nsamples}x{args.seqlen}"
 
@@ -165,9 +173,37 @@ def main() -> None:
     result = {"model": args.model, "corpus": args.corpus, "levels": [lv.name for lv in epts_levels], "calibration": f"{args.nsamples} x {args.seqlen} tokens",
               "epochs": args.epochs, "eval": ev.record | {"seqlen": args.eval_seqlen}, "threads": torch.get_num_threads(), "rows": rows}
     (args.work / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.work / "results.png").write_bytes(draw(curve_of(result), "png"))
     print()
     print(markdown(result))
-    print(f"\nwrote {args.work / 'results.json'}")
+    print(f"\nwrote {args.work / 'results.json'} and its curve, {args.work / 'results.png'}")
+
+
+def curve_of(result: dict) -> dict:
+    """A results.json as the curve ``eval --plot`` draws (epts_export.report): one series per row,
+    EPTS rows across every level they were evaluated at (the levels that also have a baseline row,
+    or all when there is none, marked as trained), baselines one point per run."""
+    from epts_export.core.levels import parse_level
+
+    rows = {k: v for k, v in result["rows"].items() if k != "dense"}
+    baseline_levels = {n for k, r in rows.items() if not k.startswith("epts") for n in r["ppl"]}
+    series = []
+    for label, row in rows.items():
+        elastic = label.startswith("epts")
+        points = [{"level": n, "sparsity": parse_level(n).sparsity, "measured_sparsity": row.get("sparsity", {}).get(n),
+                   "ppl": v, "trained": not elastic or not baseline_levels or n in baseline_levels, "nm": ":" in n}
+                  for n, v in row["ppl"].items()]
+        series.append({"label": label, "method": "epts" if elastic else label, "points": points})
+    ev = result["eval"]
+    return {"format": "epts-curve", "data": {"source": f"{result.get('corpus') or Path(ev['source']).parent.name} ({Path(ev['source']).name})",
+                                             "windows": ev["windows"]},
+            "seqlen": ev["seqlen"], "dense": result["rows"].get("dense", {}).get("ppl", {}).get("dense"), "series": series}
+
+
+def replot(results: Path, out: Path) -> None:
+    """Redraw a results.json's curve (e.g. the ones committed in benchmarks/results/)."""
+    out.write_bytes(draw(curve_of(json.loads(results.read_text())), out.suffix.lstrip(".") or "png"))
+    print(f"wrote {out}")
 
 
 def markdown(result: dict) -> str:

@@ -207,9 +207,15 @@ def eval_cmd(
     levels: Optional[str] = typer.Option(None, help="Levels to evaluate (default: every trained level)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
     max_windows: Optional[int] = typer.Option(None, help="Use at most this many windows (quick checks)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw perplexity against sparsity: a .png or .svg image, or "
+                                        "an .html page with the table. The artifact is evaluated every --step across "
+                                        "its range (trained levels marked, N:M levels as points)."),
+    compare: list[Path] = typer.Option([], "--compare", help="Another artifact of the same model, on the same curve and "
+                                       "windows (repeatable): a one-level baseline (optimize --method sparsegpt) or another run."),
+    step: float = typer.Option(0.05, help="With --plot or --compare: the sparsity step of the curve."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
-    """Perplexity at each level, with the dense model as the reference row."""
+    """Perplexity at each level, with the dense model as the reference row; --plot draws the curve."""
     from .artifact.evaluate import evaluate
     from .fsutil import write_json
 
@@ -217,6 +223,8 @@ def eval_cmd(
         raise UserError("--seqlen must be >= 2")
     if json_out:
         check_output_file(json_out, "--json")
+    if plot or compare:
+        return _eval_curve(target, data, seqlen, _levels(levels), max_windows, plot, compare, step, json_out, quiet)
     report = evaluate(target, data, seqlen, _levels(levels), Progress(enabled=not quiet), max_windows)
     t = Table(title=f"perplexity, {report['data']['windows']} x {seqlen} tokens of {data}")
     for col in ("level", "sparsity", "ppl"):
@@ -226,6 +234,31 @@ def eval_cmd(
     console.print(t)
     if json_out:
         write_json(json_out, report)
+        console.print(f"wrote {json_out}")
+
+
+def _eval_curve(target, data, seqlen, levels, max_windows, plot, compare, step, json_out, quiet) -> None:
+    from .fsutil import write_json
+    from .report.curve import check_plot_path, check_step, evaluate_curve, open_artifact, write_plot
+    from .report.pages import CURVE_HEADERS, curve_rows
+
+    check_step(step)
+    if plot:
+        check_plot_path(plot)
+    art = open_artifact(target, "eval")
+    others = [open_artifact(c, "--compare") for c in compare]
+    curve = evaluate_curve(art, data, seqlen, compare=others, step=step, max_windows=max_windows, levels=levels,
+                           progress=Progress(enabled=not quiet))
+    t = Table(title=f"perplexity, {curve['data']['windows']} x {seqlen} tokens of {data}")
+    for col in CURVE_HEADERS:
+        t.add_column(col, justify="right")
+    for row in curve_rows(curve):
+        t.add_row(*row)
+    console.print(t)
+    for path in ([write_plot(curve, plot)] if plot else []):
+        console.print(f"wrote {path}")
+    if json_out:
+        write_json(json_out, curve)
         console.print(f"wrote {json_out}")
 
 
@@ -291,7 +324,7 @@ def export_cmd(
     if m["mode"] == "dynamic":
         console.print("level switch in one session: weights.onnx + decoder.onnx (`epts-export run` or "
                       "epts_export.device.ort.ElasticDecoder; levels.json holds the table)", highlight=False)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path} (report: {path / 'report.html'})")
 
 
 @app.command()
@@ -327,6 +360,7 @@ def validate(
         t.add_row("-", "out_of_range", "", "", "", "all NaN" if rep["out_of_range"]["passed"] else "",
                   "[green]pass[/]" if rep["out_of_range"]["passed"] else "[red]FAIL[/]")
     console.print(t)
+    console.print(f"wrote {Path(rep['export']) / 'report.html'}")
     for path, writer in ((report, write_report), (junit, write_junit)):
         if path:
             writer(rep, path)
@@ -390,7 +424,7 @@ def build(
     if not m["engines"]["built"]:
         console.print(f"[yellow]engines not built here:[/] {escape(m['engines']['reason'])}. "
                       f"On the device: bash {path}/build_engines.sh (or python build_engines.py)", highlight=False, soft_wrap=True)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path} (report: {path / 'report.html'})")
 
 
 @app.command()

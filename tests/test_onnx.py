@@ -627,7 +627,7 @@ def test_cli_export_and_bad_input(arts, tmp_path):
     r = cli("export", arts["llama"], "--out", out, "--mode", "baked", "--levels", "0.5,2:4", "--quiet")
     assert r.exit_code == 0, r.output
     assert f"wrote {out}" in r.output.replace("\n", "")
-    assert sorted(p.name for p in out.iterdir()) == ["level-0.5", "level-2of4", "manifest.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["level-0.5", "level-2of4", "manifest.json", "report.html"]
     r = cli("export", arts["llama"], "--out", out, "--quiet")
     assert r.exit_code == 1 and "already exists" in r.output
     for args, msg in [(["--levels", "0.8"], "above the trained range"),

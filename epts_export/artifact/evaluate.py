@@ -64,10 +64,11 @@ def perplexity(model, windows: torch.Tensor, batch: int = 1, advance=lambda n=1:
 
 
 def evaluate(target: "str | Path | Artifact", data: str, seqlen: int, levels: list[Level] | None = None,
-             progress: Progress | None = None, max_windows: int | None = None, model=None) -> dict:
+             progress: Progress | None = None, max_windows: int | None = None, model=None, dense: bool = True) -> dict:
     """Perplexity of an artifact at ``levels`` (default: every trained level) plus its dense
-    reference, or of a plain model. Returns the JSON report (see README). ``target``: a folder, or
-    an opened Artifact; ``model``: that artifact's ElasticModel when the caller has it loaded."""
+    reference (unless not ``dense``), or of a plain model. Returns the JSON report (see README).
+    ``target``: a folder, or an opened Artifact; ``model``: that artifact's ElasticModel when the
+    caller has it loaded."""
     progress = progress or Progress(enabled=False)
     opened = target if isinstance(target, Artifact) else None
     target = opened.path if opened else Path(target)
@@ -90,10 +91,8 @@ def evaluate(target: "str | Path | Artifact", data: str, seqlen: int, levels: li
         check_context(seqlen, em.model.config)
         ev = load_eval_data(data, tok, seqlen, max_windows)
         runs: list[tuple[str, object]] = []
-        if art.is_elastic:
-            runs.append(("dense", lambda: em.at(None)))
-        else:
-            runs.append(("dense", lambda: _dense_of(art)))
+        if dense:
+            runs.append(("dense", (lambda: em.at(None)) if art.is_elastic else (lambda: _dense_of(art))))
         runs += [(lv.name, (lambda lv=lv: em.at(lv))) for lv in levels]
     else:
         from ..models import load_model, resolve_model

@@ -28,6 +28,7 @@ from ..device.trt.spec import TensorRef, WeightSource, bundle_relative, unique_s
 from ..errors import UserError
 from ..fsutil import file_hashes
 from ..progress import Progress
+from ..report.html import REPORT_FILE
 
 MODEL_DIR = "model"
 EXIT_PARITY = 3
@@ -49,7 +50,7 @@ def copy_model(exp, report: dict, ppl: dict, levels: list[Level], tmp: Path) -> 
         dest = tmp / MODEL_DIR
         # the weight builder and the decoder; not the whole graph model.onnx (the level an input, rebuilt
         # on every call: for GenAI and raw ONNX Runtime users of the export, who ship --layout baked)
-        shutil.copytree(exp.path, dest, ignore=shutil.ignore_patterns(MANIFEST, GRAPH_FILE, GENAI_CONFIG))
+        shutil.copytree(exp.path, dest, ignore=shutil.ignore_patterns(MANIFEST, GRAPH_FILE, GENAI_CONFIG, REPORT_FILE))
         folders = {lv: MODEL_DIR for lv in levels}
         graph = exp.manifest["engine_graph"]
         source = WeightSource(graph=dest / graph["graph"], weights_file=dest / graph["weights_file"], model=dest,
@@ -180,10 +181,11 @@ def onnx_bytes(folder: Path, manifest: dict) -> dict:
 
 
 def write_manifest(tmp: Path, manifest: dict, engines: dict, specs: dict, source: WeightSource | None,
-                   copied: dict | None = None) -> None:
+                   copied: dict | None = None, report=None) -> None:
     """Engine records, the device's scripts, sha256 and size of every file, the ONNX bytes.
     ``copied``: files copied from the (verified) export, with its hashes; one still the size and
-    time it was copied with keeps that hash, any other file is hashed."""
+    time it was copied with keeps that hash, any other file is hashed. ``report(manifest)``: the
+    text of report.html, made from the finished manifest and then listed in it."""
     from .scripts import write_scripts
 
     write_scripts(tmp, list(specs.values()), source)
@@ -203,4 +205,10 @@ def write_manifest(tmp: Path, manifest: dict, engines: dict, specs: dict, source
     manifest["files"] = file_hashes(tmp, known=unchanged)
     manifest["file_sizes"] = {f: (tmp / f).stat().st_size for f in manifest["files"]}  # bounds what a tar may unpack
     manifest["onnx_bytes"] = onnx_bytes(tmp, manifest)
+    if report is not None:
+        from ..device.files import sha256_file, write_text
+
+        write_text(tmp / REPORT_FILE, report(manifest))
+        manifest["files"] = dict(sorted({**manifest["files"], REPORT_FILE: sha256_file(tmp / REPORT_FILE)}.items()))
+        manifest["file_sizes"][REPORT_FILE] = (tmp / REPORT_FILE).stat().st_size
     write_json(tmp / MANIFEST, manifest)

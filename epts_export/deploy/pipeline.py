@@ -32,6 +32,7 @@ from ..device.bundle import BUNDLE, LAYOUTS
 from ..device.interface import KVLayout
 from ..fsutil import MANIFEST, check_destination, sha256_bytes, staged_dir, write_json
 from ..progress import Progress
+from ..report.html import REPORT_FILE
 from .assemble import EXIT_PARITY, MODEL_DIR, copy_model, engine_stage, write_manifest
 from .engines import engine_specs
 
@@ -66,6 +67,28 @@ class _Source:
     model_sha256: str | None  # the resolved model's weights, for the artifact stage's cache key
     params: int  # its parameters, from the weight headers (0 when they are not safetensors)
     resolved: "ResolvedModel | None" = None  # the model, resolved once, when the build starts from one
+
+
+class StageLog:
+    """What each stage of a build took, and whether it was reused (the bundle's ``stages``)."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+        self._current: dict | None = None
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        t = time.perf_counter()
+        self._current = rec = {"name": name, "seconds": 0.0, "reused": False}
+        try:
+            yield rec
+        finally:
+            rec["seconds"] = round(time.perf_counter() - t, 2)
+            self.records.append(rec)
+
+    def reused(self) -> None:
+        if self._current is not None:
+            self._current["reused"] = True
 
 
 class _Loaded:
@@ -191,18 +214,27 @@ def _build(spec: BuildSpec, target, levels: list[Level], bundle: Path, stages: P
     config = AutoConfig.from_pretrained(src.model_dir)
     estimate = memory_preflight(config, src.params, target)
     # 2. artifact: given, or optimized once per (model, preset) and reused
-    art = src.artifact or optimize_stage(spec, src, levels, stages, progress)
+    log = StageLog()
+    with log.stage("optimize"):
+        if src.artifact is not None:
+            log.reused()
+        art = src.artifact or optimize_stage(spec, src, levels, stages, progress, log)
     for lv in levels:
         art.check_level(lv)
     # 3-4b. ONNX baked in the target's precision, parity, perplexity: each reused when unchanged,
     # the model loaded once for whichever of them runs
     model = _Loaded(art, progress)
-    exp, export_key = export_stage(art, levels, target.precision, "dynamic" if spec.layout == "elastic" else "baked",
-                                   stages, progress, model)
-    report, report_path = parity_stage(exp, art, export_key, stages, progress, model)
+    with log.stage("export"):
+        exp, export_key = export_stage(art, levels, target.precision, "dynamic" if spec.layout == "elastic" else "baked",
+                                       stages, progress, model, log)
+    with log.stage("parity"):
+        report, report_path = parity_stage(exp, art, export_key, stages, progress, model, log)
     if not report["passed"]:
         raise UserError("parity failed: " + "; ".join(report["failures"][:5]) + f" (report: {report_path})", EXIT_PARITY)
-    ppl = perplexity_stage(spec, art, levels, export_key, stages, progress, model) if spec.eval_data else {}
+    ppl, curve = {}, None
+    if spec.eval_data:
+        with log.stage("perplexity"):
+            ppl, curve = perplexity_stage(spec, art, levels, export_key, stages, progress, model, log)
     # 5. engines here when TensorRT and a matching GPU are present and the target allows it; bundle
     can_build, why = _engines_here(target)
     if not can_build and spec.require_engines:
@@ -210,7 +242,10 @@ def _build(spec: BuildSpec, target, levels: list[Level], bundle: Path, stages: P
     with staged_dir(bundle, overwrite=spec.overwrite) as tmp:
         records, source, copied = copy_model(exp, report, ppl, levels, tmp)
         specs = engine_specs(tmp, target, levels, config, source)
-        engines = engine_stage(specs, art, exp, target, records, tmp, progress) if can_build else {}
+        engines = {}
+        if can_build:
+            with log.stage("engines"):
+                engines = engine_stage(specs, art, exp, target, records, tmp, progress)
         manifest = {
             **BUNDLE.header(),
             "layout": spec.layout,
@@ -222,10 +257,21 @@ def _build(spec: BuildSpec, target, levels: list[Level], bundle: Path, stages: P
             "memory_estimate": estimate,
             "source": {"artifact": str(art.path.resolve()), "artifact_manifest_sha256": art.manifest_sha256,
                        "onnx_export": str(exp.path.resolve())},
+            "stages": log.records,
             "elapsed_s": round(time.time() - t0, 2),
         }
-        write_manifest(tmp, manifest, engines, specs, source, copied)
+        write_manifest(tmp, manifest, engines, specs, source, copied, report=lambda m: bundle_report(tmp, m, report, curve))
+    progress.note(f"report: {bundle / REPORT_FILE}")
     return bundle
+
+
+def bundle_report(folder: Path, manifest: dict, parity: dict, curve: dict | None) -> str:
+    """The bundle's report.html (``report.pages.bundle_page``), with the engine report when built."""
+    from ..report.pages import bundle_page
+
+    engines_json = folder / "engines" / "report.json"
+    engines = json.loads(engines_json.read_text()) if engines_json.is_file() else None
+    return bundle_page(manifest, parity, curve, engines)
 
 
 def _source(spec: BuildSpec, progress: Progress) -> _Source:
@@ -261,7 +307,8 @@ def _version() -> str:
 # stages: each a function from artifacts and a spec to a (cached) artifact
 
 
-def optimize_stage(spec: BuildSpec, src: _Source, levels: list[Level], stages: Path, progress: Progress) -> Artifact:
+def optimize_stage(spec: BuildSpec, src: _Source, levels: list[Level], stages: Path, progress: Progress,
+                   log: StageLog | None = None) -> Artifact:
     """The artifact of (model weights, preset): trains optimize's default range plus whatever this
     build ships, so that one artifact serves every target whose levels fall in it (optimize once,
     ship to many devices). Keyed by the resolved model's sha256, so a model edited in place is
@@ -277,6 +324,8 @@ def optimize_stage(spec: BuildSpec, src: _Source, levels: list[Level], stages: P
         try:
             art = Artifact.open(out)
             progress.note(f"reusing artifact {out}")
+            if log:
+                log.reused()
             return art
         except UserError:
             shutil.rmtree(out)
@@ -286,7 +335,7 @@ def optimize_stage(spec: BuildSpec, src: _Source, levels: list[Level], stages: P
 
 
 def export_stage(art: Artifact, levels: list[Level], precision: str, mode: str, stages: Path, progress: Progress,
-                 model: _Loaded):
+                 model: _Loaded, log: StageLog | None = None):
     """(the ONNX export of ``levels`` in ``precision``, ``mode`` dynamic or baked, its cache key)."""
     from ..onnx.export import DEFAULT_OPSET, ExportSpec, export
     from ..onnx.reader import OnnxExport
@@ -298,6 +347,8 @@ def export_stage(art: Artifact, levels: list[Level], precision: str, mode: str, 
         try:
             exp = OnnxExport.open(onnx_dir)
             progress.note(f"reusing ONNX export {onnx_dir}")
+            if log:
+                log.reused()
             return exp, key
         except UserError:
             shutil.rmtree(onnx_dir)
@@ -306,13 +357,15 @@ def export_stage(art: Artifact, levels: list[Level], precision: str, mode: str, 
 
 
 def parity_stage(exp, art: Artifact, export_key: str, stages: Path, progress: Progress,
-                 model: _Loaded) -> tuple[dict, Path]:
+                 model: _Loaded, log: StageLog | None = None) -> tuple[dict, Path]:
     """(the validate report of the export, its path); reused when the export already passed."""
     from ..onnx.parity import validate, write_report
 
     report_path = stages / f"parity-{export_key}.json"
     if (exp.manifest.get("parity") or {}).get("passed") and report_path.is_file():
         progress.note("reusing the parity result of that export")
+        if log:
+            log.reused()
         return json.loads(report_path.read_text()), report_path
     report = validate(exp, artifact=art, progress=progress, model=model.get())
     write_report(report, report_path)
@@ -320,25 +373,35 @@ def parity_stage(exp, art: Artifact, export_key: str, stages: Path, progress: Pr
 
 
 def perplexity_stage(spec: BuildSpec, art: Artifact, levels: list[Level], export_key: str, stages: Path,
-                     progress: Progress, model: _Loaded) -> dict[str, dict]:
-    """level name -> perplexity record on ``spec.eval_data`` (cached with the export). Windows are
+                     progress: Progress, model: _Loaded, log: StageLog | None = None) -> tuple[dict[str, dict], dict]:
+    """(level name -> perplexity record on ``spec.eval_data``, the curve: the shipped levels and
+    every 0.1 of the artifact's range, for the report), cached with the export. Windows are
     ``spec.eval_seqlen`` tokens, or the model's context when that is shorter (said once)."""
     from transformers import AutoConfig
 
-    from ..artifact.evaluate import evaluate
+    from ..report.curve import CURVE_STEP_BUILD, curve_levels, evaluate_curve
 
     seqlen = spec.eval_seqlen
     context = getattr(AutoConfig.from_pretrained(art.model_dir), "max_position_embeddings", None)
     if isinstance(context, int) and seqlen > context:
         progress.note(f"perplexity windows of {context} tokens: the model's context (not {seqlen})")
         seqlen = context
-    ppl_path = stages / f"ppl-{_fingerprint({'export': export_key, 'data': spec.eval_data, 'seqlen': seqlen, 'windows': spec.eval_windows})}.json"
+    ppl_path = stages / f"curve-{_fingerprint({'export': export_key, 'data': spec.eval_data, 'seqlen': seqlen, 'windows': spec.eval_windows})}.json"
+    curve = None
     if ppl_path.is_file():
-        ev = json.loads(ppl_path.read_text())
-        progress.note("reusing the perplexity of those levels")
-    else:
-        ev = evaluate(art, spec.eval_data, seqlen, levels, progress, spec.eval_windows, model.get())
-        write_json(ppl_path, ev)
-    return {r["level"]: {"value": round(r["ppl"], 4), "data": ev["data"]["source"], "data_sha256": ev["data"]["sha256"],
-                         "seqlen": ev["seqlen"], "windows": ev["data"]["windows"], "dense": ev["results"][0]["ppl"]}
-            for r in ev["results"][1:]}
+        try:
+            curve = json.loads(ppl_path.read_text())
+            progress.note("reusing the perplexity of those levels")
+            if log:
+                log.reused()
+        except ValueError:
+            curve = None
+    if curve is None:
+        todo = sort_levels(set(curve_levels(art, CURVE_STEP_BUILD)) | set(levels))
+        curve = evaluate_curve(art, spec.eval_data, seqlen, max_windows=spec.eval_windows, levels=todo, model=model.get(),
+                               progress=progress)
+        write_json(ppl_path, curve)
+    points = {p["level"]: p for p in curve["series"][0]["points"]}
+    return {lv.name: {"value": round(points[lv.name]["ppl"], 4), "data": curve["data"]["source"],
+                      "data_sha256": curve["data"]["sha256"], "seqlen": curve["seqlen"], "windows": curve["data"]["windows"],
+                      "dense": curve["dense"]} for lv in levels}, curve

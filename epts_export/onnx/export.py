@@ -135,7 +135,17 @@ def export(spec: ExportSpec, progress: Progress | None = None, model=None) -> Pa
             "files": file_hashes(tmp),
         }
         write_json(tmp / MANIFEST, manifest)
+        write_export_report(tmp, manifest, None)
     return spec.out
+
+
+def write_export_report(folder: Path, manifest: dict, parity: dict | None) -> Path:
+    """report.html of an export folder (not listed in its manifest: ``validate`` rewrites it with
+    the parity it measured)."""
+    from ..report.html import REPORT_FILE, write_page
+    from ..report.pages import export_page
+
+    return write_page(Path(folder) / REPORT_FILE, export_page(manifest, parity))
 
 
 def _export_baked(em, art: Artifact, spec: ExportSpec, levels: list[Level], tmp: Path, scratch: Path,

@@ -235,6 +235,9 @@ def validate(export_dir: "str | Path | OnnxExport", levels: list[Level] | None =
               "failures": failures, "elapsed_s": round(time.time() - t0, 2)}
     exp.record_parity({"passed": report["passed"], "failures": failures, "levels": [e["level"] for e in entries],
                        "validated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    from .export import write_export_report
+
+    write_export_report(exp.path, exp.manifest, report)
     return report
 
 
