@@ -6,9 +6,7 @@ set EPTS_DEBUG=1 to see the traceback instead.
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .boundary import boundary as _boundary, install_signal_handlers
 from .errors import UserError
 from .fsutil import check_output_file
 from .core.levels import DEFAULT_LEVELS
@@ -26,22 +25,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Optimize a causal LM once with EPTS and serve every sparsity level from it.")
 
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def _boundary(fn):
-    """Turn a UserError into one styled line and its exit code (the traceback with EPTS_DEBUG=1)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            if os.environ.get("EPTS_DEBUG"):
-                raise
-            console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(e.exit_code) from None
-
-    return wrapper
 
 
 @app.callback()
@@ -116,9 +99,10 @@ def optimize(
 
     On several GPUs or machines: torchrun --nproc-per-node N -m epts_export optimize ... --batch N
     """
-    from .pruning.distributed import SharedError, rank_from_env
+    from .pruning.distributed import SharedError, rank_from_env, world_from_env
     from .pruning.optimize import OptimizeSpec, optimize as run, plan_optimize
 
+    world_from_env()  # torchrun's environment, checked on every rank (each says what is wrong with its own)
     rank_id = rank_from_env()
     main_rank = rank_id == 0  # under torchrun only rank 0 prints
     spec = None
@@ -344,6 +328,9 @@ def validate(
     for path, flag in ((report, "--report"), (junit, "--junit")):
         if path:
             check_output_file(path, flag)
+    from .device.runner import check_threads
+
+    check_threads(threads)
     rep = run(export_dir, _levels(levels), artifact, Progress(enabled=not quiet), threads)
     t = Table(title=f"parity {export_dir} ({rep['mode']}, {rep['dtype']})")
     for col in ("level", "check", "worst output", "max abs err", "atol needed", "top-1", "result"):
@@ -456,11 +443,14 @@ def run_cmd(
                                      "packed session (about a graph load) and decodes at a baked graph's speed."),
 ):
     """Generate text from a bundle or an export, streaming tokens (KV cache); the level's files are hash-checked first."""
-    from .device.runner import Runner, describe
+    from .device.runner import Runner, check_prompt, describe, run_levels
 
-    levels = [lv for text in level for lv in _levels(text, "--level")]
+    levels = run_levels(level)  # in the order given
+    check_prompt(prompt)
     runner = Runner(source, runtime, threads, fast_switch=fast_switch)
-    out = Console(highlight=False)
+    for lv in levels:  # every level exists before the first one generates
+        runner.source.folder(lv)
+    out = Console(highlight=False, markup=False, emoji=False)  # the prompt and the text as they are
     for lv in levels:
         started = []
 
@@ -485,6 +475,7 @@ def version():
 
 
 def main() -> None:
+    install_signal_handlers()
     app()
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Iterator
 
 from .device.files import (MANIFEST, HashError, ManifestFormat, atomic_path, check_type, hash_errors,  # noqa: F401
-                           read_manifest, sha256_bytes, sha256_file, verify_hashes, write_bytes, write_json, write_text)
+                           read_manifest, replaceable, sha256_bytes, sha256_file, verify_hashes, write_bytes, write_json,
+                           write_text)
 from .errors import UserError
 
 PARTIAL_SUFFIX = ".partial"
@@ -73,10 +74,25 @@ def _writable_parent(path: Path, flag: str) -> None:
         raise UserError(f"{flag} {path}: cannot write into {parent} (permission denied); choose another {flag}")
 
 
+NAME_MAX = 255 - len(PARTIAL_SUFFIX) - 24  # room for the staging names beside it (.partial, .tmp-<pid>-...)
+
+
+def _plain_path(path: Path, flag: str) -> None:
+    """UserError for a path the shell did not expand (``~``) or whose name the file system cannot hold."""
+    if str(path).startswith("~"):
+        raise UserError(f"{flag} {path}: '~' was not expanded (quoted?); give the path as $HOME/... or unquoted")
+    if len(os.fsencode(Path(path).name)) > NAME_MAX:
+        raise UserError(f"{flag} {str(path)[:60]}...: the name is {len(os.fsencode(Path(path).name))} bytes, "
+                        f"at most {NAME_MAX} fit beside its staging copy")
+
+
 def check_destination(final: Path, *, overwrite: bool = False, inputs=(), flag: str = "--out") -> None:
     """Before any work: UserError when the output folder ``final`` cannot be written, exists without
-    ``overwrite``, is a file, or would replace (or lie inside) one of ``inputs``."""
+    ``overwrite``, is a file or a symbolic link, or would replace (or lie inside) one of ``inputs``."""
     final = Path(final)
+    _plain_path(final, flag)
+    if final.is_symlink():
+        raise UserError(f"{flag} {final} is a symbolic link: give the folder's real path ({os.path.realpath(final)})")
     if final.exists() and not final.is_dir():
         raise UserError(f"{flag} {final} is a file: give the path of a folder to create")
     if final.exists() and not overwrite:
@@ -92,9 +108,11 @@ def check_destination(final: Path, *, overwrite: bool = False, inputs=(), flag: 
 def check_output_file(path: Path, flag: str) -> None:
     """Before any work: UserError when the report file ``path`` cannot be written (a folder, under a file, no permission)."""
     path = Path(path)
-    if path.is_dir():
+    _plain_path(path, flag)
+    if path.is_dir() and not path.is_symlink():
         raise UserError(f"{flag} {path} is a folder: give a file path")
     _writable_parent(path, flag)
+    replaceable(path, flag)
 
 
 @contextlib.contextmanager
@@ -122,14 +140,22 @@ def staged_dir(final: Path, *, overwrite: bool = False, resumable: bool = False,
         tmp.mkdir()
     else:
         holder, tmp = None, partial_path(final)
+        if tmp.is_symlink() or (tmp.exists() and not tmp.is_dir()):
+            raise UserError(f"{tmp} is in the way (not a folder epts-export left): move it away")
         if tmp.exists() and resumable and not resume:
+            _lock_partial(tmp, final).close()  # a live run is said as such, not as an interrupted one
             raise UserError(f"{tmp} holds an interrupted run: pass --resume to continue it, or delete it to start over")
-        if tmp.exists() and not resumable:  # left by a killed run
+        if tmp.exists() and not resumable:  # left by a killed run, unless a live one holds it
+            _lock_partial(tmp, final).close()
             shutil.rmtree(tmp)
         try:
-            tmp.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir(parents=True, exist_ok=resumable)
+        except FileExistsError:
+            raise UserError(f"another epts-export began writing {final} just now: wait for it, or choose another "
+                            "--out") from None
         except OSError as e:
             raise UserError(f"cannot create {tmp}: {e.strerror or e}") from None
+        holder = _lock_partial(tmp, final)  # held until the folder is published or removed
     try:
         yield tmp
         normalize_modes(tmp)
@@ -138,6 +164,11 @@ def staged_dir(final: Path, *, overwrite: bool = False, resumable: bool = False,
                 if not final.exists():
                     os.replace(tmp, final)
         else:
+            if (final.exists() or final.is_symlink()) and not overwrite:
+                raise UserError(f"{final} appeared while this run wrote it (another epts-export?): this run's output "
+                                f"is discarded; pass --overwrite to replace it")
+            if final.is_symlink() or (final.exists() and not final.is_dir()):
+                raise UserError(f"{final} became a link or a file while this run wrote it: this run's output is discarded")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -146,8 +177,41 @@ def staged_dir(final: Path, *, overwrite: bool = False, resumable: bool = False,
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        if holder is not None:
+        if isinstance(holder, Path):
             shutil.rmtree(holder, ignore_errors=True)
+        elif holder is not None:
+            holder.close()
+
+
+class _PartialLock:
+    """An exclusive flock on a staging folder, held by the run that writes it."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _lock_partial(tmp: Path, final: Path) -> _PartialLock:
+    """Lock ``tmp`` (a folder) for this process; UserError when another live run holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; the publish-time checks remain
+        return _PartialLock(None)
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+    except OSError as e:
+        raise UserError(f"cannot open {tmp}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UserError(f"another epts-export is writing {final} (it holds {tmp}): wait for it to finish or stop it, "
+                        "or choose another --out") from None
+    return _PartialLock(fd)
 
 
 # --------------------------------------------------------------------------------------------

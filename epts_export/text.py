@@ -9,6 +9,7 @@ byte; ``tokenize_text`` tokenizes it whole; ``window_samples`` draws non-overlap
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -23,14 +24,25 @@ DATASET_ALIASES = {
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 
 
-def _read_utf8(path: Path, what: str) -> str:
+MAX_TEXT_BYTES = int(os.environ.get("EPTS_MAX_TEXT_MB", 512)) * 2**20  # tokenized whole: about 4x this in memory
+
+
+def _read_utf8(path: Path, what: str, budget: int | None = None) -> str:
     """A text file's contents; UserError with the offset of the first byte that is not UTF-8 (a binary
-    file decoded with replacement characters would calibrate or evaluate on garbage)."""
+    file decoded with replacement characters would calibrate or evaluate on garbage), for NUL
+    bytes, and for more than ``budget`` bytes (read whole and tokenized whole)."""
+    size = path.stat().st_size
+    if size > (MAX_TEXT_BYTES if budget is None else budget):
+        raise UserError(f"{what} {path} is {size / 2**20:.0f} MiB; at most {MAX_TEXT_BYTES // 2**20} MiB of text is read "
+                        "(it is tokenized whole): pass a sample of it (set EPTS_MAX_TEXT_MB to raise the bound)")
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{what} {path} is not UTF-8 text (invalid byte at offset {e.start}): pass a text file") from None
+    if "\x00" in text:
+        raise UserError(f"{what} {path} holds NUL bytes (offset {text.index(chr(0))}): not a text file")
+    return text
 
 
 def read_text_source(source: str, what: str = "calibration source") -> tuple[str, str]:
@@ -45,7 +57,13 @@ def read_text_source(source: str, what: str = "calibration source") -> tuple[str
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
         if not files:
             raise UserError(f"{what} folder {p} has no text files ({', '.join(TEXT_SUFFIXES)})")
-        return "\n\n".join(_read_utf8(f, what) for f in files), "folder"
+        parts, left = [], MAX_TEXT_BYTES
+        for f in files:  # the bound holds for the folder as a whole
+            parts.append(_read_utf8(f, what, left))
+            left -= f.stat().st_size
+        return "\n\n".join(parts), "folder"
+    if p.exists():
+        raise UserError(f"{what} {source} is not a regular file or a folder (a FIFO or a device?): pass a text file")
     raise UserError(f"{what} not found: {source} (a text file, a folder, hf:NAME[:CONFIG[:SPLIT]]"
                     + (" or 'self')" if what == "calibration source" else ")"))
 
@@ -70,7 +88,14 @@ def _dataset_text(spec: str) -> str:
     except Exception as e:  # offline, unknown name, bad split: all user-fixable
         raise UserError(f"could not load dataset hf:{spec}: {one_line(e)}; use a local text file or --calib self") from None
     column = "text" if "text" in ds.column_names else ds.column_names[0]
-    return "\n\n".join(t for t in ds[column] if t)
+    rows, size = [], 0
+    for t in ds[column]:  # the first MAX_TEXT_BYTES of the split: more is never needed whole
+        if t:
+            rows.append(t)
+            size += len(t)
+            if size >= MAX_TEXT_BYTES:
+                break
+    return "\n\n".join(rows)
 
 
 def window_samples(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, what: str) -> torch.Tensor:

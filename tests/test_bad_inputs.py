@@ -221,7 +221,130 @@ ROWS = [
                                              "zip", "--quiet"], 1, "unknown --layout 'zip'", []),
     ("run: prompt past the context", lambda ws: ["run", ws.bundle, "--level", "0.5", "--prompt", " ".join(["w1"] * 400)], 1,
      "context is 256", []),
+    # --- issue 26: the manifest is the root of trust
+    ("verify: a listed file outside the folder", lambda ws: ["verify", ws.manifest(ws.bundle, "b-host", lambda m: m["files"].update(
+        {"/etc/hostname": "0" * 64}))], 3, "the listed file '/etc/hostname' must be a path inside the folder", []),
+    ("info: a listed file that climbs out", lambda ws: ["info", ws.manifest(ws.art, "a-climb", lambda m: m["files"].update(
+        {"../../etc/passwd": "0" * 64}))], 1, "must be a path inside the folder", []),
+    ("verify: a symlinked tokenizer", lambda ws: ["verify", _linked(ws, "b-link", "model/tokenizer.json", "/etc/passwd")], 3,
+     "model/tokenizer.json is or lies under a symbolic link", []),
+    ("run: a symlinked tokenizer", lambda ws: ["run", _linked(ws, "b-link2", "model/tokenizer.json", "/etc/passwd"),
+                                               "--level", "0.5", "--prompt", "w1"], 3, "symbolic link", []),
+    ("verify: an unlisted FIFO", lambda ws: ["verify", _with_fifo(ws, "b-fifo", "model/extra")], 3,
+     "model/extra is not listed", []),
+    ("run: an unlisted file beside the graphs", lambda ws: ["run", _with_file(ws, "b-extra", "model/extra.onnx_data", "x"),
+                                                            "--level", "0.5", "--prompt", "w1"], 3, "model/extra.onnx_data is not listed", []),
+    ("run: an export whose graph is not listed", lambda ws: ["run", ws.manifest(ws.onnx, "x-nograph", lambda m: m["files"].pop(
+        "level-0.5/model.onnx")), "--level", "0.5", "--prompt", "w1"], 3, "does not list level-0.5/model.onnx", []),
+    ("run: the decoder not listed", lambda ws: ["run", ws.manifest(ws.bundle, "b-nodec", lambda m: m["files"].pop(
+        "model/decoder.onnx")), "--level", "0.5", "--prompt", "w1"], 3, "does not list model/decoder.onnx", []),
+    ("verify: target without a name", lambda ws: ["verify", ws.manifest(ws.bundle, "b-target", lambda m: m.update(target={}))], 3,
+     "target: 'name' is missing", []),
+    ("verify: a deeply nested manifest", lambda ws: ["verify", ws.raw_manifest(ws.bundle, "b-deep", b"[" * 50000 + b"]" * 50000)],
+     3, "nests 50000 levels deep", []),
+    ("info: a deeply nested manifest", lambda ws: ["info", ws.raw_manifest(ws.art, "a-deep", b"{\"a\":" * 20000 + b"1" +
+                                                                             b"}" * 20000)], 1, "nests 20000 levels deep", []),
+    ("verify: Infinity in engines.json", lambda ws: ["verify", _rehashed(ws, "b-inf", "engines.json", (
+        ws.bundle / "engines.json").read_bytes().replace(b'"version": 3', b'"version": Infinity'))], 1,
+     "Infinity is not a JSON number", []),
+    ("run: a tokenizer that is not JSON", lambda ws: ["run", _rehashed(ws, "b-tok", "model/tokenizer.json", b"not json"),
+                                                      "--level", "0.5", "--prompt", "w1"], 3, "is not a tokenizer", []),
+    ("run: a config that is a list", lambda ws: ["run", _rehashed(ws, "b-conf", "model/config.json", b"[1]"),
+                                                 "--level", "0.5", "--prompt", "w1"], 3, "is not a JSON object", []),
+    ("run: the weight builder as the decoder", lambda ws: ["run", _rehashed(ws, "b-dec", "model/decoder.onnx", (
+        ws.bundle / "model" / "weights.onnx").read_bytes()), "--level", "0.5", "--prompt", "w1"], 3, "decoder", []),
+    # --- report files and output folders
+    ("eval: --json a symlink", lambda ws: ["eval", ws.art, "--data", ws.text, "--json", _symlink(ws, "j-link", "target.txt")], 1,
+     "is a symbolic link", []),
+    ("validate: --report a FIFO", lambda ws: ["validate", ws.onnx, "--report", _fifo(ws, "r-fifo")], 1, "is not a regular file", []),
+    ("eval: --plot a symlink", lambda ws: ["eval", ws.art, "--data", ws.text, "--plot", _symlink(ws, "p-link.png", "t.png")], 1,
+     "is a symbolic link", []),
+    ("materialize: --out a symlink", lambda ws: ["materialize", ws.art, "--level", "0.5", "--out", _symlink(ws, "m-link", "m-real"),
+                                                 "--overwrite"], 1, "is a symbolic link", ["m-real"]),
+    ("export: --out a 250-byte name", lambda ws: ["export", ws.art, "--out", ws.root / ("x" * 250)], 1, "the name is 250 bytes", []),
+    ("materialize: --out '~/x' unexpanded", lambda ws: ["materialize", ws.art, "--level", "0.5", "--out", "~/m-tilde"], 1,
+     "'~' was not expanded", []),
+    ("build: .stages/.lock a folder", lambda ws: ["build", ws.art, "--target", "rtx", "--out", _lock_dir(ws), "-q"], 1,
+     "is in the way", []),
+    # --- inputs of the wrong kind
+    ("optimize: a FIFO as the .gguf", lambda ws: ["optimize", _fifo(ws, "m.gguf"), "--out", ws.root / "o-fifo", "-q"], 1,
+     "not a regular file or a folder", ["o-fifo"]),
+    ("eval: a FIFO as --data", lambda ws: ["eval", ws.art, "--data", _fifo(ws, "d-fifo.txt"), "--seqlen", 64], 1,
+     "not a regular file", []),
+    ("eval: text with NUL bytes", lambda ws: ["eval", ws.art, "--data", ws.file("nul.txt", "w1 \x00 w2 " * 200), "--seqlen", 64], 1,
+     "holds NUL bytes", []),
+    ("run: a prompt that is not UTF-8", lambda ws: ["run", ws.bundle, "--level", "0.5", "--prompt", "w1 \udcff"], 1,
+     "not UTF-8 text", []),
+    ("run: an unknown level after a good one", lambda ws: ["run", ws.bundle, "--level", "0.5,0.9", "--prompt", "w1"], 1,
+     "level 0.9 is not in bundle", []),
+    ("optimize: a preset given as a path", lambda ws: ["optimize", ws.model, "--out", ws.root / "o-pre", "--preset",
+                                                       "../../tmp/evil", "-q"], 1, "unknown preset", ["o-pre"]),
+    # --- numbers without bounds
+    ("optimize: --seed 2**70", lambda ws: ["optimize", ws.model, "--out", ws.root / "o-seed", "--seed", str(2**70), "-q"], 1,
+     "--seed must be between 0 and 2**63 - 1", ["o-seed"]),
+    ("optimize: --threads -1", lambda ws: ["optimize", ws.model, "--out", ws.root / "o-thr", "--threads", "-1", "-q"], 1,
+     "--threads must be between 1", ["o-thr"]),
+    ("run: --threads 100000", lambda ws: ["run", ws.bundle, "--level", "0.5", "--prompt", "w1", "--threads", "100000"], 1,
+     "--threads must be between 1", []),
+    ("optimize: --host-memory 1e300", lambda ws: ["optimize", ws.model, "--out", ws.root / "o-mem", "--host-memory", "1e300",
+                                                  "--dry-run"], 1, "--host-memory must be a positive number of GiB", []),
+    ("optimize: --steps 10**12", lambda ws: ["optimize", ws.model, "--out", ws.root / "o-steps", "--steps", str(10**12), "-q"], 1,
+     "--steps must be at most 1,000,000", ["o-steps"]),
+    ("optimize: --warmup past --steps", lambda ws: ["optimize", ws.model, "--out", ws.root / "o-warm", "--steps", "2",
+                                                    "--warmup", "5", "-q"], 1, "--warmup (5) must not exceed --steps (2)", ["o-warm"]),
+    ("eval: --step 1e-9", lambda ws: ["eval", ws.art, "--data", ws.text, "--plot", ws.root / "c.png", "--step", "1e-9"], 1,
+     "--step must be between 0.01 and 0.5", []),
+    ("optimize: diverging --lr 1e30", lambda ws: ["optimize", ws.model, "--out", ws.root / "o-div", "--calib", ws.text,
+                                                  "--nsamples", 2, "--seqlen", 16, "--levels", "0.5", "--lr", "1e30", "-q"], 1,
+     "training diverged", ["o-div"]),
 ]
+
+
+def _rehashed(ws: WS, name: str, rel: str, data: bytes) -> Path:
+    """A bundle copy whose ``rel`` holds ``data`` and whose manifest lists its new sha256 (a
+    consistent folder of the wrong contents)."""
+    import hashlib
+
+    b = ws.copy(ws.bundle, name)
+    (b / rel).write_bytes(data)
+    m = json.loads((b / "manifest.json").read_text())
+    m["files"][rel] = hashlib.sha256(data).hexdigest()
+    (b / "manifest.json").write_text(json.dumps(m))
+    return b
+
+
+def _linked(ws: WS, name: str, rel: str, target: str) -> Path:
+    b = _rehashed(ws, name, rel, Path(target).read_bytes())
+    (b / rel).unlink()
+    (b / rel).symlink_to(target)
+    return b
+
+
+def _with_fifo(ws: WS, name: str, rel: str) -> Path:
+    b = ws.copy(ws.bundle, name)
+    os.mkfifo(b / rel)
+    return b
+
+
+def _fifo(ws: WS, name: str) -> Path:
+    p = ws.root / name
+    if not p.exists():
+        os.mkfifo(p)
+    return p
+
+
+def _symlink(ws: WS, name: str, target: str) -> Path:
+    p = ws.root / name
+    if p.is_symlink():
+        p.unlink()
+    p.symlink_to(ws.root / target)
+    return p
+
+
+def _lock_dir(ws: WS) -> Path:
+    out = ws.root / "d-lockdir"
+    (out / ".stages" / ".lock").mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _with_file(ws: WS, name: str, rel: str, text: str) -> Path:

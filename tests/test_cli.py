@@ -65,7 +65,7 @@ def test_materialize(cli_artifact, tmp_path):
     (["optimize", "{llama}", "--out", "{tmp}/o", "--calib", "{tmp}/missing.txt"], "calibration source not found"),
     (["optimize", "{llama}", "--out", "{tmp}/o", "--preset", "nope"], "unknown preset"),
     (["optimize", "{llama}", "--out", "{tmp}/o", "--method", "obs"], "unknown method"),
-    (["optimize", "{llama}", "--out", "{tmp}/o", "--group-width", "0"], "--group-width must be in (0, 1]"),
+    (["optimize", "{llama}", "--out", "{tmp}/o", "--group-width", "1e-9"], "--group-width must be in [0.01, 1]"),
     (["optimize", "{llama}", "--out", "{tmp}/o", "--precision", "fp8"], "--precision must be one of"),
     (["optimize", "{llama}", "--out", "{tmp}/o", "--low-top", "0"], "--low-top must be in (0, 1]"),
     (["optimize", "{llama}", "--out", "{tmp}/o", "--low-top", "nan"], "--low-top must be in (0, 1]"),

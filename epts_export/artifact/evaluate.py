@@ -60,6 +60,9 @@ def perplexity(model, windows: torch.Tensor, batch: int = 1, advance=lambda n=1:
         nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").item()
         count += x[:, 1:].numel()
         advance(len(x))
+    if not math.isfinite(nll):
+        raise UserError("the model's outputs are not finite numbers (NaN or Inf in its weights): the artifact is "
+                        "broken; optimize it again", 3)
     return math.exp(nll / count)
 
 

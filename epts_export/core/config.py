@@ -47,8 +47,8 @@ class TrainConfig:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
-        if not 0 < self.group_width <= 1:
-            raise ValueError(f"group-width must be in (0, 1], got {self.group_width:g}")
+        if not 0.01 <= self.group_width <= 1:  # at most 100 groups
+            raise ValueError(f"group-width must be in [0.01, 1], got {self.group_width:g}")
         if not 0 < self.low_top <= 1:
             raise ValueError(f"low-top must be in (0, 1], got {self.low_top:g}")
         if not 0 <= self.low_span <= 1:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -182,17 +183,32 @@ def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
         return _build(spec, target, levels, bundle, stages, progress, t0)
 
 
+LOCK_WAIT_S = int(os.environ.get("EPTS_LOCK_WAIT_S", 3 * 3600))  # a cold build of a large model takes hours
+
+
 @contextlib.contextmanager
 def _stage_lock(stages: Path, progress: Progress):
-    """One build at a time per --out: a second one waits here, then reuses the stages the first wrote."""
+    """One build at a time per --out: a second one waits here (at most ``LOCK_WAIT_S``, saying so),
+    then reuses the stages the first wrote."""
     import fcntl
 
-    with open(stages / ".lock", "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            progress.note(f"waiting for another build that uses {stages.parent}")
-            fcntl.flock(fh, fcntl.LOCK_EX)
+    lock = stages / ".lock"
+    if lock.is_symlink() or (lock.exists() and not lock.is_file()):
+        raise UserError(f"{lock} is in the way (not the lock file a build leaves): remove it")
+    with open(lock, "a") as fh:
+        waited = 0.0
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if waited == 0:
+                    progress.note(f"waiting for another build that uses {stages.parent} (at most {LOCK_WAIT_S // 60} min)")
+                if waited >= LOCK_WAIT_S:
+                    raise UserError(f"another build has held {lock} for {LOCK_WAIT_S // 60} min: wait for it to finish or "
+                                    "stop it, or choose another --out") from None
+                time.sleep(1.0)
+                waited += 1.0
         try:
             yield
         finally:
@@ -362,14 +378,31 @@ def parity_stage(exp, art: Artifact, export_key: str, stages: Path, progress: Pr
     from ..onnx.parity import validate, write_report
 
     report_path = stages / f"parity-{export_key}.json"
+    files_sha = sha256_bytes(json.dumps(exp.manifest["files"], sort_keys=True).encode())  # what was validated
     if (exp.manifest.get("parity") or {}).get("passed") and report_path.is_file():
-        progress.note("reusing the parity result of that export")
-        if log:
-            log.reused()
-        return json.loads(report_path.read_text()), report_path
+        report = _cached_report(report_path)
+        if report is not None and report.get("export_files_sha256") == files_sha:
+            progress.note("reusing the parity result of that export")
+            if log:
+                log.reused()
+            return report, report_path
+        progress.note("the cached parity result does not belong to this export's files: validating again")
     report = validate(exp, artifact=art, progress=progress, model=model.get())
+    report["export_files_sha256"] = files_sha
     write_report(report, report_path)
     return report, report_path
+
+
+def _cached_report(path: Path) -> dict | None:
+    """A parity report a build cached, or None when it is unreadable or not one (then validated again)."""
+    from ..device.files import load_json
+
+    try:
+        doc = load_json(path.read_bytes(), str(path))
+    except (OSError, UserError):
+        return None
+    ok = isinstance(doc, dict) and isinstance(doc.get("levels"), list) and isinstance(doc.get("passed"), bool)
+    return doc if ok and all(isinstance(e, dict) and isinstance(e.get("level"), str) for e in doc["levels"]) else None
 
 
 def perplexity_stage(spec: BuildSpec, art: Artifact, levels: list[Level], export_key: str, stages: Path,
@@ -389,13 +422,18 @@ def perplexity_stage(spec: BuildSpec, art: Artifact, levels: list[Level], export
     ppl_path = stages / f"curve-{_fingerprint({'export': export_key, 'data': spec.eval_data, 'seqlen': seqlen, 'windows': spec.eval_windows})}.json"
     curve = None
     if ppl_path.is_file():
+        from ..device.files import load_json
+
         try:
-            curve = json.loads(ppl_path.read_text())
+            curve = load_json(ppl_path.read_bytes(), str(ppl_path))
+            names = {p["level"] for p in curve["series"][0]["points"]}
+            if not {lv.name for lv in levels} <= names or not isinstance(curve["data"], dict):
+                raise ValueError("not the levels asked for")
             progress.note("reusing the perplexity of those levels")
             if log:
                 log.reused()
-        except ValueError:
-            curve = None
+        except (OSError, UserError, ValueError, KeyError, TypeError, IndexError):
+            curve = None  # unreadable or not a curve: evaluated again
     if curve is None:
         todo = sort_levels(set(curve_levels(art, CURVE_STEP_BUILD)) | set(levels))
         curve = evaluate_curve(art, spec.eval_data, seqlen, max_windows=spec.eval_windows, levels=todo, model=model.get(),

@@ -26,10 +26,17 @@ VENDOR_DIR = "_epts"  # the package copy inside a bundle: <bundle>/_epts/epts_ex
 JETPACK_TRTEXEC = "/usr/src/tensorrt/bin/trtexec"
 
 # the preamble of both Python scripts: check _epts/ against manifest.json, then import from it only
-_PREAMBLE = '''import hashlib
-import json
+_PREAMBLE = '''import os
 import sys
-from pathlib import Path
+
+# nothing is imported from beside this script (a json.py or hashlib.py dropped here) but the checked
+# _epts/: the script's folder leaves sys.path before the first import that could find a file there
+_here = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _here]
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.dont_write_bytecode = True  # no __pycache__ among the bundle's hashed files
@@ -46,7 +53,7 @@ def _checked_code():
     try:
         files = json.loads((HERE / "manifest.json").read_text(encoding="utf-8"))["files"]
         listed = {rel: digest for rel, digest in files.items() if rel.startswith("_epts/")}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         _refuse(f"{HERE / 'manifest.json'} cannot be read ({type(e).__name__})")
     vendor = HERE / "_epts"
     for path in sorted(vendor.rglob("*")) if vendor.is_dir() else []:

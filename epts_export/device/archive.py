@@ -17,7 +17,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from .errors import EXIT_INTEGRITY, UserError
-from .files import MANIFEST
+from .files import MANIFEST, load_json
 
 MAX_MEMBERS = 100_000  # a bundle holds tens of files; an archive of more is not one
 MAX_MANIFEST_BYTES = 64 << 20
@@ -57,10 +57,7 @@ def _manifest(archive: Path, tar: tarfile.TarFile, members: list[tarfile.TarInfo
     m = found[0]
     if m.size > MAX_MANIFEST_BYTES:
         raise UserError(f"{archive}: {m.name} is {m.size} bytes, too large for a manifest", EXIT_INTEGRITY)
-    try:
-        manifest = json.loads(tar.extractfile(m).read().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{archive}: {m.name} is not valid JSON ({e}); the bundle is corrupted", EXIT_INTEGRITY) from None
+    manifest = load_json(tar.extractfile(m).read(), f"{archive}: {m.name}", "the bundle is corrupted", EXIT_INTEGRITY)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise UserError(f"{archive}: {m.name} lists no files; not an epts-export bundle", EXIT_INTEGRITY)
     return PurePosixPath(m.name).parent, manifest

@@ -20,15 +20,15 @@ Exit codes: 1 bad input (not a bundle, unsafe tar), 3 a file is missing, altered
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .archive import safe_extract
 from .errors import EXIT_DEVICE, EXIT_INTEGRITY, UserError
-from .files import MANIFEST, HashError, ManifestFormat, hash_errors, inside, read_manifest
-from .interface import ENGINES_JSON
+from .files import (MANIFEST, HashError, ManifestFormat, check_type, hash_errors, inside, load_json, read_manifest,
+                    require_listed, unlisted_under)
+from .interface import DECODER_GRAPH, ENGINES_JSON, GRAPH_FILE, WEIGHTS_GRAPH
 from .levels import Level, parse_level
 
 BUNDLE = ManifestFormat("epts-bundle", 2, "bundle", "create one with `epts-export build`",
@@ -42,6 +42,8 @@ def check_levels(manifest: dict, where: str) -> None:
     files the manifest lists; elastic levels all in the model folder, with distinct indices."""
     files = manifest["files"]
     layout = manifest["layout"]
+    for key, kind in (("name", str), ("compute_capability", str)):
+        check_type(manifest["target"], key, kind, f"{where} target", EXIT_INTEGRITY)
     if layout not in LAYOUTS:
         raise UserError(f"{where}: layout {layout!r} is none of {', '.join(LAYOUTS)}", EXIT_INTEGRITY)
     model_dir = None
@@ -50,7 +52,9 @@ def check_levels(manifest: dict, where: str) -> None:
         if not isinstance(model, dict):
             raise UserError(f"{where}: an elastic bundle needs a 'model' record", EXIT_INTEGRITY)
         model_dir = inside(model.get("dir"), f"{where} model")
-    seen, indices = set(), set()
+    if model_dir is not None:
+        require_listed(files, model_dir, (WEIGHTS_GRAPH, DECODER_GRAPH, "tokenizer.json", "config.json"), f"{where} model")
+    seen, indices, dirs = set(), set(), set()
     for k, r in enumerate(manifest["levels"]):
         at = f"{where} levels[{k}]"
         if not isinstance(r, dict) or not isinstance(r.get("name"), str):
@@ -62,6 +66,11 @@ def check_levels(manifest: dict, where: str) -> None:
         folder = inside(r.get("dir"), at)
         if not any(f.startswith(folder + "/") for f in files):
             raise UserError(f"{at}: manifest.json lists no file in its folder {folder!r}", EXIT_INTEGRITY)
+        if layout == "baked":
+            if folder in dirs:
+                raise UserError(f"{at}: folder {folder!r} is another level's too: each baked level has its own", EXIT_INTEGRITY)
+            dirs.add(folder)
+            require_listed(files, folder, (GRAPH_FILE, "tokenizer.json", "config.json"), at)
         if layout == "elastic":
             index = r.get("index")
             if folder != model_dir or isinstance(index, bool) or not isinstance(index, int) or index < 0 or index in indices:
@@ -121,8 +130,11 @@ class Bundle:
         return {f: h for f, h in self.manifest["files"].items() if f.startswith(prefix) or f in extra}
 
     def level_errors(self, level: Level) -> list[HashError]:
-        """Missing or altered files among the level's own files (graphs, configs, tokenizer, engine)."""
-        return hash_errors(self.path, self.level_files(level))
+        """Missing, altered or linked files among the level's own files (graphs, configs, tokenizer,
+        engine), and files in its folder that the manifest does not list."""
+        listed = self.manifest["files"]
+        return [*hash_errors(self.path, self.level_files(level)),
+                *unlisted_under(self.path, self.level_record(level)["dir"], listed, self._device_outputs())]
 
     def integrity_errors(self) -> list[HashError]:
         return hash_errors(self.path, self.manifest.get("files", {}))
@@ -168,7 +180,7 @@ class Bundle:
         out = []
         for p in sorted(self.path.rglob("*")):
             rel = p.relative_to(self.path).as_posix()
-            if (p.is_file() or p.is_symlink()) and rel not in listed and rel not in allowed:
+            if (p.is_symlink() or not p.is_dir()) and rel not in listed and rel not in allowed:  # FIFOs, devices too
                 out.append(rel)
         return out
 
@@ -191,8 +203,8 @@ class Bundle:
 def _read_record(path: Path) -> dict:
     """An engine's build record (written by build_engines.py); {} when absent or unreadable."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError, UnicodeDecodeError):
+        doc = load_json(path.read_bytes(), str(path)) if path.is_file() else {}
+    except (OSError, UserError):
         return {}
     return doc if isinstance(doc, dict) else {}
 

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -39,15 +40,34 @@ def sha256_bytes(data: bytes) -> str:
 # one atomic writer
 
 
+def replaceable(path: Path, flag: str = "output") -> None:
+    """UserError unless ``path`` is absent or a regular file: a file is written by renaming a
+    complete copy onto it, which would turn a symbolic link, a FIFO or a device node into a plain
+    file (and never write where a link points)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise UserError(f"{flag} {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise UserError(f"{flag} {path} is {kind}: files are written whole and renamed into place, so give a new "
+                        "path or a regular file")
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write; it replaces ``path`` when the block
-    completes and is removed when it raises, so a reader never sees half a file."""
+    completes and is removed when it raises, so a reader never sees half a file. ``path`` must be
+    absent or a regular file (``replaceable``)."""
     path = Path(path)
+    replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
+        replaceable(path)  # not swapped for a link while we wrote
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -104,12 +124,10 @@ def read_manifest(folder: Path, fmt: ManifestFormat, corrupt_exit: int = 1) -> d
         raise UserError(f"{folder} is a file, not an epts-export {fmt.what} folder; {fmt.create_hint}")
     if not mf.is_file():
         raise UserError(f"{folder} is not an epts-export {fmt.what} (no {MANIFEST}); {fmt.create_hint}")
+    if mf.is_symlink():
+        raise UserError(f"{mf} is a symbolic link; the {fmt.what} is corrupted", corrupt_exit)
     try:
-        manifest = json.loads(mf.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise UserError(f"{mf} is not UTF-8 text (byte {e.start}); the {fmt.what} is corrupted", corrupt_exit) from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{mf} is not valid JSON ({e.msg}); the {fmt.what} is corrupted", corrupt_exit) from None
+        manifest = load_json(mf.read_bytes(), f"{mf}", f"the {fmt.what} is corrupted", corrupt_exit)
     except OSError as e:
         raise UserError(f"cannot read {mf}: {e.strerror or e}", corrupt_exit) from None
     if not isinstance(manifest, dict) or manifest.get("format") != fmt.format:
@@ -124,7 +142,51 @@ def read_manifest(folder: Path, fmt: ManifestFormat, corrupt_exit: int = 1) -> d
         check_type(manifest, key, kind, f"{mf}", corrupt_exit)
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in manifest["files"].items()):
         raise UserError(f"{mf}: 'files' must map relative paths to sha256 strings; the {fmt.what} is corrupted", corrupt_exit)
+    for rel in manifest["files"]:  # never read (or answer about) a file outside the folder
+        if inside(rel, f"{mf}", "the listed file", corrupt_exit) != rel or rel == MANIFEST:
+            raise UserError(f"{mf}: the listed file {rel!r} is not a plain path inside the folder", corrupt_exit)
     return manifest
+
+
+MAX_JSON_DEPTH = 64  # deeper than any file epts-export writes: refused before the parser recurses
+
+
+def load_json(data: bytes | str, where: str, hint: str = "the file is corrupted", exit_code: int = 1):
+    """JSON from ``data``, strictly: UTF-8, no NaN or Infinity, at most ``MAX_JSON_DEPTH`` levels
+    of nesting; UserError naming ``where`` otherwise."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where} is not UTF-8 text (byte {e.start}); {hint}", exit_code) from None
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:  # a bracket count outside strings: cheap next to the parse
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    if deepest > MAX_JSON_DEPTH:
+        raise UserError(f"{where} nests {deepest} levels deep (at most {MAX_JSON_DEPTH}); {hint}", exit_code)
+
+    def constant(name):
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        return json.loads(text, parse_constant=constant)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where} is not valid JSON ({e.msg}); {hint}", exit_code) from None
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{where} is not valid JSON ({e}); {hint}", exit_code) from None
 
 
 _JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number", bool: "true or false"}
@@ -154,8 +216,14 @@ class HashError:
 
     path: str  # relative posix path, as listed in the manifest
     missing: bool
+    link: bool = False  # a symbolic link on the way (folders hold plain files only)
+    unlisted: bool = False  # present, but not in the manifest
 
     def __str__(self) -> str:
+        if self.unlisted:
+            return f"file {self.path} is not listed in {MANIFEST}"
+        if self.link:
+            return f"file {self.path} is or lies under a symbolic link (bundles and artifacts hold plain files only)"
         if self.missing:
             return f"file {self.path} is missing"
         return f"file {self.path} does not match its sha256 in {MANIFEST} (altered or truncated)"
@@ -171,11 +239,45 @@ def hash_errors(folder: Path, expected: dict[str, str]) -> list[HashError]:
     errors = []
     for rel, digest in expected.items():
         p = folder / rel
-        if not p.is_file():
+        if linked(folder, rel):
+            errors.append(HashError(rel, missing=False, link=True))
+        elif not p.is_file():
             errors.append(HashError(rel, missing=True))
         elif sha256_file(p) != digest:
             errors.append(HashError(rel, missing=False))
     return errors
+
+
+def unlisted_under(root: Path, rel_dir: str, listed, allowed=()) -> list[HashError]:
+    """One HashError per entry below ``root/rel_dir`` that is not a folder and not in ``listed``
+    or ``allowed`` (a FIFO, a device node or a link counts): what a runtime would find beside
+    the files it loads, for example a graph's external data."""
+    top = Path(root) / rel_dir
+    out = []
+    for p in sorted(top.rglob("*")) if top.is_dir() and not top.is_symlink() else []:
+        rel = p.relative_to(root).as_posix()
+        if (p.is_symlink() or not p.is_dir()) and rel not in listed and rel not in allowed:
+            out.append(HashError(rel, missing=False, unlisted=True))
+    return out
+
+
+def require_listed(files, folder: str, names, where: str, exit_code: int = 3) -> None:
+    """UserError unless ``files`` (a manifest's) lists ``folder/name`` for every name: a runtime
+    loads those, so they must be hashed."""
+    missing = [rel for rel in (f"{folder}/{n}" if folder not in ("", ".") else n for n in names) if rel not in files]
+    if missing:
+        raise UserError(f"{where}: manifest.json does not list {', '.join(missing)}, which serving the level reads; "
+                        "the folder is corrupted", exit_code)
+
+
+def linked(folder: Path, rel: str) -> bool:
+    """Whether ``folder/rel`` or a folder between ``folder`` and it is a symbolic link."""
+    p = Path(folder)
+    for part in PurePosixPath(rel).parts:
+        p = p / part
+        if p.is_symlink():
+            return True
+    return False
 
 
 def verify_hashes(folder: Path, expected: dict[str, str], what: str) -> None:

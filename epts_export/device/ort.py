@@ -6,7 +6,6 @@ numpy and onnxruntime only: it ships in bundles (``epts_export.device``)."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable, List, Sequence, Tuple
@@ -14,7 +13,8 @@ from typing import Callable, List, Sequence, Tuple
 import numpy as np
 
 from .errors import UserError, one_line
-from .interface import DECODER_GRAPH, LEVEL_INPUT, LEVELS_FILE, LEVELS_METADATA, WEIGHTS_GRAPH
+from .files import load_json
+from .interface import DECODER_GRAPH, ID_INPUTS, LEVEL_INPUT, LEVELS_FILE, LEVELS_METADATA, WEIGHTS_GRAPH
 
 # step(input_ids, attention_mask, position_ids, past) -> (logits (B, S, V) float32, presents [2 * layers])
 StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, List[np.ndarray]], Tuple[np.ndarray, List[np.ndarray]]]  # typing: Python 3.8
@@ -47,14 +47,15 @@ def level_table(session, folder: Path) -> list[str] | None:
     metadata, else ``levels.json`` beside it (graph tools such as Polygraphy's sanitize drop
     metadata); None when neither is there."""
     meta = session.get_modelmeta().custom_metadata_map.get(LEVELS_METADATA)
+    where = f"the level table of {folder} ({LEVELS_METADATA} or {LEVELS_FILE})"
     try:
         if meta is not None:
-            names = json.loads(meta)
+            names = load_json(meta, where)
         elif (Path(folder) / LEVELS_FILE).is_file():
-            names = json.loads((Path(folder) / LEVELS_FILE).read_text(encoding="utf-8")).get("levels")
+            names = load_json((Path(folder) / LEVELS_FILE).read_bytes(), where).get("levels")
         else:
             return None
-    except (ValueError, AttributeError):
+    except (UserError, OSError, AttributeError):
         raise UserError(f"the level table of {folder} ({LEVELS_METADATA} or {LEVELS_FILE}) is not valid JSON") from None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise UserError(f"the level table of {folder} ({LEVELS_METADATA} or {LEVELS_FILE}) is not a list of level names")
@@ -107,10 +108,15 @@ class OrtDecoder:
             check_level_index(self.levels, level, path)
 
     def _attach(self, session) -> None:
+        inputs = {i.name: i for i in session.get_inputs()}
+        past = [n for n in inputs if n.startswith("past_key_values.")]
+        outputs = [o.name for o in session.get_outputs()]
+        if not set(ID_INPUTS) <= set(inputs) or not past or len(inputs[past[0]].shape) != 4 or not outputs \
+                or outputs[0] != "logits":
+            raise UserError(f"{getattr(self, 'path', None) or getattr(self, 'folder', '')}: the graph is not a decoder "
+                            f"with a KV cache (inputs {', '.join(list(inputs)[:4])}...): the folder is corrupted", 3)
         self.session = session
-        self.inputs = {i.name: i for i in session.get_inputs()}
-        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
-        self.output_names = [o.name for o in session.get_outputs()]
+        self.inputs, self.past_names, self.output_names = inputs, past, outputs
         first = self.inputs[self.past_names[0]]
         self.past_dtype = np.float16 if first.type == "tensor(float16)" else np.float32
         self.kv_heads, self.head_dim = first.shape[1], first.shape[3]
@@ -230,6 +236,14 @@ class ElasticDecoder(OrtDecoder):
             session = _session(self.folder / DECODER_GRAPH, opts, self._providers)
         self._opt_level = opts.graph_optimization_level
         self.optimization = str(opts.graph_optimization_level).rsplit(".", 1)[-1]
+        meta = session.get_modelmeta().custom_metadata_map
+        built = self.builder.get_modelmeta().custom_metadata_map
+        source = meta.get("epts.source_manifest_sha256")  # graph tools may drop metadata: judged when present
+        if meta.get("epts.mode", "dynamic") != "dynamic" or LEVEL_INPUT in {i.name for i in session.get_inputs()} or \
+                (source and source != built.get("epts.source_manifest_sha256", source)):
+            raise UserError(f"{self.folder / DECODER_GRAPH} is not the decoder of {WEIGHTS_GRAPH}'s model (a "
+                            f"{meta.get('epts.mode') or 'foreign'} graph, or from another export): the folder is "
+                            "corrupted", 3)
         return session
 
     def _load_in_place(self):

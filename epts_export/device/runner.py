@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 from .bundle import Bundle
-from .errors import EXIT_INTEGRITY, UserError
+from .errors import EXIT_INTEGRITY, UserError, one_line
+from .files import load_json
 from .interface import EXPORT, GRAPH_FILE
-from .levels import Level, parse_levels
+from .levels import Level
 
 RUNTIMES = ("auto", "trt", "ort")
 
@@ -42,7 +42,11 @@ class TextTokenizer:
         path = Path(folder) / "tokenizer.json"
         if not path.is_file():
             raise UserError(f"{path} is missing: the level folder needs its tokenizer")
-        self.tokenizer = Tokenizer.from_file(str(path))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises plain Exceptions for a file it cannot read
+            raise UserError(f"{path} is not a tokenizer the tokenizers library reads ({one_line(e)}): the folder is "
+                            "corrupted", EXIT_INTEGRITY) from None
         self.eos = self._eos(Path(folder))
 
     def _eos(self, folder: Path) -> int | None:
@@ -50,13 +54,14 @@ class TextTokenizer:
         the generation config's first eos id."""
         conf = folder / "tokenizer_config.json"
         if conf.is_file():
-            token = json.loads(conf.read_text()).get("eos_token")
+            token = _json_object(conf).get("eos_token")
             token = token.get("content") if isinstance(token, dict) else token
             if isinstance(token, str) and self.tokenizer.token_to_id(token) is not None:
                 return self.tokenizer.token_to_id(token)
         gen = folder / "generation_config.json"
-        eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
-        return eos[0] if isinstance(eos, list) and eos else eos
+        eos = _json_object(gen).get("eos_token_id") if gen.is_file() else None
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        return eos if isinstance(eos, int) and not isinstance(eos, bool) else None
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
@@ -68,8 +73,19 @@ class TextTokenizer:
 def context_length(folder: Path) -> int | None:
     """``max_position_embeddings`` of a level's config.json (None when it does not say)."""
     path = Path(folder) / "config.json"
-    value = json.loads(path.read_text()).get("max_position_embeddings") if path.is_file() else None
-    return int(value) if isinstance(value, int) else None
+    value = _json_object(path).get("max_position_embeddings") if path.is_file() else None
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _json_object(path: Path) -> dict:
+    """A level folder's JSON config (config.json, tokenizer_config.json, ...) as an object; UserError otherwise."""
+    try:
+        doc = load_json(Path(path).read_bytes(), str(path), "the level folder is corrupted", EXIT_INTEGRITY)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{path} is not a JSON object; the level folder is corrupted", EXIT_INTEGRITY)
+    return doc
 
 
 class _Switcher:
@@ -100,7 +116,8 @@ class _ExportSource:
     graph, or a dynamic export's one ``ElasticDecoder`` that switches level in place."""
 
     def __init__(self, path: Path, threads: int | None, pack: str):
-        from .files import inside, read_manifest
+        from .files import inside, read_manifest, require_listed
+        from .interface import DECODER_GRAPH, WEIGHTS_GRAPH
 
         self.path = Path(path)
         self.manifest = read_manifest(self.path, EXPORT)
@@ -109,8 +126,16 @@ class _ExportSource:
         for k, r in enumerate(self.records):
             if not isinstance(r, dict) or not isinstance(r.get("name"), str):
                 raise UserError(f"{self.path / 'manifest.json'}: levels[{k}] is not a level record", EXIT_INTEGRITY)
+            at = f"{self.path / 'manifest.json'} levels[{k}]"
             if self.mode == "baked":
-                inside(r.get("dir"), f"{self.path / 'manifest.json'} levels[{k}]")
+                folder = inside(r.get("dir"), at)
+                if any(folder == o.get("dir") for o in self.records[:k] if isinstance(o, dict)):
+                    raise UserError(f"{at}: folder {folder!r} is another level's too", EXIT_INTEGRITY)
+                require_listed(self.manifest["files"], folder, (GRAPH_FILE, "tokenizer.json"), at)
+        files = self.manifest["files"]
+        if self.mode != "baked" and not ({WEIGHTS_GRAPH, DECODER_GRAPH} <= set(files) or GRAPH_FILE in files):
+            raise UserError(f"{self.path / 'manifest.json'} lists neither {WEIGHTS_GRAPH} and {DECODER_GRAPH} nor "
+                            f"{GRAPH_FILE}: the export is corrupted", EXIT_INTEGRITY)
         self.threads, self.verified, self.whole = threads, False, None
         self.switcher = _Switcher(self.path, threads, pack)
 
@@ -128,16 +153,18 @@ class _ExportSource:
         return self.path / rec["dir"] if self.mode == "baked" else self.path
 
     def level_errors(self, level: Level):
-        from .files import hash_errors
+        from .files import MANIFEST, hash_errors, unlisted_under
 
         files = self.manifest.get("files", {})
         if self.mode == "baked":
-            where = self.folder(level).name + "/"
-            return hash_errors(self.path, {rel: digest for rel, digest in files.items() if rel.startswith(where)})
+            where = self._record(level)["dir"]
+            return [*hash_errors(self.path, {rel: digest for rel, digest in files.items() if rel.startswith(where + "/")}),
+                    *unlisted_under(self.path, where, files)]
         self._record(level)
         if self.verified:
             return []
-        errors = hash_errors(self.path, files)  # dynamic: every file serves every level, so one check serves them all
+        errors = hash_errors(self.path, files) + [e for e in unlisted_under(self.path, ".", files, (MANIFEST, "report.html"))
+                                                  if "/" not in e.path]  # files beside the graphs  # dynamic: every file serves every level, so one check serves them all
         self.verified = not errors
         return errors
 
@@ -242,6 +269,7 @@ class Runner:
     def __init__(self, path: str | Path, runtime: str = "auto", threads: int | None = None, fast_switch: bool = False):
         if runtime not in RUNTIMES:
             raise UserError(f"unknown --runtime {runtime!r}: auto, trt or ort")
+        check_threads(threads)
         p = Path(path)
         self.runtime, self.threads = runtime, threads
         pack = "never" if fast_switch else "auto"
@@ -258,6 +286,7 @@ class Runner:
 
         if max_new_tokens < 1:
             raise UserError("--max-new-tokens must be >= 1")
+        check_prompt(prompt)
         src = self.source
         folder = src.folder(level)
         bad = src.level_errors(level)
@@ -308,13 +337,45 @@ class Runner:
                 "peak_rss_mb": peak_rss_mb(), "runtime": used}
 
 
+def check_threads(threads: int | None) -> None:
+    """UserError unless ``threads`` is None or 1 .. 4x this machine's cores (ONNX Runtime would try to start them all)."""
+    import os
+
+    most = 4 * (os.cpu_count() or 1)
+    if threads is not None and not 1 <= threads <= most:
+        raise UserError(f"--threads must be between 1 and {most} (4x this machine's {os.cpu_count()} cores), got {threads}")
+
+
+def check_prompt(prompt: str) -> None:
+    """UserError for a prompt that is not text (bytes that are not UTF-8 reach Python as surrogates)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"--prompt holds bytes that are not UTF-8 text (at character {e.start}): pass text") from None
+
+
+def run_levels(texts: list[str]) -> list[Level]:
+    """The levels of ``--level`` options (comma lists, repeatable) in the order given, each once."""
+    from .levels import parse_level
+
+    out: list[Level] = []
+    for text in texts:
+        for part in (p for p in text.split(",") if p.strip()):
+            level = parse_level(part)
+            if level not in out:
+                out.append(level)
+    if not out:
+        raise UserError("--level is empty: pass levels like 0.5,2:4")
+    return out
+
+
 def _manifest_format(path: Path) -> str | None:
     """The format named by a folder's manifest.json (None for anything else: a bundle archive, a
     missing or unreadable manifest, which Bundle.open then reports)."""
     m = path / "manifest.json"
     try:
-        return json.loads(m.read_text(encoding="utf-8")).get("format") if path.is_dir() and m.is_file() else None
-    except (ValueError, OSError, AttributeError):
+        return load_json(m.read_bytes(), str(m)).get("format") if path.is_dir() and m.is_file() else None
+    except (UserError, OSError, AttributeError):
         return None
 
 
@@ -361,9 +422,17 @@ def main(argv: list[str] | None = None, bundle: Path | None = None) -> int:
                          "it gets a packed session (about a graph load) and decodes at a baked graph's speed")
     ap.add_argument("--bundle", type=Path, default=bundle, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        levels = [lv for text in args.level for lv in parse_levels(text)]
+        levels = run_levels(args.level)
+        check_prompt(args.prompt)
         runner = Runner(args.bundle, args.runtime, args.threads, fast_switch=args.fast_switch)
+        for lv in levels:  # every level exists before the first one generates
+            runner.source.folder(lv)
         for lv in levels:
             r = runner.generate(lv, args.prompt, args.max_new_tokens, on_text=lambda s: print(s, end="", flush=True),
                                 on_note=lambda s: print(f"note: {s}", file=sys.stderr))
@@ -373,4 +442,23 @@ def main(argv: list[str] | None = None, bundle: Path | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (below): the temporary copy of a .tar.gz is removed on the way
+        print(f"error: {'terminated' if _terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if _terminated else 130
+    except OSError as e:
+        print(f"error: {e.strerror or type(e).__name__}" + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
+        return 1
+    except Exception:
+        if _terminated:  # a signal inside an import comes out as ImportError
+            print("error: terminated", file=sys.stderr)
+            return 143
+        raise
+
+
+_terminated: list[int] = []
+
+
+def _on_sigterm(signum, frame):
+    _terminated.append(signum)
+    raise KeyboardInterrupt
 

@@ -137,6 +137,8 @@ def resolve_model(spec: str, *, progress: bool = True) -> ResolvedModel:
     if path.exists():
         if path.is_dir():
             return _resolve_local(spec, path)
+        if not path.is_file():
+            raise UserError(f"model path {spec} is not a regular file or a folder (a FIFO or a device?)")
         if path.suffix.lower() == ".gguf":
             return _resolve_gguf(spec, path, progress=progress)
         raise UserError(f"model path is not a folder or a .gguf file: {spec}; "

@@ -26,7 +26,7 @@ from typing import Callable, Iterator, TypeVar
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 
 T = TypeVar("T")
 
@@ -37,6 +37,8 @@ class SharedError(UserError):
 # A block's collectives are seconds apart, but rank 0 writing a 70B artifact (or loading the model
 # while the others wait at a barrier) can take longer than torch's 30 min default.
 TIMEOUT = timedelta(hours=3)
+# ... but the ranks must find each other much sooner: a rank started without its peers says so
+JOIN_TIMEOUT = timedelta(seconds=float(os.environ.get("EPTS_JOIN_TIMEOUT_S", 600)))
 
 
 @dataclass(frozen=True)
@@ -146,12 +148,52 @@ def _env_int(name: str) -> int | None:
 
 
 def world_from_env() -> int:
-    """The world size torchrun announced, or 1."""
-    return _env_int("WORLD_SIZE") or 1
+    """The world size torchrun announced (its environment checked), or 1."""
+    world = _env_int("WORLD_SIZE") or 1
+    if world != 1:
+        _check_env(world, _env_int("RANK") or 0, _env_int("LOCAL_RANK") or 0, _env_int("LOCAL_WORLD_SIZE") or world)
+    return world
 
 
 def rank_from_env() -> int:
     return _env_int("RANK") or 0
+
+
+def _check_env(world: int, rank: int, local_rank: int, local_world: int) -> None:
+    """UserError for a torchrun environment that cannot be a real one (set by hand, or half set)."""
+    if world < 1:
+        raise UserError(f"WORLD_SIZE={world}: it must be >= 1 (torchrun sets it)")
+    if "RANK" not in os.environ:
+        raise UserError(f"WORLD_SIZE={world} but RANK is not set: start the ranks with torchrun "
+                        "(or unset WORLD_SIZE for one process)")
+    if not 0 <= rank < world:
+        raise UserError(f"RANK={rank} with WORLD_SIZE={world}: the rank must be 0 .. {world - 1}")
+    if not 0 < local_world <= world or not 0 <= local_rank < local_world:
+        raise UserError(f"LOCAL_RANK={local_rank} with LOCAL_WORLD_SIZE={local_world} and WORLD_SIZE={world} do not fit")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise UserError(f"WORLD_SIZE={world} but {name} is not set: start the ranks with torchrun")
+    if not os.environ["MASTER_PORT"].isdigit() or not 0 < int(os.environ["MASTER_PORT"]) < 65536:
+        raise UserError(f"MASTER_PORT={os.environ['MASTER_PORT']!r} is not a port number")
+
+
+def _join(world: int, rank: int) -> dict:
+    """init_process_group's store: torchrun's agent store when torchrun started this process (its
+    own rendezvous has bounded waits); otherwise one made here that waits ``JOIN_TIMEOUT`` for
+    the other ranks and then says they did not come."""
+    import torch.distributed as dist
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return {}
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    try:
+        store = dist.TCPStore(host, port, world, rank == 0, timeout=JOIN_TIMEOUT, wait_for_workers=True)
+    except RuntimeError as e:
+        what = "the other ranks did not join" if rank == 0 else f"rank 0 did not answer at {host}:{port}"
+        raise UserError(f"rank {rank} of {world} waited {JOIN_TIMEOUT.total_seconds():.0f} s: {what} "
+                        f"({one_line(e)}); start every rank (torchrun does), or unset WORLD_SIZE") from None
+    store.set_timeout(TIMEOUT)
+    return {"store": store, "rank": rank, "world_size": world}
 
 
 @contextlib.contextmanager
@@ -169,6 +211,7 @@ def init_distributed(device: str) -> Iterator[tuple[Dist, str]]:
 
     rank, local_rank = rank_from_env(), _env_int("LOCAL_RANK") or 0
     local_world = _env_int("LOCAL_WORLD_SIZE") or world
+    _check_env(world, rank, local_rank, local_world)
     if device.startswith("cuda"):
         if device != "cuda":
             raise UserError(f"--device {device} under torchrun: pass --device cuda, each rank takes cuda:LOCAL_RANK")
@@ -186,7 +229,7 @@ def init_distributed(device: str) -> Iterator[tuple[Dist, str]]:
         backend, coll_device = "gloo", "cpu"
     owned = not dist.is_initialized()
     if owned:
-        dist.init_process_group(backend, timeout=TIMEOUT)
+        dist.init_process_group(backend, timeout=TIMEOUT, **_join(world, rank))
     elif dist.get_backend() != backend or dist.get_world_size() != world:
         raise UserError(f"a process group ({dist.get_backend()}, {dist.get_world_size()} ranks) is already "
                         f"initialized; optimize needs {backend} with {world} ranks")

@@ -18,6 +18,7 @@ from torch.func import functional_call
 
 from ..core.closed_form import closed_form_adapters
 from ..core.config import TrainConfig, steps_per_epoch
+from ..errors import UserError
 from ..core.hilora import init_lora, merged_weight
 from ..core.levels import Group, Level
 from ..core.masks import importance_order, obs_scores, wanda_scores
@@ -215,6 +216,10 @@ def start_adapters(run: BlockRun, weights: dict[str, torch.Tensor], gram: dict[s
     return B, A
 
 
+class Diverged(UserError):
+    """Training produced a non-finite loss or adapter: no artifact, and no checkpoint to resume."""
+
+
 def train_adapters(run: BlockRun, merge: "BlockMerger", params: list[torch.Tensor], sparse_in: list[torch.Tensor],
                    teacher: list[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
     """Step 2b: MS-HiLoRA training. Each step draws a sparsity per group (stratified over the
@@ -262,7 +267,11 @@ def train_adapters(run: BlockRun, merge: "BlockMerger", params: list[torch.Tenso
             opt.zero_grad(set_to_none=True)
             sched.step()
             step += 1
-    return torch.tensor(run.dist.sum_floats(last_epoch.tolist()), dtype=torch.float64) / max(seen_last, 1)
+    losses = torch.tensor(run.dist.sum_floats(last_epoch.tolist()), dtype=torch.float64) / max(seen_last, 1)
+    if not torch.isfinite(losses).all() or not all(bool(torch.isfinite(p).all()) for p in params):  # same on every rank
+        raise Diverged(f"training diverged (the loss or the adapters are not finite) at lr {cfg.lr:g}: lower --lr "
+                       "and run again; nothing was written")
+    return losses
 
 
 @torch.no_grad()

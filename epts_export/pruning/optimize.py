@@ -40,7 +40,7 @@ from .checkpoint import (block_tensors, drop_worker_files, load_streams, merge_b
                          save_tensors, streams_file)
 from .distributed import LOCAL, Dist, SharedError, init_distributed, rank_from_env, world_from_env
 from ..core.config import TrainConfig
-from .epts import cost_per_block, optimize_block, steps_per_epoch
+from .epts import Diverged, cost_per_block, optimize_block, steps_per_epoch
 from .preflight import GIB, STREAMS, ModelShape, Plan, RunShape, measure_device_available, measure_host_available, plan
 from .presets import load_preset
 
@@ -119,6 +119,9 @@ def _train_config(**kw) -> TrainConfig:
         raise UserError(f"--{str(e)}") from None
 
 
+MAX_STEPS = 1_000_000  # optimizer steps per block (and epochs, warm-up): more is a typo, not a plan
+
+
 def _check_spec(spec: OptimizeSpec) -> None:
     if spec.method not in METHODS:
         raise UserError(f"unknown method {spec.method!r}: choose one of {', '.join(METHODS)}")
@@ -128,6 +131,19 @@ def _check_spec(spec: OptimizeSpec) -> None:
         raise UserError("--epochs, --rank and --batch must be >= 1")
     if spec.train.steps < 0 or spec.train.check_windows < 0:
         raise UserError("--steps must be >= 1 (or 0: epochs x windows / batch), check_windows >= 0")
+    for flag, value, most in (("--steps", spec.train.steps, MAX_STEPS), ("--epochs", spec.train.epochs, MAX_STEPS),
+                              ("--warmup", spec.train.warmup, MAX_STEPS), ("--rank", spec.train.rank, 4096),
+                              ("--nsamples", spec.calib.nsamples, 1_000_000), ("--seqlen", spec.calib.seqlen, 1_048_576)):
+        if value > most:
+            raise UserError(f"{flag} must be at most {most:,}, got {value:,}")
+    if spec.train.steps and spec.train.warmup > spec.train.steps:
+        raise UserError(f"--warmup ({spec.train.warmup}) must not exceed --steps ({spec.train.steps})")
+    if not 0 <= spec.calib.seed < 2**63:
+        raise UserError(f"--seed must be between 0 and 2**63 - 1, got {spec.calib.seed}")
+    if spec.threads is not None:
+        from ..device.runner import check_threads
+
+        check_threads(spec.threads)
     if not (math.isfinite(spec.train.lr) and spec.train.lr > 0):
         raise UserError(f"--lr must be a positive number, got {spec.train.lr}")
     if not math.isfinite(spec.train.scale):
@@ -143,8 +159,8 @@ def _check_spec(spec: OptimizeSpec) -> None:
     if spec.streams == "device" and spec.device == "cpu":
         raise UserError("--streams device keeps the streams on the GPU: it needs --device cuda")
     for flag, v in (("--host-memory", spec.host_memory_gib), ("--device-memory", spec.device_memory_gib)):
-        if v is not None and not (math.isfinite(v) and v > 0):
-            raise UserError(f"{flag} must be a positive number of GiB, got {v}")
+        if v is not None and not (math.isfinite(v) and 0 < v <= 2**20):
+            raise UserError(f"{flag} must be a positive number of GiB (at most 2**20, a PiB), got {v:g}")
 
 
 def _check_parallel(spec: OptimizeSpec, world: int) -> None:
@@ -291,6 +307,10 @@ def _optimize(spec: OptimizeSpec, dist: Dist, device: str, progress: Progress, o
                     _write_artifact(tmp, run, spec, metrics, time.time() - t0, estimate, dist)
             elif epts:
                 drop_worker_files(tmp, dist)
+    except Diverged:
+        if dist.is_main:  # its checkpoints were trained at the same lr: nothing worth resuming
+            shutil.rmtree(partial_path(out), ignore_errors=True)
+        raise
     except KeyboardInterrupt:
         if epts:
             raise UserError(f"interrupted; the finished blocks are checkpointed in {out}.partial: "

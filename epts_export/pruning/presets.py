@@ -13,12 +13,18 @@ PRESET_KEYS = {"description": str, "calib": str, "nsamples": int, "seqlen": int,
                "group_width": float, "warmup": int, "low_top": float, "low_span": float}
 
 
+REQUIRED_KEYS = ("calib", "nsamples", "seqlen", "epochs", "rank", "lr")
+
+
 def available() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("epts_export.recipes").iterdir() if p.name.endswith(".toml"))
 
 
 def load_preset(name: str) -> dict:
-    """The preset's settings; UserError for an unknown name, an unknown key or a wrong type."""
+    """The preset's settings; UserError for an unknown name (presets are names, never paths), an
+    unknown or missing key or a wrong type."""
+    if not isinstance(name, str) or name not in available():
+        raise UserError(f"unknown preset {name!r}: available presets are {', '.join(available())}")
     f = resources.files("epts_export.recipes") / f"{name}.toml"
     if not f.is_file():
         raise UserError(f"unknown preset {name!r}: available presets are {', '.join(available())}")
@@ -34,4 +40,7 @@ def load_preset(name: str) -> dict:
             value = data[key] = float(value)
         if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
             raise UserError(f"preset {name}: {key} must be {want.__name__}, got {value!r}")
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise UserError(f"preset {name}: {', '.join(missing)} missing (a preset sets {', '.join(REQUIRED_KEYS)})")
     return data

@@ -26,13 +26,12 @@ Standard library only.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import interface
 from ..errors import UserError
-from ..files import write_json
+from ..files import load_json, write_json
 from ..interface import ENGINES_JSON, KVLayout, ShapeRange, triple
 
 ENGINES_FORMAT = "epts-trt-engines"
@@ -264,9 +263,9 @@ def load_engines(bundle: Path) -> tuple[list[EngineSpec], WeightSource | None]:
     if not path.is_file():
         raise UserError(f"{path} is missing: pass a bundle folder made by epts-export (it holds {ENGINES_JSON})")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}): regenerate the bundle") from None
+        doc = load_json(path.read_bytes(), f"{path}", "regenerate the bundle")
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
     if not isinstance(doc, dict) or doc.get("format") != ENGINES_FORMAT:
         raise UserError(f"{path} is not an epts-export engine list: regenerate the bundle")
     version = doc.get("version")
@@ -277,9 +276,10 @@ def load_engines(bundle: Path) -> tuple[list[EngineSpec], WeightSource | None]:
     try:
         source = _source_from_dict(doc["source"], Path(bundle)) if doc.get("source") else None
         entries = list(doc["engines"])
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        specs = [spec_from_dict(d, bundle, source) for d in entries]
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise UserError(f"{path} is malformed ({type(e).__name__}: {e}): regenerate the bundle") from None
-    return [spec_from_dict(d, bundle, source) for d in entries], source
+    return specs, source
 
 
 def load_specs(bundle: Path) -> list[EngineSpec]:

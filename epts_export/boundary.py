@@ -1,0 +1,87 @@
+"""Where the command line meets errors: a UserError is one line and its exit code; a full disk or
+another OS error while reading or writing is one line too (the staged folders were already
+removed on the way out); Ctrl-C and SIGTERM stop the command the same way, so every staged folder
+and temporary copy is cleaned up, and the process exits 130 or 143 with a line saying so.
+EPTS_DEBUG=1 shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import signal
+
+from .errors import UserError
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+_terminated = []
+
+
+def _on_sigterm(signum, frame):
+    _terminated.append(signum)
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: staged folders, temporary copies and locks are released
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM unwinds the command like Ctrl-C (only from the main thread, where Python runs handlers)."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError met while reading or writing."""
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the device{where}: free some space or write elsewhere; nothing was left half-written"
+    if e.errno == errno.ENAMETOOLONG:
+        return f"a file name is too long for the file system{where}: choose a shorter path"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied{where}: {e.strerror}"
+    return f"{e.strerror or type(e).__name__}{where}"
+
+
+def interrupted_line() -> tuple[str, int]:
+    if _terminated:
+        return "terminated (SIGTERM): stopped, and nothing was left half-written", EXIT_TERMINATED
+    return "interrupted: stopped, and nothing was left half-written", EXIT_INTERRUPTED
+
+
+def boundary(fn):
+    """A command's errors as one styled line and an exit code (the traceback with EPTS_DEBUG=1)."""
+    import typer
+    from rich.markup import escape
+
+    from .progress import console
+
+    def fail(text: str, code: int):
+        console.print(f"[red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code) from None
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            if os.environ.get("EPTS_DEBUG"):
+                raise
+            fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            if os.environ.get("EPTS_DEBUG"):
+                raise
+            fail(*interrupted_line())
+        except OSError as e:
+            if os.environ.get("EPTS_DEBUG"):
+                raise
+            if _terminated:
+                fail(*interrupted_line())
+            fail(os_error_line(e), 1)
+        except Exception:
+            if _terminated and not os.environ.get("EPTS_DEBUG"):  # a signal inside an import comes out as ImportError
+                fail(*interrupted_line())
+            raise
+
+    return wrapper
