@@ -241,9 +241,11 @@ class ElasticDecoder(OrtDecoder):
         source = meta.get("epts.source_manifest_sha256")  # graph tools may drop metadata: judged when present
         if meta.get("epts.mode", "dynamic") != "dynamic" or LEVEL_INPUT in {i.name for i in session.get_inputs()} or \
                 (source and source != built.get("epts.source_manifest_sha256", source)):
-            raise UserError(f"{self.folder / DECODER_GRAPH} is not the decoder of {WEIGHTS_GRAPH}'s model (a "
-                            f"{meta.get('epts.mode') or 'foreign'} graph, or from another export): the folder is "
-                            "corrupted", 3)
+            why = (f"it takes {LEVEL_INPUT} itself" if LEVEL_INPUT in {i.name for i in session.get_inputs()} else
+                   f"a {meta.get('epts.mode')} graph" if meta.get("epts.mode", "dynamic") != "dynamic" else
+                   "it was exported from another artifact")
+            raise UserError(f"{self.folder / DECODER_GRAPH} is not the decoder that goes with {WEIGHTS_GRAPH} ({why}): "
+                            "the folder is corrupted", 3)
         return session
 
     def _load_in_place(self):
