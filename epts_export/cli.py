@@ -131,8 +131,18 @@ def optimize(
     if main_rank:
         from .artifact.folder import Artifact
 
-        _summary_artifact(Artifact.open(path, verify=False))  # hashed as optimize wrote it
+        art = Artifact.open(path, verify=False)  # hashed as optimize wrote it
+        _summary_artifact(art)
+        _calibration_note(art.manifest.get("calibration"))
         console.print(f"wrote {path}")
+
+
+def _calibration_note(record) -> None:
+    from .pruning.presets import calibration_note
+
+    note = calibration_note(record)
+    if note:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 def _summary_plan(estimate) -> None:
@@ -411,6 +421,7 @@ def build(
     if not m["engines"]["built"]:
         console.print(f"[yellow]engines not built here:[/] {escape(m['engines']['reason'])}. "
                       f"On the device: bash {path}/build_engines.sh (or python build_engines.py)", highlight=False, soft_wrap=True)
+    _calibration_note((m.get("source") or {}).get("calibration"))
     console.print(f"wrote {path} (report: {path / 'report.html'})")
 
 

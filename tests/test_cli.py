@@ -143,3 +143,20 @@ def test_targets_lists_every_profile():
     assert r.exit_code == 0, r.output
     assert all(name in r.output for name in all_targets())  # the name column does not wrap
     assert "2:4*" in r.output and "8.7" in r.output  # sparse levels are marked; compute capabilities shown
+
+
+def test_optimize_and_build_say_what_domain_text_would_buy_when_calibrated_without_text(tiny_dirs, text_file, tmp_path):
+    """No --calib (the model's own text): the end of optimize and build says so and what text from
+    the user's domain bought in BENCHMARKS.md; with text calibration nothing is said."""
+    from epts_export.pruning.presets import DOMAIN_TEXT_GAIN
+
+    base = ["--nsamples", "2", "--seqlen", "16", "--levels", "0.5", "-q"]
+    r = runner.invoke(app, ["optimize", str(tiny_dirs["llama"]), "--out", str(tmp_path / "self"), "--calib", "self", *base])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 0 and "calibrated on text the model sampled itself" in out, r.output
+    assert f"{DOMAIN_TEXT_GAIN['0.7'][1]:.2f}x at 0.7" in out and "--calib FILE" in out
+    r = runner.invoke(app, ["build", str(tmp_path / "self"), "--target", "rtx", "--out", str(tmp_path / "d"), "--levels", "0.5", "-q"])
+    assert r.exit_code == 0 and "calibrated on text the model sampled itself" in " ".join(r.output.split()), r.output
+    assert "sampled itself" in (tmp_path / "d" / "rtx-ada" / "report.html").read_text()
+    r = runner.invoke(app, ["optimize", str(tiny_dirs["llama"]), "--out", str(tmp_path / "text"), "--calib", str(text_file), *base])
+    assert r.exit_code == 0 and "calibrated on" not in r.output, r.output

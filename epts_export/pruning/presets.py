@@ -13,6 +13,24 @@ PRESET_KEYS = {"description": str, "calib": str, "nsamples": int, "seqlen": int,
                "group_width": float, "warmup": int, "low_top": float, "low_span": float}
 
 
+# What text from the deployment domain bought over the model's own text (the `default` preset's
+# calibration), one EPTS run each, SmolLM2-135M, 32 x 512 evaluation windows: BENCHMARKS.md, "The
+# `default` preset: what it trades" (text-calibrated run / default preset, perplexity).
+DOMAIN_TEXT_GAIN = {"0.5": (1.21, 1.33), "0.7": (1.68, 3.25)}  # (Shakespeare, Docutils) ratios
+
+
+def calibration_note(record) -> str | None:
+    """What to tell a user whose artifact calibrated without text (``self`` or ``random``): what
+    text from their domain would buy, measured. None for text calibration."""
+    if not isinstance(record, dict) or record.get("kind") not in ("self", "random"):
+        return None
+    (a5, b5), (a7, b7) = DOMAIN_TEXT_GAIN["0.5"], DOMAIN_TEXT_GAIN["0.7"]
+    what = "text the model sampled itself" if record.get("kind") == "self" else "random tokens"
+    return (f"calibrated on {what} (no --calib). On SmolLM2-135M, text from the deployment domain gave {a5:.2f}-{b5:.2f}x "
+            f"lower perplexity at 0.5 and {a7:.2f}-{b7:.2f}x at 0.7 (BENCHMARKS.md, \"The default preset: what it "
+            "trades\"): pass --calib FILE (a few hundred KB of your text) to get it")
+
+
 REQUIRED_KEYS = ("calib", "nsamples", "seqlen", "epochs", "rank", "lr")
 
 

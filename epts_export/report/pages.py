@@ -134,6 +134,14 @@ def bundle_page(manifest: dict, parity: dict | None, curve: dict | None = None, 
                         "perplexity", "engine"], rows, raw_columns=(4,)))]
     if curve:
         sections.append(("Perplexity against sparsity", curve_section(curve)))
+    calib = (manifest.get("source") or {}).get("calibration")
+    if isinstance(calib, dict):
+        from ..pruning.presets import calibration_note
+
+        note = calibration_note(calib)
+        sections.append(("Calibration", f"<p>{esc(calib.get('source'))}: {esc(calib.get('nsamples'))} x "
+                                        f"{esc(calib.get('seqlen'))} tokens (seed {esc(calib.get('seed'))}).</p>" +
+                         (f"<p class=\"meta\">{esc(note)}</p>" if note else "")))
     stages = manifest.get("stages") or []
     if stages:
         sections.append(("Time per stage", table(["stage", "seconds", ""], [
