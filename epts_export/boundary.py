@@ -10,27 +10,9 @@ from __future__ import annotations
 import errno
 import functools
 import os
-import signal
 
+from .device.errors import interrupted_line, terminated
 from .errors import UserError
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
-EXIT_TERMINATED = 143  # 128 + SIGTERM
-_terminated = []
-
-
-def _on_sigterm(signum, frame):
-    _terminated.append(signum)
-    raise KeyboardInterrupt  # unwinds like Ctrl-C: staged folders, temporary copies and locks are released
-
-
-def install_signal_handlers() -> None:
-    """SIGTERM unwinds the command like Ctrl-C (only from the main thread, where Python runs handlers)."""
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
-
 
 def os_error_line(e: OSError) -> str:
     """One line for an OSError met while reading or writing."""
@@ -42,12 +24,6 @@ def os_error_line(e: OSError) -> str:
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"permission denied{where}: {e.strerror}"
     return f"{e.strerror or type(e).__name__}{where}"
-
-
-def interrupted_line() -> tuple[str, int]:
-    if _terminated:
-        return "terminated (SIGTERM): stopped, and nothing was left half-written", EXIT_TERMINATED
-    return "interrupted: stopped, and nothing was left half-written", EXIT_INTERRUPTED
 
 
 def boundary(fn):
@@ -76,11 +52,11 @@ def boundary(fn):
         except OSError as e:
             if os.environ.get("EPTS_DEBUG"):
                 raise
-            if _terminated:
+            if terminated():
                 fail(*interrupted_line())
             fail(os_error_line(e), 1)
         except Exception:
-            if _terminated and not os.environ.get("EPTS_DEBUG"):  # a signal inside an import comes out as ImportError
+            if terminated() and not os.environ.get("EPTS_DEBUG"):  # a signal inside an import comes out as ImportError
                 fail(*interrupted_line())
             raise
 

@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .boundary import boundary as _boundary, install_signal_handlers
+from .boundary import boundary as _boundary
+from .device.errors import install_sigterm
 from .errors import UserError
 from .fsutil import check_output_file
 from .core.levels import DEFAULT_LEVELS
@@ -459,8 +460,7 @@ def run_cmd(
     levels = run_levels(level)  # in the order given
     check_prompt(prompt)
     runner = Runner(source, runtime, threads, fast_switch=fast_switch)
-    for lv in levels:  # every level exists before the first one generates
-        runner.source.folder(lv)
+    runner.check_levels(levels)
     out = Console(highlight=False, markup=False, emoji=False)  # the prompt and the text as they are
     for lv in levels:
         started = []
@@ -486,7 +486,7 @@ def version():
 
 
 def main() -> None:
-    install_signal_handlers()
+    install_sigterm()
     app()
 
 

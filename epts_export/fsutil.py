@@ -131,6 +131,7 @@ def staged_dir(final: Path, *, overwrite: bool = False, resumable: bool = False,
       alone if it exists when the block completes.
     """
     final = Path(final)
+    lock = None
     if not private:
         check_destination(final, overwrite=overwrite)
     if private:
@@ -155,7 +156,7 @@ def staged_dir(final: Path, *, overwrite: bool = False, resumable: bool = False,
                             "--out") from None
         except OSError as e:
             raise UserError(f"cannot create {tmp}: {e.strerror or e}") from None
-        holder = _lock_partial(tmp, final)  # held until the folder is published or removed
+        lock = _lock_partial(tmp, final)  # held until the folder is published or removed
     try:
         yield tmp
         normalize_modes(tmp)
@@ -177,10 +178,10 @@ def staged_dir(final: Path, *, overwrite: bool = False, resumable: bool = False,
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        if isinstance(holder, Path):
+        if holder is not None:
             shutil.rmtree(holder, ignore_errors=True)
-        elif holder is not None:
-            holder.close()
+        if lock is not None:
+            lock.close()
 
 
 class _PartialLock:

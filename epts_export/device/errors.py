@@ -24,5 +24,36 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     return text[:limit]
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+_terminated: list = []
+
+
+def _on_sigterm(signum, frame):
+    _terminated.append(signum)
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: staged folders, temporary copies and locks are released
+
+
+def install_sigterm() -> None:
+    """SIGTERM unwinds the command like Ctrl-C (only from the main thread, where Python runs handlers)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def terminated() -> bool:
+    """Whether SIGTERM arrived (a signal inside an import then surfaces as ImportError, not KeyboardInterrupt)."""
+    return bool(_terminated)
+
+
+def interrupted_line() -> tuple:
+    """(the one line, the exit code) of a command stopped by Ctrl-C or SIGTERM."""
+    if _terminated:
+        return "terminated (SIGTERM): stopped, and nothing was left half-written", EXIT_TERMINATED
+    return "interrupted: stopped, and nothing was left half-written", EXIT_INTERRUPTED
+
+
 EXIT_INTEGRITY = 3  # a file is missing, altered or not listed; a level drifts from its reference
 EXIT_DEVICE = 4  # engines built for another GPU or TensorRT than the one running here

@@ -148,35 +148,13 @@ def read_manifest(folder: Path, fmt: ManifestFormat, corrupt_exit: int = 1) -> d
     return manifest
 
 
-MAX_JSON_DEPTH = 64  # deeper than any file epts-export writes: refused before the parser recurses
-
-
 def load_json(data: bytes | str, where: str, hint: str = "the file is corrupted", exit_code: int = 1):
-    """JSON from ``data``, strictly: UTF-8, no NaN or Infinity, at most ``MAX_JSON_DEPTH`` levels
-    of nesting; UserError naming ``where`` otherwise."""
+    """JSON from ``data``, strictly: UTF-8, no NaN or Infinity, nesting the parser can hold (its
+    recursion guard, not a crash); UserError naming ``where`` otherwise."""
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
     except UnicodeDecodeError as e:
         raise UserError(f"{where} is not UTF-8 text (byte {e.start}); {hint}", exit_code) from None
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:  # a bracket count outside strings: cheap next to the parse
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
-    if deepest > MAX_JSON_DEPTH:
-        raise UserError(f"{where} nests {deepest} levels deep (at most {MAX_JSON_DEPTH}); {hint}", exit_code)
 
     def constant(name):
         raise ValueError(f"{name} is not a JSON number")
@@ -185,7 +163,9 @@ def load_json(data: bytes | str, where: str, hint: str = "the file is corrupted"
         return json.loads(text, parse_constant=constant)
     except json.JSONDecodeError as e:
         raise UserError(f"{where} is not valid JSON ({e.msg}); {hint}", exit_code) from None
-    except (ValueError, RecursionError) as e:
+    except RecursionError:
+        raise UserError(f"{where} nests too deeply to be a file epts-export wrote; {hint}", exit_code) from None
+    except ValueError as e:
         raise UserError(f"{where} is not valid JSON ({e}); {hint}", exit_code) from None
 
 

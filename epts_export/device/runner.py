@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from .bundle import Bundle
-from .errors import EXIT_INTEGRITY, UserError, one_line
+from .errors import EXIT_INTEGRITY, UserError, install_sigterm, interrupted_line, one_line, terminated
 from .files import load_json
 from .interface import EXPORT, GRAPH_FILE
 from .levels import Level
@@ -276,6 +276,11 @@ class Runner:
         self.source = _ExportSource(p, threads, pack) if _manifest_format(p) == EXPORT.format else \
             _BundleSource(p, threads, pack)
 
+    def check_levels(self, levels: list[Level]) -> None:
+        """UserError naming the first level the source does not have: before the first one generates."""
+        for level in levels:
+            self.source.folder(level)
+
     def generate(self, level: Level, prompt: str, max_new_tokens: int = 64, on_text: Callable[[str], None] | None = None,
                  on_note: Callable[[str], None] | None = None) -> dict:
         """Greedy generation at ``level`` with the KV cache, streaming decoded text to ``on_text``.
@@ -422,17 +427,12 @@ def main(argv: list[str] | None = None, bundle: Path | None = None) -> int:
                          "it gets a packed session (about a graph load) and decodes at a baked graph's speed")
     ap.add_argument("--bundle", type=Path, default=bundle, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    install_sigterm()
     try:
         levels = run_levels(args.level)
         check_prompt(args.prompt)
         runner = Runner(args.bundle, args.runtime, args.threads, fast_switch=args.fast_switch)
-        for lv in levels:  # every level exists before the first one generates
-            runner.source.folder(lv)
+        runner.check_levels(levels)
         for lv in levels:
             r = runner.generate(lv, args.prompt, args.max_new_tokens, on_text=lambda s: print(s, end="", flush=True),
                                 on_note=lambda s: print(f"note: {s}", file=sys.stderr))
@@ -442,23 +442,18 @@ def main(argv: list[str] | None = None, bundle: Path | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (below): the temporary copy of a .tar.gz is removed on the way
-        print(f"error: {'terminated' if _terminated else 'interrupted'}", file=sys.stderr)
-        return 143 if _terminated else 130
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (install_sigterm): the temporary copy of a .tar.gz is removed on the way
+        line, code = interrupted_line()
+        print(f"error: {line}", file=sys.stderr)
+        return code
     except OSError as e:
         print(f"error: {e.strerror or type(e).__name__}" + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
         return 1
     except Exception:
-        if _terminated:  # a signal inside an import comes out as ImportError
-            print("error: terminated", file=sys.stderr)
-            return 143
+        if terminated():  # a signal inside an import comes out as ImportError
+            line, code = interrupted_line()
+            print(f"error: {line}", file=sys.stderr)
+            return code
         raise
 
-
-_terminated: list[int] = []
-
-
-def _on_sigterm(signum, frame):
-    _terminated.append(signum)
-    raise KeyboardInterrupt
 
