@@ -21,6 +21,7 @@ from .errors import UserError
 from .fsutil import check_output_file
 from .core.levels import DEFAULT_LEVELS
 from .progress import Progress, console
+from .tables import export_table, parity_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Optimize a causal LM once with EPTS and serve every sparsity level from it.")
@@ -293,7 +294,10 @@ def export_cmd(
     mode: str = typer.Option("baked", help="baked: one graph per level (weights as initializers, what TensorRT needs "
                              "for sparse tactics); dynamic: one graph with a `sparsity_level` input."),
     levels: Optional[str] = typer.Option(None, help="Levels to export (default: every trained level)."),
-    dtype: str = typer.Option("fp32", help="fp32, or fp16 (norms, softmax and logits stay fp32)."),
+    dtype: str = typer.Option("fp32", help="fp32, fp16 (norms, softmax and logits stay fp32), or int8 (W8A8 Q/DQ, baked)."),
+    calib: Optional[str] = typer.Option(None, help="int8: text for the activation ranges (default: the artifact's calibration)."),
+    smooth: Optional[str] = typer.Option(None, help="int8: SmoothQuant alpha, or alpha for norm pairs,MLP pair; 0 = off "
+                                         "(default 0.85: BENCHMARKS.md)."),
     opset: int = typer.Option(17, help="ONNX opset (17 parses on TensorRT 8.5 and later)."),
     external_data: str = typer.Option("auto", help="Weights in model.onnx_data: auto (above 2 GB), always, never."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out."),
@@ -303,19 +307,10 @@ def export_cmd(
     from .onnx.export import ExportSpec, export
 
     spec = ExportSpec(artifact=artifact, out=out, mode=mode, levels=_levels(levels), dtype=dtype,
-                      opset=opset, overwrite=overwrite, external_data=external_data)
+                      opset=opset, overwrite=overwrite, external_data=external_data, calib=calib, smooth=smooth)
     path = export(spec, Progress(enabled=not quiet))
     m = json.loads((path / "manifest.json").read_text())
-    t = Table(title=f"ONNX export {path} ({m['mode']}, {m['dtype']}, opset {m['opset']})")
-    for col in ("level", "graph", "measured sparsity", "MB"):
-        t.add_column(col, justify="right")
-    for r in m["levels"]:
-        rel = f"{r['dir']}/model.onnx" if "dir" in r else f"model.onnx (sparsity_level={r['index']})"
-        size = sum((path / f).stat().st_size for f in m["files"] if f.startswith(rel.split("/")[0] + "/model.onnx") or
-                   ("dir" not in r and f.startswith("model.onnx")))
-        sp = f"{r['measured_sparsity']:.3f}" if "measured_sparsity" in r else "at run time"
-        t.add_row(r["name"], rel, sp, f"{size / 1e6:.1f}")
-    console.print(t)
+    console.print(export_table(path, m))
     if m["mode"] == "dynamic":
         console.print("level switch in one session: weights.onnx + decoder.onnx (`epts-export run` or "
                       "epts_export.device.ort.ElasticDecoder; levels.json holds the table)", highlight=False)
@@ -343,21 +338,8 @@ def validate(
 
     check_threads(threads)
     rep = run(export_dir, _levels(levels), artifact, Progress(enabled=not quiet), threads)
-    t = Table(title=f"parity {export_dir} ({rep['mode']}, {rep['dtype']})")
-    for col in ("level", "check", "worst output", "max abs err", "atol needed", "top-1", "result"):
-        t.add_column(col, justify="right")
-    for e in rep["levels"]:
-        for name, c in e["checks"].items():
-            worst = c.get("outputs", {}).get(c.get("worst_output"), {})
-            t.add_row(e["level"], name, c.get("worst_output", ""),
-                      f"{worst['max_abs']:.2e}" if worst.get("max_abs") is not None else "",
-                      f"{worst['required_atol']:.2e}" if worst.get("required_atol") is not None else "",
-                      f"{c['top1_agreement']:.3f}" if "top1_agreement" in c else ("tokens match" if c.get("match") else ""),
-                      "[green]pass[/]" if c.get("passed") else "[red]FAIL[/]")
-    if "out_of_range" in rep:
-        t.add_row("-", "out_of_range", "", "", "", "all NaN" if rep["out_of_range"]["passed"] else "",
-                  "[green]pass[/]" if rep["out_of_range"]["passed"] else "[red]FAIL[/]")
-    console.print(t)
+    for line in parity_table(rep, export_dir):
+        console.print(line, highlight=False)
     console.print(f"wrote {Path(rep['export']) / 'report.html'}")
     for path, writer in ((report, write_report), (junit, write_junit)):
         if path:
@@ -398,15 +380,17 @@ def build(
     preset: str = typer.Option("default", help="optimize preset when SOURCE is a model."),
     require_engines: bool = typer.Option(False, help="Exit 2 unless TensorRT engines were built here."),
     eval_data: Optional[str] = typer.Option(None, help="Text (file, folder, hf:NAME) for a perplexity per level in the manifest."),
-    layout: str = typer.Option("elastic", help="elastic: one copy of the weights for every level, switched in place on the "
-                               "device; baked: one plain ONNX folder per level (ONNX Runtime GenAI, optimum), N copies."),
+    layout: Optional[str] = typer.Option(None, help="elastic (default): one copy of the weights for every level, switched in "
+                                         "place on the device; baked: one plain ONNX folder per level (GenAI, optimum; int8)."),
+    dtype: Optional[str] = typer.Option(None, help="The target's precision (default), or int8 (W8A8, 2:4 on sparse INT8 "
+                                        "tensor cores) where its profile sets int8 = true."),
     overwrite: bool = typer.Option(False, help="Replace an existing bundle."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Whole pipeline for one target: optimize (or reuse), export, validate, engines, bundle."""
     from .deploy.pipeline import BuildSpec, build as run
 
-    path = run(BuildSpec(source=source, target=target, out=out, levels=_levels(levels), preset=preset, layout=layout,
+    path = run(BuildSpec(source=source, target=target, out=out, levels=_levels(levels), preset=preset, layout=layout, dtype=dtype,
                          require_engines=require_engines, overwrite=overwrite, eval_data=eval_data), Progress(enabled=not quiet))
     m = json.loads((path / "manifest.json").read_text())
     size = m["onnx_bytes"]["total"] / 2**20

@@ -80,6 +80,12 @@ def ws(tiny_dirs, text_file, tmp_path_factory) -> WS:
     return WS(root, tiny_dirs["llama"], tiny_dirs["opt"], art, onnx, bundle, text_file)
 
 
+def _calib_changed(ws: WS) -> Path:
+    """A copy of the artifact whose recorded calibration text no longer hashes the same."""
+    text = ws.file("calib-moved.txt", ws.text.read_text() + " more")
+    return ws.manifest(ws.art, "a-calib", lambda m: m["calibration"].update(source=str(text)))
+
+
 def _truncated_model(ws: WS) -> Path:
     d = ws.copy(ws.model, "model-truncated")
     f = next(d.glob("*.safetensors"))
@@ -178,6 +184,16 @@ ROWS = [
      "unknown target 'tpu-v5'", ["d-tpu"]),
     ("export: level above the range", lambda ws: ["export", ws.art, "--out", ws.root / "x-high", "--levels", "0.8"], 1,
      "above the trained range", ["x-high"]),
+    ("export: int8 in dynamic mode", lambda ws: ["export", ws.art, "--out", ws.root / "x-i8d", "--dtype", "int8", "--mode", "dynamic"],
+     1, "int8 exports are baked", ["x-i8d"]),
+    ("export: --smooth without int8", lambda ws: ["export", ws.art, "--out", ws.root / "x-sm", "--smooth", "0.5"], 1,
+     "go with --dtype int8", ["x-sm"]),
+    ("export: --smooth 1.5", lambda ws: ["export", ws.art, "--out", ws.root / "x-sm2", "--dtype", "int8", "--smooth", "1.5"], 1,
+     "--smooth 1.5 is out of range", ["x-sm2"]),
+    ("export: int8, calibration text changed", lambda ws: ["export", _calib_changed(ws), "--out", ws.root / "x-cc", "--dtype", "int8"],
+     1, "changed since the artifact was optimized", ["x-cc"]),
+    ("export: int8, --calib too short", lambda ws: ["export", ws.art, "--out", ws.root / "x-cs", "--dtype", "int8", "--calib",
+                                                   ws.file("short.txt", "the cat sat")], 1, "too short for the INT8 ranges", ["x-cs"]),
     # --- outputs
     ("materialize: --out under a file", lambda ws: ["materialize", ws.art, "--level", "0.5", "--out", ws.file("f1", "x") / "sub"], 1,
      "is a file, not a folder", []),

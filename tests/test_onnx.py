@@ -633,7 +633,7 @@ def test_cli_export_and_bad_input(arts, tmp_path):
     for args, msg in [(["--levels", "0.8"], "above the trained range"),
                       (["--levels", "4:8"], "was not trained"),
                       (["--mode", "merged"], "unknown --mode"),
-                      (["--dtype", "int8"], "unknown --dtype")]:
+                      (["--dtype", "int4"], "unknown --dtype")]:
         bad = tmp_path / "bad"
         r = cli("export", arts["llama"], "--out", bad, *args, "--quiet")
         assert r.exit_code == 1, (args, r.output)

@@ -168,6 +168,22 @@ def test_build_engine_precision_flags(api, install, tmp_path):
     assert trt.rec.flags == ["SPARSE_WEIGHTS"]
     assert any("no BF16 builder flag" in m for m in messages) == (api.major == 8)
 
+def test_build_engine_int8(api, install, tmp_path):
+    """int8: the Q/DQ graph built weakly typed with FP16 + INT8 (+ SPARSE_WEIGHTS for 2:4) on 8.6 and
+    10.3 (on 10, without STRONGLY_TYPED); 11 builds strongly typed only and refuses in one line."""
+    trt = install(builder_trt(api))
+    spec = make_spec(tmp_path, precision="int8")
+    write_onnx(spec)
+    if api.major == 11:
+        with pytest.raises(UserError, match="strongly typed networks only"):
+            builder.build_engine(spec, log=lambda m: None)
+        assert not spec.engine.exists()
+        return
+    builder.build_engine(spec, log=lambda m: None)
+    assert trt.rec.network_flags == 1 << 0  # EXPLICIT_BATCH (ignored by 10), not STRONGLY_TYPED
+    assert trt.rec.flags == ["FP16", "INT8", "SPARSE_WEIGHTS"]
+
+
 def test_build_engine_failures_leave_no_files(api, install, tmp_path):
     spec = make_spec(tmp_path)
     write_onnx(spec)

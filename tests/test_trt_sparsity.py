@@ -15,7 +15,7 @@ def test_sparse_report_inspector_and_log():
     assert r["picked"] == ["fc_b", "/model/layers.0/mlp/up_proj/MatMul"]
     assert r["eligible"] == ["fc_a", "fc_b", "/model/layers.0/mlp/up_proj/MatMul", "/model/layers.0/mlp/down_proj/MatMul"]
     assert "/model/layers.0/self_attn/q_proj/MatMul" not in r["eligible"]  # HasSparseWeights 0
-    assert set(r) == {"eligible", "picked", "layers", "myelin", "source"}
+    assert set(r) == {"eligible", "picked", "int8", "picked_int8", "layers", "myelin", "source"}
 
 def test_sparse_report_inspector_only_and_renamed_keys():
     renamed = {"layers": [  # a later TensorRT with other key names and JSON booleans
@@ -24,18 +24,19 @@ def test_sparse_report_inspector_only_and_renamed_keys():
         {"LayerName": "gemm3", "SparseWeights": False, "Tactic": "sm87_gemm"},
     ]}
     r = sparsity.sparse_report(json.dumps(renamed), [])
-    assert r == {"eligible": ["gemm1", "gemm2"], "picked": ["gemm1"], "layers": 3, "myelin": 0, "source": "inspector"}
+    assert r == {"eligible": ["gemm1", "gemm2"], "picked": ["gemm1"], "int8": [], "picked_int8": [], "layers": 3, "myelin": 0,
+                 "source": "inspector"}
 
 def test_sparse_report_names_only_and_log_only():
     names_only = json.dumps({"Layers": ["a + b", "c"], "Bindings": ["x"]})  # LAYER_NAMES_ONLY verbosity
     r = sparsity.sparse_report(names_only, LOG[1:2])
-    assert r == {"eligible": ["fc_a", "fc_b", "/model/layers.0/mlp/up_proj/MatMul"], "picked": [], "layers": 2,
-                 "myelin": 0, "source": "inspector+log"}
+    assert r == {"eligible": ["fc_a", "fc_b", "/model/layers.0/mlp/up_proj/MatMul"], "picked": [], "int8": [],
+                 "picked_int8": [], "layers": 2, "myelin": 0, "source": "inspector+log"}
     assert sparsity.sparse_report("", LOG)["source"] == "log"
     assert sparsity.sparse_report("not json {", [])["source"] == "none"
     empty = sparsity.sparse_report("", ["(Sparsity) Layers eligible for sparse math: ",
                                   "(Sparsity) TRT inference plan picked sparse implementation for layers:"])
-    assert empty == {"eligible": [], "picked": [], "layers": 0, "myelin": 0, "source": "log"}
+    assert empty == {"eligible": [], "picked": [], "int8": [], "picked_int8": [], "layers": 0, "myelin": 0, "source": "log"}
 
 REAL = REPO / "tests" / "data" / "trt_layer_info"  # real layer information, trimmed (SOURCES.md says from where)
 
@@ -55,15 +56,17 @@ def test_sparse_report_on_real_layer_information():
     --sparsity=force ResNet (2:4 weights with a dense tactic: eligible, not picked; a sparse
     ``..._sparse_...`` tactic: picked), and the log lines of 8.x and of 10.14 and later."""
     r = sparsity.sparse_report((REAL / "trt8.6-controlnet-fp16-myelin.json").read_text(), [])
-    assert r == {"eligible": [], "picked": [], "layers": 14, "myelin": 1, "source": "inspector"}
+    assert r == {"eligible": [], "picked": [], "int8": [], "picked_int8": [], "layers": 14, "myelin": 1, "source": "inspector"}
     r = sparsity.sparse_report((REAL / "trt8.x-trex-mobilenet-qat-int8.json").read_text(), [])
     assert r["layers"] == 10 and r["eligible"] == [] and r["source"] == "inspector"
+    assert len(r["int8"]) == 7 and r["int8"][1].startswith("features.0.0.weight + QuantizeLinear_8")  # "... Int8 format"
     assert sparsity.sparse_report((REAL / "trt10.1-resnet18-int8-sparsity-force.json").read_text(), [])["layers"] == 2
     dense, sparse_layer = _fragment("C", "resnetv15_stage3_conv0"), _fragment("D", "resnetv15_stage3_conv4")
     assert dense["HasSparseWeights"] == 1 and "_sparse_" not in dense["TacticName"]
     assert sparse_layer["HasSparseWeights"] == 1 and "_sparse_" in sparse_layer["TacticName"]
     r = sparsity.sparse_report(json.dumps({"Layers": [dense, sparse_layer]}), [])
     assert r["eligible"] == [dense["Name"], sparse_layer["Name"]] and r["picked"] == [sparse_layer["Name"]]
+    assert r["picked_int8"] == [sparse_layer["Name"]]  # a sparse INT8 tactic: ..._sparse_int8int8_...
     log_10 = ["[V] (Sparsity) Found 2 layer(s) eligible to use sparse tactics: node_conv2d + node_relu, node_linear",
               "[V] (Sparsity) Chose 1 layer(s) using sparse tactics: node_linear",
               "[V]  (foreignNode) (Sparsity) Found 1 layer(s) eligible to use sparse tactics: node_mlp"]

@@ -76,7 +76,8 @@ def trtexec_command(spec: EngineSpec, root: Path | None = None, trtexec: str = "
 
     One command builds all profiles: ``--profile=N`` then that profile's min/opt/max shapes, for
     each profile in order (a single profile needs no ``--profile``). ``--stronglyTyped`` (TensorRT
-    >= 10) takes precision from the ONNX dtypes, so no ``--fp16``. ``--sparsity=enable`` only for
+    >= 10) takes precision from the ONNX dtypes, so no ``--fp16``; int8 specs are built weakly typed
+    with ``--fp16 --int8`` instead (``builder._creation_flags``). ``--sparsity=enable`` only for
     sparse specs. ``--memPoolSize`` sizes are MiB with an explicit ``M``. ``--refit`` for a spec
     serving several levels (every weight refittable). ``--skipInference`` stops after the build
     (layer info is still exported). An elastic bundle's graph needs its level's weights written
@@ -86,7 +87,9 @@ def trtexec_command(spec: EngineSpec, root: Path | None = None, trtexec: str = "
         return str(p) if root is None else bundle_relative(p, root)
 
     shapes = profile_shapes(spec)
-    argv = [trtexec, f"--onnx={arg(spec.onnx)}", f"--saveEngine={arg(spec.engine)}", "--stronglyTyped"]
+    argv = [trtexec, f"--onnx={arg(spec.onnx)}", f"--saveEngine={arg(spec.engine)}"]
+    # int8: the Q/DQ graph built weakly typed, INT8 where its Q/DQ say and fp16 elsewhere
+    argv += ["--fp16", "--int8"] if spec.precision == "int8" else ["--stronglyTyped"]
     many = len(shapes) > 1
     for index, rows in enumerate(shapes.values()):
         if many:

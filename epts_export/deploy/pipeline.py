@@ -18,6 +18,7 @@ Exit codes: 1 bad input, 2 engines required (--require-engines) but not buildabl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -56,7 +57,9 @@ class BuildSpec:
     eval_data: str | None = None  # text for a perplexity per level in the manifest (eval's sources)
     eval_seqlen: int = 512
     eval_windows: int | None = 32
-    layout: str = "elastic"  # one copy of the weights for every level; "baked": one ONNX folder per level
+    layout: str | None = None  # "elastic": one copy of the weights for every level (the default), "baked": one
+    # ONNX folder per level (the default, and the only layout, for int8)
+    dtype: str | None = None  # default: the target's precision; "int8" on targets with int8 = true
 
 
 @dataclass
@@ -125,7 +128,7 @@ def _is_artifact(path: Path) -> bool:
 def memory_preflight(model_config, params: int, target) -> dict:
     """Weights + KV cache at the target's max batch and context + workspace, against its budget.
     Returns the estimate; UserError saying what to change when it does not fit."""
-    elem = 4 if target.precision == "fp32" else 2
+    elem = {"fp32": 4, "int8": 1}.get(target.precision, 2)  # int8: the prunable weights, most of the bytes
     per_token = KVLayout.from_config(model_config).bytes_per_token(elem) * target.max_batch
     weights = params * elem
     kv = per_token * target.max_context
@@ -160,10 +163,11 @@ def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
 
     progress = progress or Progress(enabled=False)
     t0 = time.time()
-    if spec.layout not in LAYOUTS:
+    if spec.layout not in (None, *LAYOUTS):
         raise UserError(f"unknown --layout {spec.layout!r}: elastic (one copy of the weights for every level) or baked "
                         "(one ONNX folder per level)")
     target = resolve_target(spec.target)
+    target, spec = _precision(spec, target)
     out = Path(spec.out)
     bundle = out / target.name
     local = [spec.source] if Path(spec.source).expanduser().exists() else []
@@ -181,6 +185,25 @@ def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
         raise UserError(f"cannot create {stages}: {e.strerror or e}") from None
     with _stage_lock(stages, progress):
         return _build(spec, target, levels, bundle, stages, progress, t0)
+
+
+def _precision(spec: BuildSpec, target):
+    """(the target at the build's precision, the spec with its layout decided). ``--dtype`` other
+    than the target's precision is int8, on targets that take it; int8 ships baked levels."""
+    dtype = spec.dtype or target.precision
+    layout = spec.layout or ("baked" if dtype == "int8" else "elastic")
+    if dtype != target.precision:
+        if dtype != "int8":
+            raise UserError(f"--dtype {dtype}: {target.name} builds in {target.precision}; --dtype takes int8, on targets "
+                            "whose profile sets int8 = true (the Jetson Orin ones)")
+        if not target.int8:
+            raise UserError(f"{target.name} does not take INT8 engines (its profile does not set int8 = true: that needs "
+                            f"TensorRT below 11 and INT8 tensor cores); build it in {target.precision}, or use a Jetson Orin target")
+        if layout != "baked":
+            raise UserError("--dtype int8 ships baked levels (leave out --layout, or --layout baked): each level has its own "
+                            "weight and activation scales, which one elastic graph cannot hold as constants")
+        target = dataclasses.replace(target, precision="int8")
+    return target, dataclasses.replace(spec, layout=layout)
 
 
 LOCK_WAIT_S = int(os.environ.get("EPTS_LOCK_WAIT_S", 3 * 3600))  # a cold build of a large model takes hours

@@ -133,7 +133,7 @@ if [ -z "$TRTEXEC" ]; then
   fi
 fi
 help_text="$("$TRTEXEC" --help 2>&1 || true)"
-if ! grep -Eq -- '--profile([= ]|$)' <<<"$help_text" || ! grep -q -- '--stronglyTyped' <<<"$help_text"; then
+if ! grep -Eq -- '--profile([= ]|$)' <<<"$help_text" || { [ __TYPED__ = 1 ] && ! grep -q -- '--stronglyTyped' <<<"$help_text"; }; then
   echo "$TRTEXEC lacks --profile/--stronglyTyped (TensorRT 10+), needed for the prefill, decode and continue profiles." >&2
   echo "Run  python3 build_engines.py  instead (TensorRT's Python API)." >&2
   exit 1
@@ -177,7 +177,8 @@ def write_scripts(bundle: Path, specs, source: WeightSource | None) -> None:
     bundle = Path(bundle)
     specs = unique_specs(specs)
     write_engines(bundle, specs, source)
-    parts = [_SH_HEADER.replace("__JETPACK__", JETPACK_TRTEXEC)]
+    typed = any("--stronglyTyped" in trtexec_command(s) for s in specs)  # int8 engines are built weakly typed
+    parts = [_SH_HEADER.replace("__JETPACK__", JETPACK_TRTEXEC).replace("__TYPED__", "1" if typed else "0")]
     if source is not None:
         parts.append('trap \'"$PY" build_engines.py clean\' EXIT  # the level weights bake writes are only needed to build\n')
     parts += [f"echo {_sh(n)}\n" for n in sorted({n for n in (context_note(s) for s in specs) if n})]

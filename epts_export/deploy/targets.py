@@ -39,9 +39,12 @@ AXES = ShapeRange.AXES
 FIELDS = (
     "name", "description", "kind", "aliases", "compute_capability", "tensorrt", "cuda", "jetpack",
     "memory_gb", "memory_budget_gb", "unified_memory", "precision", "max_batch", "max_context",
-    "workspace_mb", "tactic_dram_mb", "sparse_levels", "default_levels", "build_on_device", "profiles",
+    "workspace_mb", "tactic_dram_mb", "sparse_levels", "default_levels", "build_on_device", "int8", "profiles",
 )
-OPTIONAL_FIELDS = ("tactic_dram_mb", "jetpack")  # jetpack: required for kind = "jetson" (checked below)
+OPTIONAL_FIELDS = ("tactic_dram_mb", "jetpack", "int8")  # jetpack: required for kind = "jetson" (checked below)
+# INT8 engines (build --dtype int8) are built weakly typed with the FP16 and INT8 flags: TensorRT
+# 8.6-10.x (11 builds strongly typed only), on INT8 tensor cores (compute capability 7.2 and later).
+INT8_MAX_TRT, INT8_MIN_CC = (11, 0), (7, 2)
 
 # Names and aliases are typed on command lines: keep them lowercase slugs.
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -82,6 +85,7 @@ class Target:
     sparse_levels: tuple[str, ...]
     default_levels: tuple[str, ...]
     build_on_device: bool
+    int8: bool  # the device takes INT8 (W8A8) engines: build --dtype int8
     # hash=False keeps Target hashable (a dict is not); profiles still take part in ==.
     profiles: dict[str, ShapeRange] = field(hash=False)
     path: Path
@@ -89,14 +93,14 @@ class Target:
     def to_dict(self) -> dict[str, Any]:
         """The profile as a JSON-serializable dict with the TOML file's keys, for manifests.
 
-        Optional fields that are unset (``jetpack`` off Jetson, ``tactic_dram_mb``) are left out,
+        Optional fields that are unset (``jetpack`` off Jetson, ``tactic_dram_mb``, ``int8`` false) are left out,
         so the dict is itself a valid target file. ``path`` is left out too: a manifest should
         not depend on where the package happens to be installed.
         """
         out: dict[str, Any] = {}
         for key in FIELDS:
             value = getattr(self, key)
-            if value is None:
+            if value is None or (key == "int8" and not value):
                 continue
             if key == "profiles":
                 value = {name: prof.to_dict() for name, prof in value.items()}
@@ -471,6 +475,13 @@ class _Checker:
                 "build_on_device", 'must be true for kind = "jetson" (Jetson engines are built on the device)', False
             )
 
+        if int8 := (self.boolean(data, "int8") if "int8" in data else False):
+            spec = _TRT_SPEC_RE.match(tensorrt)
+            if spec.group(1) or (int(spec.group(2)), int(spec.group(3))) >= INT8_MAX_TRT:
+                raise self.fail("int8", f"needs a pinned TensorRT below 11 (INT8 engines are built weakly typed), not {tensorrt!r}", True)
+            if (major, minor) < INT8_MIN_CC:
+                raise self.fail("int8", f"needs INT8 tensor cores (compute capability 7.2 or newer), not {cc}", True)
+
         profiles_raw = data["profiles"]
         if not isinstance(profiles_raw, dict):
             raise self.fail("profiles", "must be a table with [profiles.prefill], [profiles.decode] and [profiles.continue]",
@@ -483,6 +494,6 @@ class _Checker:
             tensorrt=tensorrt, cuda=cuda, jetpack=jetpack, memory_gb=memory_gb, memory_budget_gb=budget_gb,
             unified_memory=unified, precision=precision, max_batch=max_batch, max_context=max_context,
             workspace_mb=workspace_mb, tactic_dram_mb=tactic_dram_mb, sparse_levels=sparse_levels,
-            default_levels=default_levels, build_on_device=build_on_device, profiles=profiles,
+            default_levels=default_levels, build_on_device=build_on_device, int8=int8, profiles=profiles,
             path=self.path.resolve(),
         )

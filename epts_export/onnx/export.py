@@ -38,7 +38,7 @@ from .reader import EXPORT
 from .trace import DUMMY, prunable_weight_names, traceable, trace_to_onnx
 
 DEFAULT_OPSET = 17  # TensorRT 8.5 (JetPack 5) parses up to 17; TensorRT 10 up to 20
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32}  # int8: Q/DQ around float32 (onnx.quant)
 MODES = ("baked", "dynamic")
 
 
@@ -52,13 +52,24 @@ class ExportSpec:
     opset: int = DEFAULT_OPSET
     overwrite: bool = False
     external_data: str = "auto"  # auto (above 2 GB) | always | never
+    calib: str | None = None  # int8: where the activation ranges come from (default: the artifact's calibration)
+    smooth: str | float | None = None  # int8: SmoothQuant's alpha "A" or "A,B", 0 = off (default: recipe.DEFAULT_ALPHA)
 
 
 def _check_spec(spec: ExportSpec) -> None:
     if spec.mode not in MODES:
         raise UserError(f"unknown --mode {spec.mode!r}: use baked (one graph per level) or dynamic (one graph, level as input)")
     if spec.dtype not in DTYPES:
-        raise UserError(f"unknown --dtype {spec.dtype!r}: use fp32 or fp16")
+        raise UserError(f"unknown --dtype {spec.dtype!r}: use fp32, fp16 or int8")
+    if spec.dtype != "int8" and (spec.calib is not None or spec.smooth is not None):
+        raise UserError("--calib and --smooth set up INT8 quantization: they go with --dtype int8")
+    if spec.dtype == "int8" and spec.smooth is not None:
+        from ..quant.recipe import parse_smooth
+
+        parse_smooth(spec.smooth)  # a bad --smooth fails before any work
+    if spec.dtype == "int8" and spec.mode == "dynamic":
+        raise UserError("int8 exports are baked (--mode baked): each level has its own weight and activation scales, "
+                        "which one graph with a level input cannot hold as constants")
     if not 14 <= spec.opset <= 21:
         raise UserError(f"--opset {spec.opset} is out of range: use 14..21 (17 parses on TensorRT 8.5 and later)")
     if spec.external_data not in ("auto", "always", "never"):
@@ -154,6 +165,7 @@ def _export_baked(em, art: Artifact, spec: ExportSpec, levels: list[Level], tmp:
     model, fam, fp16 = em.model, em.family, spec.dtype == "fp16"
     weights = prunable_weight_names(model, fam)
     records, timings = [], {}
+    int8 = _Int8(em, spec, progress) if spec.dtype == "int8" else None
     with progress.count("exporting levels", len(levels)) as advance:
         for lv in levels:
             t = time.time()
@@ -162,18 +174,64 @@ def _export_baked(em, art: Artifact, spec: ExportSpec, levels: list[Level], tmp:
             folder.mkdir()
             traced = scratch / level_dirname(lv) / GRAPH_FILE
             traced.parent.mkdir()
-            trace_to_onnx(model, fam, traced, spec.opset, fp16)
+            if int8:
+                recipe = int8.trace(lv, traced)
+            else:
+                trace_to_onnx(model, fam, traced, spec.opset, fp16)
             graph = onnx_graph.load(traced)
             onnx_graph.finalize(graph, weights, metadata=_metadata(art, spec, [lv]))
+            if int8:
+                int8.quantize(graph, recipe, folder, lv.name)
             sp = onnx_graph.weight_sparsity(graph, weights)
             onnx_graph.save(graph, folder / GRAPH_FILE, spec.external_data)
             _write_hf_side_files(model, em.tokenizer, folder)
             shutil.rmtree(traced.parent)
             records.append({"name": lv.name, "dir": level_dirname(lv), "pattern": _pattern(lv),
-                            "sparsity": lv.sparsity, "measured_sparsity": round(sp, 6)})
+                            "sparsity": lv.sparsity, "measured_sparsity": round(sp, 6),
+                            **({"int8": int8.summaries[lv.name]} if int8 else {})})
             timings[lv.name] = round(time.time() - t, 2)
             advance()
-    return records, timings, {}
+    return records, timings, ({"int8": int8.record()} if int8 else {})
+
+
+class _Int8:
+    """The int8 steps of a baked export: calibration windows once, then per level the recipe
+    (ranges and smoothing measured at that level), the smoothed float32 trace and the Q/DQ graph."""
+
+    def __init__(self, em, spec: ExportSpec, progress: Progress):
+        from ..quant.calibrate import int8_calibration
+        from ..quant.recipe import DEFAULT_ALPHA, parse_smooth
+
+        self.em, self.spec, self.progress = em, spec, progress
+        self.alpha = parse_smooth(DEFAULT_ALPHA if spec.smooth is None else spec.smooth)
+        with progress.status("building the INT8 calibration set"):
+            self.calib = int8_calibration(em, spec.calib)
+        self.summaries: dict[str, dict] = {}
+
+    def trace(self, lv: Level, path: Path):
+        from ..quant.recipe import build_recipe, input_amax, smoothed
+
+        em = self.em
+        with self.progress.count(f"INT8 ranges at {lv.name}", len(self.calib.samples)) as advance:
+            stats = input_amax(em.model, em.family, self.calib.samples, advance=advance)
+        recipe = build_recipe(em.model, em.family, stats, self.alpha, self.calib.record)
+        with smoothed(em.model, em.family, recipe.smooth, restore_prunable=lambda: em.at(lv)):
+            trace_to_onnx(em.model, em.family, path, self.spec.opset, False)
+        return recipe
+
+    def quantize(self, graph, recipe, folder: Path, level: str) -> None:
+        from ..quant.qdq import quantize_graph
+        from ..quant.recipe import recipe_summary
+
+        counts = quantize_graph(graph, prunable_weight_names(self.em.model, self.em.family), recipe.act_scale)
+        recipe.save(folder)
+        self.summaries[level] = {**recipe_summary(recipe), **counts}
+
+    def record(self) -> dict:
+        from ..quant.recipe import FORMAT
+
+        return {"format": FORMAT, "alpha": list(self.alpha), "calibration": self.calib.record,
+                "weights": "symmetric per output channel", "activations": "symmetric per tensor (max)"}
 
 
 def _export_dynamic(em, art: Artifact, spec: ExportSpec, levels: list[Level], tmp: Path, scratch: Path,

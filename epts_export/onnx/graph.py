@@ -17,6 +17,7 @@ from ..core.levels import Level
 from ..core.masks import keep_count
 from ..errors import UserError, one_line
 from ..device.interface import DATA_FILE
+from ..quant.qdq import QUANTIZED
 
 EXTERNAL_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB, with room for the graph itself
 
@@ -133,8 +134,16 @@ def metadata(graph: onnx.ModelProto) -> dict[str, str]:
 
 
 def _initializers(graph: onnx.ModelProto, names) -> dict[str, np.ndarray]:
+    """name -> array of the weights ``names``; for an int8 graph, the int8 tensor behind each one
+    (``<name>_quantized``, whose zeros are the weight's zeros: ``quant.qdq``)."""
     want = set(names)
-    return {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer if t.name in want}
+    out = {}
+    for t in graph.graph.initializer:
+        if t.name in want:
+            out[t.name] = numpy_helper.to_array(t)
+        elif t.name.endswith(QUANTIZED) and t.name[: -len(QUANTIZED)] in want:
+            out[t.name[: -len(QUANTIZED)]] = numpy_helper.to_array(t)
+    return out
 
 
 def weight_sparsity(graph: onnx.ModelProto, weights: dict[str, str]) -> float:
@@ -166,6 +175,8 @@ def check_sparsity(graph: onnx.ModelProto, weights: dict[str, str], level: Level
         if name not in arrays:
             failures.append(f"{name}: not an initializer of the graph")
             continue
+        if (q_users := cons.get(name + QUANTIZED)) is not None and any(n.op_type != "DequantizeLinear" or i != 0 for n, i in q_users):
+            failures.append(f"{name}{QUANTIZED}: feeds something other than its DequantizeLinear")
         w = arrays[name]
         zeros += int((w == 0).sum())
         total += w.size

@@ -27,6 +27,7 @@ against the float32 reference and may diverge only at such a near-tie.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -135,13 +136,17 @@ def prompt_ids(tokenizer) -> list[int]:
 def check_levels(em, levels: list[Level], open_decoder: Callable[[Level], tuple[object, dict]], dtype: str,
                  output_names: list[str], *, label: str, progress: Progress, max_batch: int = 3,
                  before: Callable[[Level], dict] | None = None, after: Callable[[Level, object], dict] | None = None,
-                 prefix: str = "") -> tuple[list[dict], list[str]]:
+                 prefix: str = "", reference: Callable[[Level, object], contextlib.AbstractContextManager] | None = None,
+                 ) -> tuple[list[dict], list[str]]:
     """The one validation loop: every level of a decoder (ONNX Runtime, TensorRT, ...) against
     the float32 PyTorch model materialized at that level (``em.at``).
 
     ``open_decoder(level)`` returns (decoder with ``step``/``empty_past``, fields for the report
     entry); a UserError there is a failed "load" check. ``before(level)`` adds checks that need
     no decoder (integrity), ``after(level, model)`` checks that need a loaded one (sparsity).
+    ``reference(level, model)``: a context in which ``model`` is the reference instead (int8: the
+    fake-quantized model, ``quant.fake``); the entry then also gives the decoder's distance from
+    the float model on the prompt ("distance_from_float", informative: what quantization costs).
     Returns (one report entry per level, failure lines "level L / <prefix><check>: why").
     """
     prompt = prompt_ids(em.tokenizer)
@@ -156,17 +161,40 @@ def check_levels(em, levels: list[Level], open_decoder: Callable[[Level], tuple[
             except UserError as e:
                 entry["checks"]["load"] = {"passed": False, "error": str(e)}
                 got = None
-            if got is not None:
-                if after:
-                    entry["checks"].update(after(lv, model))
-                entry["checks"].update(compare(TorchDecoder(model), got, dtype, model.config.vocab_size, prompt,
-                                               output_names, max_batch))
+            float_logits = _prompt_logits(TorchDecoder(model), prompt) if reference and got is not None else None
+            try:
+                ctx = reference(lv, model) if reference and got is not None else contextlib.nullcontext()
+            except UserError as e:
+                entry["checks"]["reference"] = {"passed": False, "error": str(e)}
+                got, ctx = None, contextlib.nullcontext()
+            with ctx:
+                if got is not None:
+                    if after:
+                        entry["checks"].update(after(lv, model))
+                    entry["checks"].update(compare(TorchDecoder(model), got, dtype, model.config.vocab_size, prompt,
+                                                   output_names, max_batch))
+                    if float_logits is not None:
+                        entry["distance_from_float"] = _distance(_prompt_logits(got, prompt), float_logits)
             entry["passed"] = all(c.get("passed") for c in entry["checks"].values())
             failures += [f"level {lv.name} / {prefix}{name}: {why(c)}" for name, c in entry["checks"].items()
                          if not c.get("passed")]
             entries.append(entry)
             advance()
     return entries, failures
+
+
+def _prompt_logits(decoder, prompt: list[int]) -> np.ndarray:
+    """(T, V) logits of the prompt's prefill, batch 1."""
+    ids = np.array([prompt], np.int64)
+    mask = np.ones_like(ids)
+    logits, _ = decoder.step(ids, mask, positions(mask, 0), decoder.empty_past(1))
+    return logits[0]
+
+
+def _distance(got: np.ndarray, ref: np.ndarray) -> dict:
+    d = np.abs(got.astype(np.float64) - ref)
+    return {"max_abs": round(float(d.max()), 4), "mean_abs": round(float(d.mean()), 4),
+            "top1_agreement": round(float((got.argmax(-1) == ref.argmax(-1)).mean()), 4), "positions": int(len(ref))}
 
 
 def validate(export_dir: "str | Path | OnnxExport", levels: list[Level] | None = None, artifact=None,
@@ -217,12 +245,18 @@ def validate(export_dir: "str | Path | OnnxExport", levels: list[Level] | None =
         try:
             graph = onnx_graph.load(exp.graph_path(lv))
             res = onnx_graph.check_sparsity(graph, weights, lv, _expected_zeros(model, weights, exp.dtype))
-            return {"sparsity": {"passed": res.pop("ok"), **res}}
+            checks = {"sparsity": {"passed": res.pop("ok"), **res}}
+            if exp.dtype == "int8":
+                from ..quant.qdq import check_quantized
+
+                checks["int8"] = check_quantized(graph, weights, {m: model.get_submodule(m) for m in weights.values()})
+            return checks
         except UserError as e:
             return {"sparsity": {"passed": False, "failures": [str(e)]}}
 
     entries, level_failures = check_levels(em, todo, open_graph, exp.dtype, exp.manifest["io"]["outputs"],
-                                           label="validating levels", progress=progress, before=integrity, after=after)
+                                           label="validating levels", progress=progress, before=integrity, after=after,
+                                           reference=int8_reference(exp, em) if exp.dtype == "int8" else None)
     failures = [f"integrity: {e}" for e in exp.integrity_errors] + level_failures
     oor = _out_of_range(exp, threads) if exp.mode == "dynamic" else None
     if oor and not oor["passed"]:
@@ -239,6 +273,19 @@ def validate(export_dir: "str | Path | OnnxExport", levels: list[Level] | None =
 
     write_export_report(exp.path, exp.manifest, report)
     return report
+
+
+def int8_reference(exp: OnnxExport, em):
+    """reference(level, model) for ``check_levels``: the level's recipe (its folder's quant.json)
+    folded into ``model`` and its linears fake-quantized; the level re-materialized afterwards."""
+    from ..quant.fake import fake_quantized
+    from ..quant.recipe import Int8Recipe
+
+    def reference(lv: Level, model):
+        recipe = Int8Recipe.load(exp.graph_path(lv).parent)
+        return fake_quantized(model, em.family, recipe, restore_prunable=lambda: em.at(lv))
+
+    return reference
 
 
 SWITCH_ATOL = 1e-5  # the same weights in the same kernels: a switched session computes what a fresh one does

@@ -44,7 +44,8 @@ class OnnxExport:
             outputs = self.manifest["io"]["outputs"]
         except (UserError, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"{where}: malformed levels or io ({e}); the export is corrupted") from None
-        if self.mode not in ("baked", "dynamic") or self.dtype not in ("fp32", "fp16") or not levels:
+        if self.mode not in ("baked", "dynamic") or self.dtype not in ("fp32", "fp16", "int8") or not levels \
+                or (self.dtype == "int8" and self.mode != "baked"):
             raise UserError(f"{where}: mode {self.mode!r}, dtype {self.dtype!r}, {len(levels)} levels; the export is corrupted")
         if not isinstance(outputs, list) or any(Path(d).is_absolute() or ".." in Path(d).parts for d in dirs):
             raise UserError(f"{where}: malformed io or level folders; the export is corrupted")

@@ -71,12 +71,16 @@ def parity_section(report: dict | None) -> str:
     if not report:
         return "<p>Not validated yet: run <code>epts-export validate</code>.</p>"
     rows = []
+    quantized = any("distance_from_float" in e for e in report.get("levels", []))
     for e in report.get("levels", []):
         worst, agree, tokens = parity_summary(e)
-        rows.append([e["level"], verdict(e.get("passed")), worst, agree, tokens])
+        d = e.get("distance_from_float")
+        rows.append([e["level"], verdict(e.get("passed")), worst, agree, tokens]
+                    + ([f"mean {d['mean_abs']:.3f}, top-1 {d['top1_agreement']:.3f}" if d else "-"] if quantized else []))
     text = (f"<p>{verdict(report.get('passed'))} against the PyTorch reference ({esc(report.get('dtype'))}; "
             f"tolerances per output, failures: {esc(len(report.get('failures', [])))})</p>")
-    return text + table(["level", "parity", "largest error", "top-1 agreement", "tokens matched"], rows, raw_columns=(1,))
+    columns = ["level", "parity", "largest error", "top-1 agreement", "tokens matched"]
+    return text + table(columns + (["logits vs the float level"] if quantized else []), rows, raw_columns=(1,))
 
 
 def export_page(manifest: dict, report: dict | None) -> str:

@@ -86,24 +86,29 @@ def _check_inputs(spec: EngineSpec, network_inputs: dict[str, tuple], shapes: di
     return missing
 
 
-def _creation_flags(trt) -> tuple[int, bool]:
+def _creation_flags(trt, precision: str = "fp16") -> tuple[int, bool]:
     """(create_network flags, strongly typed?). TensorRT 11 (no FP16 builder flag) has strongly typed
-    networks only and ignores STRONGLY_TYPED (deprecated): no flag. TensorRT 10: STRONGLY_TYPED.
-    TensorRT 8.x: EXPLICIT_BATCH, weakly typed."""
+    networks only and ignores STRONGLY_TYPED (deprecated): no flag. TensorRT 10: STRONGLY_TYPED,
+    except for int8: a Q/DQ graph around float32 ops is built weakly typed, the FP16 and INT8 flags
+    letting TensorRT run the rest in fp16 (strongly typed, it would run fp32 there). TensorRT 8.x:
+    EXPLICIT_BATCH, weakly typed."""
     creation = trt.NetworkDefinitionCreationFlag
     if not hasattr(trt.BuilderFlag, "FP16"):
+        if precision == "int8":
+            raise UserError(f"TensorRT {getattr(trt, '__version__', '?')} builds strongly typed networks only: INT8 "
+                            "engines from a float32 Q/DQ graph need TensorRT 8.6-10.x (the Jetson Orin JetPacks)")
         return 0, True
-    if hasattr(creation, "STRONGLY_TYPED"):
+    if hasattr(creation, "STRONGLY_TYPED") and precision != "int8":
         return 1 << int(creation.STRONGLY_TYPED), True
     if hasattr(creation, "EXPLICIT_BATCH"):
         return 1 << int(creation.EXPLICIT_BATCH), False
     return 0, False
 
 
-def _parse_network(trt, builder, logger, onnx: Path):
+def _parse_network(trt, builder, logger, onnx: Path, precision: str = "fp16"):
     """(network, parser, strongly typed?) for the ONNX graph; the parser must outlive the build
     (it owns the weights the network points at). RuntimeError with TensorRT's parse errors."""
-    flags, strongly_typed = _creation_flags(trt)
+    flags, strongly_typed = _creation_flags(trt, precision)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx)):
@@ -133,10 +138,12 @@ def _configure(trt, builder, spec: EngineSpec, strongly_typed: bool, log: Callab
             log(f"TensorRT {version} has no TACTIC_DRAM memory pool: tactic_dram_mb={spec.tactic_dram_mb} ignored")
         else:
             config.set_memory_pool_limit(pool, int(spec.tactic_dram_mb) << 20)
-    if not strongly_typed:  # TensorRT 8.x: weakly typed, precision by builder flag
-        wanted = {"fp16": "FP16", "bf16": "BF16"}.get(spec.precision.lower())
+    if not strongly_typed:  # TensorRT 8.x, or int8: weakly typed, precision by builder flag
+        wanted = {"fp16": "FP16", "bf16": "BF16", "int8": "FP16"}.get(spec.precision.lower())
         if wanted and not _set_flag(trt, config, wanted):
             log(f"TensorRT {version} has no {wanted} builder flag: building in FP32")
+        if spec.precision.lower() == "int8" and not _set_flag(trt, config, "INT8"):
+            raise UserError(f"TensorRT {version} has no INT8 builder flag: it cannot build this int8 engine")
         if spec.sparse and not wanted:
             log("sparse tactics need FP16/BF16 (or INT8); with precision fp32 TensorRT keeps dense kernels")
     if spec.sparse and not _set_flag(trt, config, "SPARSE_WEIGHTS"):
@@ -243,7 +250,7 @@ def build_engine(spec: EngineSpec, log: Callable[[str], None] = print, levels=No
 
     logger = make_logger(trt, log, keep_lines=True)
     builder = start(trt, "Builder", logger)
-    network, parser, strongly_typed = _parse_network(trt, builder, logger, onnx)
+    network, parser, strongly_typed = _parse_network(trt, builder, logger, onnx, spec.precision)
     skip = _check_inputs(spec, _network_inputs(network), shapes)
     config = _configure(trt, builder, spec, strongly_typed, log)
     refittable = _enable_refit(trt, config, network, spec, log) if spec.refit else None

@@ -70,7 +70,8 @@ def measure_engines(bundle: Path, specs: list[EngineSpec], open_engine: Callable
     engines, levels, gpu, version = [], {}, None, None
     for spec in unique_specs(specs):
         entry = {"engine": Path(spec.engine).name, "levels": list(spec.levels), "weights": spec.weights,
-                 "sparse": bool(spec.sparse), "sparsity": _sparsity(spec, builds.get(Path(spec.engine).name))}
+                 "sparse": bool(spec.sparse), "precision": spec.precision,
+                 "sparsity": _sparsity(spec, builds.get(Path(spec.engine).name))}
         try:
             dec = open_engine(spec, spec.build_level)
         except UserError as e:  # the engine does not load here, or its build level drifts: none of its levels is served
@@ -118,8 +119,10 @@ def _sparsity(spec: EngineSpec, build: dict | None) -> dict:
         log_path = Path(str(spec.engine) + ".log")
         lines = log_path.read_text(errors="replace").splitlines() if log_path.is_file() else []
         r = sparse_report(text, lines)
-    return {"eligible": len(r["eligible"]), "picked": len(r["picked"]), "picked_layers": list(r["picked"]),
-            "source": r["source"]}
+    out = {"eligible": len(r["eligible"]), "picked": len(r["picked"]), "picked_layers": list(r["picked"]), "source": r["source"]}
+    if spec.precision == "int8":  # did the sparse tactics survive Q/DQ
+        out.update(int8=len(r.get("int8", [])), picked_int8=len(r.get("picked_int8", [])))
+    return out
 
 
 def _verdicts(engines: list[dict], where: str) -> list[str]:
@@ -137,6 +140,12 @@ def _verdicts(engines: list[dict], where: str) -> list[str]:
                 ratios = {k: d[k] / s[k] for k in ("prefill", "decode") if s[k] > 0}
                 e.setdefault("speedup", {})[lv] = {"against": ref, **{k: round(v, 3) for k, v in ratios.items()}}
             out.append(verdict(lv, ref, ratios, where))
+    for e in engines:  # where Q/DQ can cost the sparse tactics, say whether they survived
+        if e.get("precision") == "int8" and e["sparse"]:
+            sp = e["sparsity"]
+            out.append(f"{', '.join(e['levels'])}: sparse INT8 tactics for {sp.get('picked_int8', 0)} of {sp['eligible']} "
+                       f"eligible layers ({sp['picked']} sparse, {sp.get('int8', 0)} in INT8)"
+                       + ("" if sp.get("picked_int8") else ": Q/DQ cost the sparse tactics (or the inspector could not tell)"))
     return out
 
 

@@ -388,8 +388,9 @@ class TrtDecoder:
 
     @property
     def dtype(self) -> str:
-        """The precision whose tolerances the level check applies: "fp32" or "fp16" (bf16 too)."""
-        return "fp32" if self.kv_dtype == "float32" else "fp16"
+        """The precision whose tolerances the level check applies: int8, or fp32/fp16 (bf16 too) by its KV cache."""
+        int8 = self.spec is not None and str(self.spec.precision).lower() == "int8"
+        return "int8" if int8 else "fp32" if self.kv_dtype == "float32" else "fp16"
 
     def set_level(self, level: str) -> dict:
         """Serve ``level``: refit the engine with that level's prunable weights (unless they are

@@ -18,6 +18,8 @@ import re
 #   (Sparsity) Chose 0 layer(s) using sparse tactics:
 ELIGIBLE_RE = re.compile(r"\(Sparsity\)\s*(?:layers eligible for sparse math|found \d+ layer\(s\) eligible to use sparse "
                          r"tactics)\s*:?(.*)$", re.IGNORECASE)
+INT8_FORMAT_RE = re.compile(r"\bint8\b", re.IGNORECASE)  # "Thirty-two wide channel vectorized row major Int8 format"
+INT8_TACTIC_RE = re.compile(r"(?:^|[_\W])(?:i8i8|int8|imma)", re.IGNORECASE)  # ..._i8i8_..., ..._int8int8_...
 PICKED_RE = re.compile(r"\(Sparsity\)\s*(?:TRT inference plan picked sparse implementation for layers|chose \d+ layer\(s\) "
                        r"using sparse tactics)\s*:?(.*)$", re.IGNORECASE)
 
@@ -65,20 +67,26 @@ def _walk(obj, on_item) -> None:
             _walk(v, on_item)
 
 
-def _inspect_layer(entry: dict) -> tuple[bool, bool]:
-    """(has sparse weights, runs a sparse tactic) for one inspector layer entry."""
-    flags = {"weights": False, "tactic": False}
+def _inspect_layer(entry: dict) -> tuple[bool, bool, bool]:
+    """(has sparse weights, runs a sparse tactic, computes in INT8) for one inspector layer entry.
+    INT8: an input/output format or weight type naming Int8 (detailed verbosity), or an integer
+    tactic name (``..._i8i8_...``, IMMA kernels)."""
+    flags = {"weights": False, "tactic": False, "int8": False}
 
     def on_item(key: str, value) -> None:
         k = key.lower()
         if "tactic" in k:
             if isinstance(value, str) and "sparse" in value.lower():
                 flags["tactic"] = True
+            if isinstance(value, str) and INT8_TACTIC_RE.search(value):
+                flags["int8"] = True
         elif "sparse" in k and not isinstance(value, (dict, list)) and _truthy(value):
             flags["weights"] = True
+        elif ("format" in k or "datatype" in k or k == "type") and isinstance(value, str) and INT8_FORMAT_RE.search(value):
+            flags["int8"] = True
 
     _walk(entry, on_item)
-    return flags["weights"], flags["tactic"]
+    return flags["weights"], flags["tactic"], flags["int8"]
 
 
 def _inspector_layers(layer_info_json: str) -> list | None:
@@ -113,10 +121,12 @@ def sparse_report(layer_info_json: str, log_lines: list[str]) -> dict:
     layer ("{ForeignNode[...]}") with no sparse flag, later 10.x its kernels as layers named
     "..._myl<N>_<M>" with tactic names only. ``myelin`` counts them: inside them only the log (and
     a tactic name) can tell.
-    Returns {"eligible": [...], "picked": [...], "layers": n, "myelin": n, "source": "inspector+log" |
-    "inspector" | "log" | "none"}.
+    ``int8``: the layers that compute in INT8 (inspector only); ``picked_int8`` those of them that
+    also got a sparse kernel: the sparse INT8 tactics an int8 engine is for (Q/DQ can cost them).
+    Returns {"eligible": [...], "picked": [...], "int8": [...], "picked_int8": [...], "layers": n,
+    "myelin": n, "source": "inspector+log" | "inspector" | "log" | "none"}.
     """
-    eligible, picked = [], []
+    eligible, picked, int8 = [], [], []
     saw_log = False
     for line in log_lines or []:
         text = str(line)
@@ -139,7 +149,9 @@ def sparse_report(layer_info_json: str, log_lines: list[str]) -> dict:
             continue
         detailed = True
         myelin += str(entry.get("LayerType", "")).lower() == "myelin" or bool(MYELIN_NAME_RE.search(name))
-        has_weights, sparse_tactic = _inspect_layer(entry)
+        has_weights, sparse_tactic, in_int8 = _inspect_layer(entry)
+        if in_int8:
+            int8.append(name)
         if has_weights or sparse_tactic:
             eligible.append(name)
         if sparse_tactic:
@@ -149,4 +161,6 @@ def sparse_report(layer_info_json: str, log_lines: list[str]) -> dict:
     used_inspector = layers is not None and (detailed or len(layers) > 0)
     source = ("inspector+log" if used_inspector and saw_log else "inspector" if used_inspector
               else "log" if saw_log else "none")
-    return {"eligible": eligible, "picked": picked, "layers": len(layers or []), "myelin": myelin, "source": source}
+    int8 = _dedupe(int8)
+    return {"eligible": eligible, "picked": picked, "int8": int8, "picked_int8": [n for n in picked if n in set(int8)],
+            "layers": len(layers or []), "myelin": myelin, "source": source}

@@ -85,7 +85,7 @@ class EngineSpec:
     engine: Path  # where to write the .engine (plan) file
     levels: list[str]  # the levels it serves: ["2:4"], or ["0.3", "0.5", "0.7"] for a refit engine
     sparse: bool  # set SPARSE_WEIGHTS
-    precision: str  # "fp16" | "bf16" | "fp32": informational for strongly typed networks
+    precision: str  # "fp16" | "bf16" | "fp32": informational for strongly typed networks; "int8": weakly typed, FP16+INT8
     profiles: list[ShapeRange]
     kv: KVLayout
     workspace_mb: int
