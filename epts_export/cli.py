@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .boundary import boundary as _boundary
-from .device.errors import install_sigterm
+from .device.errors import install_sigterm, interrupted_line
 from .errors import UserError
 from .fsutil import check_output_file
 from .core.levels import DEFAULT_LEVELS
@@ -471,7 +471,10 @@ def version():
 
 def main() -> None:
     install_sigterm()
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # one that arrives after the command's boundary, on the way out
+        raise SystemExit(interrupted_line()[1]) from None
 
 
 if __name__ == "__main__":
