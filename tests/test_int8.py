@@ -93,6 +93,18 @@ def test_smoothing_is_an_identity_and_is_undone(family):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_smoothing_factors_of_another_model_are_refused():
+    from epts_export.errors import UserError
+
+    model = BUILDERS["llama"]()
+    fam = family_for(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UserError, match="belongs to another model"):
+        with smoothed(model, fam, {"model.layers.0.input_layernorm": torch.ones(3)}):
+            pass
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_recipe_scales_of_shared_inputs_stay_apart():
     model = BUILDERS["llama"]()
     fam = family_for(model)
@@ -149,6 +161,20 @@ def test_validate_catches_an_int8_graph_that_computes_something_else(exports, tm
     assert any("integrity" in f for f in rep["failures"])  # the recipe is hashed in the manifest
     # and the graph no longer quantizes as its (changed) reference: the exact check says where
     assert any("/ int8: " in f and "activation scale" in f for f in rep["failures"]), rep["failures"]
+
+
+def test_validate_reports_a_recipe_that_lacks_a_layer(exports, tmp_path):
+    src = exports("llama", dtype="int8", levels="0.5")
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    meta = json.loads((bad / "level-0.5" / "quant.json").read_text())
+    for k in ("act_scale", "act_amax"):
+        meta[k].pop("model.layers.1.mlp.down_proj")
+    (bad / "level-0.5" / "quant.json").write_text(json.dumps(meta))
+    rep = validate(bad)  # a report, not a crash
+    assert not rep["passed"]
+    assert any("/ reference: the int8 recipe has no activation scale for model.layers.1.mlp.down_proj" in f
+               for f in rep["failures"]), rep["failures"]
 
 
 def test_validate_catches_a_flipped_int8_zero(exports, tmp_path):

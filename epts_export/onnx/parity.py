@@ -162,12 +162,13 @@ def check_levels(em, levels: list[Level], open_decoder: Callable[[Level], tuple[
                 entry["checks"]["load"] = {"passed": False, "error": str(e)}
                 got = None
             float_logits = _prompt_logits(TorchDecoder(model), prompt) if reference and got is not None else None
-            try:
-                ctx = reference(lv, model) if reference and got is not None else contextlib.nullcontext()
-            except UserError as e:
-                entry["checks"]["reference"] = {"passed": False, "error": str(e)}
-                got, ctx = None, contextlib.nullcontext()
-            with ctx:
+            with contextlib.ExitStack() as stack:
+                if reference and got is not None:
+                    try:
+                        stack.enter_context(reference(lv, model))
+                    except UserError as e:  # a missing or malformed recipe: this level cannot be checked
+                        entry["checks"]["reference"] = {"passed": False, "error": str(e)}
+                        got = None
                 if got is not None:
                     if after:
                         entry["checks"].update(after(lv, model))

@@ -9,6 +9,7 @@ import contextlib
 
 from torch import nn
 
+from ..errors import UserError
 from ..models.families import Family, get_blocks
 from .math import fake_quantize_act, quantize_weight
 from .recipe import Int8Recipe, smoothed
@@ -45,6 +46,8 @@ def fake_quantized(model: nn.Module, fam: Family, recipe: Int8Recipe, restore_pr
                     parent_name, _, leaf = dotted.rpartition(".")
                     parent = block.get_submodule(parent_name) if parent_name else block
                     old = getattr(parent, leaf)
+                    if path not in recipe.act_scale:
+                        raise UserError(f"the int8 recipe has no activation scale for {path}: export the level again")
                     new = FakeQuantLinear(old, recipe.act_scale[path])
                     swapped.append((parent, leaf, old))
                     setattr(parent, leaf, new)

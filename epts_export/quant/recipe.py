@@ -232,6 +232,9 @@ def smoothed(model: nn.Module, fam: Family, smooth: dict[str, torch.Tensor], res
                     continue
                 s = smooth[key]
                 src = block.get_submodule(pair.source)
+                if s.shape != src.weight.shape[:1]:
+                    raise UserError(f"the int8 recipe's smoothing factors for {key} have {s.numel()} entries where the "
+                                    f"model has {src.weight.shape[0]}: it belongs to another model; export the level again")
                 keep(src.weight)
                 keep(getattr(src, "bias", None))
                 if pair.kind == "norm":
