@@ -74,6 +74,7 @@ class Family:
     prunable: tuple[str, ...]  # dotted names of the prunable nn.Linear inside a block, in forward order
     sizes: Callable[[dict], Sizes]  # config.json -> a block's sizes (KeyError / ValueError when one is missing)
     gated_mlp: bool  # gate * up (two more intermediate tensors per token for autograd) vs fc1 -> activation
+    shared_inputs: tuple[tuple[str, ...], ...] = ()  # prunable linears of a block that read one tensor (int8's Q/DQ)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -85,6 +86,7 @@ FAMILIES: tuple[Family, ...] = (
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
         sizes=_llama_sizes,
         gated_mlp=True,
+        shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")),
     ),
     Family(
         name="opt",
@@ -93,6 +95,7 @@ FAMILIES: tuple[Family, ...] = (
         prunable=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
         sizes=_opt_sizes,
         gated_mlp=False,
+        shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),),
     ),
 )
 

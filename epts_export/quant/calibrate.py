@@ -13,7 +13,7 @@ MAX_WINDOWS = 32
 MAX_SEQLEN = 512
 
 
-def int8_calibration(em, source: str | None = None, nsamples: int | None = None, seqlen: int | None = None):
+def int8_calibration(em, source: str | None = None):
     """``Calibration`` (windows and record) for the INT8 ranges of ``em``'s levels.
 
     ``source`` None: the artifact's recorded calibration; a text source must still hash to the
@@ -21,8 +21,8 @@ def int8_calibration(em, source: str | None = None, nsamples: int | None = None,
     windows come from the dense model (cached like optimize's) when the artifact is elastic."""
     rec = em.artifact.manifest.get("calibration") or {}
     src = source or rec.get("source") or "self"
-    n = nsamples or min(int(rec.get("nsamples") or MAX_WINDOWS), MAX_WINDOWS)
-    t = seqlen or min(int(rec.get("seqlen") or 256), MAX_SEQLEN, em.model.config.max_position_embeddings)
+    n = min(int(rec.get("nsamples") or MAX_WINDOWS), MAX_WINDOWS)
+    t = min(int(rec.get("seqlen") or 256), MAX_SEQLEN, em.model.config.max_position_embeddings)
     spec = CalibSpec(src, n, t, int(rec.get("seed") or 0))
     elastic = em.elastic is not None
     model = em.at(None) if elastic and src == "self" else em.model

@@ -75,18 +75,6 @@ def quantize_graph(graph: onnx.ModelProto, weights: dict[str, str], act_scales: 
     return {"weights": len(weights), "activations": len(before)}
 
 
-def int8_weight(graph: onnx.ModelProto, name: str) -> np.ndarray | None:
-    """The int8 array behind a quantized weight ``name`` (None when the graph stores it in float)."""
-    for t in graph.graph.initializer:
-        if t.name == name + QUANTIZED:
-            return numpy_helper.to_array(t)
-    return None
-
-
-def is_quantized(graph: onnx.ModelProto) -> bool:
-    return any(n.op_type == "QuantizeLinear" for n in graph.graph.node)
-
-
 def check_quantized(graph: onnx.ModelProto, weights: dict[str, str], reference: dict[str, object]) -> dict:
     """Does the graph quantize exactly as the reference does? For every prunable weight: its int8
     tensor and per-channel scales equal the reference's (``quant.fake.FakeQuantLinear``: ``q_t``,
@@ -95,6 +83,7 @@ def check_quantized(graph: onnx.ModelProto, weights: dict[str, str], reference: 
     ``reference``: module path -> FakeQuantLinear. Returns {"passed", "layers", "failures"}."""
     inits = {t.name: t for t in graph.graph.initializer}
     producer = {o: n for n in graph.graph.node for o in n.output}
+    matmul_of = {n.input[1]: n for n in graph.graph.node if n.op_type == "MatMul" and len(n.input) == 2}  # by weight
     failures: list[str] = []
 
     def array(name: str):
@@ -113,7 +102,7 @@ def check_quantized(graph: onnx.ModelProto, weights: dict[str, str], reference: 
         elif not np.array_equal(q, ref.q_t.numpy()) or not np.array_equal(s, ref.w_scale.numpy()):
             diff = int((q != ref.q_t.numpy()).sum()) if q.shape == tuple(ref.q_t.shape) else q.size
             failures.append(f"{name}: {diff} int8 weights or their scales differ from the reference's")
-        mm = next((n for n in graph.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] == name), None)
+        mm = matmul_of.get(name)
         act_dq = producer.get(mm.input[0]) if mm is not None else None
         act_q = producer.get(act_dq.input[0]) if act_dq is not None and act_dq.op_type == "DequantizeLinear" else None
         if act_q is None or act_q.op_type != "QuantizeLinear":

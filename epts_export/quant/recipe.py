@@ -184,22 +184,13 @@ def build_recipe(model: nn.Module, fam: Family, stats: dict[str, torch.Tensor], 
     for path, a in stats.items():
         recipe.act_amax[path] = float((a / divisor[path]).max()) if path in divisor else float(a.max())
     for i in range(len(get_blocks(model, fam))):
-        for readers in _shared_inputs(model, fam):
+        for readers in fam.shared_inputs:
             base = act_scale(max(recipe.act_amax[f"{fam.blocks}.{i}.{c}"] for c in readers))
             for k, c in enumerate(readers):  # one float32 ulp apart: three Q nodes ONNX Runtime keeps apart (quant.qdq)
                 recipe.act_scale[f"{fam.blocks}.{i}.{c}"] = float(_ulps_up(base, k))
     for path, a in recipe.act_amax.items():
         recipe.act_scale.setdefault(path, float(np.float32(act_scale(a))))
     return recipe
-
-
-def _shared_inputs(model: nn.Module, fam: Family) -> list[tuple[str, ...]]:
-    """Groups of a block's prunable linears that read one tensor (q, k, v; gate, up)."""
-    if fam.name == "llama":
-        return [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")]
-    if fam.name == "opt":
-        return [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")]
-    return []
 
 
 def _ulps_up(x: float, k: int) -> np.float32:
