@@ -13,6 +13,9 @@
     mixeq            MSFM mixes the groups' outputs with equal weights (default: twice the weight
                      for groups from 0.55 up, the reference's)
     lr<K>            lr 1e-K (lr3 = 1e-3); lr<A>e<K>: A x 1e-K (lr3e3 = 3e-3); lr0: no training
+    owl | owl<NN>    OWL's layer-wise allocation (lambda 0.08, or NN/100); err | err<NN>: the
+                     pruning-error allocation. Not TrainConfig fields: ``split_allocation`` takes
+                     them out for the optimize spec
 
 e.g. ``bf16+lsq+lr3+check8+g10+r16``; ``base`` is the config as given.
 """
@@ -38,6 +41,22 @@ NUMBERED = [(re.compile(r"e(\d+)"), lambda m: {"epochs": int(m[1])}),
             (re.compile(r"span(\d+)"), lambda m: {"low_span": int(m[1]) / 100}),
             (re.compile(r"lr(\d+)e(\d+)"), lambda m: {"lr": int(m[1]) * 10.0 ** -int(m[2])}),
             (re.compile(r"lr(\d+)"), lambda m: {"lr": 10.0 ** -int(m[1])})]
+
+
+ALLOCATION = re.compile(r"(owl|err)(\d+)?")
+
+
+def split_allocation(name: str) -> tuple[str, str]:
+    """(the variant without its allocation token, the --allocation it asks for: uniform when none)."""
+    rest, alloc = [], "uniform"
+    for tok in [] if name in ("", "base") else name.split("+"):
+        m = ALLOCATION.fullmatch(tok)
+        if m:
+            name = "owl" if m[1] == "owl" else "error"
+            alloc = f"{name}:{int(m[2]) / 100:g}" if m[2] else name
+        else:
+            rest.append(tok)
+    return "+".join(rest), alloc
 
 
 def lever_overrides(name: str) -> dict:

@@ -7,6 +7,7 @@ goes through the library's own optimize/evaluate functions, the ones the CLI cal
     python -m benchmarks.ppl_table                      # the BENCHMARKS.md table (about 1.5 hours on 2 cores)
     python -m benchmarks.ppl_table --epts text:1e-3     # a subset: one EPTS run, Shakespeare calibration, lr 1e-3
     python -m benchmarks.ppl_table --methods epts --levels 0.5,2:4
+    python -m benchmarks.ppl_table --methods sparsegpt,sparsegpt@owl --levels 0.5,0.7   # OWL allocation (core/allocation.py)
     python -m benchmarks.ppl_table --corpus docutils --seqlen 512 --methods sparsegpt,epts \
         --epts text:1e-3:bf16+lsq+check8+g10+r16,preset:default   # levers (benchmarks/levers.py), a preset
 
@@ -45,7 +46,7 @@ from epts_export.progress import Progress
 from epts_export.report.plot import draw
 
 from . import docutils_docs, shakespeare
-from .levers import variant_config
+from .levers import split_allocation, variant_config
 
 CORPORA = {"shakespeare": shakespeare.benchmark_texts, "docutils": docutils_docs.benchmark_texts}
 
@@ -132,8 +133,9 @@ def main() -> None:
         else:
             lr, _, lever = rest.partition(":")
             src = texts["calib"] if tag == "text" else tag
-            train = variant_config(lever, TrainConfig(epochs=args.epochs, lr=float(lr)), levels)
-            spec_kw = dict(common, train=train, levels=levels, calib=calib(src))
+            train_lever, allocation = split_allocation(lever)
+            train = variant_config(train_lever, TrainConfig(epochs=args.epochs, lr=float(lr)), levels)
+            spec_kw = dict(common, train=train, levels=levels, calib=calib(src), allocation=allocation)
             work = args.work if tag == "text" else shared
             name = f"epts-{tag}-lr{lr}" + (f"-{lever}" if lever else "")
             label = f"epts, calib {tag}, lr {lr}" + (f", {lever}" if lever else "")
@@ -155,20 +157,25 @@ def main() -> None:
         rows[label] = row
         del em
 
-    for method in [m for m in methods if m != "epts"]:
+    for label in [m for m in methods if m != "epts"]:  # METHOD or METHOD@ALLOCATION (sparsegpt@owl, wanda@owl:0.1)
+        method, _, allocation = label.partition("@")
         row = {"time_s": 0.0, "ppl": {}, "sparsity": {}}
         for lv in levels:
-            name = f"{method}-{lv.name.replace(':', 'of')}"
-            path, secs = run_optimize(args.work, name, dict(levels=[lv], method=method, calib=calib(texts["calib"]), **common), progress)
+            name = f"{method}-{lv.name.replace(':', 'of')}" + (f"-{allocation.replace(':', '')}" if allocation else "")
+            path, secs = run_optimize(args.work, name, dict(levels=[lv], method=method, calib=calib(texts["calib"]),
+                                                            allocation=allocation or "uniform", **common), progress)
             em = ElasticModel(Artifact.open(path))
-            if ev is None:
+            if ev is None:  # a one-level artifact holds its pruned model only: the dense one is the source
+                from epts_export.models import load_model, resolve_model
+
                 ev = load_eval_data(str(texts["eval"]), em.tokenizer, args.eval_seqlen, args.eval_windows or None)
-                rows["dense"] = {"time_s": 0.0, "ppl": {"dense": cached_ppl(path, "dense", lambda: ppl_of(em.at(None)))}}
+                dense = lambda: ppl_of(load_model(resolve_model(args.model, progress=False).path)[0])  # noqa: E731
+                rows["dense"] = {"time_s": 0.0, "ppl": {"dense": cached_ppl(path, "dense", dense)}}
             row["time_s"] += secs
             row["ppl"][lv.name] = cached_ppl(path, lv.name, lambda: ppl_of(em.at(lv)))
             row["sparsity"][lv.name] = cached_ppl(path, f"sparsity {lv.name}", lambda: round(measured_sparsity(em.at(lv)), 4))
-            print(f"{method:24s} {lv.name:>5s} ppl {row['ppl'][lv.name]:.3f} ({secs:.0f} s)", flush=True)
-        rows[method] = row
+            print(f"{label:24s} {lv.name:>5s} ppl {row['ppl'][lv.name]:.3f} ({secs:.0f} s)", flush=True)
+        rows[label] = row
 
     result = {"model": args.model, "corpus": args.corpus, "levels": [lv.name for lv in epts_levels], "calibration": f"{args.nsamples} x {args.seqlen} tokens",
               "epochs": args.epochs, "eval": ev.record | {"seqlen": args.eval_seqlen}, "threads": torch.get_num_threads(), "rows": rows}

@@ -77,6 +77,8 @@ def optimize(
                                             "--low-span 0.2 is better on text calibration: BENCHMARKS.md)."),
     low_span: Optional[float] = typer.Option(None, help="Fit group 0 over its top LOW_SPAN only, e.g. 0.2: "
                                              "[0.15, 0.35] (0: all of it, the reference)."),
+    allocation: Optional[str] = typer.Option(None, help="Per-block sparsity: uniform, owl[:LAMBDA[,M]] (OWL's outlier ratios) "
+                                             "or error[:LAMBDA] (each block's pruning error); masks stay nested, the mean is the level."),
     seed: int = typer.Option(0, help="Seed for calibration sampling and every random draw."),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]; one block at a time moves to the device "
                                "(under torchrun: cuda, each rank on cuda:LOCAL_RANK)."),
@@ -112,7 +114,7 @@ def optimize(
         spec = OptimizeSpec.from_preset(model, out, _levels(levels), preset, calib=calib, nsamples=nsamples,
                                         seqlen=seqlen, epochs=epochs, rank=rank, lr=lr, seed=seed, batch=batch,
                                         precision=precision, init=init, steps=steps, group_width=group_width, warmup=warmup,
-                                        low_top=low_top, low_span=low_span,
+                                        low_top=low_top, low_span=low_span, allocation=allocation,
                                         method=method, device=device, resume=resume, overwrite=overwrite,
                                         threads=threads, streams=streams, host_memory_gib=host_memory,
                                         device_memory_gib=device_memory)
@@ -181,6 +183,7 @@ def _summary_artifact(art) -> None:
     c = m.get("calibration")
     if isinstance(c, dict):
         t.add_row("calibration", f"{c.get('source')}: {c.get('nsamples')} x {c.get('seqlen')} tokens (seed {c.get('seed')})")
+    t.add_row("allocation", art.allocation.describe())
     if isinstance(m.get("block_metrics"), list):
         off = [b.get("block") for b in m["block_metrics"] if isinstance(b, dict) and not b.get("low_group_lora", True)]
         t.add_row("low group without LoRA", ", ".join(map(str, off)) or "none")

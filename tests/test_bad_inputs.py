@@ -310,6 +310,19 @@ ROWS = [
                                                     "--warmup", "5", "-q"], 1, "--warmup (5) must not exceed --steps (2)", ["o-warm"]),
     ("eval: --step 1e-9", lambda ws: ["eval", ws.art, "--data", ws.text, "--plot", ws.root / "c.png", "--step", "1e-9"], 1,
      "--step must be between 0.01 and 0.5", []),
+    # --- layer-wise allocation
+    ("optimize: --allocation bogus", lambda ws: ["optimize", ws.model, "--out", ws.root / "o-al", "--allocation", "owls", "-q"], 1,
+     "--allocation must be uniform, owl[:LAMBDA[,M]] or error[:LAMBDA]", ["o-al"]),
+    ("optimize: --allocation owl:0.5 (masks would not nest)", lambda ws: ["optimize", ws.model, "--out", ws.root / "o-al5",
+                                                                         "--allocation", "owl:0.5", "-q"], 1,
+     "LAMBDA must be in (0, 0.125]", ["o-al5"]),
+    ("optimize: --allocation owl with magnitude", lambda ws: ["optimize", ws.model, "--out", ws.root / "o-alm", "--method",
+                                                             "magnitude", "--levels", "0.5", "--allocation", "owl", "-q"], 1,
+     "--method magnitude has none", ["o-alm"]),
+    ("info: allocation offsets past the ramp", lambda ws: ["info", ws.manifest(ws.art, "a-alloc", lambda m: m.update(
+        allocation={"method": "owl", "ramp": 0.25, "offsets": [0.3, -0.3]}))], 1, "malformed allocation", []),
+    ("info: allocation for another block count", lambda ws: ["info", ws.manifest(ws.art, "a-alloc2", lambda m: m.update(
+        allocation={"method": "owl", "ramp": 0.25, "offsets": [0.1, 0.0, -0.1]}))], 1, "3 offsets for 2 blocks", []),
     ("optimize: diverging --lr 1e30", lambda ws: ["optimize", ws.model, "--out", ws.root / "o-div", "--calib", ws.text,
                                                   "--nsamples", 2, "--seqlen", 16, "--levels", "0.5", "--lr", "1e30", "-q"], 1,
      "training diverged", ["o-div"]),

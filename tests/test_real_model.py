@@ -90,3 +90,4 @@ def test_real_model_int8_export_passes_validate(real_artifact, tmp_path):
         assert e["checks"]["int8"]["passed"] and e["checks"]["sparsity"]["passed"]
         d = e["distance_from_float"]
         assert d["top1_agreement"] >= 0.3 and d["mean_abs"] < 5  # garbage agrees on ~0 of 13 positions
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.levers import variant_config
+from benchmarks.levers import split_allocation, variant_config
 from epts_export.core.config import TrainConfig
 from epts_export.core.levels import parse_levels
 
@@ -20,3 +20,10 @@ def test_benchmark_variant_names():
     assert variant_config("base", TrainConfig()) == TrainConfig()
     with pytest.raises(SystemExit, match="unknown lever 'x9'"):
         variant_config("bf16+x9", TrainConfig())
+
+
+def test_allocation_tokens_leave_the_training_config():
+    assert split_allocation("bf16+owl+r16") == ("bf16+r16", "owl")
+    assert split_allocation("owl4+lsq") == ("lsq", "owl:0.04")
+    assert split_allocation("err8") == ("", "error:0.08")
+    assert split_allocation("base") == ("", "uniform") and split_allocation("lsq") == ("lsq", "uniform")

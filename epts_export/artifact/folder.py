@@ -2,7 +2,8 @@
 
     <artifact>/
       manifest.json          schema version, model source, levels, groups, settings, calibration,
-                             library versions, per-block metrics, sha256 of every other file
+                             layer-wise allocation (per-block offsets; core.allocation), library
+                             versions, per-block metrics, sha256 of every other file
       model/                 a plain Hugging Face folder: the frozen dense model (EPTS) or the
                              pruned model (one-level baselines), with its tokenizer
       elastic.safetensors    EPTS only, per prunable linear "blocks.<i>.<name>.<field>":
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..fsutil import MANIFEST, ManifestFormat, read_manifest, sha256_file, verify_hashes
+from ..core.allocation import Allocation
 from ..core.config import TrainConfig
 from ..core.levels import Group, Level, parse_level
 from ..core.rule import active_groups
@@ -89,6 +91,10 @@ class Artifact:
             raise bad(f"malformed levels or groups ({e})") from None
         if not levels:
             raise bad("it lists no levels")
+        try:
+            self.allocation
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise bad(f"malformed allocation ({e})") from None
         if self.is_elastic:
             if not any(not g.is_nm for g in groups):
                 raise bad("an EPTS artifact needs its sparsity groups")
@@ -114,6 +120,11 @@ class Artifact:
     @property
     def groups(self) -> list[Group]:
         return [Group.from_dict(d) for d in self.manifest.get("groups", [])]
+
+    @functools.cached_property
+    def allocation(self) -> Allocation:
+        """The layer-wise allocation the artifact was pruned with (uniform when it has none)."""
+        return Allocation.from_dict(self.manifest.get("allocation"), self.manifest.get("model", {}).get("num_blocks"))
 
     @property
     def model_dir(self) -> Path:

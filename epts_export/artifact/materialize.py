@@ -2,7 +2,7 @@
 
 For an EPTS artifact, each prunable linear of block i at level L is
 
-    W_eff = rule.mask(order) * (W + scale * B[:, rule] @ A[rule, :]),  rule = level_rule(groups, L, low_flag[i])
+    W_eff = rule.mask(order) * (W + scale * B[:, rule] @ A[rule, :]),  rule = level_rule(groups, L, low_flag[i], alloc, i)
 
 (``core.rule``: the adapter groups of the hierarchy, none for a group-0 level in a block whose
 low-group check failed). For a baseline artifact the stored pruned model *is* its one level.
@@ -10,6 +10,7 @@ low-group check failed). For a baseline artifact the stored pruned model *is* it
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ class ElasticWeights:
         self.tensors = load_file(artifact.path / ELASTIC_FILE)
         self.groups: list[Group] = artifact.groups
         self.low_flags: list[bool] = [bool(f) for f in self.tensors["low_group_lora"].tolist()]
+        self.allocation = artifact.allocation
         train = TrainConfig.from_dict(artifact.manifest["settings"])
         self.lora_rank, self.scale = train.rank, train.scale
 
@@ -50,7 +52,7 @@ class ElasticWeights:
         return self.tensors[tensor_key(block, name, "lora_B")], self.tensors[tensor_key(block, name, "lora_A")]
 
     def rule(self, block: int, level: Level) -> LevelRule:
-        return level_rule(self.groups, level, self.low_flags[block])
+        return level_rule(self.groups, level, self.low_flags[block], self.allocation, block)
 
 
 class ElasticModel:
@@ -93,7 +95,7 @@ class ElasticModel:
                 continue
             rule = ew.rule(i, level)
             if groups_override is not None and rule.groups:
-                rule = LevelRule(level, tuple(sorted(groups_override)))
+                rule = dataclasses.replace(rule, groups=tuple(sorted(groups_override)))
             B, A = ew.lora(i, n)
             merged = merged_weight(w.float(), rule.mask(ew.order(i, n)), B, A, list(rule.groups), ew.lora_rank, ew.scale)
             lin.weight.copy_(merged.to(w.dtype))

@@ -57,12 +57,14 @@ def group_points(group: Group) -> list[Level]:
 
 @torch.no_grad()
 def closed_form_adapters(weight: torch.Tensor, H: torch.Tensor, order: torch.Tensor, groups: list[Group],
-                         rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         rank: int, scale: float, rule=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B (out, G*r), A (G*r, in)) for one linear layer, group by group (module docstring).
+    ``rule``: level -> LevelRule of this layer's block (default: ``level_rule(groups, level)``, uniform).
 
     weight: (out, in); H: (in, in) input second moment X^T X / n (dampened here); order: the layer's
     importance order. A's rows have init_lora's expected norm; B carries the correction's scale.
     """
+    rule_of = rule or (lambda lv: level_rule(groups, lv))
     W = weight.float()
     out_f, in_f = W.shape
     G, r = len(groups), rank
@@ -74,7 +76,7 @@ def closed_form_adapters(weight: torch.Tensor, H: torch.Tensor, order: torch.Ten
     for g in groups:
         masks, grads, errs = [], [], []
         for lv in group_points(g):
-            rule = level_rule(groups, lv)
+            rule = rule_of(lv)
             prev = [k for k in rule.groups if k != g.index]
             M = rule.mask(order).to(torch.float32)
             E = W - merged_weight(W, M, B, A, prev, r, scale)  # (out, in): what the level loses

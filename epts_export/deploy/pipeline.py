@@ -295,7 +295,8 @@ def _build(spec: BuildSpec, target, levels: list[Level], bundle: Path, stages: P
                         "how": "bash build_engines.sh (trtexec) or python build_engines.py, on the device"},
             "memory_estimate": estimate,
             "source": {"artifact": str(art.path.resolve()), "artifact_manifest_sha256": art.manifest_sha256,
-                       "onnx_export": str(exp.path.resolve()), "calibration": art.manifest.get("calibration")},
+                       "onnx_export": str(exp.path.resolve()), "calibration": art.manifest.get("calibration"),
+                       "allocation": art.allocation.to_dict()},
             "stages": log.records,
             "elapsed_s": round(time.time() - t0, 2),
         }

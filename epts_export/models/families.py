@@ -75,6 +75,7 @@ class Family:
     sizes: Callable[[dict], Sizes]  # config.json -> a block's sizes (KeyError / ValueError when one is missing)
     gated_mlp: bool  # gate * up (two more intermediate tensors per token for autograd) vs fc1 -> activation
     shared_inputs: tuple[tuple[str, ...], ...] = ()  # prunable linears of a block that read one tensor (int8's Q/DQ)
+    final: tuple[str, ...] = ()  # modules between the last block and lm_head, in order (absent or None: skipped)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -87,6 +88,7 @@ FAMILIES: tuple[Family, ...] = (
         sizes=_llama_sizes,
         gated_mlp=True,
         shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")),
+        final=("model.norm",),
     ),
     Family(
         name="opt",
@@ -96,6 +98,7 @@ FAMILIES: tuple[Family, ...] = (
         sizes=_opt_sizes,
         gated_mlp=False,
         shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),),
+        final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
     ),
 )
 
@@ -115,6 +118,16 @@ def family_for(model_or_type: nn.Module | str) -> Family:
 
 def get_blocks(model: nn.Module, fam: Family) -> nn.ModuleList:
     return model.get_submodule(fam.blocks)
+
+
+def head_logits(model: nn.Module, fam: Family, hidden):
+    """Logits from the last block's output: the family's final modules, then lm_head."""
+    for path in fam.final:
+        parent, _, name = path.rpartition(".")
+        module = getattr(model.get_submodule(parent), name, None)
+        if module is not None:
+            hidden = module(hidden)
+    return model.lm_head(hidden)
 
 
 def prunable_linears(block: nn.Module, fam: Family) -> dict[str, nn.Linear]:

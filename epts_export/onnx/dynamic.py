@@ -39,7 +39,6 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ..core.levels import Level
-from ..core.masks import level_mask
 from ..core.rule import level_rule
 from ..errors import UserError
 from ..device.interface import LEVEL_INPUT
@@ -127,19 +126,21 @@ def _code_fields(levels: list[Level], rows: set[int]) -> list[CodeField]:
     return one if sum(8 // f.slots for f in one) <= sum(8 // f.slots for f in two) else two
 
 
-def _codes(order: torch.Tensor, levels: list[Level], fields: list[CodeField]) -> dict[str, np.ndarray]:
-    """Packed codes of one weight from its importance order (out, in): field name -> (K/k, N) uint8."""
+def _codes(order: torch.Tensor, levels: list[Level], fields: list[CodeField], rule) -> dict[str, np.ndarray]:
+    """Packed codes of one weight from its importance order (out, in): field name -> (K/k, N) uint8.
+    ``rule``: level -> the LevelRule of the weight's block (its mask may sit at the block's own
+    sparsity, ``core.allocation``; those still nest, so the bucket still counts levels)."""
     out = {}
     for f in fields:
         code = torch.zeros(order.shape, dtype=torch.uint8)
         if f.bucket_bits:
             bucket = torch.zeros(order.shape, dtype=torch.uint8)
             for lv in (lv for lv in levels if not lv.is_nm):
-                bucket += level_mask(order, lv).to(torch.uint8)
+                bucket += rule(lv).mask(order).to(torch.uint8)
             code |= bucket << f.bucket_at
         if f.nm_count:
             for t, lv in enumerate(lv for lv in levels if lv.is_nm):
-                code |= level_mask(order, lv).to(torch.uint8) << (f.nm_at + t)
+                code |= rule(lv).mask(order).to(torch.uint8) << (f.nm_at + t)
         out[f.name] = _pack(code.t().contiguous(), f.width)  # along the rows of W_t (in, out)
     return out
 
@@ -195,7 +196,7 @@ class ElasticTables:
         sel = torch.tensor([g * r + j for g in used for j in range(r)], dtype=torch.long)
         codes, lora_a, lora_b_t, block_of = {}, {}, {}, {}
         for (i, n), name in initializers.items():
-            codes[name] = _codes(elastic.order(i, n), levels, fields)
+            codes[name] = _codes(elastic.order(i, n), levels, fields, lambda lv, i=i: elastic.rule(i, lv))
             B, A = elastic.lora(i, n)
             A, B = A[sel], B[:, sel] * elastic.scale  # (R, in), (out, R)
             lora_a[name] = A[kept[i]].numpy().astype(np_dtype)  # (R_b, in)

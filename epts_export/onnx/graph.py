@@ -156,14 +156,16 @@ def weight_sparsity(graph: onnx.ModelProto, weights: dict[str, str]) -> float:
 
 
 def check_sparsity(graph: onnx.ModelProto, weights: dict[str, str], level: Level,
-                   expected_zeros: dict[str, np.ndarray] | None = None) -> dict:
+                   expected_zeros: dict[str, np.ndarray] | None = None, own: dict[str, Level] | None = None) -> dict:
     """Does sparsity survive in a baked graph? For every prunable weight initializer ``W_t`` (in, out):
 
     - it feeds MatMul directly as input B, and nothing else (no Reshape/Concat/Mul hiding it);
     - unstructured: each output column has at least the pruned count of zeros;
       N:M: every group of M consecutive elements along axis 0 (the reduction axis) has at most N non-zeros;
     - with ``expected_zeros`` (name -> bool (in, out), from the materialized PyTorch weights):
-      exactly those zeros.
+      exactly those zeros;
+    - ``own``: name -> the level a weight's block prunes to under a layer-wise allocation
+      (``core.allocation``); the others are checked against ``level``.
 
     Returns {"ok", "weights", "measured_sparsity", "failures": [str]}.
     """
@@ -185,7 +187,8 @@ def check_sparsity(graph: onnx.ModelProto, weights: dict[str, str], level: Level
         if not users or bad:
             failures.append(f"{name}: consumed by {', '.join(bad) or 'nothing'}, not directly by MatMul as its weight")
         k, n_out = w.shape
-        if level.is_nm:
+        level_w = (own or {}).get(name, level)
+        if level_w.is_nm:
             if k % level.m:
                 failures.append(f"{name}: reduction axis {k} is not a multiple of {level.m}")
             else:
@@ -193,7 +196,7 @@ def check_sparsity(graph: onnx.ModelProto, weights: dict[str, str], level: Level
                 if (nz > level.n).any():
                     failures.append(f"{name}: {int((nz > level.n).sum())} groups along axis 0 have more than {level.n} of {level.m} non-zeros")
         else:
-            need = k - keep_count(k, level.sparsity)
+            need = k - keep_count(k, level_w.sparsity)
             short = int(((w == 0).sum(axis=0) < need).sum())
             if short:
                 failures.append(f"{name}: {short} output columns have fewer than {need} zeros of {k}")

@@ -128,6 +128,17 @@ def _expected_zeros(model, weights: dict[str, str], dtype: str) -> dict[str, np.
     return out
 
 
+def _block_levels(em, weights: dict[str, str], lv: Level) -> dict[str, Level] | None:
+    """Initializer name -> the level its block prunes to under the artifact's layer-wise allocation
+    (None when every block prunes to ``lv``)."""
+    alloc = em.artifact.allocation
+    if alloc.uniform or lv.is_nm:
+        return None
+    prefix = em.family.blocks + "."
+    return {name: Level(sparsity=alloc.sparsity(int(module[len(prefix):].split(".")[0]), lv.sparsity))
+            for name, module in weights.items()}
+
+
 def prompt_ids(tokenizer) -> list[int]:
     """The fixed prompt of the generate check, tokenized."""
     return tokenizer(PROMPT)["input_ids"] or [tokenizer.bos_token_id or 0]
@@ -245,7 +256,8 @@ def validate(export_dir: "str | Path | OnnxExport", levels: list[Level] | None =
             return _switch_checks(exp, lv, model, em, switcher, threads)
         try:
             graph = onnx_graph.load(exp.graph_path(lv))
-            res = onnx_graph.check_sparsity(graph, weights, lv, _expected_zeros(model, weights, exp.dtype))
+            res = onnx_graph.check_sparsity(graph, weights, lv, _expected_zeros(model, weights, exp.dtype),
+                                            _block_levels(em, weights, lv))
             checks = {"sparsity": {"passed": res.pop("ok"), **res}}
             if exp.dtype == "int8":
                 from ..quant.qdq import check_quantized

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ..core.allocation import UNIFORM, Allocation
 from ..core.closed_form import closed_form_adapters
 from ..core.config import TrainConfig, steps_per_epoch
 from ..errors import UserError
@@ -147,6 +148,11 @@ class BlockRun:
     nwindows: int  # every rank's windows
     ids: list[int]  # this rank's: global window ids
     streams_device: torch.device | str
+    alloc: Allocation = UNIFORM  # the layer-wise allocation: this block's masks sit at alloc.sparsity(index, s)
+    index: int = 0  # the block's index in the model
+
+    def rule(self, level: Level, low_group_lora: bool = True) -> LevelRule:
+        return level_rule(self.groups, level, low_group_lora, self.alloc, self.index)
 
     def forward(self, weights: dict, x: torch.Tensor) -> torch.Tensor:
         """The block's output for input ``x`` with ``weights`` in place of its prunable linears',
@@ -210,7 +216,7 @@ def start_adapters(run: BlockRun, weights: dict[str, torch.Tensor], gram: dict[s
     for n, lin in run.linears.items():
         b, a = init_lora(lin.out_features, lin.in_features, G, r, gen)
         if run.cfg.init == "lsq":
-            b, a = closed_form_adapters(weights[n], gram[n].mean(), order[n], run.groups, r, run.cfg.scale)
+            b, a = closed_form_adapters(weights[n], gram[n].mean(), order[n], run.groups, r, run.cfg.scale, run.rule)
         B[n] = b.to(run.device).requires_grad_(True)
         A[n] = a.to(run.device).requires_grad_(True)
     return B, A
@@ -250,7 +256,7 @@ def train_adapters(run: BlockRun, merge: "BlockMerger", params: list[torch.Tenso
                 x, t = sparse_in[local[j]].to(run.device), teacher[local[j]].to(run.device)
                 y0 = None
                 for g in groups:
-                    rule = level_rule(groups, group_level(g, float(draws[g.index][step])))
+                    rule = run.rule(group_level(g, float(draws[g.index][step])))
                     y = run.forward(merge(rule, g.index if cfg.residual else None), x)
                     if g.index == 0:
                         loss = F.mse_loss(y, t)
@@ -283,7 +289,7 @@ def low_group_check(run: BlockRun, merge: "BlockMerger", sparse_in: list[torch.T
     cfg, groups = run.cfg, run.groups
     low = Level(sparsity=min(LOW_CHECK_SPARSITY, groups[0].hi))
     err_with = err_without = 0.0
-    with_w, without_w = merge(level_rule(groups, low, True)), merge(level_rule(groups, low, False))
+    with_w, without_w = merge(run.rule(low, True)), merge(run.rule(low, False))
     for j, x, t in zip(run.ids, sparse_in, teacher):
         if cfg.check_windows and j >= cfg.check_windows:
             continue
@@ -311,7 +317,7 @@ def msfm_stream(run: BlockRun, merge: "BlockMerger", sparse_in: list[torch.Tenso
     mixed = []
     for j, x in zip(run.ids, sparse_in):
         xd = x.to(run.device)
-        outs = [run.forward(merge(level_rule(groups, group_level(g, s), low_group_lora)), xd)
+        outs = [run.forward(merge(run.rule(group_level(g, s), low_group_lora)), xd)
                 for g, s in zip(groups, mix_draws[j])]
         mixed.append(msfm_mix(outs, wts).float().to(run.streams_device))
         run.advance(len(groups))
@@ -333,13 +339,16 @@ def optimize_block(
     dist: Dist = LOCAL,
     nwindows: int | None = None,
     streams_device: torch.device | str = "cpu",
+    alloc: Allocation = UNIFORM,
+    index: int = 0,
 ) -> BlockResult:
     """Run EPTS on one block that already sits on ``device``: its steps in order (epts-method.md).
 
     dense_in / sparse_in: tensors (1, T, C), the teacher and student streams entering the block,
     for this rank's windows (global ids ``dist.owned(nwindows)``; all ``nwindows`` of them in a
     single process). They may live on the CPU or on ``device``; the next block's streams are
-    returned on ``streams_device``. ``seed`` seeds every random draw of this block (the same on
+    returned on ``streams_device``. ``alloc`` and ``index``: the layer-wise allocation and this
+    block's place in it (the masks of level s are cut at ``alloc.sparsity(index, s)``). ``seed`` seeds every random draw of this block (the same on
     every rank), so a resumed or distributed run repeats it exactly.
     ``advance(n)`` reports n forward-equivalents of this rank's progress.
     """
@@ -350,7 +359,7 @@ def optimize_block(
     for p in block.parameters():
         p.requires_grad_(False)
     block.eval()
-    run = BlockRun(block, linears, kwargs, groups, cfg, device, advance, dist, N, ids, streams_device)
+    run = BlockRun(block, linears, kwargs, groups, cfg, device, advance, dist, N, ids, streams_device, alloc, index)
 
     teacher, rows, gram = dense_pass(run, dense_in)
     weights = {n: lin.weight.detach().float() for n, lin in linears.items()}

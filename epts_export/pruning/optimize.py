@@ -28,11 +28,13 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from ..artifact.folder import ARTIFACT, ELASTIC_FILE, METHODS, MODEL_DIR, library_versions
+from ..core.allocation import Allocation, UNIFORM, parse_allocation
 from ..core.levels import GROUP_WIDTH, LOW_GROUP_TOP, Group, Level
 from ..errors import UserError
 from ..fsutil import check_destination, file_hashes, partial_path, sha256_bytes, staged_dir, write_json
 from ..models.families import Family, family_for, get_blocks, iter_prunable, measured_sparsity, prunable_linears
 from ..progress import Progress
+from .allocate import ERROR_WINDOWS, allocate
 from .baselines import prune_block_calibrated, prune_magnitude
 from .blockloop import capture_block_inputs, to_device
 from .calibration import CalibSpec, build_calibration
@@ -64,6 +66,7 @@ class OptimizeSpec:
     host_memory_gib: float | None = None  # host memory per machine the run may use (default: MemAvailable)
     device_memory_gib: float | None = None  # device memory per rank (default: the device's free memory)
     resolved: "ResolvedModel | None" = None  # ``model`` resolved already (build's hand-over; one process only)
+    allocation: str = "uniform"  # layer-wise allocation: uniform | owl[:LAMBDA[,M]] | error[:LAMBDA] (core.allocation)
 
     @classmethod
     def from_preset(cls, model: str, out: Path, levels: list[Level], preset: str = "default", *,
@@ -71,7 +74,8 @@ class OptimizeSpec:
                     epochs: int | None = None, rank: int | None = None, lr: float | None = None, seed: int = 0,
                     batch: int | None = None, precision: str | None = None, init: str | None = None,
                     steps: int | None = None, group_width: float | None = None, warmup: int | None = None,
-                    low_top: float | None = None, low_span: float | None = None, **rest) -> "OptimizeSpec":
+                    low_top: float | None = None, low_span: float | None = None, allocation: str | None = None,
+                    **rest) -> "OptimizeSpec":
         """The spec of a preset (calibration/<preset>.toml), with any setting given here winning
         over the preset's. ``rest``: method, device, resume, overwrite, threads, streams,
         host_memory_gib, device_memory_gib, resolved."""
@@ -95,7 +99,7 @@ class OptimizeSpec:
                                        else p.get("group_width", GROUP_WIDTH),
                                        low_top=low_top if low_top is not None else p.get("low_top", LOW_GROUP_TOP),
                                        low_span=low_span if low_span is not None else p.get("low_span", 0.0)),
-                   **rest)
+                   allocation=allocation or p.get("allocation", "uniform"), **rest)
 
 
 def resolve_precision(precision: str, device: str = "cpu") -> str:
@@ -125,6 +129,9 @@ MAX_STEPS = 1_000_000  # optimizer steps per block (and epochs, warm-up): more i
 def _check_spec(spec: OptimizeSpec) -> None:
     if spec.method not in METHODS:
         raise UserError(f"unknown method {spec.method!r}: choose one of {', '.join(METHODS)}")
+    if parse_allocation(spec.allocation)[0] != "uniform" and spec.method == "magnitude":
+        raise UserError(f"--allocation {spec.allocation} scores blocks on calibration data; --method magnitude has none "
+                        "(use uniform)")
     if spec.method != "epts" and len(spec.levels) != 1:
         raise UserError(f"--method {spec.method} prunes to one level per run; got {len(spec.levels)} levels")
     if spec.train.epochs < 1 or spec.train.rank < 1 or spec.train.batch < 1:
@@ -195,6 +202,7 @@ class _Run:
     calib: object | None  # Calibration (None for magnitude pruning)
     settings: dict
     fingerprint: str  # checkpoints of a resumed run must come from the same inputs
+    alloc: Allocation = UNIFORM  # the layer-wise allocation (computed on the dense model before the walk)
 
 
 def optimize(spec: OptimizeSpec, progress: Progress | None = None, on_block_done: Callable[[int], None] | None = None) -> Path:
@@ -292,6 +300,7 @@ def _optimize(spec: OptimizeSpec, dist: Dist, device: str, progress: Progress, o
                 tmp = partial_path(out)
                 (tmp / "ckpt").mkdir(parents=True, exist_ok=True)
             run = _load(spec, resolved, progress, dist)
+            run.alloc = _allocate(run, spec, progress, dist, device)
             metrics: list[dict] = []
             if epts:
                 metrics = _run_epts(run, spec, tmp / "ckpt", progress, on_block_done, dist, device, estimate)
@@ -341,12 +350,28 @@ def _load(spec: OptimizeSpec, resolved, progress: Progress, dist: Dist = LOCAL) 
         with progress.status(f"building calibration set from {spec.calib.source}"):
             calib = dist.on_main(lambda: build_calibration(spec.calib, tok, model, model_key=resolved.source.get("sha256")))
     settings = {"method": spec.method, "levels": [lv.name for lv in spec.levels], **asdict(spec.train),
+                "allocation": spec.allocation,
                 "nsamples": spec.calib.nsamples, "seqlen": spec.calib.seqlen, "seed": spec.calib.seed, "device": spec.device}
     fingerprint = sha256_bytes(json.dumps({"model": resolved.source.get("sha256"), "calib": calib.record if calib else None,
                                            "settings": {k: v for k, v in settings.items() if k != "device"}},
                                           sort_keys=True).encode())
     groups = spec.train.groups(spec.levels) if spec.method == "epts" else []
     return _Run(model, tok, fam, resolved.source, groups, calib, settings, fingerprint)
+
+
+def _allocate(run: _Run, spec: OptimizeSpec, progress: Progress, dist: Dist, device: str) -> Allocation:
+    """The run's layer-wise allocation: uniform, or scored on the dense model over this rank's
+    calibration windows (every rank's statistics combined, so every rank gets the same offsets)."""
+    method, lam, m = parse_allocation(spec.allocation)
+    if method == "uniform":
+        return UNIFORM
+    samples = run.calib.samples[dist.owned(len(run.calib.samples))]
+    nblocks = len(get_blocks(run.model, run.fam))
+    passes = (len(samples) + (min(len(samples), ERROR_WINDOWS) if method == "error" else 0)) * nblocks
+    with progress.task(f"{method} allocation: scoring blocks", total=passes) as advance:
+        alloc = allocate(method, lam, m, run.model, run.fam, samples, device, advance, dist)
+    progress.note(f"allocation: {alloc.describe()}")
+    return alloc
 
 
 def _write_artifact(tmp: Path, run: _Run, spec: OptimizeSpec, metrics: list[dict], elapsed: float,
@@ -374,6 +399,7 @@ def _write_artifact(tmp: Path, run: _Run, spec: OptimizeSpec, metrics: list[dict
         "groups": [g.to_dict() for g in run.groups],
         "settings": run.settings,
         "calibration": run.calib.record if run.calib else None,
+        "allocation": run.alloc.to_dict(),
         "versions": library_versions(),
         "elapsed_s": round(elapsed, 1),
         "block_metrics": metrics,
@@ -400,10 +426,12 @@ def _run_baseline(run: _Run, spec: OptimizeSpec, progress: Progress, dist: Dist 
     kwargs_dev = to_device(inps.kwargs, device)
     hidden = [h.to(streams_dev) for h in inps.hidden]
     with progress.task(f"{spec.method} {spec.levels[0].name}", total=2 * len(samples) * len(blocks)) as advance:
-        for block in blocks:
+        for i, block in enumerate(blocks):
             block.to(device)
+            level = spec.levels[0]
+            level = level if level.is_nm else Level(sparsity=run.alloc.sparsity(i, level.sparsity))
             hidden = prune_block_calibrated(spec.method, block, prunable_linears(block, run.fam), hidden, kwargs_dev,
-                                            spec.levels[0], device, advance, dist=dist, streams_device=streams_dev)
+                                            level, device, advance, dist=dist, streams_device=streams_dev)
             block.to("cpu")
 
 
@@ -450,7 +478,7 @@ def _run_epts(run: _Run, spec: OptimizeSpec, ckpt: Path, progress: Progress, on_
             block = blocks[i].to(device)
             res = optimize_block(block, prunable_linears(block, run.fam), dense, sparse, kwargs_dev, run.groups, spec.train,
                                  seed=spec.calib.seed * 1_000_003 + i, device=device, advance=advance, dist=dist,
-                                 nwindows=nwindows, streams_device=streams_dev)
+                                 nwindows=nwindows, streams_device=streams_dev, alloc=run.alloc, index=i)
             blocks[i].to("cpu")
             dense, sparse = res.dense_out, res.sparse_out
             if dist.is_main:

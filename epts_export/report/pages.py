@@ -146,6 +146,15 @@ def bundle_page(manifest: dict, parity: dict | None, curve: dict | None = None, 
         sections.append(("Calibration", f"<p>{esc(calib.get('source'))}: {esc(calib.get('nsamples'))} x "
                                         f"{esc(calib.get('seqlen'))} tokens (seed {esc(calib.get('seed'))}).</p>" +
                          (f"<p class=\"meta\">{esc(note)}</p>" if note else "")))
+    alloc = (manifest.get("source") or {}).get("allocation")
+    if isinstance(alloc, dict) and any(alloc.get("offsets") or []):
+        from ..core.allocation import Allocation
+
+        try:
+            text = Allocation.from_dict(alloc).describe()
+        except (KeyError, TypeError, ValueError):
+            text = "unreadable record"
+        sections.append(("Layer-wise allocation", f"<p>{esc(text)}; the measured sparsity of each level is its mean.</p>"))
     stages = manifest.get("stages") or []
     if stages:
         sections.append(("Time per stage", table(["stage", "seconds", ""], [
