@@ -48,17 +48,17 @@ OWL = "5,0.08"
 NOT_AVAILABLE = {"alps": "not in llm-compressor 0.14.0.1 (PRs #867 and #874 closed unmerged); only its authors' reference code has it, not run here"}
 
 
-def windows_file(work: Path, corpus_calib: Path, tok, nsamples: int, seqlen: int) -> tuple[Path, str]:
+def windows_file(work: Path, corpus_calib: Path, tok, nsamples: int, seqlen: int) -> Path:
     from safetensors.torch import save_file
 
     calib = build_calibration(CalibSpec(source=str(corpus_calib), nsamples=nsamples, seqlen=seqlen, seed=0), tok)
     path = work / "windows.safetensors"
     if not path.exists():
         save_file({"input_ids": calib.samples.contiguous()}, str(path))
-    return path, calib.record["sha256"] if "sha256" in calib.record else ""
+    return path
 
 
-def check_folder(out: Path, dense, level) -> dict:
+def check_folder(out: Path, dense) -> dict:
     """Load a peer's folder and compare it with the dense model: the tensors outside the prunable
     linears must be bit-identical, and the prunable ones as sparse as the level."""
     model, _ = load_model(out)
@@ -87,7 +87,7 @@ def main() -> None:
     texts = CORPORA[args.corpus]()
     resolved = resolve_model(args.model, progress=False)
     dense, tok = load_model(resolved.path)
-    windows, _ = windows_file(work, texts["calib"], tok, args.nsamples, args.seqlen)
+    windows = windows_file(work, texts["calib"], tok, args.nsamples, args.seqlen)
     ev = load_eval_data(str(texts["eval"]), tok, args.eval_seqlen, args.eval_windows or None)
     results_path = work / "results.json"
     result = json.loads(results_path.read_text()) if results_path.exists() else {"rows": {}}
@@ -118,7 +118,7 @@ def main() -> None:
             peer = json.loads((out / "peer.json").read_text())
             sha = sha or peer["windows_sha256"]
             assert peer["windows_sha256"] == sha, f"{out} saw other windows than the other runs"
-            chk = check_folder(out, dense, lv)
+            chk = check_folder(out, dense)
             assert not chk["other_tensors_changed"], f"{out}: tensors outside the prunable linears changed: {chk['other_tensors_changed'][:3]}"
             row["ppl"][lv.name] = round(perplexity(chk["model"], ev.ids), 3)
             row["time_s"][lv.name] = peer["seconds"]
