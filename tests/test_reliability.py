@@ -179,6 +179,37 @@ def _wait_for(pred, timeout=120):
         time.sleep(0.05)
 
 
+def test_an_interrupted_or_bad_extraction_removes_the_tar_copy_at_once(bundle, tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM while a .tar.gz is extracted, or an archive whose manifest is refused:
+    the temporary copy goes before the exception leaves Bundle.open, not whenever it is collected."""
+    import tarfile
+    import tempfile
+
+    from epts_export.device import bundle as bundle_mod
+
+    tar = tmp_path / "b.tar.gz"
+    with tarfile.open(tar, "w:gz") as t:
+        t.add(bundle, arcname="rtx-ada")
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    real = bundle_mod.safe_extract
+
+    def interrupted(src, dest):
+        real(src, dest)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bundle_mod, "safe_extract", interrupted)
+    with pytest.raises(KeyboardInterrupt) as caught:  # held: its traceback keeps Bundle.open's frame alive
+        bundle_mod.Bundle.open(tar)
+    assert not list(tmpdir.iterdir()) and caught.value is not None
+    monkeypatch.setattr(bundle_mod, "safe_extract", real)
+    monkeypatch.setattr(bundle_mod, "check_levels", lambda *a: (_ for _ in ()).throw(UserError("bad levels")))
+    with pytest.raises(UserError, match="bad levels") as caught:
+        bundle_mod.Bundle.open(tar)
+    assert not list(tmpdir.iterdir()) and caught.value is not None
+
+
 def test_sigterm_cleans_up_the_tar_copy_and_the_partial_folder(bundle, tiny_artifacts, tmp_path):
     """SIGTERM unwinds like Ctrl-C: `run` of a .tar.gz removes its extracted copy, `export`
     its <out>.partial; both exit 143 with one line."""

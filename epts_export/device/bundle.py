@@ -90,11 +90,16 @@ class Bundle:
         if not p.exists():
             raise UserError(f"bundle not found: {p}")
         tmp = None
-        if p.is_file():
-            tmp = tempfile.TemporaryDirectory(prefix="epts-bundle-")
-            p = safe_extract(p, Path(tmp.name))
-        manifest = read_manifest(p, BUNDLE, EXIT_INTEGRITY)
-        check_levels(manifest, str(p / MANIFEST))
+        try:
+            if p.is_file():
+                tmp = tempfile.TemporaryDirectory(prefix="epts-bundle-")
+                p = safe_extract(p, Path(tmp.name))
+            manifest = read_manifest(p, BUNDLE, EXIT_INTEGRITY)
+            check_levels(manifest, str(p / MANIFEST))
+        except BaseException:  # a bad archive, Ctrl-C or SIGTERM mid-extraction: the copy goes now, not at exit
+            if tmp is not None:
+                tmp.cleanup()
+            raise
         return cls(p, manifest, tmp)
 
     @property
