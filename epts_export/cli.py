@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .boundary import boundary as _boundary
-from .device.errors import install_sigterm, interrupted_line
+from .device.errors import exit_interrupted, install_sigterm, interrupted, interrupted_line
 from .errors import UserError
 from .fsutil import check_output_file
 from .core.levels import DEFAULT_LEVELS
@@ -477,7 +477,11 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:  # one that arrives after the command's boundary, on the way out
-        raise SystemExit(interrupted_line()[1]) from None
+        exit_interrupted(interrupted_line()[1])
+    except SystemExit as e:
+        if interrupted() and isinstance(e.code, int):
+            exit_interrupted(e.code)
+        raise
 
 
 if __name__ == "__main__":

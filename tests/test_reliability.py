@@ -256,3 +256,37 @@ def test_baked_level_records_need_their_own_folder_and_graph():
     no_graph = {**ok, "files": {k: v for k, v in files.items() if k != "level-0.5/model.onnx"}}
     with pytest.raises(UserError, match="does not list level-0.5/model.onnx"):
         check_levels(no_graph, "m")
+
+
+@pytest.mark.parametrize("where", ["boundary", "after"])
+def test_an_interrupt_that_passed_through_pyrun_string_still_exits_143(tmp_path, where):
+    """CPython flags a KeyboardInterrupt that left code run by PyRun_String (as extensions' pybind11
+    exec does) and then makes `python -m` exit by SIGINT (-2), even once the interruption was
+    handled; the CLI must still exit with the status it printed the line for."""
+    (tmp_path / "kbi_cli.py").write_text(f'''
+import ctypes
+import typer
+from epts_export import cli
+from epts_export.boundary import boundary
+
+run = ctypes.pythonapi.PyRun_String
+run.restype, run.argtypes = ctypes.py_object, [ctypes.c_char_p, ctypes.c_int, ctypes.py_object, ctypes.py_object]
+
+def pyrun_interrupted():
+    # the handler raises inside the code PyRun_String runs
+    run(b"import os, signal; os.kill(os.getpid(), signal.SIGTERM)", 257, {{}}, {{}})
+
+app = typer.Typer()
+
+@app.command()
+@boundary
+def command():
+    pyrun_interrupted()
+
+cli.app = app if "{where}" == "boundary" else pyrun_interrupted
+cli.main()
+''')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    p = subprocess.run([sys.executable, "-m", "kbi_cli"], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 143, (p.returncode, p.stdout, p.stderr)
+    assert "terminated (SIGTERM)" in p.stdout + p.stderr or where == "after"

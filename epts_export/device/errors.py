@@ -27,6 +27,7 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 _terminated: list = []
+_reported: list = []  # interrupted_line() was called: the command is on its way out after Ctrl-C or SIGTERM
 
 
 def _on_sigterm(signum, frame):
@@ -50,9 +51,35 @@ def terminated() -> bool:
 
 def interrupted_line() -> tuple:
     """(the one line, the exit code) of a command stopped by Ctrl-C or SIGTERM."""
+    _reported.append(True)
     if _terminated:
         return "terminated (SIGTERM): stopped, and nothing was left half-written", EXIT_TERMINATED
     return "interrupted: stopped, and nothing was left half-written", EXIT_INTERRUPTED
+
+
+def interrupted() -> bool:
+    """Whether the command reported an interruption (``interrupted_line``): it is on its way out."""
+    return bool(_reported)
+
+
+def exit_interrupted(code: int):
+    """Leave with ``code`` after Ctrl-C or SIGTERM, exit handlers run and output flushed.
+
+    A KeyboardInterrupt that passed through code an extension ran with ``PyRun_String`` (pybind11's
+    ``exec`` does) leaves a flag in CPython that makes ``python -m`` exit by SIGINT (status -2)
+    whatever status the program chose, even though the interruption was handled; ``os._exit``
+    keeps the promised 130 or 143."""
+    import atexit
+    import os
+    import sys
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 EXIT_INTEGRITY = 3  # a file is missing, altered or not listed; a level drifts from its reference
