@@ -7,6 +7,8 @@ each):
 
     self          tokens sampled from the model (temperature 1, the preset's), uniform allocation
     self+err      the same calibration, `--allocation error` (core/allocation.py)
+    self+err+mtrain  and MSFM from the training passes (`--msfm train`); without +mtrain a
+                  variant has the reference's MSFM pass whatever the preset says
     random        uniform random token ids (the floor; not in the default list)
     pydoc         a general text no user has to bring: the Python Language Reference's topics,
                   ``pydoc_data.topics`` (PSF License), which every CPython ships; written to
@@ -62,13 +64,14 @@ def pydoc_text(work: Path) -> Path:
 def variant_spec(name: str, model: str, levels, work: Path) -> dict:
     """The OptimizeSpec fields of one variant: the default preset, its calibration source and
     allocation (uniform, or error with +err) as the name says."""
-    source, _, lever = name.partition("+")
-    if source not in ("self", "random", "pydoc") or lever not in ("", "err"):
-        raise SystemExit(f"unknown variant {name!r} (known: {', '.join(VARIANTS)})")
+    source, *levers = name.split("+")
+    if source not in ("self", "random", "pydoc") or not set(levers) <= {"err", "mtrain"} or len(set(levers)) < len(levers):
+        raise SystemExit(f"unknown variant {name!r} (known: {', '.join(VARIANTS)}, each with +mtrain)")
     spec = OptimizeSpec.from_preset(model, Path("."), levels, "default")
     calib = str(pydoc_text(work)) if source == "pydoc" else source
     spec = dataclasses.replace(spec, calib=dataclasses.replace(spec.calib, source=calib),
-                               allocation="error" if lever else "uniform")
+                               allocation="error" if "err" in levers else "uniform",
+                               train=dataclasses.replace(spec.train, msfm="train" if "mtrain" in levers else "pass"))
     kw = vars(spec).copy()
     kw.pop("out"), kw.pop("resume")
     return kw
@@ -95,6 +98,9 @@ def main() -> None:
     texts = {c: CORPORA[c]() for c in CORPORA}
     result = {"model": args.model, "levels": [lv.name for lv in levels], "reference": args.reference,
               "references": {c: {"ppl": r["ppl"], "time_s": r["time_s"]} for c, r in refs.items()}, "variants": {}}
+    before = args.work / "results.json"  # the variants an earlier invocation measured against this reference
+    if before.exists() and json.loads(before.read_text()).get("reference") == args.reference:
+        result["variants"] = json.loads(before.read_text())["variants"]
     evals = {}
     for name in args.variants.split(","):
         path, secs = run_optimize(args.work, f"default-{name}", variant_spec(name, args.model, levels, args.work), progress)

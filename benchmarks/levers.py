@@ -10,6 +10,7 @@
     low<NN>          group 0 ends at NN/100 (low35: [0, .35], then the g<NN> groups from there)
     span<NN>         group 0 is fit over its top NN/100 only (span20 with low35: [.15, .35])
     w<N>             N steps of linear lr warm-up
+    mtrain           MSFM mixes the last epoch's training outputs (no MSFM pass of its own)
     mixeq            MSFM mixes the groups' outputs with equal weights (default: twice the weight
                      for groups from 0.55 up, the reference's)
     lr<K>            lr 1e-K (lr3 = 1e-3); lr<A>e<K>: A x 1e-K (lr3e3 = 3e-3); lr0: no training
@@ -30,7 +31,7 @@ from epts_export.core.config import TrainConfig
 
 FLAGS = {"bf16": {"precision": "bf16"}, "fp32": {"precision": "fp32"}, "lsq": {"init": "lsq"}, "zero": {"init": "zero"},
          "residual": {"residual": True}, "lr0": {"lr": 1e-30}, "obs": {"importance": "obs"},
-         "wanda": {"importance": "wanda"}, "mixeq": {"mix_weights": "equal"}}
+         "wanda": {"importance": "wanda"}, "mixeq": {"mix_weights": "equal"}, "mtrain": {"msfm": "train"}}
 NUMBERED = [(re.compile(r"e(\d+)"), lambda m: {"epochs": int(m[1])}),
             (re.compile(r"s(\d+)"), lambda m: {"steps": int(m[1])}),
             (re.compile(r"r(\d+)"), lambda m: {"rank": int(m[1])}),

@@ -278,3 +278,52 @@ def test_lr_warmup_then_cosine():
     assert ramp[0] == pytest.approx(0.2 * lr_factor(0, 32)) and ramp[3] == pytest.approx(0.8 * lr_factor(3, 32))
     assert all(a < b for a, b in zip(ramp[:4], ramp[1:5]))  # rises through the warm-up
     assert ramp[4] == pytest.approx(lr_factor(4, 32)) and ramp[5] == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 32)))
+
+
+@pytest.mark.parametrize("keep_low", [True, False])
+def test_msfm_from_training_mixes_the_last_epochs_outputs(monkeypatch, keep_low):
+    """msfm = "train": the next block's sparse input is the MSFM mix of the outputs the last epoch
+    computed, at that epoch's draws (with lr ~0 the adapters do not move, so passes at those draws
+    after training give the same outputs); group 0 is passed again without adapters where the
+    low-group check takes them away; the progress counts no MSFM pass."""
+    import epts_export.pruning.epts as E
+
+    block, lins, inps = _setup(tiny_llama, n=4)
+    groups = build_groups(LEVELS)
+    draws = {}
+
+    class Recording(E.TrainingMix):
+        def add(self, j, group, s, y, device):
+            draws[j, group] = s
+            super().add(j, group, s, y, device)
+
+    monkeypatch.setattr(E, "TrainingMix", Recording)
+    if not keep_low:
+        monkeypatch.setattr(E, "low_group_check", lambda *a: (False, {}))
+    cfg = TrainConfig(rank=2, epochs=2, lr=1e-30, msfm="train")
+    done = []
+    res = optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, groups, cfg, seed=0, advance=done.append)
+    checked = 0 if keep_low else 2 * 4  # the stand-in check passes no window
+    assert sum(done) == cost_per_block(4, 8, len(groups), msfm_pass=False) - checked
+    merge = BlockMerger({n: lin.weight.detach().float() for n, lin in lins.items()}, res.order, res.lora_B, res.lora_A,
+                        cfg.rank, cfg.scale)
+    for j, (x, got) in enumerate(zip(inps.hidden, res.sparse_out)):
+        outs = [block_output(functional_call(block, merge(level_rule(groups, E.group_level(g, draws[j, g.index]), keep_low)),
+                                             (x,), inps.kwargs)) for g in groups]
+        torch.testing.assert_close(got, E.msfm_mix(outs, E.mix_weights(groups)), rtol=1e-5, atol=1e-6)
+    # the draws are those of the last epoch: a second run with the reference's MSFM pass differs
+    ref = optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, groups,
+                         dataclasses.replace(cfg, msfm="pass"), seed=0)
+    assert not torch.allclose(ref.sparse_out[0], res.sparse_out[0])
+    torch.testing.assert_close(ref.dense_out[0], res.dense_out[0])
+
+
+def test_msfm_from_training_needs_an_epoch_that_passes_every_window():
+    assert TrainConfig(epochs=1, msfm="train").mixes_in_training(32)
+    assert not TrainConfig(epochs=1, steps=40, msfm="train").mixes_in_training(32)  # the 2nd epoch stops at 8 of 32
+    assert TrainConfig(epochs=1, steps=64, msfm="train").mixes_in_training(32)
+    assert not TrainConfig(epochs=1).mixes_in_training(32)
+    with pytest.raises(ValueError, match="msfm must be one of pass, train"):
+        TrainConfig(msfm="during")
+    assert TrainConfig.from_dict({**dataclasses.asdict(TrainConfig(msfm="train"))}).msfm == "train"
+    assert TrainConfig.from_dict({k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k != "msfm"}).msfm == "pass"

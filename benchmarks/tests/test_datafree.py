@@ -16,8 +16,12 @@ def test_variants_change_only_the_calibration_and_the_allocation(tmp_path):
     assert pydoc["allocation"] == "error" and pydoc["calib"].source == str(tmp_path / "pydoc.txt")
     assert "The \"assert\" statement" in (tmp_path / "pydoc.txt").read_text()
     assert pydoc["train"] == base["train"] and pydoc["calib"].nsamples == base["calib"].nsamples
-    with pytest.raises(SystemExit, match="unknown variant"):
-        variant_spec("self+owl", "smollm2-135m", levels, tmp_path)
+    assert base["train"].msfm == "pass"
+    fast = variant_spec("self+err+mtrain", "smollm2-135m", levels, tmp_path)
+    assert fast["train"].msfm == "train" and fast["allocation"] == "error" and fast["calib"] == base["calib"]
+    for bad in ("self+owl", "self+err+err", "mtrain"):
+        with pytest.raises(SystemExit, match="unknown variant"):
+            variant_spec(bad, "smollm2-135m", levels, tmp_path)
 
 
 def test_table_gives_each_variant_its_ratio_to_the_reference():

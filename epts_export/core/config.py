@@ -12,6 +12,7 @@ from .levels import GROUP_WIDTH, LOW_GROUP_TOP, Group, Level, build_groups
 PRECISIONS = ("fp32", "bf16")
 INITS = ("zero", "lsq")
 IMPORTANCES = ("wanda", "obs")
+MSFM_SOURCES = ("pass", "train")
 
 
 def bf16_fast(device: str = "cpu") -> bool:
@@ -49,9 +50,18 @@ class TrainConfig:
     low_top: float = LOW_GROUP_TOP  # where group 0 ends (core.levels.build_groups)
     low_span: float = 0.0  # group 0 is [low_top - low_span, low_top] (core.levels.build_groups); 0: [0, low_top], the reference
     importance: str = "wanda"  # the nested order: "wanda" |W| sqrt(E x^2), or "obs" |W| / sqrt([H^-1]_jj) (core.masks)
+    # where MSFM's outputs come from: "pass", a pass with the trained adapters after training (the
+    # reference); "train", the last epoch's training passes (each window's draw per group, the
+    # adapters of its step): the same mix of the same draws' outputs without a pass of its own
+    msfm: str = "pass"
 
     def total_steps(self, nwindows: int) -> int:
         return self.steps or self.epochs * steps_per_epoch(nwindows, self.batch)
+
+    def mixes_in_training(self, nwindows: int) -> bool:
+        """Whether MSFM takes the training passes' outputs: asked for, and the last epoch passes
+        every window (--steps may stop it early; then MSFM has its pass)."""
+        return self.msfm == "train" and self.total_steps(nwindows) % steps_per_epoch(nwindows, self.batch) == 0
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -68,6 +78,8 @@ class TrainConfig:
             raise ValueError(f"low-span must be in [0, 1] (0: all of group 0), got {self.low_span:g}")
         if self.importance not in IMPORTANCES:
             raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
+        if self.msfm not in MSFM_SOURCES:
+            raise ValueError(f"msfm must be one of {', '.join(MSFM_SOURCES)}, got {self.msfm!r}")
 
     def groups(self, levels: list[Level]) -> list[Group]:
         """The hierarchy this config trains for ``levels``."""
@@ -85,7 +97,8 @@ class TrainConfig:
                    residual=bool(d.get("residual", False)), check_windows=int(d.get("check_windows", 0)),
                    steps=int(d.get("steps", 0)), group_width=float(d.get("group_width", GROUP_WIDTH)),
                    warmup=int(d.get("warmup", 0)), low_top=float(d.get("low_top", LOW_GROUP_TOP)),
-                   low_span=float(d.get("low_span", 0.0)), importance=str(d.get("importance", "wanda")))
+                   low_span=float(d.get("low_span", 0.0)), importance=str(d.get("importance", "wanda")),
+                   msfm=str(d.get("msfm", "pass")))
 
     def autocast(self, device):
         """The context of the student passes: bf16 autocast, or nothing (``device``: torch.device or str)."""

@@ -85,11 +85,12 @@ def lr_factor(step: int, steps: int, warmup: int = 0) -> float:
     return cos * min(1.0, (step + 1) / (warmup + 1)) if warmup else cos
 
 
-def cost_per_block(nsamples: int, trained: int, ngroups: int, checked: int | None = None) -> int:
+def cost_per_block(nsamples: int, trained: int, ngroups: int, checked: int | None = None, msfm_pass: bool = True) -> int:
     """Work of one block in forward-pass equivalents (backward ~ 2 forwards): stats/teacher pass,
     training (``trained`` window passes), low-group check (over ``checked`` windows; None = all),
-    MSFM pass. Drives an honest progress ETA."""
-    return nsamples * (1 + ngroups) + 3 * ngroups * trained + 2 * (nsamples if checked is None else checked)
+    MSFM pass (none when MSFM takes the training outputs). Drives an honest progress ETA."""
+    mixing = nsamples * ngroups if msfm_pass else 0
+    return nsamples + mixing + 3 * ngroups * trained + 2 * (nsamples if checked is None else checked)
 
 
 def msfm_mix(outputs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -226,11 +227,35 @@ class Diverged(UserError):
     """Training produced a non-finite loss or adapter: no artifact, and no checkpoint to resume."""
 
 
+class TrainingMix:
+    """MSFM from the training passes (``msfm = "train"``): each window's outputs in the last epoch,
+    one per group at that step's draw. Group 0's output and draw are kept apart (the low-group
+    check may serve group 0 without adapters: then it is passed again), the others are summed with
+    their MSFM weights as they come."""
+
+    def __init__(self, weights: list[float]):
+        self.weights = weights
+        self.low: dict[int, tuple[float, torch.Tensor]] = {}  # window -> (group 0's draw, its output)
+        self.rest: dict[int, torch.Tensor] = {}  # window -> the weighted sum of the other groups' outputs
+
+    def clear(self) -> None:
+        self.low.clear()
+        self.rest.clear()
+
+    def add(self, j: int, group: int, s: float, y: torch.Tensor, device) -> None:
+        y = y.detach().to(device)
+        if group == 0:
+            self.low[j] = (s, y)
+        else:
+            self.rest[j] = self.weights[group] * y if j not in self.rest else self.rest[j] + self.weights[group] * y
+
+
 def train_adapters(run: BlockRun, merge: "BlockMerger", params: list[torch.Tensor], sparse_in: list[torch.Tensor],
-                   teacher: list[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+                   teacher: list[torch.Tensor], gen: torch.Generator, mix: TrainingMix | None = None) -> torch.Tensor:
     """Step 2b: MS-HiLoRA training. Each step draws a sparsity per group (stratified over the
     steps) and trains every group on it, the higher groups against the teacher and the group-0
-    student equally. Returns each group's mean loss over the last epoch (every rank's windows)."""
+    student equally. Returns each group's mean loss over the last epoch (every rank's windows);
+    ``mix`` collects the last epoch's outputs for MSFM."""
     cfg, groups, N = run.cfg, run.groups, run.nwindows
     local = {j: k for k, j in enumerate(run.ids)}  # global window id -> index in this rank's lists
     steps = cfg.total_steps(N)
@@ -243,6 +268,8 @@ def train_adapters(run: BlockRun, merge: "BlockMerger", params: list[torch.Tenso
     for _epoch in range(-(-steps // steps_per_epoch(N, cfg.batch))):
         last_epoch.zero_()
         seen_last = 0
+        if mix is not None:
+            mix.clear()
         for batch in minibatches(N, cfg.batch, gen):
             if step == steps:
                 break
@@ -256,8 +283,10 @@ def train_adapters(run: BlockRun, merge: "BlockMerger", params: list[torch.Tenso
                 x, t = sparse_in[local[j]].to(run.device), teacher[local[j]].to(run.device)
                 y0 = None
                 for g in groups:
-                    rule = run.rule(group_level(g, float(draws[g.index][step])))
-                    y = run.forward(merge(rule, g.index if cfg.residual else None), x)
+                    s = float(draws[g.index][step])
+                    y = run.forward(merge(run.rule(group_level(g, s)), g.index if cfg.residual else None), x)
+                    if mix is not None:
+                        mix.add(j, g.index, s, y, run.streams_device)
                     if g.index == 0:
                         loss = F.mse_loss(y, t)
                         y0 = y.detach()
@@ -304,14 +333,33 @@ def low_group_check(run: BlockRun, merge: "BlockMerger", sparse_in: list[torch.T
                                      "without_lora": err_without / checked}
 
 
+def msfm_weights(run: BlockRun) -> list[float]:
+    wts = list(run.cfg.mix_weights) if run.cfg.mix_weights else mix_weights(run.groups)
+    assert len(wts) == len(run.groups), f"{len(wts)} mix weights for {len(run.groups)} groups"
+    return wts
+
+
+@torch.no_grad()
+def msfm_from_training(run: BlockRun, merge: "BlockMerger", sparse_in: list[torch.Tensor], low_group_lora: bool,
+                       mix: TrainingMix) -> list[torch.Tensor]:
+    """Step 4, MSFM from the last epoch's training outputs (``msfm = "train"``); group 0's passed
+    again, at its training draw, where the low-group check took its adapters away."""
+    mixed = []
+    for j, x in zip(run.ids, sparse_in):
+        s, y0 = mix.low[j]
+        if not low_group_lora:
+            y0 = run.forward(merge(run.rule(group_level(run.groups[0], s), False)), x.to(run.device)).to(run.streams_device)
+        mixed.append(mix.weights[0] * y0 + mix.rest.get(j, 0.0))
+    return mixed
+
+
 @torch.no_grad()
 def msfm_stream(run: BlockRun, merge: "BlockMerger", sparse_in: list[torch.Tensor], low_group_lora: bool,
                 gen: torch.Generator) -> list[torch.Tensor]:
     """Step 4, MSFM: the next block's sparse input mixes this block's outputs at one sparsity drawn
     per group (every rank draws for every window, in window order, so the generator agrees)."""
     groups = run.groups
-    wts = list(run.cfg.mix_weights) if run.cfg.mix_weights else mix_weights(groups)
-    assert len(wts) == len(groups), f"{len(wts)} mix weights for {len(groups)} groups"
+    wts = msfm_weights(run)
     mix_draws = [[float(g.lo + (g.hi - g.lo) * torch.rand((), generator=gen, dtype=torch.float64)) for g in groups]
                  for _ in range(run.nwindows)]
     mixed = []
@@ -371,13 +419,18 @@ def optimize_block(
     # same weights with half the memory traffic and no casts
     student_w = {n: w.to(torch.bfloat16) for n, w in weights.items()} if cfg.precision == "bf16" else weights
     params = [t for n in linears for t in (B[n], A[n])]
-    last_epoch = train_adapters(run, BlockMerger(student_w, order, B, A, cfg.rank, cfg.scale), params, sparse_in, teacher, gen)
+    mix = TrainingMix(msfm_weights(run)) if cfg.mixes_in_training(N) else None
+    last_epoch = train_adapters(run, BlockMerger(student_w, order, B, A, cfg.rank, cfg.scale), params, sparse_in, teacher,
+                                gen, mix)
     B = {n: b.detach() for n, b in B.items()}
     A = {n: a.detach() for n, a in A.items()}
     dist.broadcast_(*B.values(), *A.values())  # identical already; rank 0's copy rules out any drift
     merge = BlockMerger(student_w, order, B, A, cfg.rank, cfg.scale)
     low_group_lora, low_check = low_group_check(run, merge, sparse_in, teacher)
-    mixed = msfm_stream(run, merge, sparse_in, low_group_lora, gen)
+    if mix is not None:
+        mixed = msfm_from_training(run, merge, sparse_in, low_group_lora, mix)
+    else:
+        mixed = msfm_stream(run, merge, sparse_in, low_group_lora, gen)
     return BlockResult(
         order={n: v.cpu() for n, v in order.items()},
         lora_B={n: v.cpu() for n, v in B.items()},

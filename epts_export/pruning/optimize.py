@@ -75,7 +75,7 @@ class OptimizeSpec:
                     batch: int | None = None, precision: str | None = None, init: str | None = None,
                     steps: int | None = None, group_width: float | None = None, warmup: int | None = None,
                     low_top: float | None = None, low_span: float | None = None, allocation: str | None = None,
-                    **rest) -> "OptimizeSpec":
+                    msfm: str | None = None, **rest) -> "OptimizeSpec":
         """The spec of a preset (calibration/<preset>.toml), with any setting given here winning
         over the preset's. ``rest``: method, device, resume, overwrite, threads, streams,
         host_memory_gib, device_memory_gib, resolved."""
@@ -98,7 +98,8 @@ class OptimizeSpec:
                                        group_width=group_width if group_width is not None
                                        else p.get("group_width", GROUP_WIDTH),
                                        low_top=low_top if low_top is not None else p.get("low_top", LOW_GROUP_TOP),
-                                       low_span=low_span if low_span is not None else p.get("low_span", 0.0)),
+                                       low_span=low_span if low_span is not None else p.get("low_span", 0.0),
+                                       msfm=msfm or p.get("msfm", "pass")),
                    allocation=allocation or ("uniform" if rest.get("method") == "magnitude"  # it has no data to score
                                              else p.get("allocation", "uniform")), **rest)
 
@@ -362,7 +363,7 @@ def _allocate(run: _Run, spec: OptimizeSpec, progress: Progress, dist: Dist, dev
         return UNIFORM
     samples = run.calib.samples[dist.owned(len(run.calib.samples))]
     nblocks = len(get_blocks(run.model, run.fam))
-    passes = (len(samples) + (error_windows(len(samples), dist) if method == "error" else 0)) * nblocks
+    passes = (2 * error_windows(len(samples), dist) if method == "error" else len(samples)) * nblocks
     with progress.task(f"{method} allocation: scoring blocks", total=passes) as advance:
         alloc = allocate(method, lam, m, run.model, run.fam, samples, device, advance, dist)
     progress.note(f"allocation: {alloc.describe()}")
@@ -466,7 +467,8 @@ def _run_epts(run: _Run, spec: OptimizeSpec, ckpt: Path, progress: Progress, on_
     kwargs_dev = to_device(kwargs, device)
     owned, cw = dist.owned(nwindows), spec.train.check_windows
     trained = _trained_windows(spec.train, nwindows, len(owned))
-    per_block = cost_per_block(len(owned), trained, len(run.groups), sum(1 for j in owned if not cw or j < cw))
+    per_block = cost_per_block(len(owned), trained, len(run.groups), sum(1 for j in owned if not cw or j < cw),
+                               not spec.train.mixes_in_training(nwindows))
     with progress.task("EPTS", total=per_block * nblocks, completed=per_block * start) as advance:
         for i in range(start, nblocks):
             progress.describe(f"EPTS block {i + 1}/{nblocks}")
