@@ -79,8 +79,6 @@ def optimize(
                                              "[0.15, 0.35] (0: all of it, the reference)."),
     allocation: Optional[str] = typer.Option(None, help="Per-block sparsity: uniform, owl[:LAMBDA[,M]] (OWL's outlier ratios) "
                                              "or error[:LAMBDA] (each block's pruning error); masks stay nested, the mean is the level."),
-    msfm: Optional[str] = typer.Option(None, help="Where MSFM's mix of each block's outputs comes from: pass (a pass "
-                                       "after training, the reference) or train (the last epoch's training passes)."),
     seed: int = typer.Option(0, help="Seed for calibration sampling and every random draw."),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]; one block at a time moves to the device "
                                "(under torchrun: cuda, each rank on cuda:LOCAL_RANK)."),
@@ -116,7 +114,7 @@ def optimize(
         spec = OptimizeSpec.from_preset(model, out, _levels(levels), preset, calib=calib, nsamples=nsamples,
                                         seqlen=seqlen, epochs=epochs, rank=rank, lr=lr, seed=seed, batch=batch,
                                         precision=precision, init=init, steps=steps, group_width=group_width, warmup=warmup,
-                                        low_top=low_top, low_span=low_span, allocation=allocation, msfm=msfm,
+                                        low_top=low_top, low_span=low_span, allocation=allocation,
                                         method=method, device=device, resume=resume, overwrite=overwrite,
                                         threads=threads, streams=streams, host_memory_gib=host_memory,
                                         device_memory_gib=device_memory)

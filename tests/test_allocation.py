@@ -202,26 +202,6 @@ def test_error_allocation_prunes_the_blocks_that_cost_least_more(monkeypatch, ti
     assert alloc.offsets == pytest.approx((0.08, -0.08)) and alloc.method == "error"
 
 
-def test_error_scores_read_only_the_scored_windows(tiny_dirs):
-    """The error score's masks take their statistics from the windows it scores: windows past
-    ERROR_WINDOWS change nothing (and are not run through the model)."""
-    from epts_export.models import load_model
-    from epts_export.models.families import family_for
-    from epts_export.pruning.allocate import ERROR_WINDOWS, block_scores
-
-    model, _ = load_model(tiny_dirs["llama"])
-    fam = family_for(model)
-    ids = torch.randint(4, 250, (ERROR_WINDOWS + 2, 16), generator=torch.Generator().manual_seed(0))
-    other = ids.clone()
-    other[ERROR_WINDOWS:] = torch.randint(4, 250, (2, 16), generator=torch.Generator().manual_seed(1))
-    done = []
-    first = block_scores("error", model, fam, ids, 0.0, advance=done.append)
-    assert block_scores("error", model, fam, other, 0.0) == first
-    assert sum(done) == 2 * ERROR_WINDOWS * len(first[0])  # the dense pass and the scoring, each on the scored windows
-    other[0] = torch.randint(4, 250, (16,), generator=torch.Generator().manual_seed(2))  # a scored window does count
-    assert block_scores("error", model, fam, other, 0.0)[0] != first[0]
-
-
 @pytest.mark.parametrize("world", [1, 2, 3, 5, 8, 9])
 @pytest.mark.parametrize("total", [3, 8, 32])
 def test_error_score_windows_are_one_process_s_under_any_world_size(world, total):

@@ -52,7 +52,8 @@ class TrainConfig:
     importance: str = "wanda"  # the nested order: "wanda" |W| sqrt(E x^2), or "obs" |W| / sqrt([H^-1]_jj) (core.masks)
     # where MSFM's outputs come from: "pass", a pass with the trained adapters after training (the
     # reference); "train", the last epoch's training passes (each window's draw per group, the
-    # adapters of its step): the same mix of the same draws' outputs without a pass of its own
+    # adapters of its step): 13% less time per block for 0-16% higher perplexity (BENCHMARKS.md,
+    # "The time goal"), so a benchmark lever (``mtrain``), not on the CLI
     msfm: str = "pass"
 
     def total_steps(self, nwindows: int) -> int:

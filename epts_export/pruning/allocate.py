@@ -64,21 +64,19 @@ def block_scores(method: str, model, fam: Family, samples: torch.Tensor, m: floa
     """(score, prunable parameters) per block, from this rank's ``samples`` (N, T) and every
     rank's statistics: OWL's outlier ratio (``method`` owl, threshold ``m`` times the mean), or
     the log of the increase of the model's loss when the block alone is cut to ERROR_LEVEL by its
-    Wanda masks (``error``, on ERROR_WINDOWS windows, which give the masks' statistics too: from
-    the block's dense input on, the blocks before it are the dense model's)."""
-    k = error_windows(len(samples), dist) if method == "error" else len(samples)
-    # error: the scored windows give the statistics too (a dense pass over all of them cost 20% of
-    # the scoring, for offsets as good); a rank with none captures one to take part
-    inps = capture_block_inputs(model, fam, samples[:max(k, 1)])
-    samples, hidden = samples[:k], inps.hidden[:k]
+    Wanda masks (``error``, on ERROR_WINDOWS windows: from the block's dense input on, the blocks
+    before it are the dense model's)."""
+    inps = capture_block_inputs(model, fam, samples)
     kwargs = to_device(inps.kwargs, device)
+    hidden = inps.hidden
     blocks = get_blocks(model, fam)
+    k = error_windows(len(samples), dist) if method == "error" else 0
     scores, params, act, entry = [], [], [], []
     for block in blocks:
         linears = prunable_linears(block, fam)
         stats = {n: RowScalars(lin.in_features, device) for n, lin in linears.items()}
         handles = [lin.register_forward_hook(lambda _m, inp, _o, n=n: stats[n].add(inp[0])) for n, lin in linears.items()]
-        entry.append(hidden)
+        entry.append(hidden[:k])
         block.to(device)
         try:
             hidden = run_block(block, hidden, kwargs, device, advance)
@@ -96,19 +94,20 @@ def block_scores(method: str, model, fam: Family, samples: torch.Tensor, m: floa
             act.append({n: st.mean().cpu() for n, st in stats.items()})
     if method == "owl":
         return scores, params
-    base = dist.sum_floats([_nll(model, fam, blocks, len(blocks), hidden, samples, kwargs, device)])[0]
+    ids = samples[:k]
+    base = dist.sum_floats([_nll(model, fam, blocks, len(blocks), hidden[:k], ids, kwargs, device)])[0]
     for i, (block, means) in enumerate(zip(blocks, act)):
         linears = prunable_linears(block, fam)
         dense = {n: lin.weight.detach().clone() for n, lin in linears.items()}
         try:
             for n, lin in linears.items():
                 lin.weight.mul_(unstructured_mask(importance_order(wanda_scores(lin.weight, means[n])), ERROR_LEVEL))
-            pruned = dist.sum_floats([_nll(model, fam, blocks, i, entry[i], samples, kwargs, device)])[0]
+            pruned = dist.sum_floats([_nll(model, fam, blocks, i, entry[i], ids, kwargs, device)])[0]
         finally:
             for n, lin in linears.items():
                 lin.weight.copy_(dense[n])
         scores.append(math.log(max(pruned - base, 1e-6 * abs(base) + 1e-12)))
-        advance(len(samples))
+        advance(len(ids))
     return scores, params
 
 

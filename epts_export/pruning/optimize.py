@@ -75,7 +75,7 @@ class OptimizeSpec:
                     batch: int | None = None, precision: str | None = None, init: str | None = None,
                     steps: int | None = None, group_width: float | None = None, warmup: int | None = None,
                     low_top: float | None = None, low_span: float | None = None, allocation: str | None = None,
-                    msfm: str | None = None, **rest) -> "OptimizeSpec":
+                    **rest) -> "OptimizeSpec":
         """The spec of a preset (calibration/<preset>.toml), with any setting given here winning
         over the preset's. ``rest``: method, device, resume, overwrite, threads, streams,
         host_memory_gib, device_memory_gib, resolved."""
@@ -98,8 +98,7 @@ class OptimizeSpec:
                                        group_width=group_width if group_width is not None
                                        else p.get("group_width", GROUP_WIDTH),
                                        low_top=low_top if low_top is not None else p.get("low_top", LOW_GROUP_TOP),
-                                       low_span=low_span if low_span is not None else p.get("low_span", 0.0),
-                                       msfm=msfm or p.get("msfm", "pass")),
+                                       low_span=low_span if low_span is not None else p.get("low_span", 0.0)),
                    allocation=allocation or ("uniform" if rest.get("method") == "magnitude"  # it has no data to score
                                              else p.get("allocation", "uniform")), **rest)
 
@@ -363,7 +362,7 @@ def _allocate(run: _Run, spec: OptimizeSpec, progress: Progress, dist: Dist, dev
         return UNIFORM
     samples = run.calib.samples[dist.owned(len(run.calib.samples))]
     nblocks = len(get_blocks(run.model, run.fam))
-    passes = (2 * error_windows(len(samples), dist) if method == "error" else len(samples)) * nblocks
+    passes = (len(samples) + (error_windows(len(samples), dist) if method == "error" else 0)) * nblocks
     with progress.task(f"{method} allocation: scoring blocks", total=passes) as advance:
         alloc = allocate(method, lam, m, run.model, run.fam, samples, device, advance, dist)
     progress.note(f"allocation: {alloc.describe()}")

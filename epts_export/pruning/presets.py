@@ -10,8 +10,7 @@ from ..errors import UserError
 
 PRESET_KEYS = {"description": str, "calib": str, "nsamples": int, "seqlen": int, "epochs": int, "rank": int, "lr": float,
                "batch": int, "precision": str, "init": str, "steps": int, "check_windows": int, "residual": bool,
-               "group_width": float, "warmup": int, "low_top": float, "low_span": float, "allocation": str,
-               "msfm": str}
+               "group_width": float, "warmup": int, "low_top": float, "low_span": float, "allocation": str}
 
 
 # What text from the deployment domain bought over the model's own text (the `default` preset's
