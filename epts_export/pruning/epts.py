@@ -247,7 +247,7 @@ class TrainingMix:
         if group == 0:
             self.low[j] = (s, y)
         else:
-            self.rest[j] = self.weights[group] * y if j not in self.rest else self.rest[j] + self.weights[group] * y
+            self.rest[j] = self.rest.get(j, 0.0) + self.weights[group] * y
 
 
 def train_adapters(run: BlockRun, merge: "BlockMerger", params: list[torch.Tensor], sparse_in: list[torch.Tensor],
