@@ -4,6 +4,7 @@ artifact's settings and read back from them. No torch at import: reading an arti
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +16,10 @@ IMPORTANCES = ("wanda", "obs")
 MSFM_SOURCES = ("pass", "train")
 
 
+@functools.lru_cache(maxsize=None)
 def bf16_fast(device: str = "cpu") -> bool:
     """Whether bf16 matmuls are native on ``device``: a CUDA device, a CPU with AVX512-BF16 or AMX
-    (elsewhere they are emulated and slower than fp32)."""
+    (elsewhere they are emulated and slower than fp32). Cached: the error score asks at every pass."""
     if str(device).startswith("cuda"):
         return True
     try:
