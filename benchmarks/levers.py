@@ -3,6 +3,7 @@
     bf16 | fp32      precision of the student passes
     lsq | zero       closed-form least-squares start | B = 0
     residual         group k's loss trains group k's adapters only
+    own0             group 0's adapters learn from group 0's loss only
     obs | wanda      the importance order: second-order |W| / sqrt([H^-1]_jj) | Wanda's |W| sqrt(E x^2)
     e<N>             N epochs                 s<N>      N optimizer steps per block
     r<N>             adapter rank N per group check<N>  low-group check on the first N windows
@@ -13,6 +14,7 @@
     mtrain           MSFM mixes the last epoch's training outputs (no MSFM pass of its own)
     mixeq            MSFM mixes the groups' outputs with equal weights (default: twice the weight
                      for groups from 0.55 up, the reference's)
+    mixlow<NN>       MSFM gives group 0's output NN/100 of the mix, the other groups equal shares
     lr<K>            lr 1e-K (lr3 = 1e-3); lr<A>e<K>: A x 1e-K (lr3e3 = 3e-3); lr0: no training
     owl | owl<NN>    OWL's layer-wise allocation (lambda 0.08, or NN/100); err | err<NN>: the
                      pruning-error allocation. Not TrainConfig fields: ``split_allocation`` takes
@@ -30,7 +32,7 @@ from epts_export.core.levels import DEFAULT_LEVELS, Level, parse_levels
 from epts_export.core.config import TrainConfig
 
 FLAGS = {"bf16": {"precision": "bf16"}, "fp32": {"precision": "fp32"}, "lsq": {"init": "lsq"}, "zero": {"init": "zero"},
-         "residual": {"residual": True}, "lr0": {"lr": 1e-30}, "obs": {"importance": "obs"},
+         "residual": {"residual": True}, "own0": {"own_low": True}, "lr0": {"lr": 1e-30}, "obs": {"importance": "obs"},
          "wanda": {"importance": "wanda"}, "mixeq": {"mix_weights": "equal"}, "mtrain": {"msfm": "train"}}
 NUMBERED = [(re.compile(r"e(\d+)"), lambda m: {"epochs": int(m[1])}),
             (re.compile(r"s(\d+)"), lambda m: {"steps": int(m[1])}),
@@ -40,6 +42,7 @@ NUMBERED = [(re.compile(r"e(\d+)"), lambda m: {"epochs": int(m[1])}),
             (re.compile(r"g(\d+)"), lambda m: {"group_width": int(m[1]) / 100}),
             (re.compile(r"low(\d+)"), lambda m: {"low_top": int(m[1]) / 100}),
             (re.compile(r"span(\d+)"), lambda m: {"low_span": int(m[1]) / 100}),
+            (re.compile(r"mixlow(\d+)"), lambda m: {"mix_low": int(m[1]) / 100}),
             (re.compile(r"lr(\d+)e(\d+)"), lambda m: {"lr": int(m[1]) * 10.0 ** -int(m[2])}),
             (re.compile(r"lr(\d+)"), lambda m: {"lr": 10.0 ** -int(m[1])})]
 

@@ -57,7 +57,8 @@ def optimize(
     levels: str = typer.Option(DEFAULT_LEVELS, help="Levels: sparsities and N:M patterns, e.g. 0.5,0.7,2:4. "
                                "EPTS serves every sparsity up to the highest one."),
     method: str = typer.Option("epts", help="epts | magnitude | wanda | sparsegpt (the baselines prune one level)."),
-    preset: str = typer.Option("default", help="Settings preset from calibration/*.toml (default, quick, paper)."),
+    preset: Optional[str] = typer.Option(None, help="Settings preset from calibration/*.toml (default, text, quick, paper; "
+                                         "default: text when --calib names text, else default)."),
     calib: Optional[str] = typer.Option(None, help="Calibration: text file, folder, hf:NAME[:CONFIG[:SPLIT]], 'self' (sampled from the model) or 'random'."),
     nsamples: Optional[int] = typer.Option(None, help="Calibration windows."),
     seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window."),
@@ -73,8 +74,7 @@ def optimize(
     group_width: Optional[float] = typer.Option(None, help="Width of the sparsity groups above group 0, each with "
                                                 "its own adapters (0.05: the reference's 7 groups up to 0.7; 0.1: 4)."),
     low_top: Optional[float] = typer.Option(None, help="Where group 0, the one set of adapters for the lowest "
-                                            "sparsities, ends (default 0.4, the reference's; 0.35 with "
-                                            "--low-span 0.2 is better on text calibration: BENCHMARKS.md)."),
+                                            "sparsities, ends (the reference: 0.4; the text preset: 0.35)."),
     low_span: Optional[float] = typer.Option(None, help="Fit group 0 over its top LOW_SPAN only, e.g. 0.2: "
                                              "[0.15, 0.35] (0: all of it, the reference)."),
     allocation: Optional[str] = typer.Option(None, help="Per-block sparsity: uniform, owl[:LAMBDA[,M]] (OWL's outlier ratios) "
@@ -184,6 +184,8 @@ def _summary_artifact(art) -> None:
     if isinstance(c, dict):
         t.add_row("calibration", f"{c.get('source')}: {c.get('nsamples')} x {c.get('seqlen')} tokens (seed {c.get('seed')})")
     t.add_row("allocation", art.allocation.describe())
+    if isinstance(m.get("settings"), dict) and m["settings"].get("preset"):
+        t.add_row("preset", str(m["settings"]["preset"]))
     if isinstance(m.get("block_metrics"), list):
         off = [b.get("block") for b in m["block_metrics"] if isinstance(b, dict) and not b.get("low_group_lora", True)]
         t.add_row("low group without LoRA", ", ".join(map(str, off)) or "none")

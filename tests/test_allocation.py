@@ -227,3 +227,22 @@ def test_the_default_preset_allocates_by_error_except_for_magnitude(tmp_path):
     assert OptimizeSpec.from_preset("m", tmp_path, levels, "default", method="magnitude").allocation == "uniform"
     assert OptimizeSpec.from_preset("m", tmp_path, levels, "default", allocation="uniform").allocation == "uniform"
     assert OptimizeSpec.from_preset("m", tmp_path, levels, "quick").allocation == "uniform"
+
+
+def test_text_calibration_picks_the_text_preset_unless_one_is_named(tmp_path):
+    """--calib naming text and no --preset: the `text` preset (group 0 fit over [0.15, 0.35], 32 x
+    512 tokens; BENCHMARKS.md); the data-free sources and no --calib keep `default`; a named preset
+    wins; `text` without text to calibrate on is refused."""
+    from epts_export.pruning.optimize import OptimizeSpec
+
+    levels = [parse_level("0.5")]
+    text = OptimizeSpec.from_preset("m", tmp_path, levels, None, calib="notes.txt")
+    assert text.preset == "text" and (text.train.low_top, text.train.low_span, text.calib.seqlen) == (0.35, 0.2, 512)
+    assert text.allocation == "error" and text.calib.source == "notes.txt"
+    for calib in (None, "self", "random"):
+        spec = OptimizeSpec.from_preset("m", tmp_path, levels, None, calib=calib)
+        assert spec.preset == "default" and spec.train.low_top == 0.4 and spec.calib.seqlen == 256
+    named = OptimizeSpec.from_preset("m", tmp_path, levels, "default", calib="notes.txt")
+    assert named.preset == "default" and named.train.low_top == 0.4
+    with pytest.raises(UserError, match="preset text calibrates on your own text"):
+        OptimizeSpec.from_preset("m", tmp_path, levels, "text")

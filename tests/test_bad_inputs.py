@@ -164,7 +164,8 @@ ROWS = [
     ("eval: binary data", lambda ws: ["eval", ws.art, "--data", ws.file("bin.dat", bytes(range(256)) * 8), "--seqlen", 64], 1,
      "not UTF-8 text (invalid byte at offset 128)", []),
     ("optimize: binary calibration", lambda ws: ["optimize", ws.model, "--out", ws.root / "o-bin", "--calib",
-                                                ws.file("bin2.dat", b"ab\xff" * 999), "-q"], 1, "not UTF-8 text", ["o-bin"]),
+                                                ws.file("bin2.dat", b"ab\xff" * 999), "--seqlen", "64", "-q"], 1, "not UTF-8 text",
+                                                ["o-bin"]),
     # --- levels
     ("materialize: two levels", lambda ws: ["materialize", ws.art, "--level", "0.5,0.6", "--out", ws.root / "m-two"], 1,
      "one level per folder", ["m-two"]),

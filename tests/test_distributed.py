@@ -63,8 +63,8 @@ def cli_args(model: Path, out: Path, calib: Path, method: str, levels: str, trai
 
 def one_process(model: Path, out: Path, calib: Path, method: str, levels: str, train: dict) -> Path:
     """The reference run, in this process, on one thread like each torchrun rank: the settings the
-    CLI gives the torchrun ranks (the `default` preset under the same flags)."""
-    spec = OptimizeSpec.from_preset(str(model), out, parse_levels(levels), "default", calib=str(calib), nsamples=5,
+    CLI gives the torchrun ranks (the preset it picks for text calibration, under the same flags)."""
+    spec = OptimizeSpec.from_preset(str(model), out, parse_levels(levels), None, calib=str(calib), nsamples=5,
                                     seqlen=32, seed=0, method=method, threads=1, **train)
     threads = torch.get_num_threads()
     try:
@@ -122,7 +122,7 @@ def test_resume_with_another_world_size_is_refused(tiny_dirs, text_file, tmp_pat
     def interrupt(i):
         raise KeyboardInterrupt
 
-    spec = OptimizeSpec.from_preset(str(tiny_dirs[fam]), out, parse_levels(levels), "default", calib=str(text_file),
+    spec = OptimizeSpec.from_preset(str(tiny_dirs[fam]), out, parse_levels(levels), None, calib=str(text_file),
                                     nsamples=5, seqlen=32, seed=0, **train)  # what the CLI below runs
     with pytest.raises(UserError, match="--resume"):
         optimize(spec, on_block_done=interrupt)

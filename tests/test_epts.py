@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ from epts_export.pruning.blockloop import block_output, capture_block_inputs
 from epts_export.core.rule import LevelRule, level_rule
 from epts_export.core.config import TrainConfig
 from epts_export.pruning.distributed import LOCAL
-from epts_export.pruning.epts import (BlockMerger, group_level, minibatches, mix_weights, msfm_mix, optimize_block,
+from epts_export.pruning.epts import (BlockMerger, group_level, minibatches, mix_weights, optimize_block,
                                      steps_per_epoch, stratified_draws)
 from epts_export.models.families import family_for, get_blocks, prunable_linears
 from epts_export.core.levels import Level, build_groups, parse_level, parse_levels
@@ -30,11 +32,40 @@ def test_reference_mix_weights():
     groups = build_groups(parse_levels("0.7"))
     w = mix_weights(groups)
     assert w == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.2, 0.2, 0.2])  # the reference weights sum to 1 already
+    low = mix_weights(groups, 0.4)  # mix_low: group 0's share, the rest split equally
+    assert low == pytest.approx([0.4] + [0.1] * 6) and sum(low) == pytest.approx(1.0)
+    assert TrainConfig.from_dict({**dataclasses.asdict(TrainConfig(mix_low=0.4))}).mix_low == 0.4
+    with pytest.raises(ValueError, match="mix-low"):
+        TrainConfig(mix_low=1.0)
 
 
-def test_msfm_mix_by_hand():
-    a, b = torch.ones(1, 2, 3), torch.full((1, 2, 3), 3.0)
-    assert torch.equal(msfm_mix([a, b], [0.25, 0.75]), torch.full((1, 2, 3), 2.5))
+@pytest.mark.parametrize("keep_low", [True, False])
+def test_msfm_pass_is_the_weighted_mix_of_each_windows_draws(keep_low):
+    """Step 4 merges each group's adapters once and masks that sum per draw: the same bits as
+    merging every window's weights on their own and mixing its outputs w_0 y_0 + w_1 y_1 + ..."""
+    from epts_export.core.rule import level_rule
+    from epts_export.pruning.epts import BlockRun, msfm_stream
+
+    block, lins, inps = _block_setup(tiny_llama)
+    groups = build_groups(parse_levels("0.3,0.5,2:4"), 0.1, 0.35, 0.1)
+    cfg = TrainConfig(rank=2, epochs=1, lr=1e-2)
+    res = optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, groups, cfg, seed=0)
+    n = len(inps.hidden)
+    run = BlockRun(block, lins, inps.kwargs, groups, cfg, "cpu", lambda k: None, LOCAL, n, list(range(n)), "cpu")
+    merge = BlockMerger({k: lin.weight.detach().float() for k, lin in lins.items()}, res.order, res.lora_B, res.lora_A,
+                        cfg.rank, cfg.scale)
+    with torch.no_grad():
+        got = msfm_stream(run, merge, inps.hidden, keep_low, torch.Generator().manual_seed(7))
+        gen = torch.Generator().manual_seed(7)
+        draws = [[float(g.lo + (g.hi - g.lo) * torch.rand((), generator=gen, dtype=torch.float64)) for g in groups]
+                 for _ in range(n)]
+        wts = mix_weights(groups)
+        for x, y, d in zip(inps.hidden, got, draws):
+            outs = [run.forward(merge(level_rule(groups, group_level(g, s), keep_low)), x) for g, s in zip(groups, d)]
+            want = wts[0] * outs[0]
+            for w, o in zip(wts[1:], outs[1:]):
+                want = want + w * o
+            assert torch.equal(y, want)
 
 
 def test_training_groups_follow_the_hierarchy():

@@ -20,7 +20,7 @@ from epts_export.core.rule import level_rule
 from epts_export.models.families import family_for, get_blocks, prunable_linears
 from epts_export.pruning.blockloop import block_output, capture_block_inputs
 from epts_export.core.config import TrainConfig
-from epts_export.pruning.epts import BlockMerger, cost_per_block, lr_factor, optimize_block
+from epts_export.pruning.epts import BlockMerger, cost_per_block, frozen_groups, lr_factor, optimize_block
 
 LEVELS = parse_levels("0.3,0.5,0.7,2:4")
 
@@ -113,6 +113,32 @@ def test_residual_merge_freezes_the_inherited_groups():
     assert bool((B.grad[:, :2] == 0).all()) and bool((B.grad[:, 2:] != 0).any())  # ... only group 1 learns
 
 
+def test_frozen_groups_per_config():
+    groups = build_groups(LEVELS, 0.1, 0.35, 0.1)
+    rule = level_rule(groups, parse_levels("0.5")[0])
+    assert rule.groups == (0, 1, 2)
+    assert frozen_groups(TrainConfig(), rule, 2) == frozenset()  # the reference: every inherited group learns
+    assert frozen_groups(TrainConfig(residual=True), rule, 2) == {0, 1}
+    assert frozen_groups(TrainConfig(own_low=True), rule, 2) == {0}
+    assert frozen_groups(TrainConfig(own_low=True), level_rule(groups, parse_levels("0.3")[0]), 0) == frozenset()
+
+
+def test_own_low_keeps_group_0_out_of_the_higher_groups_passes(monkeypatch):
+    """The training passes of the groups above 0 merge group 0's adapters frozen; group 0's own
+    pass trains them (the low-group check and MSFM merge without gradients either way)."""
+    block, lins, inps = _setup(tiny_llama)
+    cfg = TrainConfig(rank=2, epochs=1, lr=3e-3, init="lsq", group_width=0.1, low_top=0.35, low_span=0.1, own_low=True)
+    groups = cfg.groups(LEVELS)
+    seen = []
+    call = BlockMerger.__call__
+    monkeypatch.setattr(BlockMerger, "__call__", lambda self, rule, frozen=frozenset(): seen.append((rule.groups, frozen))
+                        or call(self, rule, frozen))
+    optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, groups, cfg, seed=0)
+    first_step = seen[:len(groups)]  # one training pass per group, in order
+    assert [g[0] for g, _ in first_step] == [0] * len(groups)
+    assert [f for _, f in first_step] == [frozenset()] + [frozenset({0})] * (len(groups) - 1)
+
+
 def _setup(builder, n=4, t=32):
     model = builder()
     fam = family_for(model)
@@ -172,7 +198,7 @@ def test_steps_budget_and_check_subset():
 
 def test_config_round_trip_and_refusals():
     cfg = TrainConfig(rank=4, epochs=2, lr=1e-3, precision="bf16", init="lsq", residual=True, check_windows=8, steps=5,
-                      group_width=0.1, warmup=3, low_top=0.35, low_span=0.2, importance="obs")
+                      own_low=True, group_width=0.1, warmup=3, low_top=0.35, low_span=0.2, importance="obs")
     assert TrainConfig.from_dict(dataclasses.asdict(cfg)) == cfg
     old = {"rank": 8, "epochs": 1, "lr": 0.01, "scale": 1.0, "mix_weights": None}  # an artifact from before the levers
     assert TrainConfig.from_dict(old) == TrainConfig(rank=8, epochs=1, lr=0.01)
@@ -310,7 +336,8 @@ def test_msfm_from_training_mixes_the_last_epochs_outputs(monkeypatch, keep_low)
     for j, (x, got) in enumerate(zip(inps.hidden, res.sparse_out)):
         outs = [block_output(functional_call(block, merge(level_rule(groups, E.group_level(g, draws[j, g.index]), keep_low)),
                                              (x,), inps.kwargs)) for g in groups]
-        torch.testing.assert_close(got, E.msfm_mix(outs, E.mix_weights(groups)), rtol=1e-5, atol=1e-6)
+        want = sum(w * y for w, y in zip(E.mix_weights(groups), outs))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # the draws are those of the last epoch: a second run with the reference's MSFM pass differs
     ref = optimize_block(block, lins, inps.hidden, inps.hidden, inps.kwargs, groups,
                          dataclasses.replace(cfg, msfm="pass"), seed=0)

@@ -40,11 +40,16 @@ class TrainConfig:
     lr: float = 1e-3
     scale: float = 1.0  # LoRA scale (alpha / r)
     mix_weights: tuple[float, ...] | None = None  # MSFM weight per group; None = derived (mix_weights())
+    # > 0: MSFM gives group 0's output this share, the other groups equal ones (unless mix_weights):
+    # 0.4 trades 0.65-0.7 and Docutils' 2:4 for 0.3-0.5 (BENCHMARKS.md, "The low levels in whole
+    # runs"), so a benchmark lever (``mixlow40``), not in a preset
+    mix_low: float = 0.0
     batch: int = 1  # windows per optimizer step (the reference: 1); the loss is their mean
     # The cost levers (BENCHMARKS.md, "EPTS cost"); the defaults are the reference's behaviour.
     precision: str = "fp32"  # "bf16": the student passes (training, low-group check, MSFM) under bf16 autocast
     init: str = "zero"  # "lsq": adapters start from the closed-form least-squares solution (core/closed_form.py)
     residual: bool = False  # True: group k's loss trains group k's adapters only; the groups it inherits are frozen in its pass
+    own_low: bool = False  # True: group 0's adapters learn from group 0's loss only (the higher groups' passes merge them frozen)
     check_windows: int = 0  # windows of the low-group check (the first ones); 0 = all
     steps: int = 0  # optimizer steps per block; 0 = epochs x steps per epoch (else the epochs run until this many)
     group_width: float = GROUP_WIDTH  # width of the unstructured groups above group 0 (core.levels.build_groups)
@@ -81,6 +86,8 @@ class TrainConfig:
             raise ValueError(f"low-span must be in [0, 1] (0: all of group 0), got {self.low_span:g}")
         if self.importance not in IMPORTANCES:
             raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
+        if not 0 <= self.mix_low < 1:
+            raise ValueError(f"mix-low must be in [0, 1), got {self.mix_low:g}")
         if self.msfm not in MSFM_SOURCES:
             raise ValueError(f"msfm must be one of {', '.join(MSFM_SOURCES)}, got {self.msfm!r}")
 
@@ -97,7 +104,9 @@ class TrainConfig:
         return cls(rank=int(d["rank"]), epochs=int(d["epochs"]), lr=float(d["lr"]), scale=float(d["scale"]),
                    mix_weights=tuple(float(w) for w in mix) if mix else None, batch=int(d.get("batch", 1)),
                    precision=str(d.get("precision", "fp32")), init=str(d.get("init", "zero")),
-                   residual=bool(d.get("residual", False)), check_windows=int(d.get("check_windows", 0)),
+                   mix_low=float(d.get("mix_low", 0.0)),
+                   residual=bool(d.get("residual", False)), own_low=bool(d.get("own_low", False)),
+                   check_windows=int(d.get("check_windows", 0)),
                    steps=int(d.get("steps", 0)), group_width=float(d.get("group_width", GROUP_WIDTH)),
                    warmup=int(d.get("warmup", 0)), low_top=float(d.get("low_top", LOW_GROUP_TOP)),
                    low_span=float(d.get("low_span", 0.0)), importance=str(d.get("importance", "wanda")),

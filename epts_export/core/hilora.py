@@ -37,7 +37,7 @@ def _runs(active: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def merged_weight(weight: torch.Tensor, mask: torch.Tensor, B: torch.Tensor | None, A: torch.Tensor | None,
+def merged_weight(weight: torch.Tensor, mask: torch.Tensor | None, B: torch.Tensor | None, A: torch.Tensor | None,
                   active: list[int], rank: int, scale: float, frozen: frozenset[int] | set[int] = frozenset()) -> torch.Tensor:
     """W_eff = mask * (W + scale * sum_{g in active} B_g A_g), in ``weight``'s dtype.
 
@@ -57,6 +57,8 @@ def merged_weight(weight: torch.Tensor, mask: torch.Tensor, B: torch.Tensor | No
             for lo, hi in _runs(groups):
                 # (out, in) + scale * (out, k) @ (k, in), fused
                 w = torch.addmm(w, b[:, lo * rank: hi * rank].to(w.dtype), a[lo * rank: hi * rank].to(w.dtype), alpha=scale)
+    if mask is None:  # the unmasked sum, for a caller that masks it for several draws
+        return w
     if mask.dtype != torch.bool:
         return w * mask
     return torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))

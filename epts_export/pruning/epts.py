@@ -40,9 +40,12 @@ class BlockResult:
     metrics: dict = field(default_factory=dict)
 
 
-def mix_weights(groups: list[Group]) -> list[float]:
+def mix_weights(groups: list[Group], low: float = 0.0) -> list[float]:
     """MSFM weights, normalized: the reference gives 0.1 to groups below 55% and 0.2 above,
-    i.e. twice the say to the high-sparsity outputs that perturb the next block the most."""
+    i.e. twice the say to the high-sparsity outputs that perturb the next block the most.
+    ``low`` > 0: group 0 gets that share, every other group an equal part of the rest."""
+    if low > 0 and len(groups) > 1:
+        return [low] + [(1.0 - low) / (len(groups) - 1)] * (len(groups) - 1)
     raw = [0.2 if g.lo >= 0.55 - 1e-9 else 0.1 for g in groups]
     total = sum(raw)
     return [w / total for w in raw]
@@ -93,15 +96,6 @@ def cost_per_block(nsamples: int, trained: int, ngroups: int, checked: int | Non
     return nsamples + mixing + 3 * ngroups * trained + 2 * (nsamples if checked is None else checked)
 
 
-def msfm_mix(outputs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """MSFM: the weighted sum of one block's outputs at one sparsity per group, (1, T, C)."""
-    assert len(outputs) == len(weights), f"{len(outputs)} outputs for {len(weights)} weights"
-    acc = weights[0] * outputs[0]
-    for w, y in zip(weights[1:], outputs[1:]):
-        acc = acc + w * y
-    return acc
-
-
 class BlockMerger:
     """Builds the parameter overrides {"<linear>.weight": W_eff} of a block for one LevelRule.
 
@@ -122,10 +116,17 @@ class BlockMerger:
             self._nm_masks[key] = rule.mask(self.order[name]).to(dtype)
         return self._nm_masks[key]
 
-    def __call__(self, rule: LevelRule, train: int | None = None) -> dict[str, torch.Tensor]:
-        """``train``: the one group whose adapters get gradients (the others are merged detached);
-        None: every active group's."""
-        frozen = frozenset(g for g in rule.groups if g != train) if train is not None else frozenset()
+    def summed(self, rule: LevelRule) -> dict[str, torch.Tensor]:
+        """W + scale * B A of the rule's groups per linear, unmasked: what every draw with the same
+        groups shares (``masked`` cuts one draw from it; the same values as ``__call__``)."""
+        return {n: merged_weight(w, None, self.B[n], self.A[n], list(rule.groups), self.lora_rank, self.scale)
+                for n, w in self.weights.items()}
+
+    def masked(self, summed: dict[str, torch.Tensor], rule: LevelRule) -> dict[str, torch.Tensor]:
+        return {f"{n}.weight": w * self.mask(n, rule) for n, w in summed.items()}
+
+    def __call__(self, rule: LevelRule, frozen: frozenset[int] = frozenset()) -> dict[str, torch.Tensor]:
+        """``frozen``: the active groups merged detached (their adapters get no gradient)."""
         return {
             f"{n}.weight": merged_weight(w, self.mask(n, rule), self.B[n], self.A[n], list(rule.groups),
                                          self.lora_rank, self.scale, frozen)
@@ -250,6 +251,14 @@ class TrainingMix:
             self.rest[j] = self.rest.get(j, 0.0) + self.weights[group] * y
 
 
+def frozen_groups(cfg: TrainConfig, rule: LevelRule, trained: int) -> frozenset[int]:
+    """The groups whose adapters group ``trained``'s loss leaves alone: every inherited one
+    (``residual``), group 0 for the groups above it (``own_low``), or none (the reference)."""
+    if cfg.residual:
+        return frozenset(rule.groups) - {trained}
+    return frozenset({0}) if cfg.own_low and trained > 0 else frozenset()
+
+
 def train_adapters(run: BlockRun, merge: "BlockMerger", params: list[torch.Tensor], sparse_in: list[torch.Tensor],
                    teacher: list[torch.Tensor], gen: torch.Generator, mix: TrainingMix | None = None) -> torch.Tensor:
     """Step 2b: MS-HiLoRA training. Each step draws a sparsity per group (stratified over the
@@ -284,7 +293,8 @@ def train_adapters(run: BlockRun, merge: "BlockMerger", params: list[torch.Tenso
                 y0 = None
                 for g in groups:
                     s = float(draws[g.index][step])
-                    y = run.forward(merge(run.rule(group_level(g, s)), g.index if cfg.residual else None), x)
+                    rule = run.rule(group_level(g, s))
+                    y = run.forward(merge(rule, frozen_groups(cfg, rule, g.index)), x)
                     if mix is not None:
                         mix.add(j, g.index, s, y, run.streams_device)
                     if g.index == 0:
@@ -334,7 +344,7 @@ def low_group_check(run: BlockRun, merge: "BlockMerger", sparse_in: list[torch.T
 
 
 def msfm_weights(run: BlockRun) -> list[float]:
-    wts = list(run.cfg.mix_weights) if run.cfg.mix_weights else mix_weights(run.groups)
+    wts = list(run.cfg.mix_weights) if run.cfg.mix_weights else mix_weights(run.groups, run.cfg.mix_low)
     assert len(wts) == len(run.groups), f"{len(wts)} mix weights for {len(run.groups)} groups"
     return wts
 
@@ -357,18 +367,25 @@ def msfm_from_training(run: BlockRun, merge: "BlockMerger", sparse_in: list[torc
 def msfm_stream(run: BlockRun, merge: "BlockMerger", sparse_in: list[torch.Tensor], low_group_lora: bool,
                 gen: torch.Generator) -> list[torch.Tensor]:
     """Step 4, MSFM: the next block's sparse input mixes this block's outputs at one sparsity drawn
-    per group (every rank draws for every window, in window order, so the generator agrees)."""
+    per group (every rank draws for every window, in window order, so the generator agrees). Group
+    by group: the adapters' sum is merged once per group, each window's draw only masks it."""
     groups = run.groups
     wts = msfm_weights(run)
     mix_draws = [[float(g.lo + (g.hi - g.lo) * torch.rand((), generator=gen, dtype=torch.float64)) for g in groups]
                  for _ in range(run.nwindows)]
-    mixed = []
-    for j, x in zip(run.ids, sparse_in):
-        xd = x.to(run.device)
-        outs = [run.forward(merge(run.rule(group_level(g, s), low_group_lora)), xd)
-                for g, s in zip(groups, mix_draws[j])]
-        mixed.append(msfm_mix(outs, wts).float().to(run.streams_device))
-        run.advance(len(groups))
+    mixed: list[torch.Tensor] = []
+    for g, w in zip(groups, wts):
+        sums: dict[tuple, dict] = {}  # the active groups -> their sum (one entry but at a range's very edge)
+        for k, (j, x) in enumerate(zip(run.ids, sparse_in)):
+            rule = run.rule(group_level(g, mix_draws[j][g.index]), low_group_lora)
+            if rule.groups not in sums:
+                sums[rule.groups] = merge.summed(rule)
+            y = w * run.forward(merge.masked(sums[rule.groups], rule), x.to(run.device)).to(run.streams_device)
+            if g.index == 0:
+                mixed.append(y)
+            else:  # w_0 y_0 + w_1 y_1 + ..., summed in group order
+                mixed[k] = mixed[k] + y
+            run.advance(1)
     return mixed
 
 

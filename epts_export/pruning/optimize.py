@@ -44,7 +44,7 @@ from .distributed import LOCAL, Dist, SharedError, init_distributed, rank_from_e
 from ..core.config import TrainConfig, bf16_fast
 from .epts import Diverged, cost_per_block, optimize_block, steps_per_epoch
 from .preflight import GIB, STREAMS, ModelShape, Plan, RunShape, measure_device_available, measure_host_available, plan
-from .presets import load_preset
+from .presets import load_preset, preset_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.resolve import ResolvedModel
@@ -66,25 +66,30 @@ class OptimizeSpec:
     host_memory_gib: float | None = None  # host memory per machine the run may use (default: MemAvailable)
     device_memory_gib: float | None = None  # device memory per rank (default: the device's free memory)
     resolved: "ResolvedModel | None" = None  # ``model`` resolved already (build's hand-over; one process only)
+    preset: str | None = None  # the preset the settings came from (recorded; from_preset sets it)
     allocation: str = "uniform"  # layer-wise allocation: uniform | owl[:LAMBDA[,M]] | error[:LAMBDA] (core.allocation)
 
     @classmethod
-    def from_preset(cls, model: str, out: Path, levels: list[Level], preset: str = "default", *,
+    def from_preset(cls, model: str, out: Path, levels: list[Level], preset: str | None = "default", *,
                     calib: str | None = None, nsamples: int | None = None, seqlen: int | None = None,
                     epochs: int | None = None, rank: int | None = None, lr: float | None = None, seed: int = 0,
                     batch: int | None = None, precision: str | None = None, init: str | None = None,
                     steps: int | None = None, group_width: float | None = None, warmup: int | None = None,
                     low_top: float | None = None, low_span: float | None = None, allocation: str | None = None,
                     **rest) -> "OptimizeSpec":
-        """The spec of a preset (calibration/<preset>.toml), with any setting given here winning
-        over the preset's. ``rest``: method, device, resume, overwrite, threads, streams,
+        """The spec of a preset (calibration/<preset>.toml; None: ``text`` when ``calib`` names text,
+        else ``default``), with any setting given here winning over the preset's. ``rest``: method, device, resume, overwrite, threads, streams,
         host_memory_gib, device_memory_gib, resolved."""
+        preset = preset_for(preset, calib)
         p = load_preset(preset)
+        if not (calib or p["calib"]):
+            raise UserError(f"preset {preset} calibrates on your own text: pass --calib FILE (a text file, a folder of "
+                            ".txt/.md files or hf:NAME); `epts-export build` takes an artifact optimized so")
 
         def pick(value, key):
             return value if value is not None else p[key]
 
-        return cls(model=model, out=Path(out), levels=levels,
+        return cls(model=model, out=Path(out), levels=levels, preset=preset,
                    calib=CalibSpec(source=pick(calib, "calib"), nsamples=pick(nsamples, "nsamples"),
                                    seqlen=pick(seqlen, "seqlen"), seed=seed),
                    train=_train_config(rank=pick(rank, "rank"), epochs=pick(epochs, "epochs"), lr=pick(lr, "lr"),
@@ -346,9 +351,10 @@ def _load(spec: OptimizeSpec, resolved, progress: Progress, dist: Dist = LOCAL) 
             calib = dist.on_main(lambda: build_calibration(spec.calib, tok, model, model_key=resolved.source.get("sha256")))
     settings = {"method": spec.method, "levels": [lv.name for lv in spec.levels], **asdict(spec.train),
                 "allocation": spec.allocation,
-                "nsamples": spec.calib.nsamples, "seqlen": spec.calib.seqlen, "seed": spec.calib.seed, "device": spec.device}
+                "nsamples": spec.calib.nsamples, "seqlen": spec.calib.seqlen, "seed": spec.calib.seed, "device": spec.device,
+                **({"preset": spec.preset} if spec.preset else {})}
     fingerprint = sha256_bytes(json.dumps({"model": resolved.source.get("sha256"), "calib": calib.record if calib else None,
-                                           "settings": {k: v for k, v in settings.items() if k != "device"}},
+                                           "settings": {k: v for k, v in settings.items() if k not in ("device", "preset")}},
                                           sort_keys=True).encode())
     groups = spec.train.groups(spec.levels) if spec.method == "epts" else []
     return _Run(model, tok, fam, resolved.source, groups, calib, settings, fingerprint)

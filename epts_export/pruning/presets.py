@@ -33,6 +33,15 @@ def calibration_note(record) -> str | None:
 
 
 REQUIRED_KEYS = ("calib", "nsamples", "seqlen", "epochs", "rank", "lr")
+DATA_FREE = ("self", "random")  # calibration sources that are not the user's text
+
+
+def preset_for(preset: str | None, calib: str | None) -> str:
+    """The preset a run uses: the one named, else ``text`` when --calib names text (a file, a
+    folder, hf:NAME), else ``default`` (BENCHMARKS.md: each wins on its own calibration)."""
+    if preset is not None:
+        return preset
+    return "text" if calib is not None and calib not in DATA_FREE else "default"
 
 
 def available() -> list[str]:
