@@ -296,6 +296,11 @@ ROWS = [
      "level 0.9 is not in bundle", []),
     ("optimize: a preset given as a path", lambda ws: ["optimize", ws.model, "--out", ws.root / "o-pre", "--preset",
                                                        "../../tmp/evil", "-q"], 1, "unknown preset", ["o-pre"]),
+    ("build: an unknown preset", lambda ws: ["build", ws.model, "--target", "rtx", "--out", ws.root / "d-pre", "--preset",
+                                             "nope", "-q"], 1, "unknown preset", ["d-pre"]),
+    ("build: the text preset (build has no --calib)", lambda ws: ["build", ws.model, "--target", "rtx", "--out",
+                                                                  ws.root / "d-txt", "--preset", "text", "-q"], 1,
+     "preset text calibrates on your own text", ["d-txt"]),
     # --- numbers without bounds
     ("optimize: --seed 2**70", lambda ws: ["optimize", ws.model, "--out", ws.root / "o-seed", "--seed", str(2**70), "-q"], 1,
      "--seed must be between 0 and 2**63 - 1", ["o-seed"]),

@@ -66,7 +66,6 @@ def test_materialize(cli_artifact, tmp_path):
     (["optimize", "{llama}", "--out", "{tmp}/o", "--preset", "nope"], "unknown preset"),
     (["optimize", "{llama}", "--out", "{tmp}/o", "--preset", "text"], "preset text calibrates on your own text: pass --calib"),
     (["optimize", "{llama}", "--out", "{tmp}/o", "--calib", "{calib}"], "--seqlen 512 is longer than the model's context of 256"),
-    (["build", "{llama}", "--target", "rtx", "--out", "{tmp}/d", "--preset", "text"], "preset text calibrates on your own"),
     (["optimize", "{llama}", "--out", "{tmp}/o", "--method", "obs"], "unknown method"),
     (["optimize", "{llama}", "--out", "{tmp}/o", "--group-width", "1e-9"], "--group-width must be in [0.01, 1]"),
     (["optimize", "{llama}", "--out", "{tmp}/o", "--precision", "fp8"], "--precision must be one of"),

@@ -178,6 +178,10 @@ def build(spec: BuildSpec, progress: Progress | None = None) -> Path:
     _check_levels(target, levels)
     if spec.eval_data:
         _check_eval_data(spec.eval_data)
+    if spec.preset:  # before the stage cache exists: a bad preset leaves nothing behind
+        from ..pruning.presets import check_calibration, load_preset
+
+        check_calibration(spec.preset, load_preset(spec.preset), None)
     stages = out / STAGES
     try:
         stages.mkdir(parents=True, exist_ok=True)

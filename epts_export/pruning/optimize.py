@@ -44,7 +44,7 @@ from .distributed import LOCAL, Dist, SharedError, init_distributed, rank_from_e
 from ..core.config import TrainConfig, bf16_fast
 from .epts import Diverged, cost_per_block, optimize_block, steps_per_epoch
 from .preflight import GIB, STREAMS, ModelShape, Plan, RunShape, measure_device_available, measure_host_available, plan
-from .presets import load_preset, preset_for
+from .presets import check_calibration, load_preset, preset_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.resolve import ResolvedModel
@@ -77,14 +77,13 @@ class OptimizeSpec:
                     steps: int | None = None, group_width: float | None = None, warmup: int | None = None,
                     low_top: float | None = None, low_span: float | None = None, allocation: str | None = None,
                     **rest) -> "OptimizeSpec":
-        """The spec of a preset (calibration/<preset>.toml; None: ``text`` when ``calib`` names text,
-        else ``default``), with any setting given here winning over the preset's. ``rest``: method, device, resume, overwrite, threads, streams,
-        host_memory_gib, device_memory_gib, resolved."""
+        """The spec of a preset (calibration/<preset>.toml; None: ``text`` when ``calib`` names
+        text, else ``default``), with any setting given here winning over the preset's. ``rest``:
+        method, device, resume, overwrite, threads, streams, host_memory_gib, device_memory_gib,
+        resolved."""
         preset = preset_for(preset, calib)
         p = load_preset(preset)
-        if not (calib or p["calib"]):
-            raise UserError(f"preset {preset} calibrates on your own text: pass --calib FILE (a text file, a folder of "
-                            ".txt/.md files or hf:NAME); `epts-export build` takes an artifact optimized so")
+        check_calibration(preset, p, calib)
 
         def pick(value, key):
             return value if value is not None else p[key]

@@ -44,6 +44,13 @@ def preset_for(preset: str | None, calib: str | None) -> str:
     return "text" if calib is not None and calib not in DATA_FREE else "default"
 
 
+def check_calibration(preset: str, settings: dict, calib: str | None) -> None:
+    """UserError when ``preset`` calibrates on the user's text (an empty ``calib``) and none is given."""
+    if not (calib or settings["calib"]):
+        raise UserError(f"preset {preset} calibrates on your own text: pass --calib FILE (a text file, a folder of "
+                        ".txt/.md files or hf:NAME); for build, optimize with it first and build from the artifact")
+
+
 def available() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("epts_export.recipes").iterdir() if p.name.endswith(".toml"))
 
