@@ -35,7 +35,7 @@ def test_reference_mix_weights():
     low = mix_weights(groups, 0.4)  # mix_low: group 0's share, the rest split equally
     assert low == pytest.approx([0.4] + [0.1] * 6) and sum(low) == pytest.approx(1.0)
     assert TrainConfig.from_dict({**dataclasses.asdict(TrainConfig(mix_low=0.4))}).mix_low == 0.4
-    with pytest.raises(ValueError, match="mix-low"):
+    with pytest.raises(ValueError, match="mix_low must be in"):
         TrainConfig(mix_low=1.0)
 
 

@@ -87,7 +87,7 @@ class TrainConfig:
         if self.importance not in IMPORTANCES:
             raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
         if not 0 <= self.mix_low < 1:
-            raise ValueError(f"mix-low must be in [0, 1), got {self.mix_low:g}")
+            raise ValueError(f"mix_low must be in [0, 1), got {self.mix_low:g}")
         if self.msfm not in MSFM_SOURCES:
             raise ValueError(f"msfm must be one of {', '.join(MSFM_SOURCES)}, got {self.msfm!r}")
 

@@ -21,6 +21,7 @@ import torch
 from ..errors import UserError
 from ..fsutil import atomic_path, sha256_bytes
 from ..text import read_text_source, tokenize_text, window_samples
+from .presets import DATA_FREE
 
 @dataclass(frozen=True)
 class CalibSpec:
@@ -78,7 +79,7 @@ def build_calibration(spec: CalibSpec, tokenizer, model=None, model_key: str | N
     ``model_key`` (the model's sha256) lets self-generated sets be cached and reused."""
     if spec.nsamples < 1 or spec.seqlen < 2:
         raise UserError("--nsamples must be >= 1 and --seqlen >= 2")
-    if spec.source in ("self", "random"):
+    if spec.source in DATA_FREE:
         assert model is not None, f"the {spec.source} source needs the model"
         if spec.source == "self":
             samples = _cached_self_samples(model, tokenizer, spec, model_key)

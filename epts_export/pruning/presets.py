@@ -11,6 +11,7 @@ from ..errors import UserError
 PRESET_KEYS = {"description": str, "calib": str, "nsamples": int, "seqlen": int, "epochs": int, "rank": int, "lr": float,
                "batch": int, "precision": str, "init": str, "steps": int, "check_windows": int, "residual": bool,
                "group_width": float, "warmup": int, "low_top": float, "low_span": float, "allocation": str}
+DATA_FREE = ("self", "random")  # calibration sources that are not the user's text
 
 
 # What text from the deployment domain bought over the model's own text (the `default` preset's
@@ -23,7 +24,7 @@ DOMAIN_TEXT_GAIN = {"0.5": (1.20, 1.30), "0.7": (1.70, 3.08)}  # (Shakespeare, D
 def calibration_note(record) -> str | None:
     """What to tell a user whose artifact calibrated without text (``self`` or ``random``): what
     text from their domain would buy, measured. None for text calibration."""
-    if not isinstance(record, dict) or record.get("kind") not in ("self", "random"):
+    if not isinstance(record, dict) or record.get("kind") not in DATA_FREE:
         return None
     (a5, b5), (a7, b7) = DOMAIN_TEXT_GAIN["0.5"], DOMAIN_TEXT_GAIN["0.7"]
     what = "text the model sampled itself" if record.get("kind") == "self" else "random tokens"
@@ -33,7 +34,6 @@ def calibration_note(record) -> str | None:
 
 
 REQUIRED_KEYS = ("calib", "nsamples", "seqlen", "epochs", "rank", "lr")
-DATA_FREE = ("self", "random")  # calibration sources that are not the user's text
 
 
 def preset_for(preset: str | None, calib: str | None) -> str:
